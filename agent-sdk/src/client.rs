@@ -1,0 +1,373 @@
+//! The connection to a broker: builder, mTLS connector, raw calls with retries.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use hyper_util::rt::TokioIo;
+use leash_proto::v1::{self as pb, broker_client::BrokerClient};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::{
+    Error, RetryPolicy, SvidFiles, SvidSource,
+    task::{Task, TaskRequest},
+};
+
+/// Default time allowed to open a connection (TCP and TLS).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time allowed for one call, from sending to the whole answer.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds a [`Client`]; see [`Client::builder`].
+#[derive(Debug, Default)]
+pub struct ClientBuilder {
+    broker: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    bundle: Option<PathBuf>,
+    source: Option<Arc<dyn SvidSource>>,
+    connect_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
+    retry: Option<RetryPolicy>,
+}
+
+impl ClientBuilder {
+    /// The broker's agent address, `https://host:port`. Required. The broker's
+    /// certificate must carry `host` as a DNS or IP SAN.
+    pub fn broker(mut self, url: impl Into<String>) -> Self {
+        self.broker = Some(url.into());
+        self
+    }
+
+    /// The agent's X.509-SVID chain and private key, as PEM files. Both are
+    /// re-read at every new connection, so files rewritten by a rotating agent
+    /// sidecar are picked up.
+    pub fn svid_files(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.cert = Some(cert.into());
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The trust bundle (PEM) the broker's certificate must chain to.
+    pub fn bundle_file(mut self, bundle: impl Into<PathBuf>) -> Self {
+        self.bundle = Some(bundle.into());
+        self
+    }
+
+    /// Takes the SVID and bundle from `source` instead of files (for example a
+    /// SPIFFE Workload API source). Overrides [`svid_files`](Self::svid_files)
+    /// and [`bundle_file`](Self::bundle_file).
+    pub fn svid_source(mut self, source: Arc<dyn SvidSource>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Time allowed to open a connection. Default 5 s.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = Some(d);
+        self
+    }
+
+    /// Time allowed for one call. Default 10 s. A call that times out fails with
+    /// [`Error::Transport`] and is not retried (its outcome is unknown).
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = Some(d);
+        self
+    }
+
+    /// How `UNAVAILABLE` answers are retried. Default: [`RetryPolicy::default`].
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Checks the configuration, loads the SVID and bundle once, and opens a
+    /// connection to the broker (retrying per the retry policy). Later
+    /// disconnections are repaired by the client on the next call.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a missing or malformed address or unusable SVID,
+    /// key or bundle; [`Error::Unavailable`] when no connection could be opened.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let address = self
+            .broker
+            .ok_or_else(|| Error::Config("no broker address (ClientBuilder::broker)".into()))?;
+        let source: Arc<dyn SvidSource> = match (self.source, self.cert, self.key, self.bundle) {
+            (Some(s), ..) => s,
+            (None, Some(cert), Some(key), Some(bundle)) => {
+                Arc::new(SvidFiles { cert, key, bundle })
+            }
+            (None, None, ..) => {
+                return Err(Error::Config(
+                    "no SVID (ClientBuilder::svid_files or svid_source)".into(),
+                ));
+            }
+            (None, Some(_), Some(_), None) | (None, Some(_), None, _) => {
+                return Err(Error::Config(
+                    "no trust bundle (ClientBuilder::bundle_file)".into(),
+                ));
+            }
+        };
+        // Fail now, with the file's name, rather than at the first handshake.
+        source.tls_config()?;
+        let target = Target::parse(&address)?;
+        let request_timeout = self.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+        let retry = self.retry.unwrap_or_default();
+        let endpoint = Endpoint::from(target.uri.clone())
+            .connect_timeout(self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT))
+            .timeout(request_timeout)
+            .tcp_nodelay(true);
+        let channel = retry
+            .run("connect", || {
+                let endpoint = endpoint.clone();
+                let connector = connector(Arc::clone(&source), target.clone());
+                let address = address.clone();
+                async move {
+                    endpoint
+                        .connect_with_connector(connector)
+                        .await
+                        .map_err(|e| {
+                            Error::Unavailable(format!(
+                                "cannot connect to {address}: {}",
+                                chain(&e)
+                            ))
+                        })
+                }
+            })
+            .await?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                broker: BrokerClient::new(channel),
+                retry,
+                request_timeout,
+            }),
+        })
+    }
+}
+
+/// Where to connect: the URI tonic sees, the TCP address and the TLS server name.
+#[derive(Debug, Clone)]
+struct Target {
+    uri: Uri,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+}
+
+impl Target {
+    fn parse(address: &str) -> Result<Self, Error> {
+        let bad = |why: &str| Error::Config(format!("broker address {address:?}: {why}"));
+        let rest = address
+            .strip_prefix("https://")
+            .ok_or_else(|| bad("must start with https://"))?;
+        // tonic speaks plain HTTP/2 to the connector, which adds TLS itself.
+        let uri: Uri = format!("http://{rest}")
+            .parse()
+            .map_err(|_| bad("not a URL"))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| bad("no host"))?
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let port = uri.port_u16().ok_or_else(|| bad("no port"))?;
+        let server_name =
+            ServerName::try_from(host.clone()).map_err(|_| bad("host is not a DNS name or IP"))?;
+        Ok(Self {
+            uri,
+            host,
+            port,
+            server_name,
+        })
+    }
+}
+
+/// A tonic connector doing TCP then TLS with the source's current config.
+fn connector(
+    source: Arc<dyn SvidSource>,
+    target: Target,
+) -> impl tower::Service<
+    Uri,
+    Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send {
+    tower::service_fn(move |_: Uri| {
+        let source = Arc::clone(&source);
+        let target = target.clone();
+        async move {
+            let config = source.tls_config().map_err(std::io::Error::other)?;
+            let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = TlsConnector::from(config)
+                .connect(target.server_name, tcp)
+                .await?;
+            Ok(TokioIo::new(tls))
+        }
+    })
+}
+
+/// An error and its sources on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+#[derive(Debug)]
+struct Inner {
+    broker: BrokerClient<Channel>,
+    retry: RetryPolicy,
+    request_timeout: Duration,
+}
+
+/// A connection to a Leash broker, authenticated by the agent's SVID. Cheap to
+/// clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Starts configuring a client:
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), leash_sdk::Error> {
+    /// let client = leash_sdk::Client::builder()
+    ///     .broker("https://localhost:8443")
+    ///     .svid_files(".leash-dev/agent.pem", ".leash-dev/agent-key.pem")
+    ///     .bundle_file(".leash-dev/bundle.pem")
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Declares a task and returns its guard, which renews the lease in the
+    /// background until the task is completed or the guard dropped.
+    ///
+    /// `UNAVAILABLE` is retried per the retry policy with the same idempotency
+    /// key (one is generated when the request has none), so a retry never
+    /// creates a second task.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] (unknown template), [`Error::Denied`] (this SVID may not
+    /// declare it), [`Error::Invalid`] (a parameter, the intent or the TTL is
+    /// wrong; the message names the field), [`Error::Precondition`] (idempotency
+    /// key reused for another request), [`Error::Unavailable`] after the retries,
+    /// [`Error::Transport`].
+    pub async fn begin_task(&self, request: TaskRequest) -> Result<Task, Error> {
+        let request = request.into_proto();
+        let response = self
+            .inner
+            .retry
+            .run("BeginTask", || {
+                let mut broker = self.inner.broker.clone();
+                let request = request.clone();
+                async move { Ok(broker.begin_task(request).await?.into_inner()) }
+            })
+            .await?;
+        Task::start(self.clone(), response)
+    }
+
+    /// One RenewLease call, without retries (the renewer has its own loop).
+    pub(crate) async fn renew_once(&self, task_id: &str) -> Result<pb::RenewLeaseResponse, Error> {
+        let mut broker = self.inner.broker.clone();
+        let request = pb::RenewLeaseRequest {
+            task_id: task_id.to_owned(),
+        };
+        Ok(broker.renew_lease(request).await?.into_inner())
+    }
+
+    /// CompleteTask, retried on `UNAVAILABLE` (it is idempotent).
+    pub(crate) async fn complete(
+        &self,
+        request: pb::CompleteTaskRequest,
+    ) -> Result<pb::CompleteTaskResponse, Error> {
+        self.inner
+            .retry
+            .run("CompleteTask", || {
+                let mut broker = self.inner.broker.clone();
+                let request = request.clone();
+                async move { Ok(broker.complete_task(request).await?.into_inner()) }
+            })
+            .await
+    }
+
+    /// The retry policy in force.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.inner.retry
+    }
+
+    /// The per-call timeout in force.
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+
+    /// The generated gRPC client on this connection, for calls the SDK does not
+    /// wrap. Calls made through it get no retries and no lease management.
+    pub fn broker_client(&self) -> BrokerClient<Channel> {
+        self.inner.broker.clone()
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_checked() {
+        assert!(Target::parse("https://localhost:8443").is_ok());
+        assert!(Target::parse("https://127.0.0.1:8443").is_ok());
+        assert!(Target::parse("https://[::1]:8443").is_ok());
+        for bad in [
+            "http://localhost:8443",
+            "https://localhost",
+            "localhost:1",
+            "https://",
+        ] {
+            assert!(
+                matches!(Target::parse(bad), Err(Error::Config(_))),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_configuration_is_reported() {
+        let e = Client::builder().connect().await.unwrap_err();
+        assert!(
+            matches!(e, Error::Config(ref m) if m.contains("broker")),
+            "{e}"
+        );
+        let e = Client::builder()
+            .broker("https://localhost:1")
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Config(ref m) if m.contains("SVID")),
+            "{e}"
+        );
+        let e = Client::builder()
+            .broker("https://localhost:1")
+            .svid_files("/nonexistent/a.pem", "/nonexistent/k.pem")
+            .bundle_file("/nonexistent/b.pem")
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Config(ref m) if m.contains("/nonexistent/b.pem")),
+            "{e}"
+        );
+    }
+}

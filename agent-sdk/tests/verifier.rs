@@ -1,0 +1,340 @@
+//! The SDK's offline Verifier against a real broker: every rejection rule, the
+//! revocation stream's latency, and failing closed when the stream is gone.
+#![allow(
+    clippy::unwrap_used,
+    reason = "a failed unwrap in a test is a failed test"
+)]
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use leash_broker::credentials::{Algorithm, SigningKey, jwt};
+use leash_e2e::{BrokerOptions, TestBroker, pb, review_request};
+use leash_sdk::verifier::{KeySet, Verifier, VerifierConfig, VerifyError};
+use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+use serde_json::{Map, Value, json};
+
+const AUD: &str = "https://api.github.test";
+const ISS: &str = "https://leash.acme.test";
+const SCOPE: &str = "repo:acme/widgets:read";
+
+async fn verifier(broker: &TestBroker, config: VerifierConfig) -> Verifier {
+    Verifier::connect(broker.channel("resource/api").await, config)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rule_is_enforced_against_real_credentials() {
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    let files = broker.pki.svid("agent/verified");
+    let cert = CertificateDer::from_pem_file(&files.cert).unwrap();
+    let other = CertificateDer::from_pem_file(broker.pki.svid("agent/other").cert).unwrap();
+    let mut agent = leash_e2e::pb::broker_client::BrokerClient::new(
+        broker.channel_with(&files.cert, &files.key).await,
+    );
+    let begun = agent
+        .begin_task(review_request())
+        .await
+        .unwrap()
+        .into_inner();
+    let token = begun.credentials[0].value.clone();
+    let v = verifier(&broker, VerifierConfig::new(AUD, ISS)).await;
+
+    let claims = v.verify(&token, Some(SCOPE), Some(cert.as_ref())).unwrap();
+    assert_eq!(claims.subject, "spiffe://acme.test/agent/verified");
+    assert_eq!(claims.task_id, begun.task_id);
+
+    let wrong_aud = verifier(&broker, VerifierConfig::new("https://elsewhere.test", ISS)).await;
+    assert_eq!(
+        wrong_aud
+            .verify(&token, None, Some(cert.as_ref()))
+            .unwrap_err(),
+        VerifyError::WrongAudience
+    );
+    let wrong_iss = verifier(
+        &broker,
+        VerifierConfig::new(AUD, "https://other-issuer.test"),
+    )
+    .await;
+    assert_eq!(
+        wrong_iss
+            .verify(&token, None, Some(cert.as_ref()))
+            .unwrap_err(),
+        VerifyError::WrongIssuer
+    );
+    assert_eq!(
+        v.verify(&token, Some("repo:acme/widgets:admin"), Some(cert.as_ref()))
+            .unwrap_err(),
+        VerifyError::MissingScope("repo:acme/widgets:admin".into())
+    );
+    assert_eq!(
+        v.verify(&token, None, Some(other.as_ref())).unwrap_err(),
+        VerifyError::CertificateBinding
+    );
+    assert_eq!(
+        v.verify(&token, None, None).unwrap_err(),
+        VerifyError::CertificateBinding
+    );
+    let (head, _) = token.rsplit_once('.').unwrap();
+    let bad_sig = format!("{head}.{}", URL_SAFE_NO_PAD.encode([7u8; 64]));
+    assert_eq!(
+        v.verify(&bad_sig, None, Some(cert.as_ref())).unwrap_err(),
+        VerifyError::BadSignature
+    );
+    // The opaque credential is not a JWT.
+    assert!(matches!(
+        v.verify(&begun.credentials[1].value, None, None),
+        Err(VerifyError::Malformed(_))
+    ));
+
+    // Tokens signed by a key the broker does not publish, and by a published key
+    // with bad times: forged with the broker's own signing code.
+    let (rogue, _) = SigningKey::generate("test-1", Algorithm::EdDSA).unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |exp: u64, nbf: u64| -> Map<String, Value> {
+        let Value::Object(m) = json!({"iss": ISS, "aud": AUD, "sub": "spiffe://acme.test/agent/x",
+            "scope": SCOPE, "jti": "x", "exp": exp, "nbf": nbf, "iat": nbf})
+        else {
+            unreachable!()
+        };
+        m
+    };
+    let forged = jwt::sign(&rogue, &claims(now + 60, now)).unwrap();
+    assert_eq!(
+        v.verify(&forged, None, None).unwrap_err(),
+        VerifyError::BadSignature
+    );
+    let (unknown, _) = SigningKey::generate("nobody", Algorithm::EdDSA).unwrap();
+    let unknown_kid = jwt::sign(&unknown, &claims(now + 60, now)).unwrap();
+    assert_eq!(
+        v.verify(&unknown_kid, None, None).unwrap_err(),
+        VerifyError::UnknownKey
+    );
+    // With the verifier trusting `unknown`, time rules are checked too.
+    let offline = Verifier::offline(
+        KeySet::from_jwks(&json!({"keys": [unknown.jwk()]}).to_string()).unwrap(),
+        VerifierConfig {
+            fail_closed_after: None,
+            ..VerifierConfig::new(AUD, ISS)
+        },
+    );
+    assert!(offline.verify(&unknown_kid, None, None).is_ok());
+    let expired = jwt::sign(&unknown, &claims(now - 60, now - 120)).unwrap();
+    assert_eq!(
+        offline.verify(&expired, None, None).unwrap_err(),
+        VerifyError::Expired
+    );
+    let early = jwt::sign(&unknown, &claims(now + 600, now + 300)).unwrap();
+    assert_eq!(
+        offline.verify(&early, None, None).unwrap_err(),
+        VerifyError::NotYetValid
+    );
+    let none_alg = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"none","kid":"nobody"}"#),
+        URL_SAFE_NO_PAD.encode(Value::Object(claims(now + 60, now)).to_string())
+    );
+    assert_eq!(
+        offline.verify(&none_alg, None, None).unwrap_err(),
+        VerifyError::Algorithm
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_tokens_are_refused_within_100ms_of_completion() {
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    let files = broker.pki.svid("agent/fast");
+    let cert = CertificateDer::from_pem_file(&files.cert).unwrap();
+    let mut agent =
+        pb::broker_client::BrokerClient::new(broker.channel_with(&files.cert, &files.key).await);
+    let v = verifier(&broker, VerifierConfig::new(AUD, ISS)).await;
+    let rounds: usize = std::env::var("LEASH_REVOCATION_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let mut latencies = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let begun = agent
+            .begin_task(review_request())
+            .await
+            .unwrap()
+            .into_inner();
+        let token = begun.credentials[0].value.clone();
+        v.verify(&token, Some(SCOPE), Some(cert.as_ref())).unwrap();
+        agent
+            .complete_task(pb::CompleteTaskRequest {
+                task_id: begun.task_id,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let done = Instant::now();
+        loop {
+            match v.verify(&token, Some(SCOPE), Some(cert.as_ref())) {
+                Err(VerifyError::Revoked) => break,
+                Ok(_) => {}
+                Err(e) => panic!("unexpected refusal {e:?}"),
+            }
+            assert!(
+                done.elapsed() < Duration::from_secs(5),
+                "revocation never arrived"
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        latencies.push(done.elapsed());
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize];
+    eprintln!(
+        "revocation-to-rejection over {rounds} revocations: p50 {:?}, p99 {:?}, max {:?}",
+        pct(0.5),
+        pct(0.99),
+        latencies[rounds - 1]
+    );
+    // The goal is 100 ms; shared CI machines get a generous bound on the median.
+    assert!(
+        pct(0.5) < Duration::from_millis(100),
+        "median {:?}",
+        pct(0.5)
+    );
+    assert!(pct(0.99) < Duration::from_secs(1), "p99 {:?}", pct(0.99));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verifier_fails_closed_when_the_revocation_stream_is_gone() {
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    let files = broker.pki.svid("agent/lonely");
+    let cert = CertificateDer::from_pem_file(&files.cert).unwrap();
+    let mut agent =
+        pb::broker_client::BrokerClient::new(broker.channel_with(&files.cert, &files.key).await);
+    let token = agent
+        .begin_task(review_request())
+        .await
+        .unwrap()
+        .into_inner()
+        .credentials[0]
+        .value
+        .clone();
+    let config = VerifierConfig {
+        fail_closed_after: Some(Duration::from_secs(1)),
+        ..VerifierConfig::new(AUD, ISS)
+    };
+    let v = verifier(&broker, config).await;
+    v.verify(&token, None, Some(cert.as_ref())).unwrap();
+    broker.stop().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        v.verify(&token, None, Some(cert.as_ref())).unwrap_err(),
+        VerifyError::RevocationsUnknown
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tower_layer_guards_a_real_resource_server() {
+    use leash_sdk::verifier::VerifierLayer;
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    let dir = broker.pki.dir.path().to_owned();
+    let files = broker.pki.svid("agent/caller");
+    let mut agent =
+        pb::broker_client::BrokerClient::new(broker.channel_with(&files.cert, &files.key).await);
+    let begun = agent
+        .begin_task(review_request())
+        .await
+        .unwrap()
+        .into_inner();
+    let token = begun.credentials[0].value.clone();
+    let v = verifier(&broker, VerifierConfig::new(AUD, ISS)).await;
+
+    // The resource server: mTLS (bundle as client CA), health behind the layer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            std::fs::read(dir.join("broker.pem")).unwrap(),
+            std::fs::read(dir.join("broker-key.pem")).unwrap(),
+        ))
+        .client_ca_root(Certificate::from_pem(
+            std::fs::read(broker.pki.bundle()).unwrap(),
+        ));
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let server = tokio::spawn(
+        Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .layer(VerifierLayer::new(v, Some(SCOPE)))
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let client_as = |cert: std::path::PathBuf, key: std::path::PathBuf| {
+        let bundle = broker.pki.bundle();
+        async move {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(std::fs::read(bundle).unwrap()))
+                .identity(Identity::from_pem(
+                    std::fs::read(cert).unwrap(),
+                    std::fs::read(key).unwrap(),
+                ))
+                .domain_name("localhost");
+            let ch = tonic::transport::Endpoint::from_shared(format!(
+                "https://localhost:{}",
+                addr.port()
+            ))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+            HealthClient::new(ch)
+        }
+    };
+    let call = |client: &mut HealthClient<tonic::transport::Channel>, bearer: Option<&str>| {
+        let mut req = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        if let Some(t) = bearer {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        let mut c = client.clone();
+        async move { c.check(req).await.map(|_| ()).map_err(|e| e.code()) }
+    };
+    let mut owner = client_as(files.cert.clone(), files.key.clone()).await;
+    assert_eq!(call(&mut owner, Some(&token)).await, Ok(()));
+    assert_eq!(
+        call(&mut owner, None).await,
+        Err(tonic::Code::Unauthenticated)
+    );
+    let thief_files = broker.pki.svid("agent/thief");
+    let mut thief = client_as(thief_files.cert, thief_files.key).await;
+    assert_eq!(
+        call(&mut thief, Some(&token)).await,
+        Err(tonic::Code::Unauthenticated),
+        "a stolen token fails the certificate binding"
+    );
+    agent
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: begun.task_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let refused = leash_e2e::eventually(Duration::from_secs(2), || {
+        let mut owner = owner.clone();
+        let token = token.clone();
+        async move { call(&mut owner, Some(&token)).await == Err(tonic::Code::Unauthenticated) }
+    })
+    .await;
+    assert!(refused.is_some(), "revoked token still accepted");
+    server.abort();
+    broker.stop().await;
+}

@@ -1,0 +1,87 @@
+//! Audit: the trail that traces every credential from declaration to revocation.
+//!
+//! Each event is one structured `tracing` event with target `leash::audit` and
+//! an `event` field (`task.begun`, `credential.issued`, `lease.renewed`,
+//! `task.denied`, `task.completed`, `lease.expired`, `credential.revoked`).
+//! Events name credentials by id and never carry a credential value or digest;
+//! filter on the target to ship them to a separate sink.
+
+use crate::store::{CredentialId, CredentialRecord, EndReason, TaskRecord};
+
+/// The `tracing` target of audit events.
+pub const TARGET: &str = "leash::audit";
+
+/// A task was declared and its lease begun.
+pub fn task_begun(task: &TaskRecord, replayed: bool) {
+    tracing::info!(
+        target: TARGET,
+        event = "task.begun",
+        task_id = %task.id,
+        identity = %task.owner,
+        template = %task.template,
+        template_version = %task.template_version,
+        intent = %task.intent,
+        lease_deadline_ms = task.lease_deadline_ms,
+        max_deadline_ms = task.max_deadline_ms,
+        replayed,
+    );
+}
+
+/// A credential was issued to a task's owner.
+pub fn credential_issued(task: &TaskRecord, credential: &CredentialRecord) {
+    tracing::info!(
+        target: TARGET,
+        event = "credential.issued",
+        task_id = %task.id,
+        credential_id = %credential.id,
+        identity = %credential.subject,
+        grant = %credential.grant,
+        audience = %credential.audience,
+        scopes = %credential.scopes.join(" "),
+        expires_at_ms = credential.expires_at_ms,
+        bound = credential.cnf_x5t_s256.is_some(),
+    );
+}
+
+/// A lease was renewed.
+pub fn lease_renewed(task: &TaskRecord) {
+    tracing::info!(
+        target: TARGET,
+        event = "lease.renewed",
+        task_id = %task.id,
+        identity = %task.owner,
+        lease_deadline_ms = task.lease_deadline_ms,
+    );
+}
+
+/// A request was refused by policy or ownership.
+pub fn denied(identity: &str, action: &str, reason: &str) {
+    tracing::warn!(target: TARGET, event = "task.denied", identity, action, reason);
+}
+
+/// A task ended, by completion or expiry, revoking `revoked` credentials.
+pub fn task_ended(task: &TaskRecord, reason: EndReason, revoked: &[CredentialId]) {
+    let event = match reason {
+        EndReason::Completion => "task.completed",
+        EndReason::Expiry => "lease.expired",
+    };
+    tracing::info!(
+        target: TARGET,
+        event,
+        task_id = %task.id,
+        identity = %task.owner,
+        state = task.state.as_str(),
+        outcome = task.outcome.as_deref().unwrap_or(""),
+        ended_at_ms = task.ended_at_ms.unwrap_or_default(),
+        revoked = revoked.len(),
+    );
+    for id in revoked {
+        tracing::info!(
+            target: TARGET,
+            event = "credential.revoked",
+            task_id = %task.id,
+            credential_id = %id,
+            reason = match reason { EndReason::Completion => "completion", EndReason::Expiry => "expiry" },
+        );
+    }
+}

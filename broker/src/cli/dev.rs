@@ -1,0 +1,214 @@
+//! `leash dev`: the whole product on one machine, no Redis needed.
+//!
+//! Writes a throwaway CA, a broker certificate, sample SVIDs for an agent and a
+//! resource server, a signing key, a sample template and a config into a
+//! directory, prints the commands to try next, and serves with the in-memory
+//! store (or Redis with `--redis`). Every run makes a fresh CA: nothing written
+//! here is meant to outlive the session. The CA key is never written to disk.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::Args;
+
+use crate::{
+    config::{Config, ConfigError},
+    credentials::{Algorithm, SigningKey},
+    identity::{SpiffeId, pki::DevCa},
+};
+
+/// Options of `leash dev`.
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    /// Directory for the generated files (replaced on every run).
+    #[arg(long, default_value = super::DEV_DIR)]
+    pub dir: PathBuf,
+    /// mTLS address for agents and resource servers.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub agent_addr: SocketAddr,
+    /// Plaintext ops address (health).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub ops_addr: SocketAddr,
+    /// Use this Redis instead of the in-memory store, e.g. redis://127.0.0.1:6379/0.
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Trust domain of the generated SVIDs.
+    #[arg(long, default_value = "leash.dev")]
+    pub trust_domain: String,
+}
+
+/// Why the dev environment could not be prepared.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DevError {
+    /// Writing a file failed.
+    #[error("{path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Certificate or key generation failed.
+    #[error("generating credentials: {0}")]
+    Generate(String),
+    /// The generated config did not validate (a bug).
+    #[error("generated config is invalid:\n{0}")]
+    Config(#[from] ConfigError),
+}
+
+/// The sample template `leash dev` writes.
+pub const DEMO_TEMPLATE: &str = r#"# A sample task-scope template written by `leash dev`.
+# Reference: docs/templates.md
+name: demo
+version: "1"
+owner: platform-team@example.com
+description: Read one repository and post one review comment.
+identities:
+  - spiffe://{td}/agent/*
+parameters:
+  repo:
+    type: string
+    pattern: "[a-z0-9-]+/[a-z0-9-]+"
+    required: true
+lease:
+  ttl: 60s
+  max_ttl: 5m
+  max_lifetime: 1h
+grants:
+  - name: github
+    kind: jwt
+    audience: https://api.github.example
+    scopes: ["repo:{repo}:read", "pulls:{repo}:comment"]
+    ttl: 60s
+  - name: db
+    kind: opaque
+    audience: postgres://db.example/app
+    scopes: ["db:app:select"]
+    ttl: 30s
+"#;
+
+fn write(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<(), DevError> {
+    let path = dir.join(name);
+    let err = |source| DevError::Write {
+        path: path.clone(),
+        source,
+    };
+    fs::write(&path, contents).map_err(err)?;
+    if secret {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Writes the dev files into `args.dir` and returns the config to serve.
+///
+/// # Errors
+/// [`DevError`] if a file cannot be written or generation fails.
+pub fn prepare(args: &DevArgs) -> Result<Config, DevError> {
+    let gen_err = |e: &dyn std::fmt::Display| DevError::Generate(e.to_string());
+    let dir = &args.dir;
+    let mkdir = |p: &Path| {
+        fs::create_dir_all(p).map_err(|source| DevError::Write {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    mkdir(dir)?;
+    mkdir(&dir.join("templates"))?;
+    let td = &args.trust_domain;
+    let day = Duration::from_secs(24 * 3600);
+    let ca = DevCa::generate(td, day).map_err(|e| gen_err(&e))?;
+    let server = ca.issue_server_cert(day).map_err(|e| gen_err(&e))?;
+    let svid = |path: &str| {
+        let id = SpiffeId::parse(&format!("spiffe://{td}/{path}")).map_err(|e| gen_err(&e))?;
+        ca.issue_svid(&id, day).map_err(|e| gen_err(&e))
+    };
+    let agent = svid("agent/demo")?;
+    let resource = svid("resource/demo")?;
+    let (_, signing_pem) =
+        SigningKey::generate("dev-1", Algorithm::EdDSA).map_err(|e| gen_err(&e))?;
+
+    write(dir, "bundle.pem", ca.cert_pem(), false)?;
+    write(dir, "broker.pem", &server.cert_pem, false)?;
+    write(dir, "broker-key.pem", &server.key_pem, true)?;
+    write(dir, "agent.pem", &agent.cert_pem, false)?;
+    write(dir, "agent-key.pem", &agent.key_pem, true)?;
+    write(dir, "resource.pem", &resource.cert_pem, false)?;
+    write(dir, "resource-key.pem", &resource.key_pem, true)?;
+    write(dir, "signing-key.pem", &signing_pem, true)?;
+    write(
+        &dir.join("templates"),
+        "demo.yaml",
+        &DEMO_TEMPLATE.replace("{td}", td),
+        false,
+    )?;
+
+    let (kind, url) = match &args.redis {
+        Some(url) => ("redis", url.as_str()),
+        None => ("memory", "redis://127.0.0.1:6379/0"),
+    };
+    let toml = format!(
+        r#"# Written by `leash dev`; see examples/leash.toml for every option.
+[listen]
+agent = "{agent_addr}"
+ops = "{ops_addr}"
+
+[tls]
+cert = "broker.pem"
+key = "broker-key.pem"
+bundles = {{ "{td}" = "bundle.pem" }}
+
+[templates]
+dir = "templates"
+
+[signing]
+issuer = "https://leash.dev"
+keys = [{{ kid = "dev-1", alg = "EdDSA", path = "signing-key.pem" }}]
+
+[store]
+kind = "{kind}"
+url = "{url}"
+prefix = "leash-dev"
+
+[verifier]
+introspect_callers = ["spiffe://{td}/resource/*"]
+"#,
+        agent_addr = args.agent_addr,
+        ops_addr = args.ops_addr,
+    );
+    write(dir, "leash.toml", &toml, false)?;
+    Ok(Config::from_toml(&toml, std::iter::empty(), dir)?)
+}
+
+/// What to print once the dev broker listens; `program` is how the user ran `leash`.
+pub fn next_steps(args: &DevArgs, program: &str) -> String {
+    let dir = args.dir.display();
+    let broker = if args.agent_addr.ip().is_loopback() {
+        format!("https://localhost:{}", args.agent_addr.port())
+    } else {
+        format!("https://{}", args.agent_addr)
+    };
+    let env = if args.dir == Path::new(super::DEV_DIR) && broker == "https://localhost:8443" {
+        String::new()
+    } else {
+        format!("export LEASH_DEV_DIR={dir} LEASH_BROKER={broker}\n  ")
+    };
+    format!(
+        "\nleash dev is serving on {broker} (ops/health on http://{ops}).\n\
+         Files are in {dir}/ (throwaway CA, SVIDs for spiffe://{td}/agent/demo and spiffe://{td}/resource/demo).\n\n\
+         In another terminal, try:\n\n  \
+         {env}{program} task begin --template demo --param repo=acme/widgets --intent \"review PR 42\"\n  \
+         {program} token introspect '<value of a credential printed above>'\n  \
+         {program} task complete <task_id printed above>\n  \
+         {program} token introspect '<the same value>'      # now {{\"active\": false}}\n\n\
+         Press Ctrl-C to stop.\n",
+        ops = args.ops_addr,
+        td = args.trust_domain,
+    )
+}

@@ -1,0 +1,144 @@
+//! The `leash` command line: `serve`, `dev`, `templates check`, the small client
+//! (`task begin|renew|complete`, `token introspect`, `jwks`) and `bench`.
+//!
+//! Client commands find their SVID, key and bundle from flags, then
+//! `LEASH_CERT`/`LEASH_KEY`/`LEASH_CA`, then the `leash dev` directory, so the
+//! README walk-through needs no flags at all.
+
+pub mod bench;
+pub mod client;
+pub mod dev;
+pub mod task;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Default directory `leash dev` writes to and client commands read from.
+pub const DEV_DIR: &str = ".leash-dev";
+
+/// Leash: just-in-time, task-scoped credentials for AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "leash", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format: `text` or `json`. Levels come from LEASH_LOG (default `info`).
+    #[arg(long, global = true, default_value = "text", env = "LEASH_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker from a config file (production).
+    Serve {
+        /// TOML config file; see examples/leash.toml.
+        #[arg(long, short, env = "LEASH_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a complete local broker: throwaway CA, sample SVIDs, sample template, in-memory store.
+    Dev(dev::DevArgs),
+    /// Work with task-scope templates.
+    Templates {
+        /// What to do with templates.
+        #[command(subcommand)]
+        command: TemplatesCommand,
+    },
+    /// Begin, renew and complete tasks (as an agent).
+    Task {
+        /// What to do with a task.
+        #[command(subcommand)]
+        command: task::TaskCommand,
+    },
+    /// Check credentials (as a resource server).
+    Token {
+        /// What to do with a token.
+        #[command(subcommand)]
+        command: task::TokenCommand,
+    },
+    /// Print the broker's JWK Set.
+    Jwks {
+        /// Connection.
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Drive concurrent agents doing begin → renew → complete and print throughput and latency.
+    Bench(bench::BenchArgs),
+}
+
+/// Template subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TemplatesCommand {
+    /// Validate every template in DIR; print every problem with file and line.
+    Check {
+        /// Directory of *.yaml templates.
+        dir: PathBuf,
+    },
+}
+
+/// How a client command reaches the broker.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Broker agent address.
+    #[arg(long, env = "LEASH_BROKER", default_value = "https://localhost:8443")]
+    pub broker: String,
+    /// PEM bundle the broker's certificate must chain to [default: <dev-dir>/bundle.pem].
+    #[arg(long, env = "LEASH_CA")]
+    pub ca: Option<PathBuf>,
+    /// Your X509-SVID (PEM) [default: <dev-dir>/agent.pem, or resource.pem for `token`].
+    #[arg(long, env = "LEASH_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Your SVID's private key (PEM) [default: <dev-dir>/agent-key.pem, or resource-key.pem].
+    #[arg(long, env = "LEASH_KEY")]
+    pub key: Option<PathBuf>,
+    /// Directory written by `leash dev`, for the defaults above.
+    #[arg(long, env = "LEASH_DEV_DIR", default_value = DEV_DIR)]
+    pub dev_dir: PathBuf,
+}
+
+impl ConnectArgs {
+    /// The files to use, with `role` (`agent` or `resource`) choosing the dev-dir defaults.
+    pub fn files(&self, role: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let d = &self.dev_dir;
+        (
+            self.ca.clone().unwrap_or_else(|| d.join("bundle.pem")),
+            self.cert
+                .clone()
+                .unwrap_or_else(|| d.join(format!("{role}.pem"))),
+            self.key
+                .clone()
+                .unwrap_or_else(|| d.join(format!("{role}-key.pem"))),
+        )
+    }
+
+    /// Connects as `role`.
+    ///
+    /// # Errors
+    /// [`client::ClientError`] if the files or the connection fail.
+    pub async fn connect(
+        &self,
+        role: &str,
+    ) -> Result<tonic::transport::Channel, client::ClientError> {
+        let (ca, cert, key) = self.files(role);
+        client::connect(
+            &self.broker,
+            &client::ClientFiles {
+                bundle: &ca,
+                cert: &cert,
+                key: &key,
+            },
+        )
+        .await
+    }
+}

@@ -1,0 +1,527 @@
+//! Configuration of `leash serve`: one TOML file plus environment overrides.
+//!
+//! Validated before anything starts: unknown keys are rejected and every
+//! problem is reported at once. See `examples/leash.toml` for an annotated file.
+//!
+//! Environment overrides: `LEASH_<SECTION>__<KEY>=value` sets `<section>.<key>`
+//! (e.g. `LEASH_STORE__URL=redis://10.0.0.5:6379`). The value is read as a TOML
+//! value if it parses as one (`250`, `true`, `["a", "b"]`), else as a string.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{credentials::Algorithm, identity::IdentityPattern};
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "LEASH_";
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigError(pub Vec<String>);
+
+/// The broker's configuration.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: Listen,
+    /// Serving certificate and trust bundles.
+    pub tls: Tls,
+    /// Task-scope templates.
+    pub templates: Templates,
+    /// JWT issuer and signing keys.
+    pub signing: Signing,
+    /// Where leases live.
+    #[serde(default)]
+    pub store: Store,
+    /// Lease expiry.
+    #[serde(default)]
+    pub reaper: Reaper,
+    /// Resource-server access.
+    #[serde(default)]
+    pub verifier: Verifier,
+    /// File reloading.
+    #[serde(default)]
+    pub reload: Reload,
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Listen {
+    /// mTLS port for agents and resource servers.
+    pub agent: SocketAddr,
+    /// Plaintext ops port: health (gRPC and HTTP `/healthz`, `/readyz`).
+    pub ops: SocketAddr,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Tls {
+    /// The broker's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The broker's private key (PEM, PKCS#8).
+    pub key: PathBuf,
+    /// Trust bundle (PEM CA certificates) per SPIFFE trust domain.
+    pub bundles: BTreeMap<String, PathBuf>,
+}
+
+/// `[templates]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Templates {
+    /// Directory of `*.yaml` templates.
+    pub dir: PathBuf,
+}
+
+/// `[signing]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Signing {
+    /// `iss` of every JWT.
+    pub issuer: String,
+    /// Signing keys; the first signs, all are published in the JWK Set.
+    pub keys: Vec<KeyConfig>,
+}
+
+/// One `[[signing.keys]]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KeyConfig {
+    /// Key id (`kid`).
+    pub kid: String,
+    /// `EdDSA` (default) or `ES256`.
+    #[serde(default = "default_alg")]
+    pub alg: Algorithm,
+    /// PKCS#8 PEM file.
+    pub path: PathBuf,
+}
+
+fn default_alg() -> Algorithm {
+    Algorithm::EdDSA
+}
+
+/// Which store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Redis (production).
+    #[default]
+    Redis,
+    /// In-process memory (one replica, state lost on exit).
+    Memory,
+}
+
+/// `[store]`.
+#[derive(Clone, Deserialize)]
+pub struct Store {
+    /// `redis` or `memory`.
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// Redis URL (`redis://` or `rediss://`); may carry a password, never logged.
+    #[serde(default = "default_redis_url")]
+    pub url: String,
+    /// Key prefix.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Bound on each store call.
+    #[serde(default = "default_store_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long ended tasks stay readable past their max lifetime.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("kind", &self.kind)
+            .field("url", &redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The URL with any password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::default(),
+            url: default_redis_url(),
+            prefix: default_prefix(),
+            timeout: default_store_timeout(),
+            retention: default_retention(),
+        }
+    }
+}
+
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379/0".into()
+}
+fn default_prefix() -> String {
+    "leash".into()
+}
+fn default_store_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_retention() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// `[reaper]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Reaper {
+    /// Sweep interval: how late after its deadline a lease may be revoked.
+    #[serde(default = "default_reaper_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long a claim is exclusive before another replica takes it over.
+    #[serde(default = "default_claim_ttl", with = "humantime_serde")]
+    pub claim_ttl: Duration,
+    /// Most leases claimed per shard per sweep.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+}
+
+impl Default for Reaper {
+    fn default() -> Self {
+        Self {
+            interval: default_reaper_interval(),
+            claim_ttl: default_claim_ttl(),
+            batch: default_batch(),
+        }
+    }
+}
+
+fn default_reaper_interval() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_claim_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_batch() -> usize {
+    256
+}
+
+/// `[verifier]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct Verifier {
+    /// SPIFFE IDs or `prefix/*` patterns allowed to call Introspect. Empty: nobody.
+    #[serde(default)]
+    pub introspect_callers: Vec<String>,
+}
+
+/// `[reload]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Reload {
+    /// How often certificate, bundle and template files are checked for changes.
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        Self {
+            interval: default_reload_interval(),
+        }
+    }
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// Serde adapter for `"250ms"`-style durations.
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration like \"250ms\" or \"5s\": {e}"
+            ))
+        })
+    }
+}
+
+fn env_value(raw: &str) -> toml::Value {
+    // Parse as a TOML value where possible (numbers, booleans, arrays), else a string.
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+/// Applies `LEASH_SECTION__KEY` overrides from `vars` onto `table`.
+fn apply_env(
+    table: &mut toml::Table,
+    vars: impl Iterator<Item = (String, String)>,
+    problems: &mut Vec<String>,
+) {
+    for (name, raw) in vars {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if !path.contains("__") {
+            // LEASH_CONFIG, LEASH_LOG and friends are not config keys.
+            continue;
+        }
+        let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+        if let Err(e) = set_path(table, &keys, env_value(&raw)) {
+            problems.push(format!("{name}: {e}"));
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), String> {
+    match keys {
+        [] => Err("empty key".into()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [section, rest @ ..] => match table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => set_path(t, rest, value),
+            _ => Err(format!("{section} is not a section")),
+        },
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies environment overrides from the process, and validates.
+    ///
+    /// # Errors
+    /// [`ConfigError`] listing every problem: unreadable file, TOML syntax,
+    /// unknown keys, wrong types, invalid values, missing files.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
+        Self::from_toml(
+            &text,
+            std::env::vars(),
+            path.parent().unwrap_or(Path::new(".")),
+        )
+    }
+
+    /// Parses `text` with overrides from `vars`; relative paths are taken from `base`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] listing every problem found.
+    pub fn from_toml(
+        text: &str,
+        vars: impl Iterator<Item = (String, String)>,
+        base: &Path,
+    ) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError(vec![format!("TOML: {e}")]))?;
+        apply_env(&mut table, vars, &mut problems);
+        let mut unknown = Vec::new();
+        let parsed: Result<Self, _> = serde_ignored::deserialize(toml::Value::Table(table), |p| {
+            unknown.push(format!("unknown key `{p}`"));
+        });
+        problems.extend(unknown);
+        let mut config = match parsed {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(e.to_string());
+                return Err(ConfigError(problems));
+            }
+        };
+        config.resolve_paths(base);
+        problems.extend(config.problems());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.tls.cert);
+        abs(&mut self.tls.key);
+        self.tls.bundles.values_mut().for_each(abs);
+        abs(&mut self.templates.dir);
+        self.signing.keys.iter_mut().for_each(|k| abs(&mut k.path));
+    }
+
+    /// Every semantic problem (files missing, bad patterns, out-of-range values).
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut file = |key: &str, path: &Path| {
+            if !path.is_file() {
+                p.push(format!("{key}: {} is not a readable file", path.display()));
+            }
+        };
+        file("tls.cert", &self.tls.cert);
+        file("tls.key", &self.tls.key);
+        for (td, path) in &self.tls.bundles {
+            file(&format!("tls.bundles.{td}"), path);
+        }
+        for (i, k) in self.signing.keys.iter().enumerate() {
+            file(&format!("signing.keys[{i}].path"), &k.path);
+        }
+        if self.tls.bundles.is_empty() {
+            p.push("tls.bundles: at least one trust domain is required".into());
+        }
+        if !self.templates.dir.is_dir() {
+            p.push(format!(
+                "templates.dir: {} is not a directory",
+                self.templates.dir.display()
+            ));
+        }
+        if self.signing.issuer.trim().is_empty() {
+            p.push("signing.issuer: required".into());
+        }
+        if self.signing.keys.is_empty() {
+            p.push("signing.keys: at least one key is required".into());
+        }
+        for c in &self.verifier.introspect_callers {
+            if let Err(e) = IdentityPattern::parse(c) {
+                p.push(format!("verifier.introspect_callers: {c:?}: {e}"));
+            }
+        }
+        if self.listen.agent == self.listen.ops {
+            p.push("listen.ops: must differ from listen.agent".into());
+        }
+        if self.store.kind == StoreKind::Redis
+            && !(self.store.url.starts_with("redis://") || self.store.url.starts_with("rediss://"))
+        {
+            p.push("store.url: must start with redis:// or rediss://".into());
+        }
+        if self.store.timeout.is_zero() {
+            p.push("store.timeout: must be positive".into());
+        }
+        if self.reaper.interval < Duration::from_millis(10)
+            || self.reaper.interval > Duration::from_secs(1)
+        {
+            p.push("reaper.interval: must be between 10ms and 1s (it bounds how late a lease is revoked)".into());
+        }
+        if self.reaper.claim_ttl <= self.reaper.interval {
+            p.push("reaper.claim_ttl: must be longer than reaper.interval".into());
+        }
+        if self.reaper.batch == 0 {
+            p.push("reaper.batch: must be positive".into());
+        }
+        if self.reload.interval < Duration::from_millis(100) {
+            p.push("reload.interval: at least 100ms".into());
+        }
+        p
+    }
+
+    /// The introspection caller patterns (validated at load).
+    pub fn introspect_callers(&self) -> Vec<IdentityPattern> {
+        self.verifier
+            .introspect_callers
+            .iter()
+            .filter_map(|c| IdentityPattern::parse(c).ok())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with_files() -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tmp");
+        for f in ["cert.pem", "key.pem", "bundle.pem", "signing.pem"] {
+            std::fs::write(d.path().join(f), "x").expect("write");
+        }
+        std::fs::create_dir(d.path().join("templates")).expect("mkdir");
+        d
+    }
+
+    const GOOD: &str = r#"
+[listen]
+agent = "127.0.0.1:8443"
+ops = "127.0.0.1:8080"
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+bundles = { "acme.test" = "bundle.pem" }
+[templates]
+dir = "templates"
+[signing]
+issuer = "https://leash.acme.test"
+keys = [{ kid = "k1", path = "signing.pem" }]
+[verifier]
+introspect_callers = ["spiffe://acme.test/resource/*"]
+"#;
+
+    #[test]
+    fn a_good_file_loads_with_defaults() {
+        let d = dir_with_files();
+        let c = Config::from_toml(GOOD, std::iter::empty(), d.path()).expect("config");
+        assert_eq!(c.store.kind, StoreKind::Redis);
+        assert_eq!(c.reaper.interval, Duration::from_millis(250));
+        assert_eq!(c.signing.keys[0].alg, Algorithm::EdDSA);
+        assert!(c.tls.cert.is_absolute());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let d = dir_with_files();
+        let text = GOOD
+            .replace("[verifier]", "bogus = 1\n[verifier]\ntypo = 2")
+            .replace("signing.pem", "missing.pem")
+            .replace("https://leash.acme.test", " ");
+        let err = Config::from_toml(&text, std::iter::empty(), d.path()).expect_err("bad");
+        let all = err.to_string();
+        for want in [
+            "unknown key `signing.bogus`",
+            "unknown key `verifier.typo`",
+            "missing.pem",
+            "signing.issuer",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_apply() {
+        let d = dir_with_files();
+        let vars = vec![
+            ("LEASH_STORE__KIND".to_owned(), "memory".to_owned()),
+            ("LEASH_REAPER__INTERVAL".to_owned(), "100ms".to_owned()),
+            ("LEASH_REAPER__BATCH".to_owned(), "7".to_owned()),
+            ("LEASH_LOG".to_owned(), "debug".to_owned()),
+            ("LEASH_STORE__NOPE".to_owned(), "1".to_owned()),
+        ];
+        let err = Config::from_toml(GOOD, vars.clone().into_iter(), d.path()).expect_err("unknown");
+        assert!(err.to_string().contains("store.nope"));
+        let c = Config::from_toml(GOOD, vars.into_iter().take(4), d.path()).expect("config");
+        assert_eq!(c.store.kind, StoreKind::Memory);
+        assert_eq!(c.reaper.interval, Duration::from_millis(100));
+        assert_eq!(c.reaper.batch, 7);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://:hunter2@db:6379/0"),
+            "redis://***@db:6379/0"
+        );
+        assert_eq!(redact_url("redis://db:6379"), "redis://db:6379");
+    }
+}

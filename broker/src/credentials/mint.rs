@@ -1,0 +1,160 @@
+//! Minting: template grant → value (signed JWT or random opaque) → checked → returned.
+//!
+//! Every credential's expiry is capped by every bound that applies: the grant's
+//! TTL and the lease deadline. JWT times are whole seconds, rounded down, so a
+//! JWT never outlives its lease either.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+
+use super::{CredentialError, KeySet, Secret, jwt, opaque, random_bytes, value_digest};
+use crate::{
+    clock::duration_ms,
+    store::{CredentialId, CredentialRecord, StoredKind, TaskId},
+    templates::{CredentialKind, GrantSpec},
+};
+
+/// What one credential is minted for.
+#[derive(Debug)]
+pub struct MintRequest<'a> {
+    /// The task it belongs to.
+    pub task_id: &'a TaskId,
+    /// The template's name.
+    pub template: &'a str,
+    /// The grant it fulfils.
+    pub grant: &'a GrantSpec,
+    /// The grant's scopes with parameters substituted.
+    pub scopes: Vec<String>,
+    /// SPIFFE ID of the agent.
+    pub subject: &'a str,
+    /// base64url SHA-256 of the agent's SVID, to bind the credential to (RFC 8705).
+    pub cnf_x5t_s256: Option<&'a str>,
+    /// Now, in Unix milliseconds.
+    pub now_ms: u64,
+    /// The lease deadline the credential must not outlive.
+    pub lease_deadline_ms: u64,
+}
+
+/// A minted credential: its value for the agent, and its record for the store.
+#[derive(Debug)]
+pub struct Minted {
+    /// What the store keeps (digest, not value).
+    pub record: CredentialRecord,
+    /// The value, for the response only.
+    pub value: Secret,
+}
+
+/// Mints credentials under one issuer with one key set.
+#[derive(Debug, Clone)]
+pub struct Minter {
+    keys: Arc<KeySet>,
+    issuer: String,
+}
+
+impl Minter {
+    /// A minter signing as `issuer` with `keys`.
+    pub fn new(keys: Arc<KeySet>, issuer: String) -> Self {
+        Self { keys, issuer }
+    }
+
+    /// The key set (for the JWK Set and introspection).
+    pub fn keys(&self) -> &KeySet {
+        &self.keys
+    }
+
+    /// The `iss` of every JWT this minter signs.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Mints one credential for `req` and checks it before returning it.
+    ///
+    /// # Errors
+    /// [`CredentialError::Mint`] if the lease leaves no time for a credential or
+    /// the minted credential fails its check; [`CredentialError::Random`] if the
+    /// OS random source fails.
+    pub fn mint(&self, req: &MintRequest<'_>) -> Result<Minted, CredentialError> {
+        let id = CredentialId::new(req.task_id, random_bytes::<8>()?);
+        let cap_ms = req
+            .now_ms
+            .saturating_add(duration_ms(req.grant.ttl))
+            .min(req.lease_deadline_ms);
+        let (kind, value, expires_at_ms) = match req.grant.kind {
+            CredentialKind::Opaque => (StoredKind::Opaque, opaque::generate(&id)?, cap_ms),
+            CredentialKind::Jwt => {
+                let exp_s = cap_ms / 1000;
+                let token = jwt::sign(self.keys.current(), &self.claims(req, &id, exp_s))?;
+                (StoredKind::Jwt, Secret::new(token), exp_s * 1000)
+            }
+        };
+        let record = CredentialRecord {
+            id,
+            grant: req.grant.name.clone(),
+            kind,
+            audience: req.grant.audience.clone(),
+            scopes: req.scopes.clone(),
+            value_sha256: value_digest(value.expose()),
+            subject: req.subject.to_owned(),
+            issuer: self.issuer.clone(),
+            template: req.template.to_owned(),
+            cnf_x5t_s256: req.cnf_x5t_s256.map(str::to_owned),
+            issued_at_ms: req.now_ms,
+            expires_at_ms,
+        };
+        self.check(req, &record, &value)?;
+        Ok(Minted { record, value })
+    }
+
+    fn claims(&self, req: &MintRequest<'_>, id: &CredentialId, exp_s: u64) -> Map<String, Value> {
+        let iat = req.now_ms / 1000;
+        let mut claims = Map::new();
+        claims.insert("iss".into(), json!(self.issuer));
+        claims.insert("sub".into(), json!(req.subject));
+        claims.insert("aud".into(), json!(req.grant.audience));
+        claims.insert("scope".into(), json!(req.scopes.join(" ")));
+        claims.insert("client_id".into(), json!(req.subject));
+        claims.insert("iat".into(), json!(iat));
+        claims.insert("nbf".into(), json!(iat));
+        claims.insert("exp".into(), json!(exp_s));
+        claims.insert("jti".into(), json!(id.as_str()));
+        claims.insert("task_id".into(), json!(req.task_id.as_str()));
+        claims.insert("template".into(), json!(req.template));
+        claims.insert("grant".into(), json!(req.grant.name));
+        if let Some(x5t) = req.cnf_x5t_s256 {
+            claims.insert("cnf".into(), json!({ "x5t#S256": x5t }));
+        }
+        claims
+    }
+
+    /// Checks a freshly minted credential against its request: alive now, not
+    /// past the lease, and (for JWTs) verifying under our keys with the intended claims.
+    fn check(
+        &self,
+        req: &MintRequest<'_>,
+        record: &CredentialRecord,
+        value: &Secret,
+    ) -> Result<(), CredentialError> {
+        if record.expires_at_ms <= req.now_ms {
+            return Err(CredentialError::Mint(
+                "the lease ends too soon to mint a credential".into(),
+            ));
+        }
+        if record.expires_at_ms > req.lease_deadline_ms {
+            return Err(CredentialError::Mint(
+                "credential would outlive its lease".into(),
+            ));
+        }
+        if record.kind == StoredKind::Jwt {
+            let claims = jwt::verify(value.expose(), &self.keys)
+                .map_err(|e| CredentialError::Mint(format!("self-check: {e}")))?;
+            let exp_ok =
+                claims.get("exp").and_then(Value::as_u64) == Some(record.expires_at_ms / 1000);
+            let jti_ok = claims.get("jti").and_then(Value::as_str) == Some(record.id.as_str());
+            if !(exp_ok && jti_ok) {
+                return Err(CredentialError::Mint("self-check: claims differ".into()));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! The security kernel: X509-SVID leaf rules and chain verification.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::{CertificateDer, UnixTime};
+use x509_parser::{extensions::GeneralName, prelude::X509Certificate};
+
+use super::{
+    Identity,
+    bundle::TrustBundles,
+    error::{IdentityError, SvidRule},
+    limits::{MAX_CERT_DER_LEN, MAX_CHAIN_LEN},
+    spiffe_id::SpiffeId,
+};
+
+/// What the leaf rules establish about a leaf, before any chain validation.
+struct Leaf {
+    spiffe_id: SpiffeId,
+    not_after: SystemTime,
+}
+
+/// Verifies an X509-SVID chain (leaf first, then any intermediates) at `now`.
+///
+/// On success the leaf obeys every X509-SVID leaf rule (one URI SAN holding a valid
+/// SPIFFE ID with a non-root path; not a CA; critical key usage with `digitalSignature`
+/// and neither `keyCertSign` nor `cRLSign`), and the chain validates with webpki, ring
+/// signature algorithms and EKU clientAuth required-if-present, to a trust anchor of the
+/// leaf's **own** trust domain, every certificate valid at `now`.
+///
+/// # Errors
+///
+/// [`IdentityError::LimitExceeded`] when the chain is longer than
+/// [`MAX_CHAIN_LEN`](super::limits::MAX_CHAIN_LEN) or a certificate is larger than
+/// [`MAX_CERT_DER_LEN`](super::limits::MAX_CERT_DER_LEN);
+/// [`IdentityError::InvalidSvid`] naming the rule that failed otherwise.
+pub fn verify_svid(
+    chain: &[CertificateDer<'_>],
+    bundles: &TrustBundles,
+    now: SystemTime,
+) -> Result<Identity, IdentityError> {
+    check_sizes(chain)?;
+    let Some(leaf_der) = chain.first() else {
+        return Err(svid_error(None, SvidRule::EmptyChain));
+    };
+    let leaf = inspect_leaf(leaf_der)?;
+    let fail = |rule| svid_error(Some(&leaf.spiffe_id), rule);
+
+    let td = leaf.spiffe_id.trust_domain();
+    // Anchors come from the leaf's own trust domain only: a CA trusted for another
+    // domain must not be able to vouch for this one.
+    let anchors = bundles
+        .anchors(td)
+        .ok_or_else(|| fail(SvidRule::UnknownTrustDomain(td.to_owned())))?;
+
+    let ee = webpki::EndEntityCert::try_from(leaf_der)
+        .map_err(|e| fail(SvidRule::Malformed(e.to_string())))?;
+    // A clock before 1970 cannot be right; epoch zero makes every certificate
+    // not-yet-valid, so the check fails closed.
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let algs = rustls::crypto::ring::default_provider()
+        .signature_verification_algorithms
+        .all;
+    ee.verify_for_usage(
+        algs,
+        anchors,
+        &chain[1..],
+        UnixTime::since_unix_epoch(since_epoch),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| fail(rule_of_webpki(&e)))?;
+
+    Ok(identity(leaf, leaf_der))
+}
+
+/// Extracts the [`Identity`] of a leaf that a TLS stack has already verified (for
+/// example `tonic::Request::peer_certs()` behind [`server_tls_config`](super::server_tls_config)).
+///
+/// It re-checks the X509-SVID leaf rules (so a misconfigured stack cannot hand over a
+/// non-SVID) but does **not** validate the chain or the validity period: only use it on
+/// certificates that a verifier such as [`SvidClientVerifier`](super::SvidClientVerifier)
+/// accepted.
+///
+/// # Errors
+///
+/// [`IdentityError::LimitExceeded`] for an oversize certificate;
+/// [`IdentityError::InvalidSvid`] naming the leaf rule that failed.
+pub fn identity_of_leaf(leaf: &CertificateDer<'_>) -> Result<Identity, IdentityError> {
+    check_sizes(std::slice::from_ref(leaf))?;
+    let facts = inspect_leaf(leaf)?;
+    Ok(identity(facts, leaf))
+}
+
+fn identity(leaf: Leaf, der: &CertificateDer<'_>) -> Identity {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
+    let mut thumbprint_s256 = [0u8; 32];
+    thumbprint_s256.copy_from_slice(digest.as_ref());
+    Identity {
+        spiffe_id: leaf.spiffe_id,
+        svid_not_after: leaf.not_after,
+        thumbprint_s256,
+    }
+}
+
+fn check_sizes(chain: &[CertificateDer<'_>]) -> Result<(), IdentityError> {
+    if chain.len() > MAX_CHAIN_LEN {
+        return Err(IdentityError::LimitExceeded {
+            what: "certificate chain length",
+            limit: MAX_CHAIN_LEN,
+            actual: chain.len(),
+        });
+    }
+    for cert in chain {
+        if cert.as_ref().len() > MAX_CERT_DER_LEN {
+            return Err(IdentityError::LimitExceeded {
+                what: "certificate DER size in bytes",
+                limit: MAX_CERT_DER_LEN,
+                actual: cert.as_ref().len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn svid_error(id: Option<&SpiffeId>, rule: SvidRule) -> IdentityError {
+    IdentityError::InvalidSvid {
+        spiffe_id: id.map(ToString::to_string),
+        rule,
+    }
+}
+
+/// Applies the X509-SVID leaf rules (X509-SVID.md 2, 3.1, 4.1, 4.3, 5.2).
+fn inspect_leaf(der: &CertificateDer<'_>) -> Result<Leaf, IdentityError> {
+    let malformed = |why: String| svid_error(None, SvidRule::Malformed(why));
+    let (rest, cert) =
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(malformed(format!("{} trailing bytes", rest.len())));
+    }
+
+    let spiffe_id = leaf_spiffe_id(&cert)?;
+    let fail = |rule| svid_error(Some(&spiffe_id), rule);
+    if spiffe_id.is_root() {
+        return Err(fail(SvidRule::RootPath));
+    }
+
+    let bc = cert
+        .basic_constraints()
+        .map_err(|e| fail(SvidRule::Malformed(e.to_string())))?;
+    if bc.is_some_and(|bc| bc.value.ca) {
+        return Err(fail(SvidRule::LeafIsCa));
+    }
+
+    let ku = cert
+        .key_usage()
+        .map_err(|e| fail(SvidRule::Malformed(e.to_string())))?
+        .ok_or_else(|| fail(SvidRule::KeyUsageMissing))?;
+    if ku.value.key_cert_sign() {
+        return Err(fail(SvidRule::KeyCertSign));
+    }
+    if ku.value.crl_sign() {
+        return Err(fail(SvidRule::CrlSign));
+    }
+    if !ku.value.digital_signature() {
+        return Err(fail(SvidRule::NoDigitalSignature));
+    }
+    // X509-SVID.md 4.3: "MUST be marked critical".
+    if !ku.critical {
+        return Err(fail(SvidRule::KeyUsageNotCritical));
+    }
+
+    let not_after = u64::try_from(cert.validity().not_after.timestamp())
+        .map(|secs| UNIX_EPOCH + Duration::from_secs(secs))
+        .map_err(|_| fail(SvidRule::Expired))?;
+    Ok(Leaf {
+        spiffe_id,
+        not_after,
+    })
+}
+
+fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, IdentityError> {
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| svid_error(None, SvidRule::Malformed(e.to_string())))?
+        .ok_or_else(|| svid_error(None, SvidRule::NoUriSan))?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [] => Err(svid_error(None, SvidRule::NoUriSan)),
+        [uri] => SpiffeId::parse(uri).map_err(|e| match e {
+            IdentityError::InvalidSpiffeId { rule, .. } => {
+                svid_error(None, SvidRule::BadSpiffeId(rule))
+            }
+            other => other,
+        }),
+        many => Err(svid_error(None, SvidRule::MultipleUriSans(many.len()))),
+    }
+}
+
+fn rule_of_webpki(e: &webpki::Error) -> SvidRule {
+    match e {
+        webpki::Error::CertExpired { .. } => SvidRule::Expired,
+        webpki::Error::CertNotValidYet { .. } => SvidRule::NotYetValid,
+        // webpki reports a bad signature when an issuer with the right name but the
+        // wrong key is found (for example a rotated-out CA): either way no anchor of
+        // this trust domain vouches for the leaf.
+        webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+            SvidRule::UntrustedIssuer
+        }
+        other => SvidRule::ChainInvalid(format!("{other:?}")),
+    }
+}

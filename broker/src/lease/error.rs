@@ -1,0 +1,75 @@
+//! The errors of task and lease operations, one per client-actionable status.
+
+use crate::{
+    credentials::CredentialError, policy::FieldProblem, policy::PolicyError, store::StoreError,
+};
+
+/// Why a task or lease operation was refused or failed.
+///
+/// Each variant maps to one gRPC status in `api`; messages are safe to show the
+/// caller (they never hold a credential value).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LeaseError {
+    /// One or more request fields are malformed or out of bounds.
+    #[error("{}", describe(.0))]
+    InvalidArgument(Vec<FieldProblem>),
+    /// The named template does not exist.
+    #[error("template {0:?} not found")]
+    TemplateNotFound(String),
+    /// The named task does not exist (or is past its retention).
+    #[error("task {0} not found")]
+    TaskNotFound(String),
+    /// The caller is authenticated but not allowed to do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The task's state forbids the call (ended, max lifetime reached, key reused).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The store could not be reached; nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// An internal fault; the detail is logged, not returned.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn describe(problems: &[FieldProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("{}: {}", p.field, p.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl LeaseError {
+    /// A single invalid field.
+    pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldProblem::new(field, reason)])
+    }
+}
+
+impl From<StoreError> for LeaseError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => Self::Unavailable(m),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<PolicyError> for LeaseError {
+    fn from(e: PolicyError) -> Self {
+        match e {
+            PolicyError::UnknownTemplate(t) => Self::TemplateNotFound(t),
+            e @ PolicyError::NotAllowed { .. } => Self::PermissionDenied(e.to_string()),
+            PolicyError::Invalid(ps) => Self::InvalidArgument(ps),
+        }
+    }
+}
+
+impl From<CredentialError> for LeaseError {
+    fn from(e: CredentialError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}

@@ -1,0 +1,19 @@
+//! Lease: the life of a task — begin, renew, complete — and the reaper that
+//! expires leases nobody renewed.
+//!
+//! [`LeaseService`] is the domain behind the Broker and Verifier APIs; it knows
+//! nothing of gRPC. [`Reaper`] runs on every replica; store claims keep two
+//! replicas from expiring the same lease.
+
+mod error;
+mod reaper;
+mod request;
+mod service;
+
+pub use error::LeaseError;
+pub use reaper::{Reaper, ReaperSettings};
+pub use request::{BeginTask, Limits};
+pub use service::{Completed, Introspection, IssuedTask, LeaseService};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,538 @@
+//! The task lifecycle and introspection, over any [`LeaseStore`].
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::{BeginTask, LeaseError, Limits};
+use crate::{
+    audit,
+    clock::Clock,
+    credentials::{self, CredentialError, MintRequest, Minted, Minter, jwt, opaque},
+    identity::{Identity, IdentityPattern},
+    policy::{self, Decision},
+    store::{
+        BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, EndReason, LeaseStore,
+        RenewOutcome, StoredKind, TaskId, TaskRecord, TaskState,
+    },
+    templates::TemplateCatalog,
+};
+
+/// A task with the credentials just minted for it.
+#[derive(Debug)]
+pub struct IssuedTask {
+    /// The task as stored after the call.
+    pub task: TaskRecord,
+    /// One fresh credential per grant, in template order.
+    pub credentials: Vec<Minted>,
+    /// True when this answers a retry with the same idempotency key.
+    pub replayed: bool,
+}
+
+/// The result of completing a task.
+#[derive(Debug)]
+pub struct Completed {
+    /// The task as stored after the call.
+    pub task: TaskRecord,
+    /// Credentials this call revoked (empty on a repeated call).
+    pub revoked: Vec<CredentialId>,
+}
+
+/// An introspection answer (RFC 7662): `record` only when active.
+#[derive(Debug)]
+pub struct Introspection {
+    /// Active only for a known, unexpired, unrevoked credential.
+    pub active: bool,
+    /// The credential's record, when active.
+    pub record: Option<CredentialRecord>,
+}
+
+impl Introspection {
+    fn inactive() -> Self {
+        Self {
+            active: false,
+            record: None,
+        }
+    }
+}
+
+/// Begins, renews and completes tasks, and answers introspection.
+#[derive(Debug)]
+pub struct LeaseService<S> {
+    store: Arc<S>,
+    templates: Arc<TemplateCatalog>,
+    minter: Minter,
+    clock: Arc<dyn Clock>,
+    introspect_callers: Vec<IdentityPattern>,
+}
+
+fn digest(parts: &[&str]) -> ring::digest::Digest {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        // Length-prefix each part so that ("ab","c") and ("a","bc") differ.
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p.as_bytes());
+    }
+    ctx.finish()
+}
+
+fn digest_hex(parts: &[&str]) -> String {
+    digest(parts)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The store records of freshly minted credentials.
+fn records_of(minted: &[Minted]) -> Vec<CredentialRecord> {
+    minted.iter().map(|m| m.record.clone()).collect()
+}
+
+/// One `credential.issued` audit event per credential.
+fn audit_issued(task: &TaskRecord, records: &[CredentialRecord]) {
+    for r in records {
+        audit::credential_issued(task, r);
+    }
+}
+
+fn ended_message(task: &TaskRecord, now_ms: u64) -> String {
+    match task.state {
+        TaskState::Active if task.lease_deadline_ms <= now_ms => {
+            format!(
+                "task {} has expired: its lease was not renewed in time",
+                task.id
+            )
+        }
+        state => format!("task {} has ended ({})", task.id, state.as_str()),
+    }
+}
+
+impl<S: LeaseStore> LeaseService<S> {
+    /// A service over `store`, deciding with `templates`, minting with `minter`.
+    /// Introspection is answered only for callers matching `introspect_callers`.
+    pub fn new(
+        store: Arc<S>,
+        templates: Arc<TemplateCatalog>,
+        minter: Minter,
+        clock: Arc<dyn Clock>,
+        introspect_callers: Vec<IdentityPattern>,
+    ) -> Self {
+        Self {
+            store,
+            templates,
+            minter,
+            clock,
+            introspect_callers,
+        }
+    }
+
+    /// The store (for readiness checks and the reaper).
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// The minter (for the JWK Set).
+    pub fn minter(&self) -> &Minter {
+        &self.minter
+    }
+
+    fn mint_all(
+        &self,
+        caller: &Identity,
+        task_id: &TaskId,
+        decision: &Decision,
+        now_ms: u64,
+        lease_deadline_ms: u64,
+    ) -> Result<Vec<Minted>, CredentialError> {
+        let cnf = caller.thumbprint_b64url();
+        decision
+            .grants
+            .iter()
+            .map(|(grant, scopes)| {
+                self.minter.mint(&MintRequest {
+                    task_id,
+                    template: &decision.template.name,
+                    grant,
+                    scopes: scopes.clone(),
+                    subject: caller.spiffe_id.as_str(),
+                    cnf_x5t_s256: Some(&cnf),
+                    now_ms,
+                    lease_deadline_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// Declares a task for `caller` and issues its credentials.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (every field problem), `TemplateNotFound`,
+    /// `PermissionDenied`, `FailedPrecondition` (idempotency key reused for a
+    /// different request, or its task has ended), `Unavailable`, `Internal`.
+    pub async fn begin(&self, caller: &Identity, req: BeginTask) -> Result<IssuedTask, LeaseError> {
+        req.check_shape().map_err(LeaseError::InvalidArgument)?;
+        let now_ms = self.clock.now_ms();
+        let owner = caller.spiffe_id.as_str();
+        let templates = self.templates.current();
+        let decision = policy::decide(
+            &templates,
+            &caller.spiffe_id,
+            &req.template,
+            &req.parameters,
+            req.requested_ttl,
+            now_ms,
+        )
+        .inspect_err(|e| {
+            if matches!(e, policy::PolicyError::NotAllowed { .. }) {
+                audit::denied(owner, "begin", &e.to_string());
+            }
+        })?;
+        let params: Vec<String> = decision
+            .parameters
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let ttl = decision.lease_ttl_ms.to_string();
+        let mut parts = vec![
+            decision.template.name.as_str(),
+            decision.template.version.as_str(),
+            req.intent.as_str(),
+            ttl.as_str(),
+        ];
+        parts.extend(params.iter().map(String::as_str));
+        let fingerprint = digest_hex(&parts);
+        let task_id = match &req.idempotency_key {
+            // The id is derived from (owner, key), so a retry lands on the same
+            // task in the same hash slot, and one atomic create-if-absent decides.
+            Some(key) => {
+                let d = digest(&["leash-idempotency-v1", owner, key]);
+                let mut bytes = [0u8; 16];
+                bytes.copy_from_slice(&d.as_ref()[..16]);
+                TaskId::from_bytes(bytes)
+            }
+            None => TaskId::from_bytes(credentials::random_bytes::<16>()?),
+        };
+        let task = TaskRecord {
+            id: task_id.clone(),
+            owner: owner.to_owned(),
+            template: decision.template.name.clone(),
+            template_version: decision.template.version.clone(),
+            parameters: decision.parameters.clone(),
+            intent: req.intent.clone(),
+            fingerprint: fingerprint.clone(),
+            created_at_ms: now_ms,
+            lease_ttl_ms: decision.lease_ttl_ms,
+            lease_deadline_ms: decision.lease_deadline_ms,
+            max_deadline_ms: decision.max_deadline_ms,
+            state: TaskState::Active,
+            ended_at_ms: None,
+            outcome: None,
+        };
+        let minted = self.mint_all(caller, &task_id, &decision, now_ms, task.lease_deadline_ms)?;
+        let records = records_of(&minted);
+        match self.store.begin(&task, &records).await? {
+            BeginOutcome::Created => {
+                audit::task_begun(&task, false);
+                audit_issued(&task, &records);
+                Ok(IssuedTask {
+                    task,
+                    credentials: minted,
+                    replayed: false,
+                })
+            }
+            BeginOutcome::Existing(existing) => {
+                self.replay(caller, *existing, &fingerprint, &decision, now_ms)
+                    .await
+            }
+        }
+    }
+
+    /// Answers a retry: the same task, with fresh credentials (the first
+    /// response's values were never stored, so they cannot be returned again).
+    async fn replay(
+        &self,
+        caller: &Identity,
+        existing: TaskRecord,
+        fingerprint: &str,
+        decision: &Decision,
+        now_ms: u64,
+    ) -> Result<IssuedTask, LeaseError> {
+        if existing.owner != caller.spiffe_id.as_str() || existing.fingerprint != fingerprint {
+            return Err(LeaseError::FailedPrecondition(
+                "idempotency_key was already used for a different request; use a new key".into(),
+            ));
+        }
+        if !existing.is_live(now_ms) {
+            return Err(LeaseError::FailedPrecondition(format!(
+                "{}; begin a new task with a new idempotency_key",
+                ended_message(&existing, now_ms)
+            )));
+        }
+        let minted = self.mint_all(
+            caller,
+            &existing.id,
+            decision,
+            now_ms,
+            existing.lease_deadline_ms,
+        )?;
+        let records = records_of(&minted);
+        match self
+            .store
+            .renew(&existing.id, now_ms, existing.lease_deadline_ms, &records)
+            .await?
+        {
+            RenewOutcome::Renewed(task) => {
+                audit::task_begun(&task, true);
+                audit_issued(&task, &records);
+                Ok(IssuedTask {
+                    task,
+                    credentials: minted,
+                    replayed: true,
+                })
+            }
+            RenewOutcome::NotActive(task) => {
+                Err(LeaseError::FailedPrecondition(ended_message(&task, now_ms)))
+            }
+            RenewOutcome::NotFound => Err(LeaseError::TaskNotFound(existing.id.to_string())),
+        }
+    }
+
+    fn parse_task_id(task_id: &str) -> Result<TaskId, LeaseError> {
+        if task_id.is_empty() {
+            return Err(LeaseError::invalid("task_id", "required"));
+        }
+        TaskId::parse(task_id).ok_or_else(|| {
+            LeaseError::invalid(
+                "task_id",
+                "not a task id (tk_ followed by 32 lower-case hex digits)",
+            )
+        })
+    }
+
+    async fn owned_task(
+        &self,
+        caller: &Identity,
+        task_id: &TaskId,
+        action: &str,
+    ) -> Result<TaskRecord, LeaseError> {
+        let task = self
+            .store
+            .task(task_id)
+            .await?
+            .ok_or_else(|| LeaseError::TaskNotFound(task_id.to_string()))?;
+        if task.owner != caller.spiffe_id.as_str() {
+            let reason = format!("task {task_id} belongs to another identity");
+            audit::denied(caller.spiffe_id.as_str(), action, &reason);
+            return Err(LeaseError::PermissionDenied(reason));
+        }
+        Ok(task)
+    }
+
+    /// Extends the lease of `caller`'s task and issues fresh credentials. The
+    /// template is consulted as it is now: a narrowed template narrows renewals,
+    /// and an identity removed from it can no longer renew.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (task id), `TaskNotFound`, `PermissionDenied` (not the
+    /// owner, or no longer allowed by the template), `FailedPrecondition` (task
+    /// ended, lease expired, max lifetime reached, template gone or changed so
+    /// the task's parameters no longer fit), `Unavailable`, `Internal`.
+    pub async fn renew(&self, caller: &Identity, task_id: &str) -> Result<IssuedTask, LeaseError> {
+        let task_id = Self::parse_task_id(task_id)?;
+        let task = self.owned_task(caller, &task_id, "renew").await?;
+        let now_ms = self.clock.now_ms();
+        if !task.is_live(now_ms) {
+            return Err(LeaseError::FailedPrecondition(ended_message(&task, now_ms)));
+        }
+        let deadline = policy::renewed_deadline(
+            now_ms,
+            task.lease_ttl_ms,
+            task.lease_deadline_ms,
+            task.max_deadline_ms,
+        )
+        .ok_or_else(|| {
+            LeaseError::FailedPrecondition(format!(
+                "task {task_id} has reached its max lifetime; complete it and begin a new task"
+            ))
+        })?;
+        let templates = self.templates.current();
+        let decision = policy::decide(
+            &templates,
+            &caller.spiffe_id,
+            &task.template,
+            &task.parameters,
+            None,
+            now_ms,
+        )
+        .map_err(|e| match e {
+            policy::PolicyError::NotAllowed { .. } => {
+                audit::denied(caller.spiffe_id.as_str(), "renew", &e.to_string());
+                LeaseError::PermissionDenied(e.to_string())
+            }
+            other => LeaseError::FailedPrecondition(format!(
+                "template {:?} no longer accepts this task: {}",
+                task.template,
+                LeaseError::from(other)
+            )),
+        })?;
+        let minted = self.mint_all(caller, &task_id, &decision, now_ms, deadline)?;
+        let records = records_of(&minted);
+        match self
+            .store
+            .renew(&task_id, now_ms, deadline, &records)
+            .await?
+        {
+            RenewOutcome::Renewed(task) => {
+                audit::lease_renewed(&task);
+                audit_issued(&task, &records);
+                Ok(IssuedTask {
+                    task,
+                    credentials: minted,
+                    replayed: false,
+                })
+            }
+            RenewOutcome::NotActive(task) => {
+                Err(LeaseError::FailedPrecondition(ended_message(&task, now_ms)))
+            }
+            RenewOutcome::NotFound => Err(LeaseError::TaskNotFound(task_id.to_string())),
+        }
+    }
+
+    /// Completes `caller`'s task; every credential of the task is inactive when
+    /// this returns. Completing an ended task again succeeds and revokes nothing.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (task id, summary), `TaskNotFound`, `PermissionDenied`,
+    /// `Unavailable`, `Internal`.
+    pub async fn complete(
+        &self,
+        caller: &Identity,
+        task_id: &str,
+        outcome: &str,
+        summary: &str,
+    ) -> Result<Completed, LeaseError> {
+        let task_id = Self::parse_task_id(task_id)?;
+        if summary.len() > Limits::SUMMARY {
+            return Err(LeaseError::invalid(
+                "summary",
+                format!(
+                    "{} bytes; at most {} allowed",
+                    summary.len(),
+                    Limits::SUMMARY
+                ),
+            ));
+        }
+        self.owned_task(caller, &task_id, "complete").await?;
+        let now_ms = self.clock.now_ms();
+        match self.store.complete(&task_id, now_ms, outcome).await? {
+            CompleteOutcome::Ended { task, revoked } => {
+                let reason = if task.state == TaskState::Expired {
+                    EndReason::Expiry
+                } else {
+                    EndReason::Completion
+                };
+                audit::task_ended(&task, reason, &revoked);
+                if !summary.is_empty() {
+                    tracing::info!(target: audit::TARGET, event = "task.summary", task_id = %task.id, summary);
+                }
+                Ok(Completed { task, revoked })
+            }
+            CompleteOutcome::AlreadyEnded(task) => Ok(Completed {
+                task,
+                revoked: Vec::new(),
+            }),
+            CompleteOutcome::NotFound => Err(LeaseError::TaskNotFound(task_id.to_string())),
+        }
+    }
+
+    /// Reports whether `token` is an active credential (RFC 7662). A token that
+    /// is malformed, forged, unknown, expired or revoked is simply inactive.
+    ///
+    /// # Errors
+    /// `PermissionDenied` if `caller` may not introspect; `InvalidArgument` for an
+    /// empty or oversized token; `Unavailable` if the credential's state cannot
+    /// be read (never "active" then).
+    pub async fn introspect(
+        &self,
+        caller: &Identity,
+        token: &str,
+    ) -> Result<Introspection, LeaseError> {
+        self.authorize_verifier(caller, "introspect")?;
+        if token.is_empty() {
+            return Err(LeaseError::invalid("token", "required"));
+        }
+        if token.len() > Limits::TOKEN {
+            return Err(LeaseError::invalid(
+                "token",
+                format!("longer than {} bytes", Limits::TOKEN),
+            ));
+        }
+        let now_ms = self.clock.now_ms();
+        let (id, kind, nbf_ms) = if token.starts_with(opaque::PREFIX) {
+            match opaque::credential_id(token) {
+                Some(id) => (id, StoredKind::Opaque, 0),
+                None => return Ok(Introspection::inactive()),
+            }
+        } else {
+            let Ok(claims) = jwt::verify(token, self.minter.keys()) else {
+                return Ok(Introspection::inactive());
+            };
+            let id = claims
+                .get("jti")
+                .and_then(Value::as_str)
+                .and_then(CredentialId::parse);
+            let nbf = claims.get("nbf").and_then(Value::as_u64).unwrap_or(0);
+            match id {
+                Some(id) => (id, StoredKind::Jwt, nbf.saturating_mul(1000)),
+                None => return Ok(Introspection::inactive()),
+            }
+        };
+        let Some(view) = self.store.credential(&id.task_id(), &id).await? else {
+            return Ok(Introspection::inactive());
+        };
+        let c = &view.credential;
+        let active = c.kind == kind
+            && credentials::digests_match(&credentials::value_digest(token), &c.value_sha256)
+            && view.task.is_live(now_ms)
+            && now_ms < c.expires_at_ms
+            && nbf_ms <= now_ms;
+        Ok(if active {
+            Introspection {
+                active,
+                record: Some(view.credential),
+            }
+        } else {
+            Introspection::inactive()
+        })
+    }
+
+    /// Checks that `caller` may use the Verifier's credential-state calls
+    /// (introspection, revocation watch).
+    ///
+    /// # Errors
+    /// `PermissionDenied` unless `caller` matches `verifier.introspect_callers`.
+    pub fn authorize_verifier(&self, caller: &Identity, action: &str) -> Result<(), LeaseError> {
+        if self
+            .introspect_callers
+            .iter()
+            .any(|p| p.matches(&caller.spiffe_id))
+        {
+            return Ok(());
+        }
+        audit::denied(
+            caller.spiffe_id.as_str(),
+            action,
+            "not an allowed verifier caller",
+        );
+        Err(LeaseError::PermissionDenied(format!(
+            "{} may not {action} (see verifier.introspect_callers)",
+            caller.spiffe_id
+        )))
+    }
+
+    /// The JWK Set of the signing keys.
+    pub fn jwks(&self) -> Value {
+        self.minter.keys().jwks()
+    }
+}

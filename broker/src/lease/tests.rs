@@ -1,0 +1,226 @@
+//! Lease logic on an injected clock: no sleeps, exact instants.
+
+use std::{sync::Arc, time::Duration, time::UNIX_EPOCH};
+
+use super::*;
+use crate::{
+    clock::{Clock, ManualClock},
+    credentials::{Algorithm, KeySet, Minter, SigningKey},
+    identity::{Identity, IdentityPattern, SpiffeId},
+    store::{MemoryStore, TaskState},
+    templates::TemplateCatalog,
+};
+
+const T0: u64 = 1_800_000_000_000;
+
+const TEMPLATE: &str = r#"
+name: review
+version: "1"
+owner: platform@acme.test
+description: Review one pull request.
+identities: [spiffe://acme.test/agent/*]
+parameters:
+  repo: { type: string, pattern: "[a-z0-9-]+/[a-z0-9-]+", required: true }
+lease: { ttl: 10s, max_ttl: 20s, max_lifetime: 25s }
+grants:
+  - { name: github, kind: jwt, audience: https://api.github.test, scopes: ["repo:{repo}:read"], ttl: 60s }
+  - { name: db, kind: opaque, audience: postgres://db/app, scopes: ["db:select"], ttl: 4s }
+"#;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    clock: Arc<ManualClock>,
+    catalog: Arc<TemplateCatalog>,
+    service: LeaseService<MemoryStore>,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().to_owned();
+    std::fs::write(dir.join("review.yaml"), TEMPLATE).expect("write");
+    let catalog = Arc::new(TemplateCatalog::new(dir.clone()).expect("templates"));
+    let (key, _) = SigningKey::generate("k1", Algorithm::EdDSA).expect("key");
+    let minter = Minter::new(
+        Arc::new(KeySet::new(vec![key]).expect("keys")),
+        "https://leash.test".into(),
+    );
+    let clock = Arc::new(ManualClock::new(T0));
+    let service = LeaseService::new(
+        Arc::new(MemoryStore::new(3_600_000)),
+        catalog.clone(),
+        minter,
+        clock.clone() as Arc<dyn Clock>,
+        vec![IdentityPattern::parse("spiffe://acme.test/resource/*").expect("pattern")],
+    );
+    Fixture {
+        _dir: tmp,
+        dir,
+        clock,
+        catalog,
+        service,
+    }
+}
+
+fn who(path: &str) -> Identity {
+    Identity {
+        spiffe_id: SpiffeId::parse(&format!("spiffe://acme.test/{path}")).expect("id"),
+        svid_not_after: UNIX_EPOCH + Duration::from_secs(4_000_000_000),
+        thumbprint_s256: [7; 32],
+    }
+}
+
+fn request() -> BeginTask {
+    BeginTask {
+        template: "review".into(),
+        parameters: [("repo".to_owned(), "acme/widgets".to_owned())]
+            .into_iter()
+            .collect(),
+        intent: "review PR 1".into(),
+        ..BeginTask::default()
+    }
+}
+
+#[tokio::test]
+async fn credentials_are_capped_by_every_bound() {
+    let f = fixture();
+    let issued = f
+        .service
+        .begin(&who("agent/a"), request())
+        .await
+        .expect("begin");
+    assert_eq!(issued.task.lease_deadline_ms, T0 + 10_000);
+    assert_eq!(issued.task.max_deadline_ms, T0 + 25_000);
+    // JWT: grant TTL 60 s, capped by the 10 s lease.
+    assert_eq!(issued.credentials[0].record.expires_at_ms, T0 + 10_000);
+    // Opaque: grant TTL 4 s, shorter than the lease.
+    assert_eq!(issued.credentials[1].record.expires_at_ms, T0 + 4_000);
+}
+
+#[tokio::test]
+async fn renewals_extend_by_the_ttl_and_stop_at_max_lifetime() {
+    let f = fixture();
+    let me = who("agent/a");
+    let task = f.service.begin(&me, request()).await.expect("begin").task;
+    let id = task.id.to_string();
+    f.clock.advance(Duration::from_secs(8));
+    let r = f.service.renew(&me, &id).await.expect("renew");
+    assert_eq!(r.task.lease_deadline_ms, T0 + 18_000);
+    f.clock.advance(Duration::from_secs(8));
+    let r = f.service.renew(&me, &id).await.expect("renew");
+    assert_eq!(
+        r.task.lease_deadline_ms,
+        T0 + 25_000,
+        "capped at max lifetime"
+    );
+    for c in &r.credentials {
+        assert!(c.record.expires_at_ms <= T0 + 25_000);
+    }
+    f.clock.advance(Duration::from_secs(1));
+    let e = f.service.renew(&me, &id).await.expect_err("max lifetime");
+    assert!(
+        matches!(e, LeaseError::FailedPrecondition(ref m) if m.contains("max lifetime")),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_is_inactive_at_its_deadline_even_before_the_reaper_runs() {
+    let f = fixture();
+    let me = who("agent/a");
+    let resource = who("resource/api");
+    let issued = f.service.begin(&me, request()).await.expect("begin");
+    let token = issued.credentials[0].value.expose().to_owned();
+    assert!(
+        f.service
+            .introspect(&resource, &token)
+            .await
+            .expect("introspect")
+            .active
+    );
+    f.clock.advance(Duration::from_millis(9_999));
+    assert!(
+        f.service
+            .introspect(&resource, &token)
+            .await
+            .expect("introspect")
+            .active
+    );
+    f.clock.advance(Duration::from_millis(1));
+    assert!(
+        !f.service
+            .introspect(&resource, &token)
+            .await
+            .expect("introspect")
+            .active
+    );
+    let e = f
+        .service
+        .renew(&me, issued.task.id.as_str())
+        .await
+        .expect_err("lapsed");
+    assert!(
+        matches!(e, LeaseError::FailedPrecondition(ref m) if m.contains("not renewed in time")),
+        "{e:?}"
+    );
+    let done = f
+        .service
+        .complete(&me, issued.task.id.as_str(), "succeeded", "")
+        .await
+        .expect("complete");
+    assert_eq!(done.task.state, TaskState::Expired);
+}
+
+#[tokio::test]
+async fn a_narrowed_template_applies_at_the_next_renewal() {
+    let f = fixture();
+    let me = who("agent/a");
+    let task = f.service.begin(&me, request()).await.expect("begin").task;
+    // The platform team removes agents from the template.
+    let narrowed = TEMPLATE.replace(
+        "spiffe://acme.test/agent/*",
+        "spiffe://acme.test/agent/other",
+    );
+    std::fs::write(f.dir.join("review.yaml"), narrowed).expect("write");
+    // Make sure the change is seen even within the same mtime second.
+    assert!(f.catalog.reload().expect("reload"));
+    let e = f
+        .service
+        .renew(&me, task.id.as_str())
+        .await
+        .expect_err("narrowed");
+    assert!(matches!(e, LeaseError::PermissionDenied(_)), "{e:?}");
+    // Completion is still allowed: ending a task never needs permission beyond ownership.
+    f.service
+        .complete(&me, task.id.as_str(), "cancelled", "")
+        .await
+        .expect("complete");
+}
+
+#[tokio::test]
+async fn a_forged_opaque_token_for_a_real_credential_id_is_inactive() {
+    let f = fixture();
+    let issued = f
+        .service
+        .begin(&who("agent/a"), request())
+        .await
+        .expect("begin");
+    let real = issued.credentials[1].value.expose().to_owned();
+    let (head, _) = real.rsplit_once('.').expect("dot");
+    let forged = format!("{head}.{}", "B".repeat(43));
+    let resource = who("resource/api");
+    assert!(
+        f.service
+            .introspect(&resource, &real)
+            .await
+            .expect("real")
+            .active
+    );
+    assert!(
+        !f.service
+            .introspect(&resource, &forged)
+            .await
+            .expect("forged")
+            .active
+    );
+}

@@ -1,0 +1,48 @@
+//! # Leash broker
+//!
+//! Just-in-time, task-scoped credentials for AI agents. An agent proves what it
+//! is with its X.509-SVID over mutual TLS, declares a task against a template a
+//! platform team wrote, and receives one short-lived credential per grant. The
+//! credentials die when the task completes or its lease is not renewed.
+//!
+//! ## Layout
+//!
+//! One module per box of the flow, every arrow pointing one way:
+//!
+//! ```text
+//! api ──▶ identity ──▶ policy ──▶ lease ──▶ credentials ──▶ store
+//!                                   └──▶ reaper (expiry → revoke)
+//! ```
+//!
+//! - [`identity`]: SPIFFE IDs, X509-SVID rules, trust bundles, serving cert.
+//! - [`templates`]: task-scope templates from YAML, validated and reloaded.
+//! - [`policy`]: decides whether an identity may declare a task, and with what TTLs.
+//! - [`lease`]: begin / renew / complete, and the reaper that expires leases.
+//! - [`credentials`]: minting JWTs (ring: EdDSA, ES256) and opaque tokens.
+//! - [`store`]: the [`store::LeaseStore`] trait, Redis and in-memory.
+//! - [`revocation`]: the revocation feed that resource servers watch.
+//! - [`audit`]: the audit trail of decisions, issuance and revocation.
+//! - [`api`]: the thin gRPC layer; the only place that knows `tonic::Status`.
+//!
+//! ## Security defaults
+//!
+//! - Fail closed: an unreadable store answers UNAVAILABLE, never "active".
+//! - No secret is stored or logged in the clear: the store keeps SHA-256 hashes,
+//!   logs carry credential ids.
+//! - No credential outlives its lease, and no lease outlives its max lifetime.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod audit;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod credentials;
+pub mod identity;
+pub mod lease;
+pub mod policy;
+pub mod reload;
+pub mod revocation;
+pub mod server;
+pub mod store;
+pub mod templates;

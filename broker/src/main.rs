@@ -1,0 +1,150 @@
+//! The `leash` binary: parses the command line, sets up logging, runs one command.
+//!
+//! Exit codes: 0 success; 1 failure; 64 configuration or usage error (every
+//! problem is printed); 65 `templates check` found problems.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use leash_broker::{
+    cli::{self, Cli, Command, LogFormat, TemplatesCommand},
+    config::Config,
+    server,
+};
+use tokio::net::TcpListener;
+
+const EX_USAGE: u8 = 64;
+const EX_DATAERR: u8 = 65;
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LEASH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested");
+}
+
+async fn serve(config: Config, banner: Option<String>) -> ExitCode {
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let (agent, ops) = match (
+        bind(config.listen.agent).await,
+        bind(config.listen.ops).await,
+    ) {
+        (Ok(a), Ok(o)) => (a, o),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("leash: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(b) = banner {
+        eprintln!("{b}");
+    }
+    match server::serve(config, agent, ops, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(server::ServerError::Setup(e)) => {
+            eprintln!("leash: cannot start: {e}");
+            ExitCode::from(EX_USAGE)
+        }
+        Err(e) => {
+            eprintln!("leash: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(result: Result<serde_json::Value, cli::task::CommandError>) -> ExitCode {
+    match result {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("leash: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Serve { config } => match Config::load(&config) {
+            Ok(c) => serve(c, None).await,
+            Err(e) => {
+                eprintln!("leash: {} has {} problem(s):", config.display(), e.0.len());
+                for p in &e.0 {
+                    eprintln!("  - {p}");
+                }
+                ExitCode::from(EX_USAGE)
+            }
+        },
+        Command::Dev(args) => match cli::dev::prepare(&args) {
+            Ok(config) => {
+                let program = std::env::args().next().unwrap_or_else(|| "leash".into());
+                serve(config, Some(cli::dev::next_steps(&args, &program))).await
+            }
+            Err(e) => {
+                eprintln!("leash dev: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Templates {
+            command: TemplatesCommand::Check { dir },
+        } => match leash_broker::templates::check_dir(&dir) {
+            Ok(set) => {
+                println!("{}: {} template(s) OK", dir.display(), set.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!("{}: {} problem(s)", dir.display(), e.0.len());
+                ExitCode::from(EX_DATAERR)
+            }
+        },
+        Command::Task { command } => print_json(cli::task::run_task(command).await),
+        Command::Token { command } => print_json(cli::task::run_token(command).await),
+        Command::Jwks { connect } => print_json(cli::task::run_jwks(connect).await),
+        Command::Bench(args) => match cli::bench::run(args).await {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("leash bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,171 @@
+//! Policy: may this identity declare this task, and on what terms?
+//!
+//! Runs after the caller's SVID has been verified (authentication is the
+//! `identity` module's job). A decision is a pure function of the template set,
+//! the caller, the request and the time, so it is tested without a server.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use crate::{
+    clock::duration_ms,
+    identity::SpiffeId,
+    templates::{GrantSpec, Template, TemplateSet},
+};
+
+/// A field of a request and why it was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldProblem {
+    /// The request field, e.g. `parameters.repo` or `requested_ttl`.
+    pub field: String,
+    /// Why, in words a client developer can act on.
+    pub reason: String,
+}
+
+impl FieldProblem {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why a task may not begin.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// No template has this name.
+    #[error("template {0:?} not found")]
+    UnknownTemplate(String),
+    /// The template exists but does not list the caller among its identities.
+    #[error("{identity} may not declare tasks of template {template:?}")]
+    NotAllowed {
+        /// The caller.
+        identity: String,
+        /// The template.
+        template: String,
+    },
+    /// Parameters or TTL do not fit the template.
+    #[error("invalid request")]
+    Invalid(Vec<FieldProblem>),
+}
+
+/// The terms a task begins on.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The template, as it was at decision time (a reload does not change a begun task).
+    pub template: Arc<Template>,
+    /// Validated parameter values.
+    pub parameters: BTreeMap<String, String>,
+    /// The lease TTL: requested, or the template's default.
+    pub lease_ttl_ms: u64,
+    /// The first lease deadline.
+    pub lease_deadline_ms: u64,
+    /// The max lifetime bound.
+    pub max_deadline_ms: u64,
+    /// Each grant with its substituted scopes, in template order.
+    pub grants: Vec<(GrantSpec, Vec<String>)>,
+}
+
+/// Decides whether `identity` may begin a task of `template` with `parameters`
+/// and `requested_ttl` at `now_ms`.
+///
+/// # Errors
+/// [`PolicyError::UnknownTemplate`], then [`PolicyError::NotAllowed`] (so that a
+/// caller learns nothing about a template's parameters it may not use), then
+/// [`PolicyError::Invalid`] with every parameter and TTL problem at once.
+pub fn decide(
+    templates: &TemplateSet,
+    identity: &SpiffeId,
+    template: &str,
+    parameters: &BTreeMap<String, String>,
+    requested_ttl: Option<Duration>,
+    now_ms: u64,
+) -> Result<Decision, PolicyError> {
+    let tpl = templates
+        .get(template)
+        .ok_or_else(|| PolicyError::UnknownTemplate(template.to_owned()))?;
+    if !tpl.allows(identity) {
+        return Err(PolicyError::NotAllowed {
+            identity: identity.to_string(),
+            template: template.to_owned(),
+        });
+    }
+    let mut problems = Vec::new();
+    let bound = match tpl.bind_parameters(parameters) {
+        Ok(b) => b,
+        Err(ps) => {
+            problems.extend(ps.into_iter().map(|p| FieldProblem::new(p.field, p.reason)));
+            BTreeMap::new()
+        }
+    };
+    let ttl = match requested_ttl {
+        None => tpl.lease.ttl,
+        Some(t) if t.is_zero() => {
+            problems.push(FieldProblem::new("requested_ttl", "must be positive"));
+            tpl.lease.ttl
+        }
+        Some(t) if t > tpl.lease.max_ttl => {
+            problems.push(FieldProblem::new(
+                "requested_ttl",
+                format!(
+                    "{} exceeds the template's max_ttl of {}",
+                    humantime::format_duration(t),
+                    humantime::format_duration(tpl.lease.max_ttl)
+                ),
+            ));
+            tpl.lease.ttl
+        }
+        Some(t) => t,
+    };
+    if !problems.is_empty() {
+        return Err(PolicyError::Invalid(problems));
+    }
+    let max_deadline_ms = now_ms.saturating_add(duration_ms(tpl.lease.max_lifetime));
+    let lease_ttl_ms = duration_ms(ttl);
+    let lease_deadline_ms = now_ms.saturating_add(lease_ttl_ms).min(max_deadline_ms);
+    let grants = tpl
+        .grants
+        .iter()
+        .map(|g| (g.clone(), tpl.scopes_for(g, &bound)))
+        .collect();
+    Ok(Decision {
+        template: tpl,
+        parameters: bound,
+        lease_ttl_ms,
+        lease_deadline_ms,
+        max_deadline_ms,
+        grants,
+    })
+}
+
+/// The deadline a renewal at `now_ms` sets: one lease TTL from now, never past
+/// the max lifetime. `None` once the max lifetime is reached.
+pub fn renewed_deadline(
+    now_ms: u64,
+    lease_ttl_ms: u64,
+    current_ms: u64,
+    max_ms: u64,
+) -> Option<u64> {
+    (current_ms < max_ms).then(|| {
+        now_ms
+            .saturating_add(lease_ttl_ms)
+            .min(max_ms)
+            .max(current_ms)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_never_passes_max_lifetime() {
+        assert_eq!(renewed_deadline(1_000, 500, 1_200, 10_000), Some(1_500));
+        assert_eq!(renewed_deadline(9_800, 500, 9_900, 10_000), Some(10_000));
+        assert_eq!(renewed_deadline(9_950, 500, 10_000, 10_000), None);
+        // A renewal never shortens a lease.
+        assert_eq!(renewed_deadline(1_000, 100, 5_000, 10_000), Some(5_000));
+    }
+}

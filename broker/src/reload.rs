@@ -1,0 +1,74 @@
+//! Reloads certificate, trust-bundle and template files when they change.
+//!
+//! Polling (not inotify) so that Kubernetes ConfigMap and Secret updates, which
+//! swap symlinks, are seen like any edit. A bad file keeps the last good
+//! version and is reported; the next good edit is picked up.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+
+use crate::{
+    identity::{ServingCert, TrustBundleSource},
+    templates::TemplateCatalog,
+};
+
+/// Watches the broker's files; one per replica.
+#[derive(Debug)]
+pub struct Reloader {
+    /// Trust bundles per trust domain.
+    pub bundles: Arc<TrustBundleSource>,
+    /// The broker's serving certificate.
+    pub cert: Arc<ServingCert>,
+    /// The templates.
+    pub templates: Arc<TemplateCatalog>,
+    /// How often to look.
+    pub interval: Duration,
+}
+
+impl Reloader {
+    /// Checks every file once: reloads what changed, reports what is broken.
+    pub fn check(&self) {
+        match self.bundles.reload() {
+            Ok(true) => tracing::info!("trust bundles reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "trust bundles not reloaded; keeping the last good set")
+            }
+        }
+        match self.cert.reload() {
+            Ok(true) => tracing::info!("serving certificate reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "serving certificate not reloaded; keeping the last good one")
+            }
+        }
+        match self.templates.reload() {
+            Ok(true) => tracing::info!(
+                templates = self.templates.current().len(),
+                "templates reloaded"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                problems = e.0.len(),
+                "templates not reloaded; keeping the last good set:\n{e}"
+            ),
+        }
+    }
+
+    /// Checks every `interval` until `shutdown` turns true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            self.check();
+        }
+    }
+}

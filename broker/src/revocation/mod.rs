@@ -1,0 +1,263 @@
+//! Revocation: telling resource servers, at once, that credentials have ended.
+//!
+//! Ending a task logs each of its revoked, unexpired credentials in its shard's
+//! revocation log, in the same atomic store step as the state change. On every
+//! replica one [`RevocationFeed`] follows those logs (a blocking read, so news
+//! arrives in milliseconds) and fans them out to the watchers connected to that
+//! replica. A watcher starts from a snapshot of every revoked-but-unexpired
+//! credential, or resumes from its cursor; if the history after its cursor has
+//! been trimmed it is told to reset and given a snapshot, so it misses nothing.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::{
+    clock::Clock,
+    store::{LeaseStore, RevocationCursor, RevocationRead, RevocationRecord, StoreError},
+};
+
+/// Longest quiet period on a watch stream: an empty batch is sent this often.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long one blocking read of the logs waits for news.
+const FEED_WAIT: Duration = Duration::from_secs(1);
+/// Most revocations in one batch.
+pub const BATCH: usize = 1000;
+/// Pause after a store error before the feed retries.
+const RETRY: Duration = Duration::from_millis(250);
+
+/// One batch for a watcher.
+#[derive(Debug, Clone, Default)]
+pub struct RevocationBatch {
+    /// The revocations (none in a heartbeat).
+    pub records: Vec<RevocationRecord>,
+    /// Resume after this batch with this cursor.
+    pub cursor: RevocationCursor,
+    /// These come from a snapshot.
+    pub snapshot: bool,
+    /// Forget what you knew: a full snapshot starts here.
+    pub reset: bool,
+    /// Snapshot or catch-up complete; what follows is live.
+    pub caught_up: bool,
+}
+
+#[derive(Debug, Clone)]
+enum FeedEvent {
+    Records(Arc<Vec<RevocationRecord>>),
+    /// The feed lost track (history trimmed under it): watchers re-read the store.
+    Gap,
+}
+
+/// Follows the revocation logs and fans news out to this replica's watchers.
+#[derive(Debug)]
+pub struct RevocationFeed<S> {
+    store: Arc<S>,
+    clock: Arc<dyn Clock>,
+    tx: broadcast::Sender<FeedEvent>,
+}
+
+impl<S: LeaseStore> RevocationFeed<S> {
+    /// A feed over `store`; call [`RevocationFeed::run`] to start it.
+    pub fn new(store: Arc<S>, clock: Arc<dyn Clock>) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(1024);
+        Arc::new(Self { store, clock, tx })
+    }
+
+    /// Follows the logs until `shutdown` turns true. Store errors are logged and
+    /// retried; watchers catch up from the store by their own cursors.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut cursor: Option<RevocationCursor> = None;
+        let mut failing = false;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let step = async {
+                let from = match &cursor {
+                    Some(c) => c.clone(),
+                    None => self.store.revocation_snapshot(self.clock.now_ms()).await?.1,
+                };
+                let read = self.store.read_revocations(&from, FEED_WAIT, BATCH).await?;
+                Ok::<_, StoreError>((from, read))
+            };
+            let result = tokio::select! {
+                r = step => r,
+                _ = shutdown.changed() => return,
+            };
+            match result {
+                Ok((_, RevocationRead::Records(records, next))) => {
+                    if failing {
+                        tracing::info!("revocation feed: store reachable again");
+                        failing = false;
+                    }
+                    if !records.is_empty() {
+                        let _ = self.tx.send(FeedEvent::Records(Arc::new(records)));
+                    }
+                    cursor = Some(next);
+                }
+                Ok((_, RevocationRead::Gap)) => {
+                    tracing::warn!("revocation feed fell behind the trimmed log; watchers re-read");
+                    let _ = self.tx.send(FeedEvent::Gap);
+                    cursor = None;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "revocation feed: store read failed; retrying");
+                        failing = true;
+                    }
+                    // Watchers must re-check the store for what the feed missed.
+                    let _ = self.tx.send(FeedEvent::Gap);
+                    tokio::select! {
+                        () = tokio::time::sleep(RETRY) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a watch: a snapshot (no cursor) or catch-up (cursor), then live
+    /// batches and heartbeats. The stream ends with an error if the store fails;
+    /// the watcher reconnects with its last cursor.
+    pub fn watch(
+        self: &Arc<Self>,
+        cursor: Option<RevocationCursor>,
+    ) -> mpsc::Receiver<Result<RevocationBatch, StoreError>> {
+        // Subscribe before reading the store, so nothing logged in between is lost.
+        let rx = self.tx.subscribe();
+        let (out, out_rx) = mpsc::channel(16);
+        let feed = Arc::clone(self);
+        tokio::spawn(async move {
+            let watcher = Watcher { feed, out };
+            if let Err(e) = watcher.serve(cursor, rx).await {
+                let _ = watcher.out.send(Err(e)).await;
+            }
+        });
+        out_rx
+    }
+}
+
+struct Watcher<S> {
+    feed: Arc<RevocationFeed<S>>,
+    out: mpsc::Sender<Result<RevocationBatch, StoreError>>,
+}
+
+/// The watcher has gone away; stop quietly.
+struct Gone;
+
+impl From<Gone> for StoreError {
+    fn from(_: Gone) -> Self {
+        StoreError::Unavailable("watcher gone".into())
+    }
+}
+
+impl<S: LeaseStore> Watcher<S> {
+    async fn send(&self, batch: RevocationBatch) -> Result<(), Gone> {
+        self.out.send(Ok(batch)).await.map_err(|_| Gone)
+    }
+
+    async fn serve(
+        &self,
+        cursor: Option<RevocationCursor>,
+        mut rx: broadcast::Receiver<FeedEvent>,
+    ) -> Result<(), StoreError> {
+        let mut cursor = match cursor {
+            Some(c) => self.catch_up(c).await?,
+            None => self.snapshot().await?,
+        };
+        self.send(RevocationBatch {
+            cursor: cursor.clone(),
+            caught_up: true,
+            ..RevocationBatch::default()
+        })
+        .await?;
+        loop {
+            let event = tokio::select! {
+                e = rx.recv() => e,
+                () = tokio::time::sleep(HEARTBEAT) => {
+                    self.send(RevocationBatch { cursor: cursor.clone(), ..RevocationBatch::default() }).await?;
+                    continue;
+                }
+                () = self.out.closed() => return Ok(()),
+            };
+            match event {
+                Ok(FeedEvent::Records(records)) => {
+                    let fresh: Vec<RevocationRecord> = records
+                        .iter()
+                        .filter(|r| cursor.is_before(r.position.0, r.position.1))
+                        .cloned()
+                        .collect();
+                    if fresh.is_empty() {
+                        continue;
+                    }
+                    for r in &fresh {
+                        cursor.advance(r.position.0, r.position.1);
+                    }
+                    self.send(RevocationBatch {
+                        records: fresh,
+                        cursor: cursor.clone(),
+                        ..RevocationBatch::default()
+                    })
+                    .await?;
+                }
+                Ok(FeedEvent::Gap) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    cursor = self.catch_up(cursor).await?;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+
+    /// Sends a full snapshot (first batch `reset`) and returns its cursor.
+    async fn snapshot(&self) -> Result<RevocationCursor, StoreError> {
+        let now = self.feed.clock.now_ms();
+        let (records, cursor) = self.feed.store.revocation_snapshot(now).await?;
+        let mut chunks = records.chunks(BATCH).peekable();
+        if chunks.peek().is_none() {
+            self.send(RevocationBatch {
+                cursor: cursor.clone(),
+                snapshot: true,
+                reset: true,
+                ..RevocationBatch::default()
+            })
+            .await?;
+        }
+        for (i, chunk) in chunks.enumerate() {
+            self.send(RevocationBatch {
+                records: chunk.to_vec(),
+                cursor: cursor.clone(),
+                snapshot: true,
+                reset: i == 0,
+                ..RevocationBatch::default()
+            })
+            .await?;
+        }
+        Ok(cursor)
+    }
+
+    /// Sends everything logged after `cursor`; falls back to a snapshot on a gap.
+    async fn catch_up(&self, mut cursor: RevocationCursor) -> Result<RevocationCursor, StoreError> {
+        loop {
+            match self
+                .feed
+                .store
+                .read_revocations(&cursor, Duration::ZERO, BATCH)
+                .await?
+            {
+                RevocationRead::Gap => return self.snapshot().await,
+                RevocationRead::Records(records, next) => {
+                    cursor = next;
+                    if records.is_empty() {
+                        return Ok(cursor);
+                    }
+                    self.send(RevocationBatch {
+                        records,
+                        cursor: cursor.clone(),
+                        ..RevocationBatch::default()
+                    })
+                    .await?;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! Builds a broker from its [`Config`] and serves it on listeners it is given.
+//!
+//! The caller binds the listeners (tests bind port 0 and run many brokers side
+//! by side) and passes a shutdown future. On shutdown the listeners stop
+//! accepting, in-flight calls get [`DRAIN_TIMEOUT`] to finish, and the reaper
+//! and reloader stop. If any part stops on its own, all stop.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use leash_proto::v1::{broker_server::BrokerServer, verifier_server::VerifierServer};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    api::{BrokerApi, VerifierApi},
+    clock::{Clock, SystemClock},
+    config::{Config, StoreKind},
+    credentials::{KeySet, Minter, SigningKey},
+    identity::{self, ServingCert, TrustBundleSource},
+    lease::{LeaseService, Reaper, ReaperSettings},
+    reload::Reloader,
+    revocation::RevocationFeed,
+    store::{LeaseStore, MemoryStore, RedisStore, RedisStoreOptions},
+    templates::TemplateCatalog,
+};
+
+/// How long in-flight calls may take to finish after shutdown begins.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often store health is checked for the health service.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the broker could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A component could not be built from the configuration.
+    #[error("{0}")]
+    Setup(String),
+    /// A listener failed.
+    #[error("serving failed: {0}")]
+    Serve(String),
+}
+
+fn setup(what: &str, e: impl std::fmt::Display) -> ServerError {
+    ServerError::Setup(format!("{what}: {e}"))
+}
+
+/// Everything a broker is made of, built and checked before serving.
+struct Parts {
+    bundles: Arc<TrustBundleSource>,
+    cert: Arc<ServingCert>,
+    templates: Arc<TemplateCatalog>,
+    minter: Minter,
+}
+
+fn build_parts(config: &Config) -> Result<Parts, ServerError> {
+    let bundles = Arc::new(
+        TrustBundleSource::from_files(&config.tls.bundles).map_err(|e| setup("tls.bundles", e))?,
+    );
+    let cert = Arc::new(
+        ServingCert::from_files(config.tls.cert.clone(), config.tls.key.clone())
+            .map_err(|e| setup("tls.cert/tls.key", e))?,
+    );
+    let templates = Arc::new(
+        TemplateCatalog::new(config.templates.dir.clone())
+            .map_err(|e| setup("templates", format!("{} problem(s):\n{e}", e.0.len())))?,
+    );
+    let keys = config
+        .signing
+        .keys
+        .iter()
+        .map(|k| SigningKey::from_pem_file(&k.kid, k.alg, &k.path))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| setup("signing.keys", e))?;
+    let keys = KeySet::new(keys).map_err(|e| setup("signing.keys", e))?;
+    let minter = Minter::new(Arc::new(keys), config.signing.issuer.clone());
+    Ok(Parts {
+        bundles,
+        cert,
+        templates,
+        minter,
+    })
+}
+
+/// Builds the broker described by `config` and serves it on `agent` (mTLS) and
+/// `ops` (plaintext health) until `shutdown` completes.
+///
+/// # Errors
+/// [`ServerError::Setup`] if a certificate, key, bundle or template cannot be
+/// loaded (nothing is served then); [`ServerError::Serve`] if a listener fails.
+pub async fn serve(
+    config: Config,
+    agent: TcpListener,
+    ops: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let parts = build_parts(&config)?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    match config.store.kind {
+        StoreKind::Memory => {
+            let store = Arc::new(MemoryStore::new(crate::clock::duration_ms(
+                config.store.retention,
+            )));
+            run(config, parts, store, clock, agent, ops, shutdown).await
+        }
+        StoreKind::Redis => {
+            let store = RedisStore::connect(
+                &config.store.url,
+                RedisStoreOptions {
+                    prefix: config.store.prefix.clone(),
+                    timeout: config.store.timeout,
+                    retention: config.store.retention,
+                },
+            )
+            .map_err(|e| setup("store.url", e))?;
+            run(config, parts, Arc::new(store), clock, agent, ops, shutdown).await
+        }
+    }
+}
+
+async fn run<S: LeaseStore>(
+    config: Config,
+    parts: Parts,
+    store: Arc<S>,
+    clock: Arc<dyn Clock>,
+    agent: TcpListener,
+    ops: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let tls = identity::server_tls_config(parts.bundles.clone(), parts.cert.clone())
+        .map_err(|e| setup("tls", e))?;
+    let service = Arc::new(LeaseService::new(
+        store.clone(),
+        parts.templates.clone(),
+        parts.minter,
+        clock.clone(),
+        config.introspect_callers(),
+    ));
+    let feed = RevocationFeed::new(store.clone(), clock.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<BrokerServer<BrokerApi<S>>>().await;
+    health.set_serving::<VerifierServer<VerifierApi<S>>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(leash_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| setup("reflection", e))?;
+
+    let mut tasks: JoinSet<(&'static str, Result<(), ServerError>)> = JoinSet::new();
+
+    // Agent port: mTLS, Broker + Verifier + health + reflection.
+    let incoming = tls_incoming(agent, TlsAcceptor::from(tls), stop_rx.clone());
+    let agent_router = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service.clone())
+        .add_service(reflection)
+        .add_service(BrokerServer::new(BrokerApi::new(service.clone())))
+        .add_service(VerifierServer::new(VerifierApi::new(
+            service.clone(),
+            feed.clone(),
+        )));
+    let stop = wait_for(stop_rx.clone());
+    tasks.spawn(async move {
+        let r = agent_router
+            .serve_with_incoming_shutdown(incoming, stop)
+            .await
+            .map_err(|e| ServerError::Serve(format!("agent port: {e}")));
+        ("agent server", r)
+    });
+
+    // Ops port: plaintext; Kubernetes probes cannot present client certificates.
+    let ops_router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz::<S>))
+        .with_state(store.clone())
+        .merge(
+            Router::new()
+                .route("/.well-known/jwks.json", get(jwks::<S>))
+                .route("/.well-known/openid-configuration", get(discovery::<S>))
+                .with_state(service.clone()),
+        )
+        .merge(tonic::service::Routes::new(health_service).into_axum_router());
+    let stop = wait_for(stop_rx.clone());
+    tasks.spawn(async move {
+        let r = axum::serve(ops, ops_router)
+            .with_graceful_shutdown(stop)
+            .await
+            .map_err(|e| ServerError::Serve(format!("ops port: {e}")));
+        ("ops server", r)
+    });
+
+    let reaper = Reaper::new(
+        store.clone(),
+        clock.clone(),
+        ReaperSettings {
+            interval: config.reaper.interval,
+            claim_ttl: config.reaper.claim_ttl,
+            batch: config.reaper.batch,
+        },
+    );
+    let rx = stop_rx.clone();
+    tasks.spawn(async move {
+        reaper.run(rx).await;
+        ("reaper", Ok(()))
+    });
+    let rx = stop_rx.clone();
+    tasks.spawn(async move {
+        feed.run(rx).await;
+        ("revocation feed", Ok(()))
+    });
+    let reloader = Reloader {
+        bundles: parts.bundles,
+        cert: parts.cert,
+        templates: parts.templates,
+        interval: config.reload.interval,
+    };
+    let rx = stop_rx.clone();
+    tasks.spawn(async move {
+        reloader.run(rx).await;
+        ("reloader", Ok(()))
+    });
+    let rx = stop_rx.clone();
+    tasks.spawn(async move {
+        store_health::<S>(store, health, rx).await;
+        ("store health", Ok(()))
+    });
+
+    tracing::info!(
+        agent = %config.listen.agent,
+        ops = %config.listen.ops,
+        store = ?config.store,
+        "leash broker serving"
+    );
+
+    // Supervise: the first part to stop (for any reason) stops all.
+    let mut result = Ok(());
+    if let Some(joined) = tasks.join_next().await {
+        let _ = stop_tx.send(true);
+        if let Ok((name, Err(e))) = joined {
+            tracing::error!(part = name, error = %e, "stopped with an error; shutting down");
+            result = Err(e);
+        } else if !*stop_rx.borrow() {
+            tracing::error!("a broker part stopped unexpectedly; shutting down");
+        }
+    }
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((name, Err(e))) = joined {
+                tracing::warn!(part = name, error = %e, "error while stopping");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("drain timed out; aborting the remaining calls");
+        tasks.abort_all();
+    }
+    tracing::info!("leash broker stopped");
+    result
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    // A dropped sender also means stop.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Accepts TCP connections and completes TLS handshakes off the accept loop, so
+/// one slow or hostile client cannot stall others. Failed handshakes (bad SVIDs
+/// among them) are logged by the verifier and dropped here.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    stop: watch::Receiver<bool>,
+) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
+{
+    let (tx, rx) = mpsc::channel(128);
+    tokio::spawn(async move {
+        let stop = wait_for(stop);
+        tokio::pin!(stop);
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = &mut stop => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually EMFILE or a reset before accept; keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The JWK Set over plain HTTP, for off-the-shelf JWT libraries (RFC 7517).
+async fn jwks<S: LeaseStore>(
+    State(service): State<Arc<LeaseService<S>>>,
+) -> ([(axum::http::HeaderName, &'static str); 2], String) {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "application/jwk-set+json"),
+            (axum::http::header::CACHE_CONTROL, "max-age=60"),
+        ],
+        service.jwks().to_string(),
+    )
+}
+
+/// An OpenID-style discovery document naming the issuer and the JWK Set, so
+/// libraries that start from discovery find the keys.
+async fn discovery<S: LeaseStore>(
+    State(service): State<Arc<LeaseService<S>>>,
+    headers: axum::http::HeaderMap,
+) -> axum::Json<serde_json::Value> {
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("localhost");
+    let jwks = service.jwks();
+    let algs: Vec<&str> = jwks
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .map(|keys| {
+            keys.iter()
+                .filter_map(|k| k.get("alg").and_then(|a| a.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    axum::Json(serde_json::json!({
+        "issuer": service.minter().issuer(),
+        "jwks_uri": format!("http://{host}/.well-known/jwks.json"),
+        "id_token_signing_alg_values_supported": algs,
+        "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "tls_client_certificate_bound_access_tokens": true,
+        "response_types_supported": [],
+        "subject_types_supported": ["public"],
+    }))
+}
+
+async fn readyz<S: LeaseStore>(State(store): State<Arc<S>>) -> (StatusCode, String) {
+    match store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+    }
+}
+
+/// Reports the Broker and Verifier as NOT_SERVING while the store is unreachable.
+async fn store_health<S: LeaseStore>(
+    store: Arc<S>,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut up = true;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let now_up = store.ping().await.is_ok();
+        if now_up != up {
+            up = now_up;
+            if up {
+                health.set_serving::<BrokerServer<BrokerApi<S>>>().await;
+                health.set_serving::<VerifierServer<VerifierApi<S>>>().await;
+            } else {
+                health.set_not_serving::<BrokerServer<BrokerApi<S>>>().await;
+                health
+                    .set_not_serving::<VerifierServer<VerifierApi<S>>>()
+                    .await;
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The live template set, reloaded from its directory without a restart.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError, RwLock},
+};
+
+use super::TemplateErrors;
+use super::load::{Fingerprint, build, snapshot};
+use super::model::TemplateSet;
+
+/// The broker's current templates. Readers always see one complete, valid set: a
+/// reload either installs a whole new set or leaves the last good one in place.
+#[derive(Debug)]
+pub struct TemplateCatalog {
+    dir: PathBuf,
+    current: RwLock<Arc<TemplateSet>>,
+    /// Fingerprint of the last directory state that was parsed, good or bad. Holding
+    /// this lock for the whole reload also serializes concurrent reloads, so an older
+    /// read can never overwrite a newer one.
+    seen: Mutex<Fingerprint>,
+}
+
+impl TemplateCatalog {
+    /// Loads `dir`.
+    ///
+    /// # Errors
+    ///
+    /// Every problem in the directory; the broker must not start without a valid set.
+    pub fn new(dir: PathBuf) -> Result<Self, TemplateErrors> {
+        let snap = snapshot(&dir);
+        let set = build(&snap)?;
+        tracing::info!(dir = %dir.display(), templates = set.len(), "templates loaded");
+        Ok(Self {
+            seen: Mutex::new(snap.fingerprint().clone()),
+            current: RwLock::new(Arc::new(set)),
+            dir,
+        })
+    }
+
+    /// The directory the catalog reads.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The current set; cheap, and stays valid for the caller even if a reload
+    /// installs a newer one meanwhile.
+    pub fn current(&self) -> Arc<TemplateSet> {
+        // A panic elsewhere while holding the lock cannot leave a half-written set:
+        // the only write is a single Arc assignment, so the poisoned value is sound.
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Re-reads the directory if any template file's name, size, mtime or content
+    /// changed since the last reload. Returns `Ok(true)` when a new set was installed
+    /// and `Ok(false)` when nothing changed, including when the directory is still in
+    /// the same bad state a previous reload already reported.
+    ///
+    /// # Errors
+    ///
+    /// Every problem in the changed directory. The last good set stays current and
+    /// each problem is logged at warn level.
+    pub fn reload(&self) -> Result<bool, TemplateErrors> {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let snap = snapshot(&self.dir);
+        if snap.fingerprint() == &*seen {
+            return Ok(false);
+        }
+        // Remember this state even if it is bad, so an unchanged broken directory is
+        // reported once rather than on every poll.
+        *seen = snap.fingerprint().clone();
+        match build(&snap) {
+            Ok(set) => {
+                let count = set.len();
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+                tracing::info!(dir = %self.dir.display(), templates = count, "templates reloaded");
+                Ok(true)
+            }
+            Err(errors) => {
+                for issue in &errors.0 {
+                    tracing::warn!(
+                        file = %issue.file.display(),
+                        line = issue.line,
+                        problem = %issue.message,
+                        "template reload rejected; keeping the last good set"
+                    );
+                }
+                Err(errors)
+            }
+        }
+    }
+}

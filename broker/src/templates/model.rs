@@ -1,0 +1,189 @@
+//! The validated template model. Every value here has passed [`super::load_dir`]'s
+//! checks; nothing in this file parses or validates.
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+
+use regex::Regex;
+
+use crate::identity::{IdentityPattern, SpiffeId};
+
+/// What kind of credential a grant yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// A signed JWT that resource servers verify offline against the broker's JWKS.
+    Jwt,
+    /// A random opaque token that resource servers check by introspection.
+    Opaque,
+}
+
+impl CredentialKind {
+    /// The spelling used in template files (`jwt`, `opaque`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Jwt => "jwt",
+            Self::Opaque => "opaque",
+        }
+    }
+}
+
+/// Lease bounds of a template. Loaded templates guarantee
+/// `1s <= ttl <= max_ttl <= max_lifetime`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasePolicy {
+    /// TTL a lease gets when BeginTask does not ask for one.
+    pub ttl: Duration,
+    /// Largest TTL a BeginTask or renewal may request.
+    pub max_ttl: Duration,
+    /// No renewal extends a lease past its begin time plus this.
+    pub max_lifetime: Duration,
+}
+
+/// One credential a task yields. Loaded grants guarantee a valid unique name, a
+/// non-empty audience without whitespace, 1 to [`super::MAX_SCOPES_PER_GRANT`] scopes
+/// whose `{placeholders}` all name required parameters, and `ttl >= 1s`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantSpec {
+    /// Unique within the template; names the credential in responses and audit.
+    pub name: String,
+    /// What is minted.
+    pub kind: CredentialKind,
+    /// The resource server the credential is for.
+    pub audience: String,
+    /// Scopes as written, with `{param}` placeholders; see [`Template::scopes_for`].
+    pub scopes: Vec<String>,
+    /// Credential TTL; the lease caps it further at mint time.
+    pub ttl: Duration,
+}
+
+/// The type of a parameter value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParameterKind {
+    /// Any text allowed by the parameter's pattern or enum.
+    String,
+    /// A signed 64-bit decimal integer, normalized to its canonical form.
+    Integer,
+    /// Exactly `true` or `false`.
+    Boolean,
+}
+
+impl ParameterKind {
+    /// The spelling used in template files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::String => "string",
+            Self::Integer => "integer",
+            Self::Boolean => "boolean",
+        }
+    }
+}
+
+/// What values a parameter accepts beyond its kind.
+#[derive(Debug, Clone)]
+pub enum ParameterConstraint {
+    /// Nothing beyond the kind; only integers and booleans may be unconstrained.
+    None,
+    /// A string must match the whole pattern.
+    Pattern {
+        /// The pattern as written in the template.
+        source: String,
+        /// The pattern compiled as `^(?:source)$`.
+        regex: Regex,
+    },
+    /// A string must equal one of these values.
+    Enum(Vec<String>),
+    /// An integer must lie within these inclusive bounds.
+    Range {
+        /// Smallest value allowed, if any.
+        min: Option<i64>,
+        /// Largest value allowed, if any.
+        max: Option<i64>,
+    },
+}
+
+/// One declared task parameter. Loaded parameters guarantee a valid unique name and,
+/// for strings, a `Pattern` or `Enum` constraint.
+#[derive(Debug, Clone)]
+pub struct Parameter {
+    /// Name, `[a-z_][a-z0-9_]{0,31}`.
+    pub name: String,
+    /// Value type.
+    pub kind: ParameterKind,
+    /// Whether BeginTask must supply it. Every parameter used in a scope is required.
+    pub required: bool,
+    /// Allowed values.
+    pub constraint: ParameterConstraint,
+    /// Free text for people; empty when not given.
+    pub description: String,
+}
+
+/// A platform team's task-scope template, validated.
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// Unique across the directory, `[a-z0-9][a-z0-9-_.]{0,62}`.
+    pub name: String,
+    /// As written (an integer version is kept as its decimal text).
+    pub version: String,
+    /// Who to contact about the template.
+    pub owner: String,
+    /// Free text; empty when not given.
+    pub description: String,
+    /// Who may declare it; never empty for a loaded template.
+    pub identities: Vec<IdentityPattern>,
+    /// Lease bounds.
+    pub lease: LeasePolicy,
+    /// The credentials a task yields, one per grant; never empty for a loaded template.
+    pub grants: Vec<GrantSpec>,
+    /// Declared parameters, in file order.
+    pub parameters: Vec<Parameter>,
+    /// The file the template was loaded from.
+    pub source: PathBuf,
+}
+
+impl Template {
+    /// Whether `id` matches one of the template's identity patterns. A template with no
+    /// patterns allows nobody.
+    pub fn allows(&self, id: &SpiffeId) -> bool {
+        self.identities.iter().any(|p| p.matches(id))
+    }
+
+    /// The declared parameter called `name`, if any.
+    pub fn parameter(&self, name: &str) -> Option<&Parameter> {
+        self.parameters.iter().find(|p| p.name == name)
+    }
+
+    /// The grant called `name`, if any.
+    pub fn grant(&self, name: &str) -> Option<&GrantSpec> {
+        self.grants.iter().find(|g| g.name == name)
+    }
+}
+
+/// The templates of one directory, by name. Names are unique.
+#[derive(Debug, Default)]
+pub struct TemplateSet(pub(crate) BTreeMap<String, Arc<Template>>);
+
+impl TemplateSet {
+    /// The template called `name`, if loaded.
+    pub fn get(&self, name: &str) -> Option<Arc<Template>> {
+        self.0.get(name).cloned()
+    }
+
+    /// How many templates the set holds.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the set holds no template.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Templates in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Template>> {
+        self.0.values()
+    }
+
+    /// Template names in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+}

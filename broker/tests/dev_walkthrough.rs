@@ -1,0 +1,248 @@
+//! The README walk-through, run with the real `leash` binary: `leash dev` serves,
+//! and the printed CLI commands complete begin → introspect → complete.
+#![allow(
+    clippy::unwrap_used,
+    reason = "a failed unwrap in a test is a failed test"
+)]
+
+use std::{
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+const LEASH: &str = env!("CARGO_BIN_EXE_leash");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Dev(Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn leash(args: &[&str], dir: &Path, port: u16) -> Output {
+    Command::new(LEASH)
+        .args(args)
+        .env("LEASH_DEV_DIR", dir)
+        .env("LEASH_BROKER", format!("https://localhost:{port}"))
+        .env_remove("LEASH_CA")
+        .env_remove("LEASH_CERT")
+        .env_remove("LEASH_KEY")
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "command failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn dev_serves_and_the_cli_completes_a_cycle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let (agent, ops) = (free_port(), free_port());
+    let child = Command::new(LEASH)
+        .args(["dev", "--dir"])
+        .arg(&dir)
+        .args(["--agent-addr", &format!("127.0.0.1:{agent}")])
+        .args(["--ops-addr", &format!("127.0.0.1:{ops}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut dev = Dev(child);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", agent)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "leash dev did not start"
+        );
+        assert!(
+            dev.0.try_wait().unwrap().is_none(),
+            "leash dev exited early"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for f in [
+        "bundle.pem",
+        "agent.pem",
+        "agent-key.pem",
+        "resource.pem",
+        "leash.toml",
+        "templates/demo.yaml",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} not written");
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.join("agent-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "private keys must not be readable by others"
+    );
+
+    let begun = json(&leash(
+        &[
+            "task",
+            "begin",
+            "--template",
+            "demo",
+            "--param",
+            "repo=acme/widgets",
+            "--intent",
+            "review PR 42",
+        ],
+        &dir,
+        agent,
+    ));
+    let task_id = begun["task_id"].as_str().unwrap().to_owned();
+    let creds = begun["credentials"].as_array().unwrap();
+    assert_eq!(creds.len(), 2);
+    let value = creds[0]["value"].as_str().unwrap().to_owned();
+
+    let active = json(&leash(&["token", "introspect", &value], &dir, agent));
+    assert_eq!(active["active"], true);
+    assert_eq!(active["sub"], "spiffe://leash.dev/agent/demo");
+
+    let renewed = json(&leash(&["task", "renew", &task_id], &dir, agent));
+    assert_eq!(renewed["task_id"], task_id.as_str());
+
+    let done = json(&leash(&["task", "complete", &task_id], &dir, agent));
+    assert_eq!(done["state"], "LEASE_STATE_COMPLETED");
+
+    let inactive = json(&leash(&["token", "introspect", &value], &dir, agent));
+    assert_eq!(inactive, serde_json::json!({ "active": false }));
+
+    let jwks = json(&leash(&["jwks"], &dir, agent));
+    assert_eq!(jwks["keys"][0]["kty"], "OKP");
+
+    // A refused call exits non-zero with the status on stderr.
+    let out = leash(&["task", "renew", &task_id], &dir, agent);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition")
+            || String::from_utf8_lossy(&out.stderr).contains("ended")
+    );
+
+    // Graceful stop on SIGTERM.
+    let pid = dev.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = dev.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "leash dev did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "leash dev exited with {status}");
+    let mut stderr = String::new();
+    use std::io::Read as _;
+    dev.0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        stderr.contains("task begin --template demo"),
+        "next steps not printed:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains(&value),
+        "a credential value reached the logs"
+    );
+}
+
+#[test]
+fn templates_check_reports_every_problem_with_file_and_line() {
+    let ok = Command::new(LEASH)
+        .args(["templates", "check"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/templates"))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("bad.yaml"),
+        "name: bad\nversion: 1\nowner: o@x\ndescription: d\nidentities: [\"http://nope\"]\nlease: { ttl: 0s, max_ttl: 1m, max_lifetime: 1h }\ngrants: []\nbogus: 1\n",
+    )
+    .unwrap();
+    let out = Command::new(LEASH)
+        .args(["templates", "check"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:5"),
+        "identity problem on line 5:\n{err}"
+    );
+    assert!(err.contains("bad.yaml:8"), "unknown key on line 8:\n{err}");
+    assert!(
+        err.lines().filter(|l| l.contains("bad.yaml:")).count() >= 4,
+        "every problem:\n{err}"
+    );
+}
+
+#[test]
+fn serve_rejects_a_bad_config_listing_every_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("leash.toml");
+    std::fs::write(
+        &cfg,
+        "[listen]\nagent = \"127.0.0.1:1\"\nops = \"127.0.0.1:2\"\nbogus = 3\n[tls]\ncert = \"missing.pem\"\nkey = \"k.pem\"\nbundles = {}\n[templates]\ndir = \"nope\"\n[signing]\nissuer = \"x\"\nkeys = []\n",
+    )
+    .unwrap();
+    let out = Command::new(LEASH)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "listen.bogus",
+        "missing.pem",
+        "tls.bundles",
+        "templates.dir",
+        "signing.keys",
+    ] {
+        assert!(err.contains(want), "{want} not reported:\n{err}");
+    }
+}

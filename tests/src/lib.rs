@@ -1,0 +1,555 @@
+//! Harness for Leash end-to-end tests: real components only.
+//!
+//! - [`RedisServer`]: a `redis-server` child on a free loopback port (never the
+//!   default 6379), with AOF on so a stop/start keeps its data, stopped by PID
+//!   when dropped. `LEASH_TEST_REDIS_SERVER` names the binary (default: on PATH).
+//! - [`TestPki`]: a throwaway CA for `acme.test` and real X509-SVIDs.
+//! - [`TestBroker`]: the real broker, in process, on port-0 listeners, built from
+//!   a real TOML config; [`TestBroker::broker`] and [`TestBroker::verifier`]
+//!   connect over mutual TLS with an SVID for any SPIFFE path.
+//! - [`logs`]: everything every broker in this test process logged, at TRACE,
+//!   so tests can assert no credential value ever reached a log.
+#![allow(missing_docs)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener as StdListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use leash_broker::{
+    cli::client,
+    config::Config,
+    identity::{SpiffeId, client_tls_config, pki::DevCa},
+    server,
+};
+use leash_proto::v1::{broker_client::BrokerClient, verifier_client::VerifierClient};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+pub use leash_proto::v1 as pb;
+
+/// The trust domain of the test PKI.
+pub const TRUST_DOMAIN: &str = "acme.test";
+
+// ---------------------------------------------------------------- logs
+
+#[derive(Clone)]
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+/// Installs the process-wide log capture (TRACE for leash, DEBUG elsewhere). Idempotent.
+pub fn capture_logs() {
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = LogSink(buf.clone());
+        let filter = tracing_subscriber::EnvFilter::new(
+            "debug,leash_broker=trace,leash::audit=trace,h2=info,hyper=info,tower=info",
+        );
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .try_init();
+        buf
+    });
+}
+
+/// Everything logged so far in this process.
+pub fn logs() -> String {
+    LOGS.get()
+        .map(|b| String::from_utf8_lossy(&b.lock().unwrap()).into_owned())
+        .unwrap_or_default()
+}
+
+/// Asserts that none of `values` (or their distinctive secret parts) appears in the logs.
+pub fn assert_not_logged(values: &[String]) {
+    let logs = logs();
+    for v in values {
+        assert!(!v.is_empty());
+        assert!(
+            !logs.contains(v.as_str()),
+            "a credential value reached the logs"
+        );
+        // The signature part of a JWT or the secret part of an opaque token alone.
+        if let Some((_, tail)) = v.rsplit_once('.')
+            && tail.len() >= 20
+        {
+            assert!(
+                !logs.contains(tail),
+                "a credential secret part reached the logs"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- redis
+
+/// Picks a free loopback port that is not Redis's default.
+pub fn free_port() -> u16 {
+    loop {
+        let l = StdListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if port != 6379 {
+            return port;
+        }
+    }
+}
+
+/// A `redis-server` owned by one test.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn redis_binary() -> String {
+    std::env::var("LEASH_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+/// Sends one inline command and returns the first reply line.
+fn redis_command(port: u16, cmd: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    s.write_all(format!("{cmd}\r\n").as_bytes())?;
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}
+
+impl RedisServer {
+    /// Starts a fresh server on a free port. Panics with a clear message if
+    /// `redis-server` is missing (the README's test command installs it).
+    pub fn start() -> Self {
+        for _ in 0..5 {
+            let mut me = Self {
+                child: None,
+                port: free_port(),
+                dir: tempfile::tempdir().unwrap(),
+            };
+            if me.spawn() {
+                return me;
+            }
+        }
+        panic!("could not start redis-server on a free port after 5 tries");
+    }
+
+    fn spawn(&mut self) -> bool {
+        let child = Command::new(redis_binary())
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {}: {e}. Install it (apt-get install -y redis-server) or use the README test command", redis_binary())
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if redis_command(self.port, "PING").is_ok_and(|r| r == "+PONG") {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL, like a crash); AOF keeps what it acknowledged.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(
+            self.spawn(),
+            "redis-server did not come back on port {}",
+            self.port
+        );
+    }
+
+    /// Runs one inline command (for inspecting what the broker stored).
+    pub fn command(&self, cmd: &str) -> String {
+        redis_command(self.port, cmd).unwrap()
+    }
+
+    /// Every key and value in the server, as text (for "no secret in the store" checks).
+    pub fn dump_all(&self) -> String {
+        let mut out = String::new();
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s.write_all(b"EVAL \"local o={} for _,k in ipairs(redis.call('KEYS','*')) do table.insert(o,k) local t=redis.call('TYPE',k).ok if t=='hash' then for _,v in ipairs(redis.call('HGETALL',k)) do table.insert(o,v) end elseif t=='zset' then for _,v in ipairs(redis.call('ZRANGE',k,0,-1)) do table.insert(o,v) end elseif t=='string' then table.insert(o,redis.call('GET',k)) end end return o\" 0\r\n").unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        out
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------- pki
+
+/// A CA for `acme.test` and files for the broker's serving certificate.
+pub struct TestPki {
+    pub ca: DevCa,
+    pub dir: tempfile::TempDir,
+}
+
+/// Where one client's SVID files are.
+#[derive(Debug, Clone)]
+pub struct SvidFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub id: String,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let ca = DevCa::generate(TRUST_DOMAIN, Duration::from_secs(3600)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bundle.pem"), ca.cert_pem()).unwrap();
+        let server = ca.issue_server_cert(Duration::from_secs(3600)).unwrap();
+        std::fs::write(dir.path().join("broker.pem"), &server.cert_pem).unwrap();
+        std::fs::write(dir.path().join("broker-key.pem"), &server.key_pem).unwrap();
+        Self { ca, dir }
+    }
+
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.path().join("bundle.pem")
+    }
+
+    /// Issues an SVID for `spiffe://acme.test/<path>` and writes it to files.
+    pub fn svid(&self, path: &str) -> SvidFiles {
+        let id = format!("spiffe://{TRUST_DOMAIN}/{path}");
+        let issued = self
+            .ca
+            .issue_svid(&SpiffeId::parse(&id).unwrap(), Duration::from_secs(3600))
+            .unwrap();
+        let stem = path.replace('/', "_");
+        let cert = self.dir.path().join(format!("{stem}.pem"));
+        let key = self.dir.path().join(format!("{stem}-key.pem"));
+        std::fs::write(&cert, &issued.cert_pem).unwrap();
+        std::fs::write(&key, &issued.key_pem).unwrap();
+        SvidFiles { cert, key, id }
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// ---------------------------------------------------------------- broker
+
+/// The template most tests use: a JWT and an opaque grant, 2 s leases.
+pub const REVIEW_TEMPLATE: &str = r#"
+name: review
+version: "1"
+owner: platform@acme.test
+description: Review one pull request.
+identities:
+  - spiffe://acme.test/agent/*
+parameters:
+  repo:
+    type: string
+    pattern: "[a-z0-9-]+/[a-z0-9-]+"
+    required: true
+  env:
+    type: string
+    enum: [staging, prod]
+    required: false
+lease:
+  ttl: 2s
+  max_ttl: 10s
+  max_lifetime: 1m
+grants:
+  - name: github
+    kind: jwt
+    audience: https://api.github.test
+    scopes: ["repo:{repo}:read"]
+    ttl: 60s
+  - name: db
+    kind: opaque
+    audience: postgres://db.acme.test/app
+    scopes: ["db:app:select"]
+    ttl: 60s
+"#;
+
+/// Which store a test broker uses.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    Memory,
+    Redis(String),
+}
+
+/// Options for [`TestBroker::start`].
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    pub store: StoreChoice,
+    pub templates: Vec<String>,
+    pub reaper_interval: &'static str,
+    pub reload_interval: &'static str,
+    pub extra_toml: String,
+}
+
+impl BrokerOptions {
+    pub fn memory() -> Self {
+        Self::with_store(StoreChoice::Memory)
+    }
+
+    pub fn redis(redis: &RedisServer) -> Self {
+        Self::with_store(StoreChoice::Redis(redis.url()))
+    }
+
+    pub fn with_store(store: StoreChoice) -> Self {
+        Self {
+            store,
+            templates: vec![REVIEW_TEMPLATE.to_owned()],
+            reaper_interval: "100ms",
+            reload_interval: "200ms",
+            extra_toml: String::new(),
+        }
+    }
+}
+
+/// A running broker with its own PKI.
+pub struct TestBroker {
+    pub pki: Arc<TestPki>,
+    pub agent_addr: SocketAddr,
+    pub ops_addr: SocketAddr,
+    pub config_dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), server::ServerError>>>,
+}
+
+impl TestBroker {
+    /// Starts a broker; the prefix keeps brokers sharing one Redis apart unless the same.
+    pub async fn start(options: BrokerOptions) -> Self {
+        Self::start_with_pki(options, Arc::new(TestPki::new()), "leash").await
+    }
+
+    /// Starts a broker with the given PKI and Redis key prefix (replicas share both).
+    pub async fn start_with_pki(options: BrokerOptions, pki: Arc<TestPki>, prefix: &str) -> Self {
+        capture_logs();
+        let config_dir = tempfile::tempdir().unwrap();
+        let tpl_dir = config_dir.path().join("templates");
+        std::fs::create_dir(&tpl_dir).unwrap();
+        for (i, t) in options.templates.iter().enumerate() {
+            std::fs::write(tpl_dir.join(format!("t{i}.yaml")), t).unwrap();
+        }
+        let (_, signing) = leash_broker::credentials::SigningKey::generate(
+            "test-1",
+            leash_broker::credentials::Algorithm::EdDSA,
+        )
+        .unwrap();
+        std::fs::write(config_dir.path().join("signing.pem"), signing).unwrap();
+        let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent_addr = agent.local_addr().unwrap();
+        let ops_addr = ops.local_addr().unwrap();
+        let (kind, url) = match &options.store {
+            StoreChoice::Memory => ("memory", "redis://127.0.0.1:1/0".to_owned()),
+            StoreChoice::Redis(u) => ("redis", u.clone()),
+        };
+        let toml = format!(
+            r#"
+[listen]
+agent = "{agent_addr}"
+ops = "{ops_addr}"
+[tls]
+cert = "{pki}/broker.pem"
+key = "{pki}/broker-key.pem"
+bundles = {{ "acme.test" = "{pki}/bundle.pem" }}
+[templates]
+dir = "templates"
+[signing]
+issuer = "https://leash.acme.test"
+keys = [{{ kid = "test-1", path = "signing.pem" }}]
+[store]
+kind = "{kind}"
+url = "{url}"
+prefix = "{prefix}"
+timeout = "500ms"
+[reaper]
+interval = "{reaper}"
+claim_ttl = "2s"
+[verifier]
+introspect_callers = ["spiffe://acme.test/resource/*"]
+[reload]
+interval = "{reload}"
+{extra}
+"#,
+            pki = pki.dir.path().display(),
+            reaper = options.reaper_interval,
+            reload = options.reload_interval,
+            extra = options.extra_toml,
+        );
+        let config = Config::from_toml(&toml, std::iter::empty(), config_dir.path())
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let (tx, rx) = oneshot::channel();
+        let handle = tokio::spawn(server::serve(config, agent, ops, async {
+            let _ = rx.await;
+        }));
+        Self {
+            pki,
+            agent_addr,
+            ops_addr,
+            config_dir,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// The templates directory (edit files here to test reloads).
+    pub fn templates_dir(&self) -> PathBuf {
+        self.config_dir.path().join("templates")
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.agent_addr.port())
+    }
+
+    /// A channel authenticated as `spiffe://acme.test/<path>`.
+    pub async fn channel(&self, path: &str) -> Channel {
+        let files = self.pki.svid(path);
+        self.channel_with(&files.cert, &files.key).await
+    }
+
+    /// A channel with arbitrary certificate and key files.
+    pub async fn channel_with(&self, cert: &Path, key: &Path) -> Channel {
+        let tls = client_tls_config(&self.pki.bundle(), cert, key).unwrap();
+        client::connect_with(&self.url(), tls).await.unwrap()
+    }
+
+    pub async fn broker(&self, path: &str) -> BrokerClient<Channel> {
+        BrokerClient::new(self.channel(path).await)
+    }
+
+    pub async fn verifier(&self, path: &str) -> VerifierClient<Channel> {
+        VerifierClient::new(self.channel(path).await)
+    }
+
+    /// Stops the broker and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let r = tokio::time::timeout(Duration::from_secs(15), h).await;
+            assert!(
+                matches!(r, Ok(Ok(Ok(())))),
+                "broker did not stop cleanly: {r:?}"
+            );
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- requests
+
+/// A valid BeginTask for [`REVIEW_TEMPLATE`].
+pub fn review_request() -> pb::BeginTaskRequest {
+    pb::BeginTaskRequest {
+        template: "review".into(),
+        parameters: [("repo".to_owned(), "acme/widgets".to_owned())]
+            .into_iter()
+            .collect(),
+        intent: "review pull request 42".into(),
+        requested_ttl: None,
+        idempotency_key: String::new(),
+    }
+}
+
+/// Introspects `token` as the resource server `resource/api`.
+pub async fn is_active(broker: &TestBroker, token: &str) -> bool {
+    let mut v = broker.verifier("resource/api").await;
+    v.introspect(pb::IntrospectRequest {
+        token: token.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .active
+}
+
+/// Polls `f` every 20 ms until it is true or `within` passes; returns the time it took.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if f().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// A protobuf timestamp in Unix milliseconds, for comparisons.
+pub fn ms(ts: Option<prost_types::Timestamp>) -> i64 {
+    let ts = ts.expect("timestamp present");
+    ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
+}

@@ -1,0 +1,108 @@
+//! Files change under a running broker: templates and trust bundles reload
+//! without a restart, and a bad edit keeps the last good version.
+
+use std::time::Duration;
+
+use leash_broker::identity::{SpiffeId, client_tls_config, pki::DevCa};
+use leash_e2e::{BrokerOptions, TestBroker, eventually, pb, review_request};
+use tonic::Code;
+
+const FRESH: &str = r#"
+name: fresh
+version: "1"
+owner: platform@acme.test
+description: Added while the broker runs.
+identities: [spiffe://acme.test/agent/*]
+lease: { ttl: 5s, max_ttl: 5s, max_lifetime: 1m }
+grants:
+  - { name: api, kind: opaque, audience: https://api.acme.test, scopes: ["read"], ttl: 5s }
+"#;
+
+fn fresh_request() -> pb::BeginTaskRequest {
+    pb::BeginTaskRequest {
+        template: "fresh".into(),
+        parameters: Default::default(),
+        ..review_request()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_reload_and_a_bad_edit_keeps_the_last_good_set() {
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    let mut agent = broker.broker("agent/a").await;
+    let e = agent.begin_task(fresh_request()).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    std::fs::write(broker.templates_dir().join("fresh.yaml"), FRESH).unwrap();
+    let loaded = eventually(Duration::from_secs(5), || async {
+        let mut a = broker.broker("agent/a").await;
+        a.begin_task(fresh_request()).await.is_ok()
+    })
+    .await;
+    assert!(loaded.is_some(), "new template not picked up");
+
+    // A broken edit: the last good set stays in force, and the problem is logged.
+    std::fs::write(
+        broker.templates_dir().join("fresh.yaml"),
+        "name: fresh\nlease: [oops\n",
+    )
+    .unwrap();
+    let reported = eventually(Duration::from_secs(5), || async {
+        leash_e2e::logs().contains("templates not reloaded")
+    })
+    .await;
+    assert!(reported.is_some(), "bad edit not reported");
+    agent
+        .begin_task(fresh_request())
+        .await
+        .expect("last good set still serves");
+    agent
+        .begin_task(review_request())
+        .await
+        .expect("other templates unaffected");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_bundle_rotation_applies_without_restart() {
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    // An SVID from a second CA of the same trust domain, not yet in the bundle.
+    let next_ca = DevCa::generate("acme.test", Duration::from_secs(3600)).unwrap();
+    let svid = next_ca
+        .issue_svid(
+            &SpiffeId::parse("spiffe://acme.test/agent/rotated").unwrap(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("svid.pem"), dir.path().join("svid-key.pem"));
+    std::fs::write(&cert, &svid.cert_pem).unwrap();
+    std::fs::write(&key, &svid.key_pem).unwrap();
+    let tls = client_tls_config(&broker.pki.bundle(), &cert, &key).unwrap();
+    let try_call = || {
+        let tls = tls.clone();
+        let url = broker.url();
+        async move {
+            let Ok(ch) = leash_broker::cli::client::connect_with(&url, tls).await else {
+                return false;
+            };
+            let mut v = leash_proto::v1::verifier_client::VerifierClient::new(ch);
+            v.get_jwks(pb::GetJwksRequest {}).await.is_ok()
+        }
+    };
+    assert!(
+        !try_call().await,
+        "an SVID from an untrusted CA must be refused"
+    );
+
+    // Rotation: the bundle now holds both CAs.
+    let mut bundle = std::fs::read_to_string(broker.pki.bundle()).unwrap();
+    bundle.push_str(next_ca.cert_pem());
+    std::fs::write(broker.pki.bundle(), bundle).unwrap();
+    let accepted = eventually(Duration::from_secs(5), try_call).await;
+    assert!(accepted.is_some(), "rotated bundle not picked up");
+    // The old CA's SVIDs still work during the rotation.
+    let mut old = broker.broker("agent/old").await;
+    old.begin_task(review_request()).await.unwrap();
+    broker.stop().await;
+}

@@ -1,0 +1,253 @@
+//! Verifier.WatchRevocations and the HTTP JWK Set, end to end.
+
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use leash_e2e::{BrokerOptions, RedisServer, TestBroker, TestPki, pb, review_request};
+use tokio_stream::StreamExt as _;
+use tonic::{Code, Streaming};
+
+async fn watch(broker: &TestBroker, cursor: &str) -> Streaming<pb::RevocationBatch> {
+    let mut v = broker.verifier("resource/api").await;
+    v.watch_revocations(pb::WatchRevocationsRequest {
+        cursor: cursor.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn next(stream: &mut Streaming<pb::RevocationBatch>) -> pb::RevocationBatch {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("no batch within 10 s")
+        .expect("stream ended")
+        .expect("stream error")
+}
+
+/// Reads batches until `want` credential ids have been seen; returns the last cursor.
+async fn collect(stream: &mut Streaming<pb::RevocationBatch>, want: &HashSet<String>) -> String {
+    let mut seen = HashSet::new();
+    let mut cursor = String::new();
+    while !want.is_subset(&seen) {
+        let b = next(stream).await;
+        seen.extend(b.revocations.iter().map(|r| r.credential_id.clone()));
+        cursor = b.cursor;
+    }
+    cursor
+}
+
+async fn complete_one(
+    agent: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
+) -> Vec<String> {
+    let begun = agent
+        .begin_task(review_request())
+        .await
+        .unwrap()
+        .into_inner();
+    agent
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: begun.task_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    begun.credentials.into_iter().map(|c| c.id).collect()
+}
+
+async fn snapshot_then_live(broker: &TestBroker) {
+    let mut agent = broker.broker("agent/w").await;
+    // Revoked before anyone watches: it must be in the snapshot.
+    let early: HashSet<String> = complete_one(&mut agent).await.into_iter().collect();
+    let mut stream = watch(broker, "").await;
+    let first = next(&mut stream).await;
+    assert!(
+        first.reset && first.snapshot,
+        "a fresh watch starts with a reset snapshot"
+    );
+    let mut snap: HashSet<String> = first
+        .revocations
+        .iter()
+        .map(|r| r.credential_id.clone())
+        .collect();
+    loop {
+        let b = next(&mut stream).await;
+        snap.extend(b.revocations.iter().map(|r| r.credential_id.clone()));
+        if b.caught_up {
+            break;
+        }
+    }
+    assert!(
+        early.is_subset(&snap),
+        "snapshot misses revoked-but-unexpired credentials"
+    );
+    // Live: measure CompleteTask return → batch received.
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let begun = agent
+            .begin_task(review_request())
+            .await
+            .unwrap()
+            .into_inner();
+        agent
+            .complete_task(pb::CompleteTaskRequest {
+                task_id: begun.task_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let done = Instant::now();
+        let want: HashSet<String> = begun.credentials.iter().map(|c| c.id.clone()).collect();
+        let mut seen = HashSet::new();
+        while !want.is_subset(&seen) {
+            let b = next(&mut stream).await;
+            for r in &b.revocations {
+                assert_eq!(r.reason, "completion");
+                assert!(r.revoked_at.is_some() && r.expires_at.is_some());
+                seen.insert(r.credential_id.clone());
+            }
+        }
+        latencies.push(done.elapsed());
+    }
+    latencies.sort();
+    eprintln!(
+        "watch latency after CompleteTask: p50 {:?}, max {:?}",
+        latencies[10], latencies[19]
+    );
+    // Generous bound: the machines are shared; the figure is printed above.
+    assert!(
+        latencies[10] < Duration::from_secs(1),
+        "median revocation delivery {:?}",
+        latencies[10]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_then_live_revocations_in_memory() {
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    snapshot_then_live(&broker).await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_then_live_revocations_on_redis() {
+    let redis = RedisServer::start();
+    let broker = TestBroker::start(BrokerOptions::redis(&redis)).await;
+    snapshot_then_live(&broker).await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_watcher_misses_nothing_across_replicas() {
+    let redis = RedisServer::start();
+    let pki = Arc::new(TestPki::new());
+    let a = TestBroker::start_with_pki(BrokerOptions::redis(&redis), pki.clone(), "shared").await;
+    let b = TestBroker::start_with_pki(BrokerOptions::redis(&redis), pki, "shared").await;
+    let mut on_b = b.broker("agent/w").await;
+    // Watch replica A; revoke on replica B.
+    let mut stream = watch(&a, "").await;
+    while !next(&mut stream).await.caught_up {}
+    let first: HashSet<String> = complete_one(&mut on_b).await.into_iter().collect();
+    let cursor = collect(&mut stream, &first).await;
+    drop(stream);
+    // While disconnected, ten more tasks end.
+    let mut missed = HashSet::new();
+    for _ in 0..10 {
+        missed.extend(complete_one(&mut on_b).await);
+    }
+    let mut resumed = watch(&a, &cursor).await;
+    let mut got = HashSet::new();
+    loop {
+        let batch = next(&mut resumed).await;
+        assert!(
+            !batch.reset && !batch.snapshot,
+            "a valid cursor resumes without a snapshot"
+        );
+        got.extend(batch.revocations.iter().map(|r| r.credential_id.clone()));
+        if batch.caught_up {
+            break;
+        }
+    }
+    assert_eq!(got, missed, "exactly the revocations after the cursor");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_checks_its_caller_and_cursor() {
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    let mut agent_verifier = broker.verifier("agent/nosy").await;
+    let e = agent_verifier
+        .watch_revocations(pb::WatchRevocationsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let mut v = broker.verifier("resource/api").await;
+    for bad in [
+        "junk",
+        "v1:1-0",
+        &format!("v1:{}", vec!["0-0"; 17].join(",")),
+    ] {
+        let e = v
+            .watch_revocations(pb::WatchRevocationsRequest { cursor: bad.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
+        assert!(e.message().contains("cursor"));
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jwk_set_is_served_over_http_with_discovery() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(broker.ops_addr)
+            .await
+            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: leash.test:8081\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (
+            head.to_owned(),
+            serde_json::from_str::<serde_json::Value>(body).unwrap(),
+        )
+    };
+    let (head, jwks) = get("/.well-known/jwks.json").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_lowercase().contains("application/jwk-set+json"));
+    assert_eq!(jwks["keys"][0]["kid"], "test-1");
+    assert_eq!(jwks["keys"][0]["crv"], "Ed25519");
+    let (_, disco) = get("/.well-known/openid-configuration").await;
+    assert_eq!(disco["issuer"], "https://leash.acme.test");
+    assert_eq!(
+        disco["jwks_uri"],
+        "http://leash.test:8081/.well-known/jwks.json"
+    );
+    // Same keys as the gRPC answer.
+    let mut v = broker.verifier("resource/api").await;
+    let grpc: serde_json::Value = serde_json::from_str(
+        &v.get_jwks(pb::GetJwksRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .jwks_json,
+    )
+    .unwrap();
+    assert_eq!(grpc, jwks);
+    broker.stop().await;
+}
