@@ -1,5 +1,6 @@
 //! The SDK's offline Verifier against a real broker: every rejection rule, the
-//! revocation stream's latency, and failing closed when the stream is gone.
+//! revocation stream's latency, catching up after a cut connection, and failing
+//! closed when the stream is gone.
 #![allow(
     clippy::unwrap_used,
     reason = "a failed unwrap in a test is a failed test"
@@ -336,5 +337,142 @@ async fn the_tower_layer_guards_a_real_resource_server() {
     .await;
     assert!(refused.is_some(), "revoked token still accepted");
     server.abort();
+    broker.stop().await;
+}
+
+/// A TCP relay between the verifier and the broker that the test can cut (every
+/// open connection dropped, new ones refused) and restore.
+struct Relay {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        use std::sync::{Arc, Mutex, atomic::AtomicBool};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (o, l) = (open.clone(), links.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !o.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                l.lock().unwrap().push(link);
+            }
+        });
+        Relay {
+            port,
+            open,
+            links,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_cut_off_during_revocations_learns_all_of_them_on_reconnect() {
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    let files = broker.pki.svid("agent/cut-off");
+    let mut agent =
+        pb::broker_client::BrokerClient::new(broker.channel_with(&files.cert, &files.key).await);
+    let relay = Relay::start(broker.agent_addr).await;
+    let watcher = broker.pki.svid("resource/api");
+    let tls = leash_broker::identity::client_tls_config(
+        &broker.pki.bundle(),
+        &watcher.cert,
+        &watcher.key,
+    )
+    .unwrap();
+    let channel =
+        leash_broker::cli::client::connect_with(&format!("https://localhost:{}", relay.port), tls)
+            .await
+            .unwrap();
+    let v = Verifier::connect(channel, VerifierConfig::new(AUD, ISS))
+        .await
+        .unwrap();
+
+    // One revocation seen live proves the stream is up before the cut.
+    let before = agent
+        .begin_task(review_request())
+        .await
+        .unwrap()
+        .into_inner();
+    agent
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: before.task_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seen = &before.credentials[0].id;
+    leash_e2e::eventually(Duration::from_secs(5), || async { v.is_revoked(seen) })
+        .await
+        .expect("the live stream delivers a revocation");
+
+    relay.cut();
+    let mut missed = Vec::new();
+    for _ in 0..25 {
+        let begun = agent
+            .begin_task(review_request())
+            .await
+            .unwrap()
+            .into_inner();
+        missed.extend(begun.credentials.iter().map(|c| c.id.clone()));
+        agent
+            .complete_task(pb::CompleteTaskRequest {
+                task_id: begun.task_id,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        missed.iter().all(|id| !v.is_revoked(id)),
+        "the relay was cut, so nothing can have arrived yet"
+    );
+
+    relay.restore();
+    let all = leash_e2e::eventually(Duration::from_secs(15), || async {
+        missed.iter().all(|id| v.is_revoked(id))
+    })
+    .await;
+    assert!(
+        all.is_some(),
+        "after reconnecting the verifier still misses {:?}",
+        missed
+            .iter()
+            .filter(|id| !v.is_revoked(id))
+            .collect::<Vec<_>>()
+    );
+    assert!(v.is_revoked(seen), "what it knew before the cut is kept");
     broker.stop().await;
 }
