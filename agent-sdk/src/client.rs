@@ -1,6 +1,10 @@
 //! The connection to a broker: builder, mTLS connector, raw calls with retries.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, PoisonError, RwLock},
+    time::Duration,
+};
 
 use hyper_util::rt::TokioIo;
 use leash_proto::v1::{self as pb, broker_client::BrokerClient};
@@ -10,7 +14,7 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{
-    Error, RetryPolicy, SvidFiles, SvidSource,
+    Error, RetryPolicy, SvidFiles, SvidSource, WorkloadApiSource,
     task::{Task, TaskRequest},
 };
 
@@ -30,6 +34,8 @@ pub struct ClientBuilder {
     connect_timeout: Option<Duration>,
     request_timeout: Option<Duration>,
     retry: Option<RetryPolicy>,
+    // Some(endpoint) when the Workload API is the source; Some(None): from the env.
+    workload_api: Option<Option<String>>,
 }
 
 impl ClientBuilder {
@@ -93,14 +99,22 @@ impl ClientBuilder {
         let address = self
             .broker
             .ok_or_else(|| Error::Config("no broker address (ClientBuilder::broker)".into()))?;
-        let source: Arc<dyn SvidSource> = match (self.source, self.cert, self.key, self.bundle) {
+        let connect_timeout = self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let source = match (self.source, self.workload_api) {
+            (Some(s), _) => Some(s),
+            (None, Some(endpoint)) => Some(Arc::new(
+                WorkloadApiSource::connect(endpoint.as_deref(), connect_timeout).await?,
+            ) as Arc<dyn SvidSource>),
+            (None, None) => None,
+        };
+        let source: Arc<dyn SvidSource> = match (source, self.cert, self.key, self.bundle) {
             (Some(s), ..) => s,
             (None, Some(cert), Some(key), Some(bundle)) => {
                 Arc::new(SvidFiles { cert, key, bundle })
             }
             (None, None, ..) => {
                 return Err(Error::Config(
-                    "no SVID (ClientBuilder::svid_files or svid_source)".into(),
+                    "no SVID (ClientBuilder::svid_files, workload_api or svid_source)".into(),
                 ));
             }
             (None, Some(_), Some(_), None) | (None, Some(_), None, _) => {
@@ -115,7 +129,7 @@ impl ClientBuilder {
         let request_timeout = self.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         let retry = self.retry.unwrap_or_default();
         let endpoint = Endpoint::from(target.uri.clone())
-            .connect_timeout(self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT))
+            .connect_timeout(connect_timeout)
             .timeout(request_timeout)
             .tcp_nodelay(true);
         let channel = retry
@@ -136,13 +150,34 @@ impl ClientBuilder {
                 }
             })
             .await?;
+        let generation = source.generation();
         Ok(Client {
             inner: Arc::new(Inner {
-                broker: BrokerClient::new(channel),
+                connection: RwLock::new((generation, BrokerClient::new(channel))),
+                source,
+                endpoint,
+                target,
                 retry,
                 request_timeout,
             }),
         })
+    }
+
+    /// Takes the SVID and trust bundles from the SPIFFE Workload API at
+    /// `SPIFFE_ENDPOINT_SOCKET` (see [`WorkloadApiSource`]), following rotation:
+    /// after the Workload API pushes a new SVID, the next calls go over a new
+    /// connection made with it, while calls in flight finish on the old one.
+    /// Overrides [`svid_files`](Self::svid_files) and [`bundle_file`](Self::bundle_file).
+    pub fn workload_api(mut self) -> Self {
+        self.workload_api = Some(None);
+        self
+    }
+
+    /// Like [`workload_api`](Self::workload_api), at an explicit endpoint
+    /// (`unix:///run/spire/agent.sock`).
+    pub fn workload_api_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.workload_api = Some(Some(endpoint.into()));
+        self
     }
 }
 
@@ -222,9 +257,43 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 #[derive(Debug)]
 struct Inner {
-    broker: BrokerClient<Channel>,
+    // The source generation the connection was opened with, and the connection.
+    connection: RwLock<(u64, BrokerClient<Channel>)>,
+    source: Arc<dyn SvidSource>,
+    endpoint: Endpoint,
+    target: Target,
     retry: RetryPolicy,
     request_timeout: Duration,
+}
+
+impl Inner {
+    /// The connection for the next call: the current one, or a new one (opened
+    /// lazily, with the new SVID) when the source's SVID or bundle changed.
+    fn broker(&self) -> BrokerClient<Channel> {
+        let generation = self.source.generation();
+        {
+            let current = self
+                .connection
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if current.0 == generation {
+                return current.1.clone();
+            }
+        }
+        let mut current = self
+            .connection
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if current.0 != generation {
+            let channel = self.endpoint.connect_with_connector_lazy(connector(
+                Arc::clone(&self.source),
+                self.target.clone(),
+            ));
+            *current = (generation, BrokerClient::new(channel));
+            tracing::debug!(generation, "SVID rotated; new calls use a new connection");
+        }
+        current.1.clone()
+    }
 }
 
 /// A connection to a Leash broker, authenticated by the agent's SVID. Cheap to
@@ -270,7 +339,7 @@ impl Client {
             .inner
             .retry
             .run("BeginTask", || {
-                let mut broker = self.inner.broker.clone();
+                let mut broker = self.inner.broker();
                 let request = request.clone();
                 async move { Ok(broker.begin_task(request).await?.into_inner()) }
             })
@@ -280,7 +349,7 @@ impl Client {
 
     /// One RenewLease call, without retries (the renewer has its own loop).
     pub(crate) async fn renew_once(&self, task_id: &str) -> Result<pb::RenewLeaseResponse, Error> {
-        let mut broker = self.inner.broker.clone();
+        let mut broker = self.inner.broker();
         let request = pb::RenewLeaseRequest {
             task_id: task_id.to_owned(),
         };
@@ -295,7 +364,7 @@ impl Client {
         self.inner
             .retry
             .run("CompleteTask", || {
-                let mut broker = self.inner.broker.clone();
+                let mut broker = self.inner.broker();
                 let request = request.clone();
                 async move { Ok(broker.complete_task(request).await?.into_inner()) }
             })
@@ -315,7 +384,7 @@ impl Client {
     /// The generated gRPC client on this connection, for calls the SDK does not
     /// wrap. Calls made through it get no retries and no lease management.
     pub fn broker_client(&self) -> BrokerClient<Channel> {
-        self.inner.broker.clone()
+        self.inner.broker()
     }
 }
 

@@ -75,7 +75,7 @@ mod task;
 pub use client::{Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 pub use error::Error;
 pub use retry::RetryPolicy;
-pub use svid::{MAX_PEM_BYTES, SvidFiles, SvidSource, client_config};
+pub use svid::{MAX_PEM_BYTES, SvidFiles, SvidSource, WorkloadApiSource, client_config};
 pub use task::{
     Completion, Credential, CredentialKind, Credentials, LeaseStatus, MIN_RENEWAL_INTERVAL,
     Outcome, RENEWAL_SAFETY_MARGIN, Task, TaskRequest,

@@ -1,16 +1,17 @@
-//! Where the client's X.509-SVID and trust bundle come from: the seam a SPIFFE
-//! Workload API source plugs into.
+//! Where the client's X.509-SVID and trust bundle come from: PEM files, or the
+//! SPIFFE Workload API.
 
 use std::{
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use rustls::{
     RootCertStore,
     client::WebPkiServerVerifier,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject},
 };
 
 use crate::Error;
@@ -25,9 +26,7 @@ pub const MAX_PEM_BYTES: u64 = 1 << 20;
 /// broker, so a source whose SVID rotates (files rewritten by an agent sidecar,
 /// or the SPIFFE Workload API) is picked up by the next connection.
 ///
-/// The SDK ships [`SvidFiles`]. A Workload API source (streaming SVID and bundle
-/// updates from the SPIFFE agent's socket) implements this trait too; it is not
-/// part of this release.
+/// The SDK ships [`SvidFiles`] and [`WorkloadApiSource`].
 pub trait SvidSource: fmt::Debug + Send + Sync + 'static {
     /// A rustls client configuration presenting the current SVID and trusting the
     /// current bundle. It must use the ring provider and offer ALPN `h2`
@@ -36,6 +35,15 @@ pub trait SvidSource: fmt::Debug + Send + Sync + 'static {
     /// # Errors
     /// [`Error::Config`] when the material cannot be read or used.
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, Error>;
+
+    /// A number that changes whenever the SVID or bundle changes. When it differs
+    /// from the one the client's connection was opened with, the client opens a
+    /// new connection for the calls that follow (calls in flight finish on the old
+    /// one, so a rotation fails no call). Sources that cannot tell return a
+    /// constant (the default), and rotation then applies at the next reconnection.
+    fn generation(&self) -> u64 {
+        0
+    }
 }
 
 /// An SVID, its key and a trust bundle read from PEM files, re-read at every new
@@ -120,4 +128,107 @@ pub fn client_config(
         .map_err(|e| Error::Config(format!("SVID key unusable with its certificate: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The agent's X.509-SVID and trust bundles from the SPIFFE Workload API (for
+/// example a SPIRE agent's socket), following every rotation it pushes.
+///
+/// Guarantees: [`tls_config`](SvidSource::tls_config) always presents the newest
+/// SVID the Workload API delivered and trusts the newest bundle of the SVID's
+/// **own** trust domain for the broker's certificate (a federated domain's CA
+/// cannot vouch for the broker); [`generation`](SvidSource::generation) changes at
+/// every update, so a [`Client`](crate::Client) moves its calls to a connection
+/// made with the new SVID. When the Workload API withdraws the SVID, new
+/// connections fail with [`Error::Config`] instead of using stale material.
+pub struct WorkloadApiSource {
+    source: spiffe::X509Source,
+    updates: spiffe::X509SourceUpdates,
+}
+
+impl WorkloadApiSource {
+    /// Connects to the Workload API at `endpoint` (`unix:///path/to/socket`), or
+    /// at `SPIFFE_ENDPOINT_SOCKET` when `None`, and waits (at most `timeout`) for
+    /// the first SVID and bundles.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when no endpoint is given or set, it is malformed, or no
+    /// SVID arrived within `timeout`.
+    pub async fn connect(endpoint: Option<&str>, timeout: Duration) -> Result<Self, Error> {
+        let mut builder = spiffe::X509Source::builder()
+            .initial_sync_timeout(timeout)
+            .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(5));
+        match endpoint {
+            Some(e) => builder = builder.endpoint(e),
+            None if std::env::var_os(spiffe::constants::SPIFFE_SOCKET_ENV).is_none() => {
+                return Err(Error::Config(format!(
+                    "no Workload API endpoint: pass one or set {}",
+                    spiffe::constants::SPIFFE_SOCKET_ENV
+                )));
+            }
+            None => {}
+        }
+        let source = builder
+            .build()
+            .await
+            .map_err(|e| Error::Config(format!("SPIFFE Workload API: {e}")))?;
+        let updates = source.updated();
+        Ok(Self { source, updates })
+    }
+
+    /// The SPIFFE ID of the SVID currently held.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the Workload API has withdrawn it.
+    pub fn spiffe_id(&self) -> Result<String, Error> {
+        Ok(self.svid()?.spiffe_id().to_string())
+    }
+
+    fn svid(&self) -> Result<Arc<spiffe::X509Svid>, Error> {
+        self.source
+            .svid()
+            .map_err(|e| Error::Config(format!("SPIFFE Workload API: no SVID: {e}")))
+    }
+}
+
+impl fmt::Debug for WorkloadApiSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkloadApiSource")
+            .field("generation", &self.updates.last())
+            .field("spiffe_id", &self.spiffe_id().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SvidSource for WorkloadApiSource {
+    fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, Error> {
+        let svid = self.svid()?;
+        let bundles = self
+            .source
+            .bundle_set()
+            .map_err(|e| Error::Config(format!("SPIFFE Workload API: no bundles: {e}")))?;
+        let own = svid.spiffe_id().trust_domain();
+        let bundle = bundles.get(own).ok_or_else(|| {
+            Error::Config(format!(
+                "SPIFFE Workload API: no bundle for the SVID's trust domain {own}"
+            ))
+        })?;
+        let roots = bundle
+            .authorities()
+            .iter()
+            .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+            .collect();
+        let chain = svid
+            .cert_chain()
+            .iter()
+            .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+            .collect();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            svid.private_key().as_bytes().to_vec(),
+        ));
+        client_config(roots, chain, key)
+    }
+
+    fn generation(&self) -> u64 {
+        self.updates.last()
+    }
 }

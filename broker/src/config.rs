@@ -64,12 +64,42 @@ pub struct Listen {
 /// `[tls]`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Tls {
-    /// The broker's certificate chain (PEM).
-    pub cert: PathBuf,
-    /// The broker's private key (PEM, PKCS#8).
-    pub key: PathBuf,
-    /// Trust bundle (PEM CA certificates) per SPIFFE trust domain.
+    /// Where the serving certificate and the trust bundles come from.
+    #[serde(default)]
+    pub source: TlsSource,
+    /// The broker's certificate chain (PEM). Required with `source = "files"`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// The broker's private key (PEM, PKCS#8). Required with `source = "files"`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Trust bundle (PEM CA certificates) per SPIFFE trust domain. Required with
+    /// `source = "files"`.
+    #[serde(default)]
     pub bundles: BTreeMap<String, PathBuf>,
+    /// The SPIFFE Workload API endpoint (`unix:///run/spire/agent.sock`) with
+    /// `source = "workload_api"`; default: the `SPIFFE_ENDPOINT_SOCKET` variable.
+    #[serde(default)]
+    pub workload_api_socket: Option<String>,
+    /// How long to wait at start for the Workload API's first SVID. Default 30 s.
+    #[serde(default = "default_workload_api_timeout", with = "humantime_serde")]
+    pub workload_api_timeout: Duration,
+}
+
+/// `tls.source`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsSource {
+    /// `cert`, `key` and `bundles` from PEM files, reloaded when they change.
+    #[default]
+    Files,
+    /// The serving X509-SVID and every trust bundle from the SPIFFE Workload API,
+    /// following its rotations.
+    WorkloadApi,
+}
+
+fn default_workload_api_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[templates]`.
@@ -303,6 +333,22 @@ fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) -> Res
 }
 
 impl Config {
+    /// The SPIFFE Workload API endpoint: `tls.workload_api_socket`, else the
+    /// `SPIFFE_ENDPOINT_SOCKET` variable; an absolute path is taken as `unix://` + path.
+    pub fn workload_api_endpoint(&self) -> Option<String> {
+        let raw = self
+            .tls
+            .workload_api_socket
+            .clone()
+            .or_else(|| std::env::var(spiffe::constants::SPIFFE_SOCKET_ENV).ok())
+            .filter(|s| !s.trim().is_empty())?;
+        Some(if raw.starts_with('/') {
+            format!("unix://{raw}")
+        } else {
+            raw
+        })
+    }
+
     /// Reads `path`, applies environment overrides from the process, and validates.
     ///
     /// # Errors
@@ -358,8 +404,8 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
-        abs(&mut self.tls.cert);
-        abs(&mut self.tls.key);
+        self.tls.cert.iter_mut().for_each(abs);
+        self.tls.key.iter_mut().for_each(abs);
         self.tls.bundles.values_mut().for_each(abs);
         abs(&mut self.templates.dir);
         self.signing.keys.iter_mut().for_each(|k| abs(&mut k.path));
@@ -368,21 +414,54 @@ impl Config {
     /// Every semantic problem (files missing, bad patterns, out-of-range values).
     fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        let mut file = |key: &str, path: &Path| {
+        fn file(p: &mut Vec<String>, key: &str, path: &Path) {
             if !path.is_file() {
                 p.push(format!("{key}: {} is not a readable file", path.display()));
             }
-        };
-        file("tls.cert", &self.tls.cert);
-        file("tls.key", &self.tls.key);
-        for (td, path) in &self.tls.bundles {
-            file(&format!("tls.bundles.{td}"), path);
+        }
+        match self.tls.source {
+            TlsSource::Files => {
+                for (key, path) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+                    match path {
+                        Some(path) => file(&mut p, key, path),
+                        None => p.push(format!("{key}: required with tls.source = \"files\"")),
+                    }
+                }
+                for (td, path) in &self.tls.bundles {
+                    file(&mut p, &format!("tls.bundles.{td}"), path);
+                }
+                if self.tls.bundles.is_empty() {
+                    p.push("tls.bundles: at least one trust domain is required".into());
+                }
+                if self.tls.workload_api_socket.is_some() {
+                    p.push(
+                        "tls.workload_api_socket: only used with tls.source = \"workload_api\""
+                            .into(),
+                    );
+                }
+            }
+            TlsSource::WorkloadApi => {
+                for (key, set) in [
+                    ("tls.cert", self.tls.cert.is_some()),
+                    ("tls.key", self.tls.key.is_some()),
+                    ("tls.bundles", !self.tls.bundles.is_empty()),
+                ] {
+                    if set {
+                        p.push(format!(
+                            "{key}: not used with tls.source = \"workload_api\" (the Workload API provides it); remove it"
+                        ));
+                    }
+                }
+                if self.workload_api_endpoint().is_none() {
+                    p.push(format!(
+                        "tls.workload_api_socket: required with tls.source = \"workload_api\" unless {} is set",
+                        spiffe::constants::SPIFFE_SOCKET_ENV
+                    ));
+                }
+            }
         }
         for (i, k) in self.signing.keys.iter().enumerate() {
-            file(&format!("signing.keys[{i}].path"), &k.path);
-        }
-        if self.tls.bundles.is_empty() {
-            p.push("tls.bundles: at least one trust domain is required".into());
+            file(&mut p, &format!("signing.keys[{i}].path"), &k.path);
         }
         if !self.templates.dir.is_dir() {
             p.push(format!(

@@ -20,9 +20,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::{
     api::{BrokerApi, VerifierApi},
     clock::{Clock, SystemClock},
-    config::{Config, StoreKind},
+    config::{Config, StoreKind, TlsSource},
     credentials::{KeySet, Minter, SigningKey},
-    identity::{self, ServingCert, TrustBundleSource},
+    identity::{self, ServingCert, TrustBundleSource, workload::WorkloadIdentity},
     lease::{LeaseService, Reaper, ReaperSettings},
     reload::Reloader,
     revocation::RevocationFeed,
@@ -59,16 +59,40 @@ struct Parts {
     cert: Arc<ServingCert>,
     templates: Arc<TemplateCatalog>,
     minter: Minter,
+    // Followed until shutdown when the identity comes from the Workload API.
+    workload: Option<WorkloadIdentity>,
 }
 
-fn build_parts(config: &Config) -> Result<Parts, ServerError> {
-    let bundles = Arc::new(
-        TrustBundleSource::from_files(&config.tls.bundles).map_err(|e| setup("tls.bundles", e))?,
-    );
-    let cert = Arc::new(
-        ServingCert::from_files(config.tls.cert.clone(), config.tls.key.clone())
-            .map_err(|e| setup("tls.cert/tls.key", e))?,
-    );
+async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
+    let (bundles, cert, workload) = match config.tls.source {
+        TlsSource::Files => {
+            let bundles = Arc::new(
+                TrustBundleSource::from_files(&config.tls.bundles)
+                    .map_err(|e| setup("tls.bundles", e))?,
+            );
+            let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+                return Err(setup("tls", "cert and key are required"));
+            };
+            let cert = Arc::new(
+                ServingCert::from_files(cert.clone(), key.clone())
+                    .map_err(|e| setup("tls.cert/tls.key", e))?,
+            );
+            (bundles, cert, None)
+        }
+        TlsSource::WorkloadApi => {
+            let endpoint = config.workload_api_endpoint().ok_or_else(|| {
+                setup("tls.workload_api_socket", "no Workload API endpoint configured")
+            })?;
+            let workload = WorkloadIdentity::connect(&endpoint, config.tls.workload_api_timeout)
+                .await
+                .map_err(|e| setup("tls.source", e))?;
+            (
+                Arc::clone(&workload.bundles),
+                Arc::clone(&workload.cert),
+                Some(workload),
+            )
+        }
+    };
     let templates = Arc::new(
         TemplateCatalog::new(config.templates.dir.clone())
             .map_err(|e| setup("templates", format!("{} problem(s):\n{e}", e.0.len())))?,
@@ -87,6 +111,7 @@ fn build_parts(config: &Config) -> Result<Parts, ServerError> {
         cert,
         templates,
         minter,
+        workload,
     })
 }
 
@@ -102,7 +127,7 @@ pub async fn serve(
     ops: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let parts = build_parts(&config)?;
+    let parts = build_parts(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     match config.store.kind {
         StoreKind::Memory => {
@@ -227,6 +252,13 @@ async fn run<S: LeaseStore>(
         feed.run(rx).await;
         ("revocation feed", Ok(()))
     });
+    if let Some(workload) = parts.workload {
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            workload.follow(rx).await;
+            ("workload api", Ok(()))
+        });
+    }
     let reloader = Reloader {
         bundles: parts.bundles,
         cert: parts.cert,

@@ -11,6 +11,8 @@
 //!   so tests can assert no credential value ever reached a log.
 #![allow(missing_docs)]
 
+pub mod workload_api;
+
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener as StdListener, TcpStream},
@@ -339,6 +341,8 @@ pub struct BrokerOptions {
     pub reaper_interval: &'static str,
     pub reload_interval: &'static str,
     pub extra_toml: String,
+    /// Replaces the body of `[tls]` (default: the PKI's files).
+    pub tls_toml: Option<String>,
 }
 
 impl BrokerOptions {
@@ -357,6 +361,7 @@ impl BrokerOptions {
             reaper_interval: "100ms",
             reload_interval: "200ms",
             extra_toml: String::new(),
+            tls_toml: None,
         }
     }
 }
@@ -406,9 +411,7 @@ impl TestBroker {
 agent = "{agent_addr}"
 ops = "{ops_addr}"
 [tls]
-cert = "{pki}/broker.pem"
-key = "{pki}/broker-key.pem"
-bundles = {{ "acme.test" = "{pki}/bundle.pem" }}
+{tls}
 [templates]
 dir = "templates"
 [signing]
@@ -428,7 +431,12 @@ introspect_callers = ["spiffe://acme.test/resource/*"]
 interval = "{reload}"
 {extra}
 "#,
-            pki = pki.dir.path().display(),
+            tls = options.tls_toml.clone().unwrap_or_else(|| format!(
+                r#"cert = "{pki}/broker.pem"
+key = "{pki}/broker-key.pem"
+bundles = {{ "acme.test" = "{pki}/bundle.pem" }}"#,
+                pki = pki.dir.path().display()
+            )),
             reaper = options.reaper_interval,
             reload = options.reload_interval,
             extra = options.extra_toml,
@@ -476,6 +484,16 @@ interval = "{reload}"
 
     pub async fn verifier(&self, path: &str) -> VerifierClient<Channel> {
         VerifierClient::new(self.channel(path).await)
+    }
+
+    /// Waits (at most `within`) for the broker to stop by itself, and returns how
+    /// it ended: for brokers expected to refuse to start.
+    pub async fn ended(mut self, within: Duration) -> Result<(), server::ServerError> {
+        let handle = self.handle.take().unwrap();
+        tokio::time::timeout(within, handle)
+            .await
+            .expect("the broker kept running")
+            .unwrap()
     }
 
     /// Stops the broker and waits for it.

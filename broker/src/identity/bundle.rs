@@ -51,6 +51,25 @@ impl TrustBundles {
         Ok(Self { domains: out })
     }
 
+    /// Builds a snapshot from DER certificates per trust domain (for bundles
+    /// delivered by the SPIFFE Workload API), with the same checks as
+    /// [`from_pem`](Self::from_pem).
+    ///
+    /// # Errors
+    ///
+    /// As [`from_pem`](Self::from_pem).
+    pub fn from_der(
+        domains: impl IntoIterator<Item = (String, Vec<CertificateDer<'static>>)>,
+    ) -> Result<Self, IdentityError> {
+        let mut out = BTreeMap::new();
+        for (td, certs) in domains {
+            validate_trust_domain(&td)?;
+            let bundle = domain_of(Path::new(&td), certs)?;
+            out.insert(td, Arc::new(bundle));
+        }
+        Ok(Self { domains: out })
+    }
+
     /// The trust anchors of `trust_domain`, or `None` when it is not configured.
     pub fn anchors(&self, trust_domain: &str) -> Option<&[TrustAnchor<'static>]> {
         self.domains.get(trust_domain).map(|d| d.anchors.as_slice())
@@ -80,7 +99,16 @@ impl fmt::Debug for TrustBundles {
 }
 
 fn parse_domain(path: &Path, pem: &[u8]) -> Result<DomainBundle, IdentityError> {
-    let certs = parse_pem_certs(path, pem)?;
+    domain_of(path, parse_pem_certs(path, pem)?)
+}
+
+fn domain_of(
+    path: &Path,
+    certs: Vec<CertificateDer<'static>>,
+) -> Result<DomainBundle, IdentityError> {
+    if certs.is_empty() {
+        return Err(file_error(path, "no certificate"));
+    }
     let mut anchors = Vec::with_capacity(certs.len());
     for (i, cert) in certs.iter().enumerate() {
         let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
@@ -135,6 +163,21 @@ impl TrustBundleSource {
             current: RwLock::new(Arc::new(snapshot)),
             files: Mutex::new(tracked),
         })
+    }
+
+    /// A source that holds `bundles` until [`replace`](Self::replace)d, with no
+    /// files behind it ([`reload`](Self::reload) does nothing): for bundles pushed by
+    /// the SPIFFE Workload API.
+    pub fn fixed(bundles: TrustBundles) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(bundles)),
+            files: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Swaps in a whole new snapshot at once; the next handshake uses it.
+    pub fn replace(&self, bundles: TrustBundles) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(bundles);
     }
 
     /// The current snapshot; cheap (one `Arc` clone).

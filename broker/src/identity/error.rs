@@ -55,6 +55,10 @@ pub enum IdentityError {
     /// A rustls configuration could not be built from otherwise valid material.
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// The SPIFFE Workload API could not be reached, or what it delivered cannot be
+    /// used.
+    #[error("SPIFFE Workload API: {0}")]
+    WorkloadApi(String),
     /// Generating throwaway PKI material (see [`crate::identity::pki`]) failed.
     #[error("certificate generation: {0}")]
     Pki(String),

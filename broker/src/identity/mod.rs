@@ -10,6 +10,7 @@
 //! - `bundle`: [`TrustBundles`] snapshots and the reloadable [`TrustBundleSource`].
 //! - `serving`: the reloadable [`ServingCert`].
 //! - `tls`: [`server_tls_config`] with [`SvidClientVerifier`], and [`client_tls_config`].
+//! - [`workload`]: serving SVID and bundles from the SPIFFE Workload API.
 //! - [`pki`]: a throwaway CA for `leash dev` and tests.
 //! - [`limits`]: the named input-size caps.
 //!
@@ -34,6 +35,7 @@ mod serving;
 pub mod spiffe_id;
 mod svid;
 mod tls;
+pub mod workload;
 
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]

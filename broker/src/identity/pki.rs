@@ -141,6 +141,37 @@ impl DevCa {
         self.issue(params)
     }
 
+    /// Issues an X509-SVID for a server (such as the broker) that clients dial by
+    /// name: the URI SAN `id`, plus DNS SAN `localhost` and IP SAN `127.0.0.1` so
+    /// clients verifying a host name accept it; EKU serverAuth and clientAuth.
+    ///
+    /// # Errors
+    ///
+    /// As [`issue_svid`](Self::issue_svid).
+    pub fn issue_serving_svid(
+        &self,
+        id: &SpiffeId,
+        validity: Duration,
+    ) -> Result<IssuedCert, IdentityError> {
+        if id.trust_domain() != self.trust_domain || id.is_root() {
+            return Err(IdentityError::Pki(format!(
+                "{id} is not a workload of trust domain {}",
+                self.trust_domain
+            )));
+        }
+        let mut params = base_params(validity)?;
+        params.subject_alt_names = vec![
+            uri_san(id.as_str())?,
+            SanType::DnsName("localhost".try_into().map_err(pki_error)?),
+            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue(params)
+    }
+
     fn issue(&self, mut params: CertificateParams) -> Result<IssuedCert, IdentityError> {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

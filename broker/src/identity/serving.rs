@@ -26,6 +26,11 @@ use super::{
 /// `Debug` never prints key material.
 pub struct ServingCert {
     current: RwLock<Arc<CertifiedKey>>,
+    // None when the pair is pushed (SPIFFE Workload API) rather than read from files.
+    files: Option<ServingFiles>,
+}
+
+struct ServingFiles {
     cert_path: PathBuf,
     key_path: PathBuf,
     // (cert, key) stamps; held for the whole of a reload.
@@ -44,10 +49,27 @@ impl ServingCert {
         let (key, stamps) = load(&cert_pem, &key_pem)?;
         Ok(Self {
             current: RwLock::new(Arc::new(key)),
-            cert_path: cert_pem,
-            key_path: key_pem,
-            stamps: Mutex::new(stamps),
+            files: Some(ServingFiles {
+                cert_path: cert_pem,
+                key_path: key_pem,
+                stamps: Mutex::new(stamps),
+            }),
         })
+    }
+
+    /// A serving certificate held until [`replace`](Self::replace)d, with no files
+    /// behind it ([`reload`](Self::reload) does nothing): for an SVID pushed by the
+    /// SPIFFE Workload API.
+    pub fn fixed(key: CertifiedKey) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(key)),
+            files: None,
+        }
+    }
+
+    /// Swaps in a new certificate and key; the next handshake uses them.
+    pub fn replace(&self, key: CertifiedKey) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
     }
 
     /// The current certificate and key.
@@ -63,18 +85,21 @@ impl ServingCert {
     /// [`IdentityError::File`] when the new files cannot be used (for example the key was
     /// rotated but the certificate not yet); the last good pair stays current.
     pub fn reload(&self) -> Result<bool, IdentityError> {
-        let mut stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
-        if !metadata_changed(&self.cert_path, &stamps.0)?
-            && !metadata_changed(&self.key_path, &stamps.1)?
+        let Some(files) = &self.files else {
+            return Ok(false);
+        };
+        let mut stamps = files.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+        if !metadata_changed(&files.cert_path, &stamps.0)?
+            && !metadata_changed(&files.key_path, &stamps.1)?
         {
             return Ok(false);
         }
-        let (key, new_stamps) = load(&self.cert_path, &self.key_path)?;
+        let (key, new_stamps) = load(&files.cert_path, &files.key_path)?;
         let changed =
             !same_content(&stamps.0, &new_stamps.0) || !same_content(&stamps.1, &new_stamps.1);
         if changed {
             *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
-            tracing::info!(cert = %self.cert_path.display(), "serving certificate reloaded");
+            tracing::info!(cert = %files.cert_path.display(), "serving certificate reloaded");
         }
         *stamps = new_stamps;
         Ok(changed)
@@ -106,8 +131,8 @@ impl ResolvesServerCert for ServingCert {
 impl fmt::Debug for ServingCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServingCert")
-            .field("cert_path", &self.cert_path)
-            .field("key_path", &self.key_path)
+            .field("cert_path", &self.files.as_ref().map(|f| &f.cert_path))
+            .field("key_path", &self.files.as_ref().map(|f| &f.key_path))
             .field("key", &"...")
             .finish()
     }
