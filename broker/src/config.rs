@@ -555,7 +555,7 @@ introspect_callers = ["spiffe://acme.test/resource/*"]
         assert_eq!(c.store.kind, StoreKind::Redis);
         assert_eq!(c.reaper.interval, Duration::from_millis(250));
         assert_eq!(c.signing.keys[0].alg, Algorithm::EdDSA);
-        assert!(c.tls.cert.is_absolute());
+        assert!(c.tls.cert.as_ref().expect("cert").is_absolute());
     }
 
     #[test]
@@ -572,6 +572,47 @@ introspect_callers = ["spiffe://acme.test/resource/*"]
             "unknown key `verifier.typo`",
             "missing.pem",
             "signing.issuer",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
+    }
+
+    #[test]
+    fn the_workload_api_source_replaces_the_tls_files() {
+        let d = dir_with_files();
+        let files =
+            "cert = \"cert.pem\"\nkey = \"key.pem\"\nbundles = { \"acme.test\" = \"bundle.pem\" }";
+        let wl = GOOD.replace(
+            files,
+            "source = \"workload_api\"\nworkload_api_socket = \"/run/spire/agent.sock\"",
+        );
+        let c = Config::from_toml(&wl, std::iter::empty(), d.path()).expect("config");
+        assert_eq!(c.tls.source, TlsSource::WorkloadApi);
+        assert_eq!(
+            c.workload_api_endpoint().as_deref(),
+            Some("unix:///run/spire/agent.sock")
+        );
+        // Mixing both, or files without a certificate, is refused with every reason.
+        let mixed = GOOD.replace("[tls]", "[tls]\nsource = \"workload_api\"");
+        let all = Config::from_toml(&mixed, std::iter::empty(), d.path())
+            .expect_err("mixed")
+            .to_string();
+        for want in [
+            "tls.cert: not used",
+            "tls.key: not used",
+            "tls.bundles: not used",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
+        let bare = GOOD.replace(files, "workload_api_socket = \"/x.sock\"");
+        let all = Config::from_toml(&bare, std::iter::empty(), d.path())
+            .expect_err("no files")
+            .to_string();
+        for want in [
+            "tls.cert: required",
+            "tls.key: required",
+            "tls.bundles: at least one",
+            "tls.workload_api_socket: only used",
         ] {
             assert!(all.contains(want), "{want} missing from:\n{all}");
         }

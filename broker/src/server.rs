@@ -81,7 +81,10 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
         }
         TlsSource::WorkloadApi => {
             let endpoint = config.workload_api_endpoint().ok_or_else(|| {
-                setup("tls.workload_api_socket", "no Workload API endpoint configured")
+                setup(
+                    "tls.workload_api_socket",
+                    "no Workload API endpoint configured",
+                )
             })?;
             let workload = WorkloadIdentity::connect(&endpoint, config.tls.workload_api_timeout)
                 .await

@@ -60,12 +60,15 @@ impl TestWorkloadApi {
     pub async fn start(pki: Arc<TestPki>, path: &str, kind: SvidKind) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
-        let spiffe_id = SpiffeId::parse(&format!("spiffe://{}/{path}", crate::TRUST_DOMAIN)).unwrap();
+        let spiffe_id =
+            SpiffeId::parse(&format!("spiffe://{}/{path}", crate::TRUST_DOMAIN)).unwrap();
         let material = issue(&pki, &spiffe_id, kind);
         let (tx, _) = watch::channel(material);
         let tx = Arc::new(tx);
         let listener = UnixListener::bind(&socket).unwrap();
-        let service = Service { tx: Arc::clone(&tx) };
+        let service = Service {
+            tx: Arc::clone(&tx),
+        };
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(SpiffeWorkloadApiServer::new(service))
@@ -202,7 +205,9 @@ impl SpiffeWorkloadApi for Service {
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented("this test Workload API serves X.509-SVIDs only"))
+        Err(Status::unimplemented(
+            "this test Workload API serves X.509-SVIDs only",
+        ))
     }
 
     async fn fetch_jwt_bundles(
@@ -210,7 +215,9 @@ impl SpiffeWorkloadApi for Service {
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented("this test Workload API serves X.509-SVIDs only"))
+        Err(Status::unimplemented(
+            "this test Workload API serves X.509-SVIDs only",
+        ))
     }
 
     async fn validate_jwtsvid(
@@ -218,6 +225,8 @@ impl SpiffeWorkloadApi for Service {
         request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented("this test Workload API serves X.509-SVIDs only"))
+        Err(Status::unimplemented(
+            "this test Workload API serves X.509-SVIDs only",
+        ))
     }
 }

@@ -27,7 +27,9 @@ grants:
 "#;
 
 fn workload_api_tls(endpoint: &str) -> String {
-    format!("source = \"workload_api\"\nworkload_api_socket = \"{endpoint}\"\nworkload_api_timeout = \"5s\"")
+    format!(
+        "source = \"workload_api\"\nworkload_api_socket = \"{endpoint}\"\nworkload_api_timeout = \"5s\""
+    )
 }
 
 /// `cnf.x5t#S256` of a JWT credential.
@@ -48,12 +50,16 @@ async fn broker_leaf(broker: &TestBroker) -> Vec<u8> {
     let tls =
         leash_broker::identity::client_tls_config(&broker.pki.bundle(), &svid.cert, &svid.key)
             .unwrap();
-    let tcp = tokio::net::TcpStream::connect(broker.agent_addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(broker.agent_addr)
+        .await
+        .unwrap();
     let conn = tokio_rustls::TlsConnector::from(tls)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
-    conn.get_ref().1.peer_certificates().unwrap()[0].as_ref().to_vec()
+    conn.get_ref().1.peer_certificates().unwrap()[0]
+        .as_ref()
+        .to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -80,7 +86,10 @@ async fn svids_rotate_mid_task_on_both_sides_with_no_failed_call() {
         .await
         .unwrap();
     let first = task.credential("github").unwrap();
-    assert_eq!(bound_thumbprint(first.secret()), thumbprint(&agent_api.leaf()));
+    assert_eq!(
+        bound_thumbprint(first.secret()),
+        thumbprint(&agent_api.leaf())
+    );
 
     // Rotate the agent's SVID twice and the broker's once while the task renews
     // in the background and the agent keeps making calls; every call must succeed.
@@ -120,7 +129,10 @@ async fn svids_rotate_mid_task_on_both_sides_with_no_failed_call() {
         async move { bound_thumbprint(task.credential("github").unwrap().secret()) == want }
     })
     .await;
-    assert!(bound.is_some(), "credentials never bound to the rotated SVID");
+    assert!(
+        bound.is_some(),
+        "credentials never bound to the rotated SVID"
+    );
     // ...and new connections to the broker see its rotated serving SVID.
     let served = eventually(Duration::from_secs(5), || async {
         broker_leaf(&broker).await == broker_api.leaf()
@@ -191,5 +203,8 @@ async fn without_a_workload_api_neither_side_starts() {
         .connect()
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Config(ref m) if m.contains("Workload API")), "{err}");
+    assert!(
+        matches!(err, Error::Config(ref m) if m.contains("Workload API")),
+        "{err}"
+    );
 }

@@ -103,19 +103,31 @@ impl WorkloadIdentity {
                     self.cert.replace(key);
                     tracing::info!(spiffe_id = %svid.spiffe_id(), "serving SVID rotated");
                 }
-                Err(e) => tracing::warn!(error = %e, "rotated serving SVID unusable; keeping the last one"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "rotated serving SVID unusable; keeping the last one")
+                }
             },
-            Err(e) => tracing::warn!(error = %e, "Workload API withdrew the serving SVID; keeping the last one until it expires"),
+            Err(e) => {
+                tracing::warn!(error = %e, "Workload API withdrew the serving SVID; keeping the last one until it expires")
+            }
         }
-        match self.source.bundle_set().map_err(|e| IdentityError::WorkloadApi(e.to_string())) {
+        match self
+            .source
+            .bundle_set()
+            .map_err(|e| IdentityError::WorkloadApi(e.to_string()))
+        {
             Ok(set) => match trust_bundles_of(&set) {
                 Ok(bundles) => {
                     self.bundles.replace(bundles);
                     tracing::info!("trust bundles updated from the Workload API");
                 }
-                Err(e) => tracing::warn!(error = %e, "Workload API bundles unusable; keeping the last good set"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Workload API bundles unusable; keeping the last good set")
+                }
             },
-            Err(e) => tracing::warn!(error = %e, "Workload API bundles withdrawn; keeping the last good set"),
+            Err(e) => {
+                tracing::warn!(error = %e, "Workload API bundles withdrawn; keeping the last good set")
+            }
         }
     }
 }
