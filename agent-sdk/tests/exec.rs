@@ -266,3 +266,37 @@ async fn a_killed_agent_leaves_its_credentials_to_die_at_the_lease_deadline() {
         killed_at.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exec_can_take_its_svid_from_the_workload_api() {
+    use leash_e2e::workload_api::{SvidKind, TestWorkloadApi};
+    let h = Harness::start().await;
+    let api = TestWorkloadApi::start(h.broker.pki.clone(), "agent/exec-wl", SvidKind::Client).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_leash-agent"))
+        .args(["exec", "--template", "exec", "--intent", "exec test"])
+        .args(["--workload-api", &api.endpoint])
+        .args(["--", "sh", "-c", &format!("{REPORT}\nexit 0")])
+        .env("LEASH_BROKER", h.broker.url())
+        .env_remove("LEASH_CA")
+        .env_remove("LEASH_CERT")
+        .env_remove("LEASH_KEY")
+        .env("OUT", h.out.path())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("leash-agent did not finish")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let task = h.read("task");
+    h.assert_outcome(&task, "succeeded");
+    assert!(
+        leash_e2e::logs()
+            .lines()
+            .any(|l| l.contains("task.begun") && l.contains(&task) && l.contains("agent/exec-wl")),
+        "the task was not declared by the Workload API's SVID"
+    );
+    assert_all_inactive(&h).await;
+}

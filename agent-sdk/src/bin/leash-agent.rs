@@ -95,6 +95,10 @@ struct ConnectArgs {
     /// Directory written by `leash dev` (DEV_DIR), for the defaults above.
     #[arg(long, env = "LEASH_DEV_DIR", default_value = ".leash-dev")]
     dev_dir: PathBuf,
+    /// Take the SVID and bundle from the SPIFFE Workload API at this endpoint
+    /// (`unix:///path`) instead of files; `--workload-api env` uses SPIFFE_ENDPOINT_SOCKET.
+    #[arg(long, env = "LEASH_WORKLOAD_API", conflicts_with_all = ["ca", "cert", "key"])]
+    workload_api: Option<String>,
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -120,19 +124,22 @@ async fn main() -> ExitCode {
 /// The whole `exec` run; returns the exit status.
 async fn exec(args: ExecArgs) -> u8 {
     let c = &args.connect;
-    let client = Client::builder()
-        .broker(&c.broker)
-        .bundle_file(c.ca.clone().unwrap_or_else(|| c.dev_dir.join("bundle.pem")))
-        .svid_files(
-            c.cert
-                .clone()
-                .unwrap_or_else(|| c.dev_dir.join("agent.pem")),
-            c.key
-                .clone()
-                .unwrap_or_else(|| c.dev_dir.join("agent-key.pem")),
-        )
-        .connect()
-        .await;
+    let builder = Client::builder().broker(&c.broker);
+    let builder = match c.workload_api.as_deref() {
+        Some("env") => builder.workload_api(),
+        Some(endpoint) => builder.workload_api_endpoint(endpoint),
+        None => builder
+            .bundle_file(c.ca.clone().unwrap_or_else(|| c.dev_dir.join("bundle.pem")))
+            .svid_files(
+                c.cert
+                    .clone()
+                    .unwrap_or_else(|| c.dev_dir.join("agent.pem")),
+                c.key
+                    .clone()
+                    .unwrap_or_else(|| c.dev_dir.join("agent-key.pem")),
+            ),
+    };
+    let client = builder.connect().await;
     let client = match client {
         Ok(c) => c,
         Err(e) => {
