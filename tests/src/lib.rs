@@ -343,6 +343,8 @@ pub struct BrokerOptions {
     pub extra_toml: String,
     /// Replaces the body of `[tls]` (default: the PKI's files).
     pub tls_toml: Option<String>,
+    /// The JWT signing algorithm (default EdDSA).
+    pub signing_alg: leash_broker::credentials::Algorithm,
 }
 
 impl BrokerOptions {
@@ -362,6 +364,7 @@ impl BrokerOptions {
             reload_interval: "200ms",
             extra_toml: String::new(),
             tls_toml: None,
+            signing_alg: leash_broker::credentials::Algorithm::EdDSA,
         }
     }
 }
@@ -391,11 +394,8 @@ impl TestBroker {
         for (i, t) in options.templates.iter().enumerate() {
             std::fs::write(tpl_dir.join(format!("t{i}.yaml")), t).unwrap();
         }
-        let (_, signing) = leash_broker::credentials::SigningKey::generate(
-            "test-1",
-            leash_broker::credentials::Algorithm::EdDSA,
-        )
-        .unwrap();
+        let (_, signing) =
+            leash_broker::credentials::SigningKey::generate("test-1", options.signing_alg).unwrap();
         std::fs::write(config_dir.path().join("signing.pem"), signing).unwrap();
         let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -416,7 +416,7 @@ ops = "{ops_addr}"
 dir = "templates"
 [signing]
 issuer = "https://leash.acme.test"
-keys = [{{ kid = "test-1", path = "signing.pem" }}]
+keys = [{{ kid = "test-1", alg = "{alg}", path = "signing.pem" }}]
 [store]
 kind = "{kind}"
 url = "{url}"
@@ -437,6 +437,7 @@ key = "{pki}/broker-key.pem"
 bundles = {{ "acme.test" = "{pki}/bundle.pem" }}"#,
                 pki = pki.dir.path().display()
             )),
+            alg = options.signing_alg.as_str(),
             reaper = options.reaper_interval,
             reload = options.reload_interval,
             extra = options.extra_toml,

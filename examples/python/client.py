@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""A Leash agent in Python: begin -> renew -> complete over mutual TLS.
+
+The gRPC stubs are generated from proto/leash/v1/leash.proto with grpcio-tools
+at start-up (into a temporary directory; nothing generated is committed). Every
+JWT credential the broker issues is verified with PyJWT against the broker's
+JWK Set (GET /.well-known/jwks.json on the ops port): signature, audience,
+issuer and expiry. Prints one JSON object with what happened; never prints a
+credential value. Exits 0 only if every step succeeded.
+
+Against `leash dev` (run from the directory holding .leash-dev/):
+
+    python examples/python/client.py --template demo --param repo=acme/widgets \
+        --intent "review PR 42"
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+
+import grpc
+import jwt
+from grpc_tools import protoc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def generate_stubs(proto_root):
+    """Generates leash/v1/leash_pb2{,_grpc}.py and returns the two modules."""
+    out = tempfile.mkdtemp(prefix="leash-py-")
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    rc = protoc.main([
+        "grpc_tools.protoc",
+        f"-I{proto_root}",
+        f"-I{include}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        os.path.join(proto_root, "leash", "v1", "leash.proto"),
+    ])
+    if rc != 0:
+        raise SystemExit(f"protoc failed with status {rc}")
+    sys.path.insert(0, out)
+    return (
+        importlib.import_module("leash.v1.leash_pb2"),
+        importlib.import_module("leash.v1.leash_pb2_grpc"),
+    )
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def parse_args():
+    dev = os.environ.get("LEASH_DEV_DIR", ".leash-dev")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--broker", default=os.environ.get("LEASH_BROKER", "localhost:8443"),
+                   help="host:port of the broker's agent (mTLS) port")
+    p.add_argument("--server-name", default=None,
+                   help="name the broker certificate must carry (default: the host)")
+    p.add_argument("--ca", default=os.environ.get("LEASH_CA", f"{dev}/bundle.pem"))
+    p.add_argument("--cert", default=os.environ.get("LEASH_CERT", f"{dev}/agent.pem"))
+    p.add_argument("--key", default=os.environ.get("LEASH_KEY", f"{dev}/agent-key.pem"))
+    p.add_argument("--jwks", default="http://127.0.0.1:8081/.well-known/jwks.json",
+                   help="the broker's JWK Set URL (ops port)")
+    p.add_argument("--issuer", default=None, help="expected `iss` of JWTs (checked when set)")
+    p.add_argument("--template", required=True)
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--intent", default="python interop")
+    p.add_argument("--proto", default=os.path.join(ROOT, "proto"),
+                   help="directory holding leash/v1/leash.proto")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    return p.parse_args()
+
+
+def verify_jwts(credentials, jwks, issuer, kind_jwt):
+    """Verifies every JWT credential with PyJWT; returns their checked claims."""
+    checked = []
+    for c in credentials:
+        if c.kind != kind_jwt:
+            continue
+        key = jwks.get_signing_key_from_jwt(c.value)
+        claims = jwt.decode(
+            c.value,
+            key,
+            algorithms=["EdDSA", "ES256"],
+            audience=c.audience,
+            issuer=issuer,
+            options={"require": ["exp", "iat", "nbf", "sub", "aud", "jti"]},
+        )
+        if claims["jti"] != c.id:
+            raise SystemExit(f"jti {claims['jti']} is not the credential id {c.id}")
+        checked.append({
+            "credential_id": c.id,
+            "alg": jwt.get_unverified_header(c.value)["alg"],
+            "sub": claims["sub"],
+            "aud": claims["aud"],
+            "scope": claims.get("scope"),
+            "exp": claims["exp"],
+            "bound": "cnf" in claims,
+        })
+    return checked
+
+
+def main():
+    args = parse_args()
+    pb, pb_grpc = generate_stubs(args.proto)
+    host = args.broker.rsplit(":", 1)[0]
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(args.ca),
+        private_key=read(args.key),
+        certificate_chain=read(args.cert),
+    )
+    options = [("grpc.ssl_target_name_override", args.server_name or host)]
+    jwks = jwt.PyJWKClient(args.jwks, cache_keys=True)
+    result = {"began": False, "renewed": False, "completed": False}
+    with grpc.secure_channel(args.broker, credentials, options=options) as channel:
+        broker = pb_grpc.BrokerStub(channel)
+        params = dict(p.split("=", 1) for p in args.param)
+        begun = broker.BeginTask(
+            pb.BeginTaskRequest(template=args.template, parameters=params, intent=args.intent),
+            timeout=args.timeout,
+        )
+        result.update(
+            began=True,
+            task_id=begun.task_id,
+            credentials=[
+                {"id": c.id, "grant": c.grant, "kind": pb.CredentialKind.Name(c.kind),
+                 "audience": c.audience, "scopes": list(c.scopes)}
+                for c in begun.credentials
+            ],
+            jwts_verified=verify_jwts(begun.credentials, jwks, args.issuer,
+                                      pb.CREDENTIAL_KIND_JWT),
+        )
+        time.sleep(0.2)
+        renewed = broker.RenewLease(pb.RenewLeaseRequest(task_id=begun.task_id),
+                                    timeout=args.timeout)
+        result.update(
+            renewed=True,
+            renewed_lease_expires_at=renewed.lease_expires_at.ToJsonString(),
+            renewed_credential_ids=[c.id for c in renewed.credentials],
+            renewed_jwts_verified=verify_jwts(renewed.credentials, jwks, args.issuer,
+                                              pb.CREDENTIAL_KIND_JWT),
+        )
+        done = broker.CompleteTask(
+            pb.CompleteTaskRequest(task_id=begun.task_id, outcome=pb.OUTCOME_SUCCEEDED,
+                                   summary="done from Python"),
+            timeout=args.timeout,
+        )
+        result.update(
+            completed=True,
+            state=pb.LeaseState.Name(done.state),
+            revoked_credentials=done.revoked_credentials,
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except grpc.RpcError as e:
+        print(json.dumps({"error": f"{e.code().name}: {e.details()}"}))
+        sys.exit(1)
