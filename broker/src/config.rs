@@ -50,6 +50,28 @@ pub struct Config {
     /// File reloading.
     #[serde(default)]
     pub reload: Reload,
+    /// The JWT-SVID listener (off unless this section is present).
+    #[serde(default)]
+    pub jwt_svid: Option<JwtSvid>,
+}
+
+/// `[jwt_svid]`: a listener that accepts a JWT-SVID as `authorization: Bearer`
+/// instead of a client certificate, for agents behind a TLS-terminating proxy.
+#[derive(Debug, Clone, Deserialize)]
+pub struct JwtSvid {
+    /// Address of the listener (TLS with the broker's certificate, no client certificate).
+    pub listen: SocketAddr,
+    /// The audience a JWT-SVID must name (`aud`) to be accepted here.
+    pub audience: String,
+    /// JWT bundle (JWK Set, SPIFFE bundle format) per trust domain.
+    pub bundles: BTreeMap<String, PathBuf>,
+    /// Clock skew allowed on `exp`. Default 30 s, at most 5 min.
+    #[serde(default = "default_jwt_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+fn default_jwt_leeway() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[listen]`.
@@ -408,6 +430,9 @@ impl Config {
         self.tls.key.iter_mut().for_each(abs);
         self.tls.bundles.values_mut().for_each(abs);
         abs(&mut self.templates.dir);
+        if let Some(j) = &mut self.jwt_svid {
+            j.bundles.values_mut().for_each(abs);
+        }
         self.signing.keys.iter_mut().for_each(|k| abs(&mut k.path));
     }
 
@@ -462,6 +487,23 @@ impl Config {
         }
         for (i, k) in self.signing.keys.iter().enumerate() {
             file(&mut p, &format!("signing.keys[{i}].path"), &k.path);
+        }
+        if let Some(j) = &self.jwt_svid {
+            if j.audience.trim().is_empty() {
+                p.push("jwt_svid.audience: required".into());
+            }
+            if j.bundles.is_empty() {
+                p.push("jwt_svid.bundles: at least one trust domain is required".into());
+            }
+            for (td, path) in &j.bundles {
+                file(&mut p, &format!("jwt_svid.bundles.{td}"), path);
+            }
+            if j.leeway > Duration::from_secs(300) {
+                p.push("jwt_svid.leeway: at most 5m".into());
+            }
+            if j.listen == self.listen.agent || j.listen == self.listen.ops {
+                p.push("jwt_svid.listen: must differ from listen.agent and listen.ops".into());
+            }
         }
         if !self.templates.dir.is_dir() {
             p.push(format!(

@@ -18,11 +18,16 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
+    api::BearerAuth,
     api::{BrokerApi, VerifierApi},
     clock::{Clock, SystemClock},
     config::{Config, StoreKind, TlsSource},
     credentials::{KeySet, Minter, SigningKey},
-    identity::{self, ServingCert, TrustBundleSource, workload::WorkloadIdentity},
+    identity::{
+        self, ServingCert, TrustBundleSource,
+        jwt_svid::{JwtBundles, JwtSvidVerifier},
+        workload::WorkloadIdentity,
+    },
     lease::{LeaseService, Reaper, ReaperSettings},
     reload::Reloader,
     revocation::RevocationFeed,
@@ -61,6 +66,8 @@ struct Parts {
     minter: Minter,
     // Followed until shutdown when the identity comes from the Workload API.
     workload: Option<WorkloadIdentity>,
+    // The JWT-SVID listener's address and verifier, when configured.
+    jwt_svid: Option<(std::net::SocketAddr, JwtSvidVerifier)>,
 }
 
 async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
@@ -109,12 +116,24 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
         .map_err(|e| setup("signing.keys", e))?;
     let keys = KeySet::new(keys).map_err(|e| setup("signing.keys", e))?;
     let minter = Minter::new(Arc::new(keys), config.signing.issuer.clone());
+    let jwt_svid = match &config.jwt_svid {
+        Some(j) => {
+            let bundles =
+                JwtBundles::from_files(&j.bundles).map_err(|e| setup("jwt_svid.bundles", e))?;
+            Some((
+                j.listen,
+                JwtSvidVerifier::new(bundles, j.audience.clone(), j.leeway),
+            ))
+        }
+        None => None,
+    };
     Ok(Parts {
         bundles,
         cert,
         templates,
         minter,
         workload,
+        jwt_svid,
     })
 }
 
@@ -214,6 +233,39 @@ async fn run<S: LeaseStore>(
             .map_err(|e| ServerError::Serve(format!("agent port: {e}")));
         ("agent server", r)
     });
+
+    // JWT-SVID port (optional): TLS without client certificates; every call must
+    // carry `authorization: Bearer <JWT-SVID>`.
+    if let Some((address, verifier)) = parts.jwt_svid {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|e| setup("jwt_svid.listen", format!("{address}: {e}")))?;
+        let tls = identity::server_tls_config_without_client_auth(parts.cert.clone())
+            .map_err(|e| setup("jwt_svid", e))?;
+        let incoming = tls_incoming(listener, TlsAcceptor::from(tls), stop_rx.clone());
+        let auth = BearerAuth::new(verifier);
+        let router = tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(30))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(health_service.clone())
+            .add_service(BrokerServer::with_interceptor(
+                BrokerApi::new(service.clone()),
+                auth.clone(),
+            ))
+            .add_service(VerifierServer::with_interceptor(
+                VerifierApi::new(service.clone(), feed.clone()),
+                auth,
+            ));
+        let stop = wait_for(stop_rx.clone());
+        tasks.spawn(async move {
+            let r = router
+                .serve_with_incoming_shutdown(incoming, stop)
+                .await
+                .map_err(|e| ServerError::Serve(format!("jwt_svid port: {e}")));
+            ("jwt-svid server", r)
+        });
+        tracing::info!(%address, "JWT-SVID listener serving");
+    }
 
     // Ops port: plaintext; Kubernetes probes cannot present client certificates.
     let ops_router = Router::new()

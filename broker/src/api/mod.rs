@@ -6,12 +6,14 @@
 //! place a domain error becomes a status; an internal error becomes `INTERNAL`
 //! with a generic message and a log line carrying the detail.
 
+mod bearer;
 mod broker;
 mod convert;
 mod verifier;
 
 use tonic::{Request, Status};
 
+pub use bearer::BearerAuth;
 pub use broker::BrokerApi;
 pub use verifier::VerifierApi;
 
@@ -43,6 +45,14 @@ pub fn status(err: LeaseError) -> Status {
 /// `UNAUTHENTICATED` if the connection carried no client certificate or its
 /// leaf is not a usable X509-SVID.
 pub fn caller<T>(req: &Request<T>) -> Result<identity::Identity, Status> {
+    // On the JWT-SVID listener, `bearer::authenticate` has already verified the
+    // token and left the identity here; nothing a client sends can set it.
+    if let Some(identity) = req.extensions().get::<identity::Identity>() {
+        if identity.svid_not_after <= std::time::SystemTime::now() {
+            return Err(Status::unauthenticated("JWT-SVID has expired"));
+        }
+        return Ok(identity.clone());
+    }
     let certs = req
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client X509-SVID is required (mutual TLS)"))?;

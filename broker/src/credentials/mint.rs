@@ -121,9 +121,11 @@ impl Minter {
         claims.insert("task_id".into(), json!(req.task_id.as_str()));
         claims.insert("template".into(), json!(req.template));
         claims.insert("grant".into(), json!(req.grant.name));
-        if let Some(x5t) = req.cnf_x5t_s256 {
-            claims.insert("cnf".into(), json!({ "x5t#S256": x5t }));
-        }
+        match req.cnf_x5t_s256 {
+            Some(x5t) => claims.insert("cnf".into(), json!({ "x5t#S256": x5t })),
+            // Issued to a JWT-SVID caller: a bearer token, and it says so.
+            None => claims.insert("leash_binding".into(), json!("none")),
+        };
         claims
     }
 

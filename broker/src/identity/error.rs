@@ -55,6 +55,10 @@ pub enum IdentityError {
     /// A rustls configuration could not be built from otherwise valid material.
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// A JWT-SVID breaks a JWT-SVID.md rule or does not verify; the reason says
+    /// which (never the token).
+    #[error("invalid JWT-SVID: {0}")]
+    InvalidJwtSvid(String),
     /// The SPIFFE Workload API could not be reached, or what it delivered cannot be
     /// used.
     #[error("SPIFFE Workload API: {0}")]

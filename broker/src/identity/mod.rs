@@ -10,6 +10,7 @@
 //! - `bundle`: [`TrustBundles`] snapshots and the reloadable [`TrustBundleSource`].
 //! - `serving`: the reloadable [`ServingCert`].
 //! - `tls`: [`server_tls_config`] with [`SvidClientVerifier`], and [`client_tls_config`].
+//! - [`jwt_svid`]: JWT-SVID verification (bearer tokens behind a TLS-terminating proxy).
 //! - [`workload`]: serving SVID and bundles from the SPIFFE Workload API.
 //! - [`pki`]: a throwaway CA for `leash dev` and tests.
 //! - [`limits`]: the named input-size caps.
@@ -29,6 +30,7 @@
 mod bundle;
 mod error;
 mod files;
+pub mod jwt_svid;
 pub mod pattern;
 pub mod pki;
 mod serving;
@@ -51,7 +53,9 @@ pub use pattern::IdentityPattern;
 pub use serving::ServingCert;
 pub use spiffe_id::{SpiffeId, validate_trust_domain};
 pub use svid::{identity_of_leaf, verify_svid};
-pub use tls::{SvidClientVerifier, client_tls_config, server_tls_config};
+pub use tls::{
+    SvidClientVerifier, client_tls_config, server_tls_config, server_tls_config_without_client_auth,
+};
 
 /// Named caps on untrusted input sizes; exceeding one is
 /// [`IdentityError::LimitExceeded`] (or [`IdentityError::File`] for files).
@@ -80,8 +84,10 @@ pub struct Identity {
     pub spiffe_id: SpiffeId,
     /// The leaf's notAfter: nothing granted to this identity should outlive it.
     pub svid_not_after: SystemTime,
-    /// SHA-256 of the leaf certificate's DER, for binding tokens to it (RFC 8705).
-    pub thumbprint_s256: [u8; 32],
+    /// SHA-256 of the leaf certificate's DER, for binding tokens to it (RFC 8705);
+    /// `None` when the caller proved itself with a JWT-SVID (no certificate), and
+    /// then nothing issued to it is certificate-bound.
+    pub thumbprint_s256: Option<[u8; 32]>,
 }
 
 impl Identity {
@@ -91,7 +97,8 @@ impl Identity {
     }
 
     /// The thumbprint as base64url without padding: the RFC 8705 `x5t#S256` value.
-    pub fn thumbprint_b64url(&self) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.thumbprint_s256)
+    pub fn thumbprint_b64url(&self) -> Option<String> {
+        self.thumbprint_s256
+            .map(|t| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t))
     }
 }

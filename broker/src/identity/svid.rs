@@ -99,7 +99,7 @@ fn identity(leaf: Leaf, der: &CertificateDer<'_>) -> Identity {
     Identity {
         spiffe_id: leaf.spiffe_id,
         svid_not_after: leaf.not_after,
-        thumbprint_s256,
+        thumbprint_s256: Some(thumbprint_s256),
     }
 }
 

@@ -169,6 +169,26 @@ pub fn server_tls_config(
     Ok(Arc::new(config))
 }
 
+/// The server configuration of the JWT-SVID listener: the broker's certificate,
+/// no client certificate requested (callers authenticate per request with a
+/// bearer JWT-SVID), TLS 1.3/1.2 with ring, ALPN `h2`, no session resumption.
+///
+/// # Errors
+/// [`IdentityError::Tls`] if rustls refuses the configuration.
+pub fn server_tls_config_without_client_auth(
+    cert: Arc<ServingCert>,
+) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(ring_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| IdentityError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
 /// A client configuration that presents an SVID and checks the broker's certificate.
 ///
 /// Guarantees: TLS 1.3 and 1.2, ring provider, ALPN `h2`; the server certificate must

@@ -156,7 +156,7 @@ impl<S: LeaseStore> LeaseService<S> {
                     grant,
                     scopes: scopes.clone(),
                     subject: caller.spiffe_id.as_str(),
-                    cnf_x5t_s256: Some(&cnf),
+                    cnf_x5t_s256: cnf.as_deref(),
                     now_ms,
                     lease_deadline_ms,
                 })

@@ -207,15 +207,17 @@ fn thumbprint_is_base64url_without_padding() {
     let mut identity = Identity {
         spiffe_id: id,
         svid_not_after: SystemTime::UNIX_EPOCH,
-        thumbprint_s256: [0; 32],
+        thumbprint_s256: Some([0; 32]),
     };
-    assert_eq!(identity.thumbprint_b64url(), "A".repeat(43));
+    assert_eq!(identity.thumbprint_b64url().unwrap(), "A".repeat(43));
     // SHA-256("abc"): the characters '-' and '_' show the URL-safe alphabet is used.
     let digest = ring::digest::digest(&ring::digest::SHA256, b"abc");
-    identity.thumbprint_s256.copy_from_slice(digest.as_ref());
+    identity.thumbprint_s256 = Some(digest.as_ref().try_into().unwrap());
     assert_eq!(
-        identity.thumbprint_b64url(),
+        identity.thumbprint_b64url().unwrap(),
         "ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0"
     );
     assert_eq!(identity.trust_domain(), "a.test");
+    identity.thumbprint_s256 = None;
+    assert_eq!(identity.thumbprint_b64url(), None);
 }

@@ -122,7 +122,7 @@ async fn good_client_is_accepted_and_identified() {
     assert_eq!(alpn.as_deref(), Some(b"h2".as_slice()));
     let der = CertificateDer::from_pem_slice(svid.cert_pem.as_bytes()).unwrap();
     let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
-    assert_eq!(&identity.thumbprint_s256[..], digest.as_ref());
+    assert_eq!(&identity.thumbprint_s256.unwrap()[..], digest.as_ref());
 }
 
 #[tokio::test]

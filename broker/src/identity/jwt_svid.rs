@@ -1,0 +1,379 @@
+//! JWT-SVIDs (SPIFFE JWT-SVID.md): the second way an agent proves who it is, for
+//! clients behind a TLS-terminating proxy that cannot pass a client certificate.
+//!
+//! A token is accepted only if every rule holds: compact JWS (three base64url
+//! parts, no JSON serialization, no JWE), `alg` one of RS/PS/ES 256/384/512
+//! (never `none` or HS*), no `crit` header, `typ` absent or `JWT`/`JOSE`, a `kid`
+//! that names a key in the JWT bundle of **the trust domain of `sub`** (a key of
+//! another trust domain never vouches), the key type matching `alg`, a valid
+//! signature (ring), `sub` a valid non-root SPIFFE ID, `aud` (string or array)
+//! containing the broker's audience, and `exp` present and not past (with a
+//! small leeway). Verification is done with ring; nothing else is trusted.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
+use serde_json::{Map, Value};
+
+use super::{Identity, IdentityError, SpiffeId, files::file_error, validate_trust_domain};
+
+/// Largest JWT-SVID accepted, in bytes.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+/// Largest JWT bundle (JWKS) file, in bytes.
+pub const MAX_BUNDLE_LEN: u64 = 1024 * 1024;
+
+/// The JWS algorithms JWT-SVID.md allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Alg {
+    Rs256,
+    Rs384,
+    Rs512,
+    Ps256,
+    Ps384,
+    Ps512,
+    Es256,
+    Es384,
+    Es512,
+}
+
+impl Alg {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "RS256" => Self::Rs256,
+            "RS384" => Self::Rs384,
+            "RS512" => Self::Rs512,
+            "PS256" => Self::Ps256,
+            "PS384" => Self::Ps384,
+            "PS512" => Self::Ps512,
+            "ES256" => Self::Es256,
+            "ES384" => Self::Es384,
+            "ES512" => Self::Es512,
+            _ => return None,
+        })
+    }
+}
+
+/// One public key of a JWT bundle.
+#[derive(Clone)]
+enum PublicKey {
+    Rsa { n: Vec<u8>, e: Vec<u8> },
+    // Uncompressed SEC1 point.
+    Ec { crv: &'static str, point: Vec<u8> },
+}
+
+/// The JWT bundles of every trusted trust domain: trust domain → `kid` → key.
+///
+/// Guarantees: every trust domain name is valid; every key has a `kid`, a
+/// supported type (RSA ≥ 2048 bits is checked by ring at verification, EC P-256
+/// or P-384) and, when it says `use`, `use` is `jwt-svid`.
+#[derive(Clone, Default)]
+pub struct JwtBundles {
+    domains: BTreeMap<String, BTreeMap<String, PublicKey>>,
+}
+
+impl fmt::Debug for JwtBundles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                self.domains
+                    .iter()
+                    .map(|(td, keys)| (td, keys.keys().collect::<Vec<_>>())),
+            )
+            .finish()
+    }
+}
+
+impl JwtBundles {
+    /// Loads one JWKS file (SPIFFE bundle format) per trust domain.
+    ///
+    /// # Errors
+    /// [`IdentityError::InvalidSpiffeId`] for a bad trust domain name;
+    /// [`IdentityError::File`] when a file cannot be read, is too large, is not a
+    /// JWK Set, or holds a key without `kid` or of an unsupported type.
+    pub fn from_files(files: &BTreeMap<String, PathBuf>) -> Result<Self, IdentityError> {
+        let mut domains = BTreeMap::new();
+        for (td, path) in files {
+            validate_trust_domain(td)?;
+            let len = std::fs::metadata(path)
+                .map_err(|e| file_error(path, e.to_string()))?
+                .len();
+            if len > MAX_BUNDLE_LEN {
+                return Err(file_error(
+                    path,
+                    format!("larger than {MAX_BUNDLE_LEN} bytes"),
+                ));
+            }
+            let text = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
+            domains.insert(td.clone(), parse_jwks(path, &text)?);
+        }
+        Ok(Self { domains })
+    }
+
+    /// Builds bundles from JWKS documents per trust domain (tests, other sources).
+    ///
+    /// # Errors
+    /// As [`from_files`](Self::from_files), naming the trust domain instead of a file.
+    pub fn from_jwks<'a>(
+        domains: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<Self, IdentityError> {
+        let mut out = BTreeMap::new();
+        for (td, jwks) in domains {
+            validate_trust_domain(td)?;
+            out.insert(td.to_owned(), parse_jwks(Path::new(td), jwks)?);
+        }
+        Ok(Self { domains: out })
+    }
+}
+
+fn parse_jwks(path: &Path, text: &[u8]) -> Result<BTreeMap<String, PublicKey>, IdentityError> {
+    let doc: Value =
+        serde_json::from_slice(text).map_err(|e| file_error(path, format!("not JSON: {e}")))?;
+    let keys = doc
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| file_error(path, "not a JWK Set (no \"keys\" array)"))?;
+    let mut out = BTreeMap::new();
+    for (i, jwk) in keys.iter().enumerate() {
+        let bad = |why: &str| file_error(path, format!("key #{}: {why}", i + 1));
+        let field = |name: &str| jwk.get(name).and_then(Value::as_str);
+        if let Some(usage) = field("use")
+            && usage != "jwt-svid"
+        {
+            // SPIFFE bundles also carry X.509 authorities (`use: x509-svid`); skip them.
+            continue;
+        }
+        let kid = field("kid").ok_or_else(|| bad("no \"kid\""))?;
+        let b64 = |name: &str| {
+            field(name)
+                .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
+                .ok_or_else(|| bad(&format!("\"{name}\" missing or not base64url")))
+        };
+        let key = match field("kty") {
+            Some("RSA") => PublicKey::Rsa {
+                n: b64("n")?,
+                e: b64("e")?,
+            },
+            Some("EC") => {
+                let (crv, len) = match field("crv") {
+                    Some("P-256") => ("P-256", 32),
+                    Some("P-384") => ("P-384", 48),
+                    other => return Err(bad(&format!("unsupported curve {other:?}"))),
+                };
+                let (x, y) = (b64("x")?, b64("y")?);
+                if x.len() != len || y.len() != len {
+                    return Err(bad("coordinates of the wrong length"));
+                }
+                let mut point = Vec::with_capacity(1 + 2 * len);
+                point.push(4);
+                point.extend_from_slice(&x);
+                point.extend_from_slice(&y);
+                PublicKey::Ec { crv, point }
+            }
+            other => return Err(bad(&format!("unsupported key type {other:?}"))),
+        };
+        if out.insert(kid.to_owned(), key).is_some() {
+            return Err(bad(&format!("duplicate kid {kid:?}")));
+        }
+    }
+    Ok(out)
+}
+
+/// Checks JWT-SVIDs presented to this broker.
+///
+/// Guarantees: see the module documentation; the token itself never appears in an
+/// error message or a log line.
+#[derive(Debug, Clone)]
+pub struct JwtSvidVerifier {
+    bundles: Arc<JwtBundles>,
+    audience: String,
+    leeway: Duration,
+}
+
+fn reject(reason: impl Into<String>) -> IdentityError {
+    IdentityError::InvalidJwtSvid(reason.into())
+}
+
+impl JwtSvidVerifier {
+    /// A verifier accepting tokens for `audience` signed by keys of `bundles`,
+    /// allowing `leeway` of clock skew on `exp`.
+    pub fn new(bundles: JwtBundles, audience: impl Into<String>, leeway: Duration) -> Self {
+        Self {
+            bundles: Arc::new(bundles),
+            audience: audience.into(),
+            leeway,
+        }
+    }
+
+    /// Verifies `token` at `now` and returns the caller's identity: its SPIFFE ID,
+    /// the token's `exp` as the end of what may be granted, and no certificate
+    /// thumbprint (so nothing issued to it is bound to a certificate).
+    ///
+    /// # Errors
+    /// [`IdentityError::InvalidJwtSvid`] naming the rule that failed.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<Identity, IdentityError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(reject(format!("longer than {MAX_TOKEN_LEN} bytes")));
+        }
+        if token.starts_with('{') {
+            return Err(reject(
+                "JWS JSON serialization is not allowed; use the compact form",
+            ));
+        }
+        let parts: Vec<&str> = token.split('.').collect();
+        match parts.len() {
+            3 => {}
+            5 => return Err(reject("a JWE is not a JWT-SVID")),
+            _ => return Err(reject("not a compact JWS (three dot-separated parts)")),
+        }
+        let header = decode_object(parts[0], "header")?;
+        let claims = decode_object(parts[1], "payload")?;
+        let signature = URL_SAFE_NO_PAD
+            .decode(parts[2])
+            .map_err(|_| reject("signature is not base64url"))?;
+
+        let alg_name = header
+            .get("alg")
+            .and_then(Value::as_str)
+            .ok_or_else(|| reject("header has no \"alg\""))?;
+        let alg = Alg::parse(alg_name)
+            .ok_or_else(|| reject(format!("alg {alg_name:?} is not allowed for JWT-SVIDs")))?;
+        if header.contains_key("crit") {
+            return Err(reject("\"crit\" header parameters are not supported"));
+        }
+        if let Some(typ) = header.get("typ") {
+            if !matches!(typ.as_str(), Some("JWT" | "JOSE")) {
+                return Err(reject("\"typ\" must be JWT or JOSE when present"));
+            }
+        }
+        let kid = header
+            .get("kid")
+            .and_then(Value::as_str)
+            .ok_or_else(|| reject("header has no \"kid\""))?;
+
+        // Who does it claim to be? The key must come from that trust domain.
+        let sub = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .ok_or_else(|| reject("no \"sub\" claim"))?;
+        let spiffe_id = SpiffeId::parse(sub).map_err(|e| reject(format!("\"sub\": {e}")))?;
+        if spiffe_id.is_root() {
+            return Err(reject("\"sub\" names a trust domain, not a workload"));
+        }
+        let keys = self
+            .bundles
+            .domains
+            .get(spiffe_id.trust_domain())
+            .ok_or_else(|| {
+                reject(format!(
+                    "no JWT bundle for trust domain {:?}",
+                    spiffe_id.trust_domain()
+                ))
+            })?;
+        let key = keys.get(kid).ok_or_else(|| {
+            reject(format!(
+                "kid {kid:?} is not in the JWT bundle of {:?}",
+                spiffe_id.trust_domain()
+            ))
+        })?;
+        let signed = &token.as_bytes()[..parts[0].len() + 1 + parts[1].len()];
+        check_signature(alg, key, signed, &signature)?;
+
+        // Claims, after the signature: nothing unsigned is believed.
+        let audience_ok = match claims.get("aud") {
+            Some(Value::String(a)) => *a == self.audience,
+            Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(&self.audience)),
+            _ => return Err(reject("no \"aud\" claim")),
+        };
+        if !audience_ok {
+            return Err(reject(format!(
+                "\"aud\" does not contain this broker's audience {:?}",
+                self.audience
+            )));
+        }
+        let exp = match claims.get("exp") {
+            Some(v) => v
+                .as_u64()
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                .ok_or_else(|| reject("\"exp\" is not a NumericDate"))?,
+            None => return Err(reject("no \"exp\" claim")),
+        };
+        let expires = UNIX_EPOCH + Duration::from_secs(exp);
+        if expires + self.leeway <= now {
+            return Err(reject("expired"));
+        }
+        Ok(Identity {
+            spiffe_id,
+            svid_not_after: expires,
+            thumbprint_s256: None,
+        })
+    }
+}
+
+fn decode_object(part: &str, what: &str) -> Result<Map<String, Value>, IdentityError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| reject(format!("{what} is not base64url")))?;
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(reject(format!("{what} is not a JSON object"))),
+    }
+}
+
+fn check_signature(
+    alg: Alg,
+    key: &PublicKey,
+    signed: &[u8],
+    signature: &[u8],
+) -> Result<(), IdentityError> {
+    let mismatch = || reject("the key's type does not match \"alg\"");
+    let ok = match (alg, key) {
+        (
+            Alg::Rs256 | Alg::Rs384 | Alg::Rs512 | Alg::Ps256 | Alg::Ps384 | Alg::Ps512,
+            PublicKey::Rsa { n, e },
+        ) => {
+            let params: &signature::RsaParameters = match alg {
+                Alg::Rs256 => &signature::RSA_PKCS1_2048_8192_SHA256,
+                Alg::Rs384 => &signature::RSA_PKCS1_2048_8192_SHA384,
+                Alg::Rs512 => &signature::RSA_PKCS1_2048_8192_SHA512,
+                Alg::Ps256 => &signature::RSA_PSS_2048_8192_SHA256,
+                Alg::Ps384 => &signature::RSA_PSS_2048_8192_SHA384,
+                _ => &signature::RSA_PSS_2048_8192_SHA512,
+            };
+            RsaPublicKeyComponents { n, e }
+                .verify(params, signed, signature)
+                .is_ok()
+        }
+        (
+            Alg::Es256,
+            PublicKey::Ec {
+                crv: "P-256",
+                point,
+            },
+        ) => UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+            .verify(signed, signature)
+            .is_ok(),
+        (
+            Alg::Es384,
+            PublicKey::Ec {
+                crv: "P-384",
+                point,
+            },
+        ) => UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_FIXED, point)
+            .verify(signed, signature)
+            .is_ok(),
+        // ring has no P-521; ES512 is allowed by the spec but no key here can carry it.
+        _ => return Err(mismatch()),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(reject("bad signature"))
+    }
+}
