@@ -247,10 +247,10 @@ impl JwtSvidVerifier {
         if header.contains_key("crit") {
             return Err(reject("\"crit\" header parameters are not supported"));
         }
-        if let Some(typ) = header.get("typ") {
-            if !matches!(typ.as_str(), Some("JWT" | "JOSE")) {
-                return Err(reject("\"typ\" must be JWT or JOSE when present"));
-            }
+        if let Some(typ) = header.get("typ")
+            && !matches!(typ.as_str(), Some("JWT" | "JOSE"))
+        {
+            return Err(reject("\"typ\" must be JWT or JOSE when present"));
         }
         let kid = header
             .get("kid")
@@ -375,5 +375,115 @@ fn check_signature(
         Ok(())
     } else {
         Err(reject("bad signature"))
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
+mod tests {
+    use ring::{
+        rand::SystemRandom,
+        signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _},
+    };
+    use serde_json::json;
+
+    use super::*;
+
+    fn authority() -> (EcdsaKeyPair, String) {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let p = key.public_key().as_ref().to_vec();
+        let jwks = json!({ "keys": [
+            { "kty": "EC", "crv": "P-256", "kid": "k1", "use": "jwt-svid",
+              "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..65]) },
+            { "kty": "EC", "use": "x509-svid", "x5c": ["ignored"] },
+        ]});
+        (key, jwks.to_string())
+    }
+
+    fn token(key: &EcdsaKeyPair, header: &Value, claims: &Value) -> String {
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let sig = key.sign(&SystemRandom::new(), input.as_bytes()).unwrap();
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    }
+
+    #[test]
+    fn a_valid_token_yields_an_unbound_identity_expiring_with_it() {
+        let (key, jwks) = authority();
+        let bundles = JwtBundles::from_jwks([("a.test", jwks.as_bytes())]).unwrap();
+        let v = JwtSvidVerifier::new(bundles, "aud-1", Duration::from_secs(30));
+        let exp = 2_000_000_000u64;
+        let t = token(
+            &key,
+            &json!({ "alg": "ES256", "kid": "k1", "typ": "JOSE" }),
+            &json!({ "sub": "spiffe://a.test/w", "aud": "aud-1", "exp": exp }),
+        );
+        let id = v
+            .verify(&t, UNIX_EPOCH + Duration::from_secs(exp - 10))
+            .unwrap();
+        assert_eq!(id.spiffe_id.as_str(), "spiffe://a.test/w");
+        assert_eq!(id.thumbprint_s256, None);
+        assert_eq!(id.svid_not_after, UNIX_EPOCH + Duration::from_secs(exp));
+        // Within the leeway after exp: still accepted; past it: refused.
+        assert!(
+            v.verify(&t, UNIX_EPOCH + Duration::from_secs(exp + 29))
+                .is_ok()
+        );
+        let late = v.verify(&t, UNIX_EPOCH + Duration::from_secs(exp + 30));
+        assert!(late.unwrap_err().to_string().contains("expired"));
+    }
+
+    #[test]
+    fn header_rules_are_enforced() {
+        let (key, jwks) = authority();
+        let bundles = JwtBundles::from_jwks([("a.test", jwks.as_bytes())]).unwrap();
+        let v = JwtSvidVerifier::new(bundles, "aud-1", Duration::ZERO);
+        let claims = json!({ "sub": "spiffe://a.test/w", "aud": "aud-1", "exp": 4_000_000_000u64 });
+        for (header, why) in [
+            (
+                json!({ "alg": "ES256", "kid": "k1", "typ": "at+jwt" }),
+                "typ",
+            ),
+            (json!({ "alg": "ES256" }), "kid"),
+            (json!({ "alg": "RS256", "kid": "k1" }), "does not match"),
+            (json!({ "alg": "EdDSA", "kid": "k1" }), "not allowed"),
+            (json!({ "kid": "k1" }), "alg"),
+        ] {
+            let err = v
+                .verify(&token(&key, &header, &claims), SystemTime::now())
+                .unwrap_err();
+            assert!(err.to_string().contains(why), "{header}: {err}");
+        }
+        let long = "a".repeat(MAX_TOKEN_LEN + 1);
+        assert!(v.verify(&long, SystemTime::now()).is_err());
+    }
+
+    #[test]
+    fn bad_bundles_are_refused_with_the_reason() {
+        for (jwks, why) in [
+            ("[]", "not a JWK Set"),
+            (
+                r#"{"keys":[{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}]}"#,
+                "kid",
+            ),
+            (
+                r#"{"keys":[{"kty":"oct","kid":"h","k":"AA"}]}"#,
+                "unsupported key type",
+            ),
+            (
+                r#"{"keys":[{"kty":"EC","crv":"P-521","kid":"e","x":"AA","y":"AA"}]}"#,
+                "curve",
+            ),
+        ] {
+            let err = JwtBundles::from_jwks([("a.test", jwks.as_bytes())]).unwrap_err();
+            assert!(err.to_string().contains(why), "{jwks}: {err}");
+        }
+        assert!(JwtBundles::from_jwks([("A.test", b"{\"keys\":[]}".as_slice())]).is_err());
     }
 }
