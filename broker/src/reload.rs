@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 
 use crate::{
-    identity::{ServingCert, TrustBundleSource},
+    identity::{ServingCert, TrustBundleSource, jwt_svid::JwtBundleSource},
     templates::TemplateCatalog,
 };
 
@@ -20,6 +20,8 @@ pub struct Reloader {
     pub bundles: Arc<TrustBundleSource>,
     /// The broker's serving certificate.
     pub cert: Arc<ServingCert>,
+    /// The JWT bundles of the JWT-SVID listener, when it is on.
+    pub jwt_bundles: Option<Arc<JwtBundleSource>>,
     /// The templates.
     pub templates: Arc<TemplateCatalog>,
     /// How often to look.
@@ -41,6 +43,15 @@ impl Reloader {
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "serving certificate not reloaded; keeping the last good one")
+            }
+        }
+        if let Some(jwt) = &self.jwt_bundles {
+            match jwt.reload() {
+                Ok(true) => tracing::info!("JWT bundles reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "JWT bundles not reloaded; keeping the last good set")
+                }
             }
         }
         match self.templates.reload() {

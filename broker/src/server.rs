@@ -25,7 +25,7 @@ use crate::{
     credentials::{KeySet, Minter, SigningKey},
     identity::{
         self, ServingCert, TrustBundleSource,
-        jwt_svid::{JwtBundles, JwtSvidVerifier},
+        jwt_svid::{JwtBundleSource, JwtSvidVerifier},
         workload::WorkloadIdentity,
     },
     lease::{LeaseService, Reaper, ReaperSettings},
@@ -68,6 +68,8 @@ struct Parts {
     workload: Option<WorkloadIdentity>,
     // The JWT-SVID listener's address and verifier, when configured.
     jwt_svid: Option<(std::net::SocketAddr, JwtSvidVerifier)>,
+    // Its JWT bundles, for the reloader.
+    jwt_bundles: Option<Arc<JwtBundleSource>>,
 }
 
 async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
@@ -116,16 +118,16 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
         .map_err(|e| setup("signing.keys", e))?;
     let keys = KeySet::new(keys).map_err(|e| setup("signing.keys", e))?;
     let minter = Minter::new(Arc::new(keys), config.signing.issuer.clone());
-    let jwt_svid = match &config.jwt_svid {
+    let (jwt_svid, jwt_bundles) = match &config.jwt_svid {
         Some(j) => {
-            let bundles =
-                JwtBundles::from_files(&j.bundles).map_err(|e| setup("jwt_svid.bundles", e))?;
-            Some((
-                j.listen,
-                JwtSvidVerifier::new(bundles, j.audience.clone(), j.leeway),
-            ))
+            let bundles = Arc::new(
+                JwtBundleSource::from_files(&j.bundles)
+                    .map_err(|e| setup("jwt_svid.bundles", e))?,
+            );
+            let verifier = JwtSvidVerifier::new(Arc::clone(&bundles), j.audience.clone(), j.leeway);
+            (Some((j.listen, verifier)), Some(bundles))
         }
-        None => None,
+        None => (None, None),
     };
     Ok(Parts {
         bundles,
@@ -134,6 +136,7 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
         minter,
         workload,
         jwt_svid,
+        jwt_bundles,
     })
 }
 
@@ -317,6 +320,7 @@ async fn run<S: LeaseStore>(
     let reloader = Reloader {
         bundles: parts.bundles,
         cert: parts.cert,
+        jwt_bundles: parts.jwt_bundles,
         templates: parts.templates,
         interval: config.reload.interval,
     };

@@ -82,7 +82,7 @@ struct Setup {
     broker: TestBroker,
     port: u16,
     acme: Authority,
-    _bundles: tempfile::TempDir,
+    bundles: tempfile::TempDir,
 }
 
 async fn setup() -> Setup {
@@ -107,7 +107,7 @@ bundles = {{ "acme.test" = "{dir}/acme.json", "other.test" = "{dir}/other.json" 
         broker,
         port,
         acme,
-        _bundles: bundles,
+        bundles,
     }
 }
 
@@ -349,5 +349,39 @@ async fn the_mtls_port_ignores_bearer_tokens() {
     let p = payload(&begun.credentials[0].value);
     assert_eq!(p["sub"], "spiffe://acme.test/agent/honest");
     assert!(p.get("cnf").is_some());
+    s.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_bundles_reload_without_restart() {
+    let s = setup().await;
+    let ch = channel(&s).await;
+    let sub = "spiffe://acme.test/agent/rotating";
+    let old = s.acme.sign(&s.acme.header(), &claims(sub));
+    begin(&ch, Some(&old)).await.unwrap();
+
+    // The trust domain rotates its JWT authority: new key, new kid.
+    let next = Authority::new("acme-2");
+    let path = s.bundles.path().join("acme.json");
+    let tmp = s.bundles.path().join("acme.json.tmp");
+    std::fs::write(&tmp, next.jwks()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let fresh = next.sign(&next.header(), &claims(sub));
+    let took = leash_e2e::eventually(std::time::Duration::from_secs(5), || async {
+        begin(&ch, Some(&fresh)).await.is_ok()
+    })
+    .await;
+    assert!(took.is_some(), "the new JWT bundle was never loaded");
+    let err = begin(&ch, Some(&old)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("not in the JWT bundle"), "{err:?}");
+
+    // A broken edit keeps the last good bundle.
+    std::fs::write(&tmp, "{ not json").unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    begin(&ch, Some(&next.sign(&next.header(), &claims(sub))))
+        .await
+        .unwrap();
     s.broker.stop().await;
 }

@@ -14,7 +14,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError, RwLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -22,12 +22,14 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value};
 
-use super::{Identity, IdentityError, SpiffeId, files::file_error, validate_trust_domain};
+use super::{
+    Identity, IdentityError, SpiffeId,
+    files::{Stamp, file_error, metadata_changed, read_stamped, same_content},
+    validate_trust_domain,
+};
 
 /// Largest JWT-SVID accepted, in bytes.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
-/// Largest JWT bundle (JWKS) file, in bytes.
-pub const MAX_BUNDLE_LEN: u64 = 1024 * 1024;
 
 /// The JWS algorithms JWT-SVID.md allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,31 +93,6 @@ impl fmt::Debug for JwtBundles {
 }
 
 impl JwtBundles {
-    /// Loads one JWKS file (SPIFFE bundle format) per trust domain.
-    ///
-    /// # Errors
-    /// [`IdentityError::InvalidSpiffeId`] for a bad trust domain name;
-    /// [`IdentityError::File`] when a file cannot be read, is too large, is not a
-    /// JWK Set, or holds a key without `kid` or of an unsupported type.
-    pub fn from_files(files: &BTreeMap<String, PathBuf>) -> Result<Self, IdentityError> {
-        let mut domains = BTreeMap::new();
-        for (td, path) in files {
-            validate_trust_domain(td)?;
-            let len = std::fs::metadata(path)
-                .map_err(|e| file_error(path, e.to_string()))?
-                .len();
-            if len > MAX_BUNDLE_LEN {
-                return Err(file_error(
-                    path,
-                    format!("larger than {MAX_BUNDLE_LEN} bytes"),
-                ));
-            }
-            let text = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
-            domains.insert(td.clone(), parse_jwks(path, &text)?);
-        }
-        Ok(Self { domains })
-    }
-
     /// Builds bundles from JWKS documents per trust domain (tests, other sources).
     ///
     /// # Errors
@@ -129,6 +106,84 @@ impl JwtBundles {
             out.insert(td.to_owned(), parse_jwks(Path::new(td), jwks)?);
         }
         Ok(Self { domains: out })
+    }
+}
+
+/// JWT bundles loaded from one JWKS file per trust domain, reloadable in place.
+///
+/// Guarantees: [`current`](Self::current) is always a complete set that loaded
+/// without error; a reload swaps the whole set at once, and a broken file keeps
+/// the last good set (the next reload tries again).
+#[derive(Debug)]
+pub struct JwtBundleSource {
+    current: RwLock<Arc<JwtBundles>>,
+    // Held for the whole of a reload.
+    files: Mutex<BTreeMap<String, (PathBuf, Stamp)>>,
+}
+
+impl JwtBundleSource {
+    /// Loads one JWKS file (SPIFFE bundle format) per trust domain.
+    ///
+    /// # Errors
+    /// [`IdentityError::InvalidSpiffeId`] for a bad trust domain name;
+    /// [`IdentityError::File`] when a file cannot be read, is over 1 MiB, is not a
+    /// JWK Set, or holds a key without `kid` or of an unsupported type.
+    pub fn from_files(files: &BTreeMap<String, PathBuf>) -> Result<Self, IdentityError> {
+        let mut stamps = BTreeMap::new();
+        let mut domains = BTreeMap::new();
+        for (td, path) in files {
+            validate_trust_domain(td)?;
+            let (text, stamp) = read_stamped(path)?;
+            domains.insert(td.clone(), parse_jwks(path, &text)?);
+            stamps.insert(td.clone(), (path.clone(), stamp));
+        }
+        Ok(Self {
+            current: RwLock::new(Arc::new(JwtBundles { domains })),
+            files: Mutex::new(stamps),
+        })
+    }
+
+    /// A source holding `bundles`, with no files behind it (reload does nothing).
+    pub fn fixed(bundles: JwtBundles) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(bundles)),
+            files: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The current set; cheap (one `Arc` clone).
+    pub fn current(&self) -> Arc<JwtBundles> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Re-reads the files whose metadata changed and swaps in a new set if any
+    /// content changed. Returns whether it did.
+    ///
+    /// # Errors
+    /// [`IdentityError::File`] when a changed file cannot be read or parsed; the
+    /// last good set stays current.
+    pub fn reload(&self) -> Result<bool, IdentityError> {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = files.clone();
+        let mut domains = self.current().domains.clone();
+        let mut changed = false;
+        for (td, (path, stamp)) in next.iter_mut() {
+            if !metadata_changed(path, stamp)? {
+                continue;
+            }
+            let (text, new_stamp) = read_stamped(path)?;
+            if !same_content(stamp, &new_stamp) {
+                domains.insert(td.clone(), parse_jwks(path, &text)?);
+                changed = true;
+            }
+            *stamp = new_stamp;
+        }
+        if changed {
+            *self.current.write().unwrap_or_else(PoisonError::into_inner) =
+                Arc::new(JwtBundles { domains });
+        }
+        *files = next;
+        Ok(changed)
     }
 }
 
@@ -191,7 +246,7 @@ fn parse_jwks(path: &Path, text: &[u8]) -> Result<BTreeMap<String, PublicKey>, I
 /// error message or a log line.
 #[derive(Debug, Clone)]
 pub struct JwtSvidVerifier {
-    bundles: Arc<JwtBundles>,
+    bundles: Arc<JwtBundleSource>,
     audience: String,
     leeway: Duration,
 }
@@ -201,11 +256,16 @@ fn reject(reason: impl Into<String>) -> IdentityError {
 }
 
 impl JwtSvidVerifier {
-    /// A verifier accepting tokens for `audience` signed by keys of `bundles`,
-    /// allowing `leeway` of clock skew on `exp`.
-    pub fn new(bundles: JwtBundles, audience: impl Into<String>, leeway: Duration) -> Self {
+    /// A verifier accepting tokens for `audience` signed by keys of the current
+    /// `bundles` (so a reload applies to the next call), allowing `leeway` of
+    /// clock skew on `exp`.
+    pub fn new(
+        bundles: Arc<JwtBundleSource>,
+        audience: impl Into<String>,
+        leeway: Duration,
+    ) -> Self {
         Self {
-            bundles: Arc::new(bundles),
+            bundles,
             audience: audience.into(),
             leeway,
         }
@@ -266,8 +326,8 @@ impl JwtSvidVerifier {
         if spiffe_id.is_root() {
             return Err(reject("\"sub\" names a trust domain, not a workload"));
         }
-        let keys = self
-            .bundles
+        let bundles = self.bundles.current();
+        let keys = bundles
             .domains
             .get(spiffe_id.trust_domain())
             .ok_or_else(|| {
@@ -417,7 +477,11 @@ mod tests {
     fn a_valid_token_yields_an_unbound_identity_expiring_with_it() {
         let (key, jwks) = authority();
         let bundles = JwtBundles::from_jwks([("a.test", jwks.as_bytes())]).unwrap();
-        let v = JwtSvidVerifier::new(bundles, "aud-1", Duration::from_secs(30));
+        let v = JwtSvidVerifier::new(
+            Arc::new(JwtBundleSource::fixed(bundles)),
+            "aud-1",
+            Duration::from_secs(30),
+        );
         let exp = 2_000_000_000u64;
         let t = token(
             &key,
@@ -443,7 +507,11 @@ mod tests {
     fn header_rules_are_enforced() {
         let (key, jwks) = authority();
         let bundles = JwtBundles::from_jwks([("a.test", jwks.as_bytes())]).unwrap();
-        let v = JwtSvidVerifier::new(bundles, "aud-1", Duration::ZERO);
+        let v = JwtSvidVerifier::new(
+            Arc::new(JwtBundleSource::fixed(bundles)),
+            "aud-1",
+            Duration::ZERO,
+        );
         let claims = json!({ "sub": "spiffe://a.test/w", "aud": "aud-1", "exp": 4_000_000_000u64 });
         for (header, why) in [
             (
