@@ -18,8 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    api::BearerAuth,
-    api::{BrokerApi, VerifierApi},
+    api::{BearerAuth, BrokerApi, VerifierApi},
     clock::{Clock, SystemClock},
     config::{Config, StoreKind, TlsSource},
     credentials::{KeySet, Minter, SigningKey},
@@ -52,6 +51,13 @@ pub enum ServerError {
     /// A listener failed.
     #[error("serving failed: {0}")]
     Serve(String),
+}
+
+/// The gRPC server settings every listener shares.
+fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
 }
 
 fn setup(what: &str, e: impl std::fmt::Display) -> ServerError {
@@ -218,9 +224,7 @@ async fn run<S: LeaseStore>(
 
     // Agent port: mTLS, Broker + Verifier + health + reflection.
     let incoming = tls_incoming(agent, TlsAcceptor::from(tls), stop_rx.clone());
-    let agent_router = tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(30))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    let agent_router = grpc_server()
         .add_service(health_service.clone())
         .add_service(reflection)
         .add_service(BrokerServer::new(BrokerApi::new(service.clone())))
@@ -247,9 +251,7 @@ async fn run<S: LeaseStore>(
             .map_err(|e| setup("jwt_svid", e))?;
         let incoming = tls_incoming(listener, TlsAcceptor::from(tls), stop_rx.clone());
         let auth = BearerAuth::new(verifier);
-        let router = tonic::transport::Server::builder()
-            .timeout(Duration::from_secs(30))
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        let router = grpc_server()
             .add_service(health_service.clone())
             .add_service(BrokerServer::with_interceptor(
                 BrokerApi::new(service.clone()),
