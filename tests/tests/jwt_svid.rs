@@ -385,3 +385,16 @@ async fn jwt_bundles_reload_without_restart() {
         .unwrap();
     s.broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_just_past_exp_is_accepted_within_the_leeway() {
+    let s = setup().await;
+    let ch = channel(&s).await;
+    // The listener allows 5 s of clock skew: 2 s past `exp` passes end to end.
+    let mut late = claims("spiffe://acme.test/agent/skewed");
+    late["exp"] = json!(now() - 2);
+    begin(&ch, Some(&s.acme.sign(&s.acme.header(), &late)))
+        .await
+        .unwrap();
+    s.broker.stop().await;
+}

@@ -83,6 +83,12 @@ impl WorkloadIdentity {
                 changed = updates.changed() => {
                     if let Err(e) = changed {
                         tracing::warn!(error = %e, "SPIFFE Workload API source closed; keeping the last SVID and bundles");
+                        // Serve on with them (they expire by themselves) until shutdown.
+                        while !*shutdown.borrow() {
+                            if shutdown.changed().await.is_err() {
+                                break;
+                            }
+                        }
                         return;
                     }
                     self.apply();
