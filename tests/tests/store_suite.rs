@@ -742,6 +742,7 @@ async fn case_revocations_are_logged_and_read<S: LeaseStore>(store: &S) {
     assert_eq!(r.expires_at_ms, T0 + 5_000);
     assert_eq!(r.revoked_at_ms, T0 + 1_000);
     assert_eq!(r.reason, EndReason::Completion);
+    assert_eq!(r.audience, live.audience);
     assert_eq!(r.position.0, 2);
     assert!(!after.is_before(2, r.position.1) && start.is_before(2, r.position.1));
     let RevocationRead::Records(none, same) = store
@@ -763,8 +764,21 @@ async fn case_revocations_are_logged_and_read<S: LeaseStore>(store: &S) {
         snap_cursor, after,
         "the snapshot is consistent with the log position"
     );
-    let (later, _) = store.revocation_snapshot(T0 + 5_000).await.unwrap();
-    assert!(later.is_empty(), "expired revocations leave the snapshot");
+    assert_eq!(
+        snap[0].audience, live.audience,
+        "the audience travels with it"
+    );
+    let grace = leash_broker::store::REVOCATION_GRACE_MS;
+    let (kept, _) = store
+        .revocation_snapshot(T0 + 5_000 + grace - 1)
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 1, "kept for the grace past its expiry");
+    let (later, _) = store.revocation_snapshot(T0 + 5_000 + grace).await.unwrap();
+    assert!(
+        later.is_empty(),
+        "revocations leave the snapshot after the grace"
+    );
 
     // A waiting read wakes when a revocation is logged.
     let t2 = task_id(9, 1);

@@ -64,6 +64,7 @@ pub fn task_ended(task: &TaskRecord, reason: EndReason, revoked: &[CredentialId]
     let event = match reason {
         EndReason::Completion => "task.completed",
         EndReason::Expiry => "lease.expired",
+        EndReason::Rotation => "credential.rotated",
     };
     tracing::info!(
         target: TARGET,
@@ -81,7 +82,7 @@ pub fn task_ended(task: &TaskRecord, reason: EndReason, revoked: &[CredentialId]
             event = "credential.revoked",
             task_id = %task.id,
             credential_id = %id,
-            reason = match reason { EndReason::Completion => "completion", EndReason::Expiry => "expiry" },
+            reason = reason.as_str(),
         );
     }
 }

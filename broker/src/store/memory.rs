@@ -11,8 +11,9 @@ use tokio::sync::Notify;
 
 use super::{
     BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, CredentialView, EndReason,
-    ExpireOutcome, LeaseStore, LogId, REVOCATION_LOG_MAX, RenewOutcome, RevocationCursor,
-    RevocationRead, RevocationRecord, SHARDS, StoreError, TaskId, TaskRecord, TaskState,
+    ExpireOutcome, LeaseStore, LogId, REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, RenewOutcome,
+    RevocationCursor, RevocationRead, RevocationRecord, SHARDS, StoreError, TaskId, TaskRecord,
+    TaskState,
 };
 
 /// One shard's revocation log.
@@ -31,8 +32,9 @@ struct Inner {
     deadlines: BTreeSet<(u64, TaskId)>,
     claims: HashMap<TaskId, u64>,
     logs: Vec<Log>,
-    /// Revoked, maybe unexpired credentials: id → expiry.
-    revoked: BTreeMap<CredentialId, u64>,
+    /// Revoked credentials, kept until [`REVOCATION_GRACE_MS`] past their
+    /// expiry: id → (expiry, audience).
+    revoked: BTreeMap<CredentialId, (u64, String)>,
 }
 
 /// A [`LeaseStore`] held in this process's memory.
@@ -76,28 +78,30 @@ impl Inner {
         now_ms: u64,
         reason: EndReason,
     ) -> Vec<CredentialId> {
-        let live: Vec<(CredentialId, u64)> = self
+        let live: Vec<(CredentialId, u64, String)> = self
             .credentials
             .get(task_id)
             .map(|m| {
                 m.values()
                     .filter(|c| c.expires_at_ms > now_ms)
-                    .map(|c| (c.id.clone(), c.expires_at_ms))
+                    .map(|c| (c.id.clone(), c.expires_at_ms, c.audience.clone()))
                     .collect()
             })
             .unwrap_or_default();
-        self.revoked.retain(|_, exp| *exp > now_ms);
+        self.revoked
+            .retain(|_, (exp, _)| exp.saturating_add(REVOCATION_GRACE_MS) > now_ms);
         let shard = task_id.shard();
         let Some(log) = self.logs.get_mut(usize::from(shard)) else {
             return Vec::new();
         };
-        for (id, exp) in &live {
+        for (id, exp, audience) in &live {
             log.last = log.last.next(now_ms);
             log.entries.push_back(RevocationRecord {
                 credential_id: id.clone(),
                 expires_at_ms: *exp,
                 revoked_at_ms: now_ms,
                 reason,
+                audience: audience.clone(),
                 position: (shard, log.last),
             });
             if log.entries.len() > REVOCATION_LOG_MAX
@@ -105,9 +109,9 @@ impl Inner {
             {
                 log.trimmed = old.position.1;
             }
-            self.revoked.insert(id.clone(), *exp);
+            self.revoked.insert(id.clone(), (*exp, audience.clone()));
         }
-        live.into_iter().map(|(id, _)| id).collect()
+        live.into_iter().map(|(id, ..)| id).collect()
     }
 
     fn forget_old(&mut self, now_ms: u64, retention_ms: u64) {
@@ -336,12 +340,13 @@ impl LeaseStore for MemoryStore {
         let records = inner
             .revoked
             .iter()
-            .filter(|(_, exp)| **exp > now_ms)
-            .map(|(id, exp)| RevocationRecord {
+            .filter(|(_, (exp, _))| exp.saturating_add(REVOCATION_GRACE_MS) > now_ms)
+            .map(|(id, (exp, audience))| RevocationRecord {
                 credential_id: id.clone(),
                 expires_at_ms: *exp,
                 revoked_at_ms: 0,
                 reason: EndReason::Completion,
+                audience: audience.clone(),
                 position: (id.task_id().shard(), LogId::default()),
             })
             .collect();

@@ -32,6 +32,13 @@ pub use redis::{RedisStore, RedisStoreOptions};
 /// Number of shards tasks are spread over (a task's shard is fixed by its id).
 pub const SHARDS: u8 = 16;
 
+/// How long a revoked credential stays in the revoked set (and so in every
+/// watcher's snapshot) after its own expiry. A verifier that accepts a token up
+/// to `exp + leeway` must use a leeway of at most this, or it would forget the
+/// revocation while still accepting the token; the broker advertises it to
+/// watchers and the SDK caps its leeway at it.
+pub const REVOCATION_GRACE_MS: u64 = 30_000;
+
 /// Most entries kept in one shard's revocation log; a watcher further behind
 /// than this starts over from a snapshot.
 pub const REVOCATION_LOG_MAX: usize = 100_000;

@@ -167,7 +167,7 @@ impl TaskState {
     }
 }
 
-/// Why a task ended (the revocation reason of its credentials).
+/// Why a credential was revoked: its task ended, or it was rotated out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndReason {
@@ -175,6 +175,9 @@ pub enum EndReason {
     Completion,
     /// The lease was not renewed before its deadline.
     Expiry,
+    /// The task is live, but the credential was the oldest of its grant when
+    /// a renewal went past the per-grant cap of live credentials.
+    Rotation,
 }
 
 /// A declared task and its lease.
@@ -409,6 +412,8 @@ pub struct RevocationRecord {
     pub revoked_at_ms: u64,
     /// Why.
     pub reason: EndReason,
+    /// The credential's audience: watchers are told only of their audiences' credentials.
+    pub audience: String,
     /// Its shard and position in that shard's log (0-0 in a snapshot).
     pub position: (u8, LogId),
 }
@@ -419,6 +424,7 @@ impl EndReason {
         match self {
             Self::Completion => "completion",
             Self::Expiry => "expiry",
+            Self::Rotation => "rotation",
         }
     }
 
@@ -427,6 +433,7 @@ impl EndReason {
         match s {
             "completion" => Some(Self::Completion),
             "expiry" => Some(Self::Expiry),
+            "rotation" => Some(Self::Rotation),
             _ => None,
         }
     }

@@ -21,8 +21,9 @@ use redis::{Client, Script, aio::ConnectionManager, aio::ConnectionManagerConfig
 
 use super::{
     BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, CredentialView, EndReason,
-    ExpireOutcome, LeaseStore, LogId, REVOCATION_LOG_MAX, RenewOutcome, RevocationCursor,
-    RevocationRead, RevocationRecord, SHARDS, StoreError, TaskId, TaskRecord, TaskState,
+    ExpireOutcome, LeaseStore, LogId, REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, RenewOutcome,
+    RevocationCursor, RevocationRead, RevocationRecord, SHARDS, StoreError, TaskId, TaskRecord,
+    TaskState,
 };
 
 /// Options for [`RedisStore::connect`].
@@ -123,7 +124,11 @@ return {{'renewed', f[1], 'active', nd, f[4], f[5]}}
         );
         // Logs each revoked, unexpired credential (cexp scores are expiries) in
         // the shard's revocation stream and revoked set, in the same atomic step.
-        let log = |cexp: &str,
+        // Revoked-set members are `<credential id> <audience>`, kept until
+        // REVOCATION_GRACE_MS past their expiry; stream entries carry c (id),
+        // e (expiry), a (revoked at), r (reason) and u (audience).
+        let log = |creds: &str,
+                   cexp: &str,
                    revlog: &str,
                    revoked: &str,
                    now: &str,
@@ -134,10 +139,13 @@ return {{'renewed', f[1], 'active', nd, f[4], f[5]}}
 local live = redis.call('ZRANGEBYSCORE', {cexp}, '(' .. {now}, '+inf', 'WITHSCORES')
 for i = 1, #live, 2 do
   {collect}
-  redis.call('XADD', {revlog}, 'MAXLEN', '~', {maxlen}, '*', 'c', live[i], 'e', live[i + 1], 'a', {now}, 'r', reason)
-  redis.call('ZADD', {revoked}, live[i + 1], live[i])
+  local aud = ''
+  local cj = redis.call('HGET', {creds}, live[i])
+  if cj then aud = cjson.decode(cj).audience or '' end
+  redis.call('XADD', {revlog}, 'MAXLEN', '~', {maxlen}, '*', 'c', live[i], 'e', live[i + 1], 'a', {now}, 'r', reason, 'u', aud)
+  redis.call('ZADD', {revoked}, live[i + 1], live[i] .. ' ' .. aud)
 end
-redis.call('ZREMRANGEBYSCORE', {revoked}, '-inf', {now})
+redis.call('ZREMRANGEBYSCORE', {revoked}, '-inf', '(' .. (tonumber({now}) - {REVOCATION_GRACE_MS}))
 "
             )
         };
@@ -160,6 +168,7 @@ return out
         .replace(
             "{LOG_REVOCATIONS}",
             &log(
+                "KEYS[6]",
                 "KEYS[2]",
                 "KEYS[4]",
                 "KEYS[5]",
@@ -222,6 +231,7 @@ return out
         .replace(
             "{LOG_REVOCATIONS_EXPIRE}",
             &log(
+                "KEYS[2]",
                 "KEYS[5]",
                 "KEYS[6]",
                 "KEYS[7]",
@@ -238,11 +248,12 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   for i = 1, #info, 2 do if info[i] == 'last-generated-id' then last = info[i + 1] end end
 end
 local out = {last}
-for _, v in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'WITHSCORES')) do
+for _, v in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. (tonumber(ARGV[1]) - {grace}), '+inf', 'WITHSCORES')) do
   table.insert(out, v)
 end
 return out
-";
+"
+        .replace("{grace}", &REVOCATION_GRACE_MS.to_string());
         // 1 if any stream has trimmed entries after the reader's position in it.
         let gap = r"
 for k = 1, #KEYS do
@@ -259,7 +270,7 @@ end
 return 0
 ";
         Self {
-            snapshot: Script::new(snapshot),
+            snapshot: Script::new(&snapshot),
             gap: Script::new(gap),
             begin: Script::new(&begin),
             renew: Script::new(&renew),
@@ -531,13 +542,15 @@ impl LeaseStore for RedisStore {
         now_ms: u64,
         outcome: &str,
     ) -> Result<CompleteOutcome, StoreError> {
-        let [k_task, _, k_cexp, k_deadlines, _, k_revlog, k_revoked] = self.task_keys(task_id);
+        let [k_task, k_creds, k_cexp, k_deadlines, _, k_revlog, k_revoked] =
+            self.task_keys(task_id);
         let mut inv = self.scripts.complete.prepare_invoke();
         inv.key(&k_task)
             .key(&k_cexp)
             .key(&k_deadlines)
             .key(&k_revlog)
-            .key(&k_revoked);
+            .key(&k_revoked)
+            .key(&k_creds);
         inv.arg(now_ms)
             .arg(outcome)
             .arg(task_id.as_str())
@@ -671,14 +684,16 @@ impl LeaseStore for RedisStore {
                 .ok_or_else(|| corrupt("revocation log id"))?;
             cursor.advance(shard, last);
             for pair in reply.get(1..).unwrap_or_default().chunks(2) {
-                let (Some(Some(id)), Some(Some(exp))) = (pair.first(), pair.get(1)) else {
+                let (Some(Some(member)), Some(Some(exp))) = (pair.first(), pair.get(1)) else {
                     return Err(corrupt("revoked set"));
                 };
+                let (id, audience) = member.split_once(' ').unwrap_or((member, ""));
                 records.push(RevocationRecord {
                     credential_id: CredentialId::parse(id).ok_or_else(|| corrupt("revoked id"))?,
                     expires_at_ms: parse_score(exp)?,
                     revoked_at_ms: 0,
                     reason: EndReason::Completion,
+                    audience: audience.to_owned(),
                     position: (shard, LogId::default()),
                 });
             }
@@ -746,6 +761,7 @@ impl LeaseStore for RedisStore {
                     expires_at_ms: parse_score(&field("e")?)?,
                     revoked_at_ms: parse_score(&field("a")?)?,
                     reason: EndReason::parse(&field("r")?).ok_or_else(|| corrupt("reason"))?,
+                    audience: field("u").unwrap_or_default(),
                     position: (shard, pos),
                 });
                 cursor.advance(shard, pos);
