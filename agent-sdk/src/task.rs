@@ -522,7 +522,8 @@ impl Renewer {
         }
     }
 
-    /// One renewal, retried on `UNAVAILABLE` and on timeouts until the deadline:
+    /// One renewal, retried on `UNAVAILABLE`, `RESOURCE_EXHAUSTED` (too soon) and
+    /// on timeouts until the deadline:
     /// repeating a renewal is harmless (it extends the same lease), and giving up
     /// early would end the task for a passing network problem.
     async fn renew(&mut self) -> Result<(), String> {
@@ -543,7 +544,11 @@ impl Renewer {
                     self.renewed(response);
                     return Ok(());
                 }
-                Ok(Err(e @ (Error::Unavailable(_) | Error::Transport(_)))) => e,
+                // Exhausted: renewed sooner than the template allows (only after
+                // a retried renewal); waiting a backoff step and retrying is right.
+                Ok(Err(
+                    e @ (Error::Unavailable(_) | Error::Transport(_) | Error::Exhausted(_)),
+                )) => e,
                 Ok(Err(e)) => return Err(format!("renewal refused: {e}")),
                 Err(_) => Error::Transport("renewal timed out at the lease deadline".into()),
             };

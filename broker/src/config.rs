@@ -182,9 +182,15 @@ pub struct Store {
     /// Bound on each store call.
     #[serde(default = "default_store_timeout", with = "humantime_serde")]
     pub timeout: Duration,
-    /// How long ended tasks stay readable past their max lifetime.
+    /// How long an ended task's record stays readable after it ends (its
+    /// credential records are deleted when it ends).
     #[serde(default = "default_retention", with = "humantime_serde")]
     pub retention: Duration,
+    /// When a state change is acknowledged: `"fsync"` (default; on the Redis
+    /// node's disk), `"replicas = N"` (N replicas acknowledged), or `"none"`
+    /// (explicit opt-out, logged loudly at start). See `durability()`.
+    #[serde(default = "default_durability")]
+    pub durability: String,
 }
 
 impl fmt::Debug for Store {
@@ -193,6 +199,7 @@ impl fmt::Debug for Store {
             .field("kind", &self.kind)
             .field("url", &redact_url(&self.url))
             .field("prefix", &self.prefix)
+            .field("durability", &self.durability)
             .finish_non_exhaustive()
     }
 }
@@ -213,8 +220,13 @@ impl Default for Store {
             prefix: default_prefix(),
             timeout: default_store_timeout(),
             retention: default_retention(),
+            durability: default_durability(),
         }
     }
+}
+
+fn default_durability() -> String {
+    "fsync".into()
 }
 
 fn default_redis_url() -> String {
@@ -236,10 +248,7 @@ pub struct Reaper {
     /// Sweep interval: how late after its deadline a lease may be revoked.
     #[serde(default = "default_reaper_interval", with = "humantime_serde")]
     pub interval: Duration,
-    /// How long a claim is exclusive before another replica takes it over.
-    #[serde(default = "default_claim_ttl", with = "humantime_serde")]
-    pub claim_ttl: Duration,
-    /// Most leases claimed per shard per sweep.
+    /// Most leases expired per shard in one atomic store step (1 to 1000).
     #[serde(default = "default_batch")]
     pub batch: usize,
 }
@@ -248,7 +257,6 @@ impl Default for Reaper {
     fn default() -> Self {
         Self {
             interval: default_reaper_interval(),
-            claim_ttl: default_claim_ttl(),
             batch: default_batch(),
         }
     }
@@ -256,9 +264,6 @@ impl Default for Reaper {
 
 fn default_reaper_interval() -> Duration {
     Duration::from_millis(250)
-}
-fn default_claim_ttl() -> Duration {
-    Duration::from_secs(5)
 }
 fn default_batch() -> usize {
     256
@@ -538,16 +543,27 @@ impl Config {
         {
             p.push("reaper.interval: must be between 10ms and 1s (it bounds how late a lease is revoked)".into());
         }
-        if self.reaper.claim_ttl <= self.reaper.interval {
-            p.push("reaper.claim_ttl: must be longer than reaper.interval".into());
+        if self.reaper.batch == 0 || self.reaper.batch > 1000 {
+            p.push(
+                "reaper.batch: must be between 1 and 1000 (one atomic step must stay short)".into(),
+            );
         }
-        if self.reaper.batch == 0 {
-            p.push("reaper.batch: must be positive".into());
+        if crate::store::Durability::parse(&self.store.durability).is_none() {
+            p.push(format!(
+                "store.durability: {:?} is not \"fsync\", \"replicas = N\" (N >= 1) or \"none\"",
+                self.store.durability
+            ));
         }
         if self.reload.interval < Duration::from_millis(100) {
             p.push("reload.interval: at least 100ms".into());
         }
         p
+    }
+
+    /// The configured durability (validated at load; `fsync` if unreadable).
+    pub fn durability(&self) -> crate::store::Durability {
+        crate::store::Durability::parse(&self.store.durability)
+            .unwrap_or(crate::store::Durability::Fsync)
     }
 
     /// The introspection caller patterns (validated at load).

@@ -174,10 +174,37 @@ pub async fn serve(
                     prefix: config.store.prefix.clone(),
                     timeout: config.store.timeout,
                     retention: config.store.retention,
+                    durability: config.durability(),
+                    clock: crate::store::StoreClock::Store,
                 },
             )
             .map_err(|e| setup("store.url", e))?;
+            check_redis(&store).await?;
             run(config, parts, Arc::new(store), clock, agent, ops, shutdown).await
+        }
+    }
+}
+
+/// Checks the Redis server before serving: a reachable server that cannot give
+/// Leash's guarantees stops the start; an unreachable one is logged, and state
+/// changes fail closed until a check passes.
+async fn check_redis(store: &RedisStore) -> Result<(), ServerError> {
+    let durability = store.durability();
+    if durability == crate::store::Durability::None {
+        tracing::warn!(
+            "store.durability = \"none\": changes are acknowledged before they are durable; a Redis crash can bring completed tasks back and lose revocations. Do not run production like this."
+        );
+    }
+    match store.verify().await {
+        Ok(facts) => {
+            let (major, minor, patch) = facts.version;
+            tracing::info!(redis = %format!("{major}.{minor}.{patch}"), %durability, "redis checked");
+            Ok(())
+        }
+        Err(e @ crate::store::StoreError::Misconfigured(_)) => Err(setup("store", e)),
+        Err(e) => {
+            tracing::warn!(error = %e, "redis not reachable at start; state changes wait for a passing check");
+            Ok(())
         }
     }
 }
@@ -298,8 +325,8 @@ async fn run<S: LeaseStore>(
         clock.clone(),
         ReaperSettings {
             interval: config.reaper.interval,
-            claim_ttl: config.reaper.claim_ttl,
             batch: config.reaper.batch,
+            ..ReaperSettings::default()
         },
     );
     let rx = stop_rx.clone();

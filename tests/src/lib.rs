@@ -424,7 +424,6 @@ prefix = "{prefix}"
 timeout = "500ms"
 [reaper]
 interval = "{reaper}"
-claim_ttl = "2s"
 [verifier]
 introspect_callers = ["spiffe://acme.test/resource/*"]
 [reload]

@@ -22,8 +22,8 @@ use std::{
 use leash_broker::{
     credentials::{opaque, value_digest},
     store::{
-        BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, ExpireOutcome, LeaseStore,
-        MemoryStore, RedisStore, RedisStoreOptions, RenewOutcome, SHARDS, StoreError, StoredKind,
+        BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, LeaseStore, MemoryStore,
+        RedisStore, RedisStoreOptions, RenewOutcome, Renewal, SHARDS, StoreError, StoredKind,
         TaskId, TaskRecord, TaskState,
     },
 };
@@ -31,8 +31,6 @@ use leash_e2e::{RedisServer, eventually};
 
 /// The fixed "now" the cases start from (ms since the epoch, in the year 2096).
 const T0: u64 = 4_000_000_000_000;
-/// Claim TTL used by the reaper-side cases.
-const CLAIM_TTL: u64 = 1_000;
 const PREFIX: &str = "leash-test";
 
 // ---------------------------------------------------------------- fixtures
@@ -109,9 +107,31 @@ fn set(ids: Vec<CredentialId>) -> BTreeSet<CredentialId> {
 async fn begin_new<S: LeaseStore>(store: &S, t: &TaskRecord, creds: &[CredentialRecord]) {
     let outcome = store.begin(t, creds).await.unwrap();
     assert!(
-        matches!(outcome, BeginOutcome::Created),
+        matches!(outcome, BeginOutcome::Created(_)),
         "begin of a new task: {outcome:?}"
     );
+}
+
+/// Renews so that the deadline becomes `new_deadline` (from `now`), as a renewal
+/// without a rate limit (the limit has its own case).
+async fn renew_to<S: LeaseStore>(
+    store: &S,
+    id: &TaskId,
+    now: u64,
+    new_deadline: u64,
+    creds: &[CredentialRecord],
+) -> Result<RenewOutcome, StoreError> {
+    store
+        .renew(
+            id,
+            Renewal {
+                now_ms: now,
+                extend_by_ms: new_deadline.saturating_sub(now),
+                min_interval_ms: None,
+                credentials: creds,
+            },
+        )
+        .await
 }
 
 async fn stored<S: LeaseStore>(store: &S, id: &TaskId) -> TaskRecord {
@@ -120,7 +140,7 @@ async fn stored<S: LeaseStore>(store: &S, id: &TaskId) -> TaskRecord {
 
 async fn has_credential<S: LeaseStore>(store: &S, c: &CredentialRecord) -> bool {
     store
-        .credential(&c.id.task_id(), &c.id)
+        .credential(&c.id.task_id(), &c.id, T0)
         .await
         .unwrap()
         .is_some()
@@ -177,26 +197,32 @@ async fn case_renew_extends_within_bounds<S: LeaseStore>(store: &S) {
 
     let c2 = cred(&id, 2, T0 + 8_000);
     let deadline = |o: RenewOutcome| match o {
-        RenewOutcome::Renewed(t) => {
+        RenewOutcome::Renewed { task: t, .. } => {
             assert_eq!(t.state, TaskState::Active);
             t.lease_deadline_ms
         }
         other => panic!("renew of a live task must succeed, got {other:?}"),
     };
-    let extended = store
-        .renew(&id, T0 + 1_000, T0 + 3_000, std::slice::from_ref(&c2))
-        .await
-        .unwrap();
+    let extended = renew_to(
+        store,
+        &id,
+        T0 + 1_000,
+        T0 + 3_000,
+        std::slice::from_ref(&c2),
+    )
+    .await
+    .unwrap();
     assert_eq!(deadline(extended), T0 + 3_000, "renew extends");
     assert_eq!(stored(store, &id).await.lease_deadline_ms, T0 + 3_000);
     assert!(has_credential(store, &c2).await, "renew adds credentials");
 
-    let earlier = store.renew(&id, T0 + 1_500, T0 + 2_500, &[]).await.unwrap();
+    let earlier = renew_to(store, &id, T0 + 1_500, T0 + 2_500, &[])
+        .await
+        .unwrap();
     assert_eq!(deadline(earlier), T0 + 3_000, "renew never shortens");
     assert_eq!(stored(store, &id).await.lease_deadline_ms, T0 + 3_000);
 
-    let beyond = store
-        .renew(&id, T0 + 2_000, T0 + 99_000, &[])
+    let beyond = renew_to(store, &id, T0 + 2_000, T0 + 99_000, &[])
         .await
         .unwrap();
     assert_eq!(deadline(beyond), max, "renew is capped at max_deadline");
@@ -222,11 +248,13 @@ async fn case_renew_prunes_expired_credentials<S: LeaseStore>(store: &S) {
     assert!(has_credential(store, &old).await);
 
     let fresh = cred(&id, 4, T0 + 6_000);
-    let outcome = store
-        .renew(&id, now, T0 + 4_000, std::slice::from_ref(&fresh))
+    let outcome = renew_to(store, &id, now, T0 + 4_000, std::slice::from_ref(&fresh))
         .await
         .unwrap();
-    assert!(matches!(outcome, RenewOutcome::Renewed(_)), "{outcome:?}");
+    assert!(
+        matches!(outcome, RenewOutcome::Renewed { .. }),
+        "{outcome:?}"
+    );
     assert!(
         !has_credential(store, &old).await,
         "a credential expired before now must be pruned"
@@ -247,8 +275,7 @@ async fn case_renew_not_active<S: LeaseStore>(store: &S) {
     let c = cred(&id, 1, T0 + 9_000);
 
     for now in [T0 + 1_000, T0 + 1_500] {
-        match store
-            .renew(&id, now, now + 5_000, std::slice::from_ref(&c))
+        match renew_to(store, &id, now, now + 5_000, std::slice::from_ref(&c))
             .await
             .unwrap()
         {
@@ -270,7 +297,10 @@ async fn case_renew_not_active<S: LeaseStore>(store: &S) {
     let done = task_id(6, 2);
     begin_new(store, &task(&done, T0 + 5_000, T0 + 60_000), &[]).await;
     store.complete(&done, T0 + 100, "ok").await.unwrap();
-    match store.renew(&done, T0 + 200, T0 + 9_000, &[]).await.unwrap() {
+    match renew_to(store, &done, T0 + 200, T0 + 9_000, &[])
+        .await
+        .unwrap()
+    {
         RenewOutcome::NotActive(r) => {
             assert_eq!(r.state, TaskState::Completed);
             assert_eq!(r.lease_deadline_ms, T0 + 5_000);
@@ -279,25 +309,29 @@ async fn case_renew_not_active<S: LeaseStore>(store: &S) {
     }
 }
 
-/// Every call on an unknown task: renew NotFound, complete NotFound, expire AlreadyEnded, reads None.
+/// Every call on an unknown task: renew NotFound, complete NotFound, reap nothing, reads None.
 async fn case_unknown_task<S: LeaseStore>(store: &S) {
     let id = task_id(7, 9);
     assert!(matches!(
-        store.renew(&id, T0, T0 + 1_000, &[]).await.unwrap(),
+        renew_to(store, &id, T0, T0 + 1_000, &[]).await.unwrap(),
         RenewOutcome::NotFound
     ));
     assert!(matches!(
         store.complete(&id, T0, "ok").await.unwrap(),
         CompleteOutcome::NotFound
     ));
-    assert!(matches!(
-        store.expire(&id, T0).await.unwrap(),
-        ExpireOutcome::AlreadyEnded
-    ));
+    assert!(
+        store
+            .reap(id.shard(), T0 + 10_000, 10)
+            .await
+            .unwrap()
+            .expired
+            .is_empty()
+    );
     assert_eq!(store.task(&id).await.unwrap(), None);
     // The failed renew must not have created anything.
     let c = cred(&id, 1, T0 + 1_000);
-    assert!(store.credential(&id, &c.id).await.unwrap().is_none());
+    assert!(store.credential(&id, &c.id, T0).await.unwrap().is_none());
 }
 
 /// Complete before the deadline: Completed with the outcome, revoking exactly the unexpired credentials.
@@ -335,10 +369,13 @@ async fn case_complete_before_deadline<S: LeaseStore>(store: &S) {
         other => panic!("second complete must be AlreadyEnded, got {other:?}"),
     }
     assert_eq!(stored(store, &id).await, ended);
-    // The credential record stays readable, now with an ended task.
-    let view = store.credential(&id, &live_a.id).await.unwrap().unwrap();
-    assert_eq!(view.task.state, TaskState::Completed);
-    assert!(!view.task.is_live(now));
+    // Item 9: the credential records go with the task's end; only the task stays.
+    for c in [&expired, &live_a, &live_b] {
+        assert!(
+            !has_credential(store, c).await,
+            "an ended task's credential record must be deleted"
+        );
+    }
 }
 
 /// Complete at or after the deadline ends the task as Expired, without the outcome.
@@ -371,16 +408,16 @@ async fn case_credential_lookup<S: LeaseStore>(store: &S) {
     let c2 = cred(&id, 2, T0 + 6_000);
     begin_new(store, &t, &[c1.clone(), c2.clone()]).await;
 
-    let view = store.credential(&id, &c2.id).await.unwrap().unwrap();
+    let view = store.credential(&id, &c2.id, T0).await.unwrap().unwrap();
     assert_eq!(view.task, t);
     assert_eq!(view.credential, c2);
-    let view = store.credential(&id, &c1.id).await.unwrap().unwrap();
+    let view = store.credential(&id, &c1.id, T0).await.unwrap().unwrap();
     assert_eq!(view.credential, c1);
 
     let unknown_cred = CredentialId::new(&id, [9; 8]);
     assert!(
         store
-            .credential(&id, &unknown_cred)
+            .credential(&id, &unknown_cred, T0)
             .await
             .unwrap()
             .is_none()
@@ -389,301 +426,220 @@ async fn case_credential_lookup<S: LeaseStore>(store: &S) {
     let unknown_task_cred = CredentialId::new(&other, [1; 8]);
     assert!(
         store
-            .credential(&other, &unknown_task_cred)
+            .credential(&other, &unknown_task_cred, T0)
             .await
             .unwrap()
             .is_none()
     );
 }
 
-/// claim_due returns only due tasks of the shard; a claim hides the task until its TTL
-/// passes, then the next claimer takes it over (a dead replica's claim).
-async fn case_claim_due_and_takeover<S: LeaseStore>(store: &S) {
+/// reap expires exactly the due leases of its shard, once, revoking their unexpired
+/// credentials and deleting their credential records in the same step.
+async fn case_reap_expires_due_leases_once<S: LeaseStore>(store: &S) {
     let due = task_id(3, 1);
     let later = task_id(3, 2);
-    let other_shard = task_id(5, 1);
-    begin_new(store, &task(&due, T0 + 1_000, T0 + 60_000), &[]).await;
+    let other_shard = task_id(4, 1);
+    let live = cred(&due, 1, T0 + 9_000);
+    let old = cred(&due, 2, T0 + 500);
+    begin_new(
+        store,
+        &task(&due, T0 + 1_000, T0 + 60_000),
+        &[live.clone(), old.clone()],
+    )
+    .await;
     begin_new(store, &task(&later, T0 + 5_000, T0 + 60_000), &[]).await;
     begin_new(store, &task(&other_shard, T0 + 1_000, T0 + 60_000), &[]).await;
 
+    let early = store.reap(3, T0 + 999, 10).await.unwrap();
     assert!(
-        store
-            .claim_due(3, T0 + 999, CLAIM_TTL, 10)
-            .await
-            .unwrap()
-            .is_empty(),
-        "nothing is due before its deadline"
-    );
-    let now = T0 + 2_000;
-    assert_eq!(
-        store.claim_due(3, now, CLAIM_TTL, 10).await.unwrap(),
-        vec![due.clone()]
-    );
-    assert_eq!(
-        store.claim_due(5, now, CLAIM_TTL, 10).await.unwrap(),
-        vec![other_shard.clone()]
-    );
-    assert!(
-        store
-            .claim_due(4, now, CLAIM_TTL, 10)
-            .await
-            .unwrap()
-            .is_empty()
+        early.expired.is_empty() && !early.more,
+        "nothing is due yet"
     );
 
-    // Held: nobody else gets it while the claim is live.
-    for t in [now, now + 500, now + CLAIM_TTL - 1] {
-        assert!(
-            store
-                .claim_due(3, t, CLAIM_TTL, 10)
-                .await
-                .unwrap()
-                .is_empty(),
-            "a live claim was handed out again at +{}",
-            t - now
-        );
-    }
-    // The claimer died without expire/release: after the TTL the task is handed out again.
-    let takeover = now + CLAIM_TTL + 500;
+    let now = T0 + 1_000;
+    let reaped = store.reap(3, now, 10).await.unwrap();
+    assert_eq!(reaped.expired.len(), 1, "{reaped:?}");
+    let e = &reaped.expired[0];
+    assert_eq!(e.task.id, due);
+    assert_eq!(e.task.state, TaskState::Expired);
+    assert_eq!(e.task.ended_at_ms, Some(now));
     assert_eq!(
-        store.claim_due(3, takeover, CLAIM_TTL, 10).await.unwrap(),
-        vec![due.clone()],
-        "an unreleased claim must be taken over once its TTL passed"
+        set(e.revoked.clone()),
+        ids(&[&live]),
+        "only the unexpired one is revoked"
     );
-    // ...and the new claim is held again.
     assert!(
-        store
-            .claim_due(3, takeover + 100, CLAIM_TTL, 10)
-            .await
-            .unwrap()
-            .is_empty()
+        !has_credential(store, &live).await,
+        "credential records go with the lease"
     );
-    // The task has not been touched by claiming.
-    assert_eq!(stored(store, &due).await.state, TaskState::Active);
+    assert!(!has_credential(store, &old).await);
+    assert_eq!(stored(store, &due).await.state, TaskState::Expired);
+    assert_eq!(stored(store, &later).await.state, TaskState::Active);
+    assert_eq!(
+        stored(store, &other_shard).await.state,
+        TaskState::Active,
+        "other shard untouched"
+    );
+
+    let again = store.reap(3, now + 10, 10).await.unwrap();
+    assert!(again.expired.is_empty(), "never twice: {again:?}");
+    // A completed task is never expired.
+    let done = task_id(3, 3);
+    begin_new(store, &task(&done, T0 + 2_000, T0 + 60_000), &[]).await;
+    store.complete(&done, T0 + 1_500, "ok").await.unwrap();
+    let after = store.reap(3, T0 + 3_000, 10).await.unwrap();
+    assert!(after.expired.iter().all(|e| e.task.id != done), "{after:?}");
+    assert_eq!(stored(store, &done).await.state, TaskState::Completed);
 }
 
-/// expire on a due task: Expired with every credential id; a second expire is AlreadyEnded.
-async fn case_expire_due_task<S: LeaseStore>(store: &S) {
-    let id = task_id(11, 1);
-    let a = cred(&id, 1, T0 + 5_000);
-    let b = cred(&id, 2, T0 + 6_000);
-    begin_new(
-        store,
-        &task(&id, T0 + 1_000, T0 + 60_000),
-        &[a.clone(), b.clone()],
-    )
-    .await;
-    let now = T0 + 1_500;
-    assert_eq!(
-        store.claim_due(11, now, CLAIM_TTL, 10).await.unwrap(),
-        vec![id.clone()]
-    );
-    match store.expire(&id, now).await.unwrap() {
-        ExpireOutcome::Expired { task, revoked } => {
-            assert_eq!(task.state, TaskState::Expired);
-            assert_eq!(task.ended_at_ms, Some(now));
-            assert_eq!(task.outcome, None);
-            assert_eq!(set(revoked), ids(&[&a, &b]));
-        }
-        other => panic!("expire of a due task must expire it, got {other:?}"),
-    }
-    let after = stored(store, &id).await;
-    assert_eq!(after.state, TaskState::Expired);
-    assert!(matches!(
-        store.expire(&id, now + 1).await.unwrap(),
-        ExpireOutcome::AlreadyEnded
-    ));
-    assert!(matches!(
-        store.complete(&id, now + 2, "late").await.unwrap(),
-        CompleteOutcome::AlreadyEnded(_)
-    ));
-    assert!(matches!(
-        store.renew(&id, now + 3, now + 9_000, &[]).await.unwrap(),
-        RenewOutcome::NotActive(_)
-    ));
-    assert_eq!(stored(store, &id).await, after, "idempotent calls wrote");
-    store.release(&id).await.unwrap();
-    assert!(
-        store
-            .claim_due(11, now + 10 * CLAIM_TTL, CLAIM_TTL, 10)
-            .await
-            .unwrap()
-            .is_empty(),
-        "an expired and released task was claimed again"
-    );
-}
-
-/// A task renewed after it was claimed is NotDue on expire, loses the claim, and is
-/// claimable again at its new deadline.
-async fn case_expire_renewed_after_claim<S: LeaseStore>(store: &S) {
+/// A lease renewed before the sweep is not expired at its old deadline.
+async fn case_reap_respects_renewal<S: LeaseStore>(store: &S) {
     let id = task_id(12, 1);
-    let c = cred(&id, 1, T0 + 9_000);
+    begin_new(store, &task(&id, T0 + 1_000, T0 + 60_000), &[]).await;
+    renew_to(store, &id, T0 + 900, T0 + 3_000, &[])
+        .await
+        .unwrap();
+    let reaped = store.reap(12, T0 + 1_001, 10).await.unwrap();
+    assert!(
+        reaped.expired.is_empty(),
+        "renewed lease expired: {reaped:?}"
+    );
+    let reaped = store.reap(12, T0 + 3_000, 10).await.unwrap();
+    assert_eq!(reaped.expired.len(), 1);
+    assert_eq!(reaped.expired[0].task.lease_deadline_ms, T0 + 3_000);
+}
+
+/// A backlog is expired in bounded batches: `more` says there is more to do.
+async fn case_reap_in_bounded_batches<S: LeaseStore>(store: &S) {
+    for n in 0..5 {
+        begin_new(store, &task(&task_id(13, n), T0 + 1_000, T0 + 60_000), &[]).await;
+    }
+    let first = store.reap(13, T0 + 2_000, 2).await.unwrap();
+    assert_eq!(first.expired.len(), 2);
+    assert!(first.more);
+    let second = store.reap(13, T0 + 2_000, 2).await.unwrap();
+    assert_eq!(second.expired.len(), 2);
+    assert!(second.more);
+    let last = store.reap(13, T0 + 2_000, 2).await.unwrap();
+    assert_eq!(last.expired.len(), 1);
+    assert!(!last.more);
+    let all: BTreeSet<TaskId> = [first, second, last]
+        .into_iter()
+        .flat_map(|r| r.expired.into_iter().map(|e| e.task.id))
+        .collect();
+    assert_eq!(all.len(), 5, "each lease expired exactly once");
+}
+
+/// Concurrent reapers of one shard never expire the same lease twice.
+async fn case_concurrent_reapers_disjoint<S: LeaseStore>(store: &S) {
+    for n in 0..12 {
+        begin_new(store, &task(&task_id(14, n), T0 + 1_000, T0 + 60_000), &[]).await;
+    }
+    let reap = || async {
+        let mut mine = Vec::new();
+        for _ in 0..10 {
+            let r = store.reap(14, T0 + 2_000, 2).await.unwrap();
+            mine.extend(r.expired.into_iter().map(|e| e.task.id));
+        }
+        mine
+    };
+    let (a, b, c) = tokio::join!(reap(), reap(), reap());
+    let total = a.len() + b.len() + c.len();
+    let unique: BTreeSet<TaskId> = a.into_iter().chain(b).chain(c).collect();
+    assert_eq!(total, 12, "every lease expired once");
+    assert_eq!(unique.len(), 12, "no lease expired twice");
+}
+
+/// A renewal past the per-grant cap revokes the oldest credential of that grant
+/// (reason rotation, logged for watchers); other grants are untouched.
+async fn case_credentials_per_grant_are_capped<S: LeaseStore>(store: &S) {
+    let cap = leash_broker::store::MAX_LIVE_CREDENTIALS_PER_GRANT;
+    let id = task_id(15, 1);
+    let mut other = cred(&id, 200, T0 + 50_000);
+    other.grant = "db".into();
+    let first = cred(&id, 0, T0 + 50_000);
     begin_new(
         store,
-        &task(&id, T0 + 1_000, T0 + 60_000),
-        std::slice::from_ref(&c),
+        &task(&id, T0 + 2_000, T0 + 60_000),
+        &[first.clone(), other.clone()],
     )
     .await;
-    // The reaper's clock says the lease is due...
-    assert_eq!(
-        store
-            .claim_due(12, T0 + 1_000, CLAIM_TTL, 10)
+    let mut issued = vec![first];
+    let mut rotated = Vec::new();
+    for n in 1..(u8::try_from(cap).unwrap() + 3) {
+        let c = cred(&id, n, T0 + 50_000);
+        match renew_to(store, &id, T0 + 100, T0 + 2_000, std::slice::from_ref(&c))
             .await
-            .unwrap(),
-        vec![id.clone()]
-    );
-    // ...while the owner's renewal (by the broker that served it) landed just in time.
-    let renewed = store.renew(&id, T0 + 999, T0 + 3_000, &[]).await.unwrap();
-    assert!(matches!(renewed, RenewOutcome::Renewed(_)), "{renewed:?}");
-
-    assert!(
-        matches!(
-            store.expire(&id, T0 + 1_001).await.unwrap(),
-            ExpireOutcome::NotDue
-        ),
-        "a renewed task must not be expired"
-    );
-    let t = stored(store, &id).await;
-    assert_eq!(t.state, TaskState::Active);
-    assert_eq!(t.lease_deadline_ms, T0 + 3_000);
-    assert!(has_credential(store, &c).await);
-
-    // The claim is gone (else it would be taken over at +CLAIM_TTL) and the task is
-    // back in the deadline index: claimable exactly from its new deadline.
-    for now in [T0 + 1_001, T0 + 1_000 + CLAIM_TTL + 1, T0 + 2_999] {
-        assert!(
-            store
-                .claim_due(12, now, CLAIM_TTL, 10)
-                .await
-                .unwrap()
-                .is_empty(),
-            "claimed at {} before the new deadline",
-            now - T0
-        );
-    }
-    assert_eq!(
-        store
-            .claim_due(12, T0 + 3_000, CLAIM_TTL, 10)
-            .await
-            .unwrap(),
-        vec![id.clone()],
-        "the renewed task must be claimable at its new deadline"
-    );
-    assert!(matches!(
-        store.expire(&id, T0 + 3_000).await.unwrap(),
-        ExpireOutcome::Expired { .. }
-    ));
-}
-
-/// release removes the claim: the task is not handed out again when the TTL passes.
-async fn case_release_removes_claim<S: LeaseStore>(store: &S) {
-    let id = task_id(13, 1);
-    let keep = task_id(13, 2);
-    begin_new(store, &task(&id, T0 + 1_000, T0 + 60_000), &[]).await;
-    begin_new(store, &task(&keep, T0 + 1_000, T0 + 60_000), &[]).await;
-    let claimed: BTreeSet<TaskId> = store
-        .claim_due(13, T0 + 1_000, CLAIM_TTL, 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
-    assert_eq!(claimed, BTreeSet::from([id.clone(), keep.clone()]));
-    assert!(matches!(
-        store.expire(&id, T0 + 1_000).await.unwrap(),
-        ExpireOutcome::Expired { .. }
-    ));
-    store.release(&id).await.unwrap();
-    // Releasing twice (a retried release) is harmless.
-    store.release(&id).await.unwrap();
-    assert_eq!(
-        store
-            .claim_due(13, T0 + 1_000 + CLAIM_TTL + 1, CLAIM_TTL, 10)
-            .await
-            .unwrap(),
-        vec![keep],
-        "only the unreleased claim may be taken over"
-    );
-}
-
-/// A completed task is never claimed, however late the reaper looks.
-async fn case_completed_never_claimed<S: LeaseStore>(store: &S) {
-    let id = task_id(14, 1);
-    begin_new(store, &task(&id, T0 + 1_000, T0 + 60_000), &[]).await;
-    assert!(matches!(
-        store.complete(&id, T0 + 500, "done").await.unwrap(),
-        CompleteOutcome::Ended { .. }
-    ));
-    for now in [T0 + 1_000, T0 + 5_000, T0 + 59_000] {
-        assert!(
-            store
-                .claim_due(14, now, CLAIM_TTL, 10)
-                .await
-                .unwrap()
-                .is_empty(),
-            "a completed task was claimed at +{}",
-            now - T0
-        );
-    }
-}
-
-/// Two reapers claiming at once never get the same task, and between them get all.
-async fn case_concurrent_claimers_disjoint<S: LeaseStore>(store: &S) {
-    let mut all = BTreeSet::new();
-    for n in 0..50u8 {
-        let id = task_id(n % SHARDS, n);
-        begin_new(store, &task(&id, T0 + 1_000, T0 + 60_000), &[]).await;
-        all.insert(id);
-    }
-    let claimer = || async {
-        let mut got = Vec::new();
-        loop {
-            let mut progress = false;
-            for shard in 0..SHARDS {
-                let batch = store.claim_due(shard, T0 + 2_000, 60_000, 2).await.unwrap();
-                progress |= !batch.is_empty();
-                got.extend(batch);
-                tokio::task::yield_now().await;
-            }
-            if !progress {
-                return got;
-            }
+            .unwrap()
+        {
+            RenewOutcome::Renewed { rotated: r, .. } => rotated.extend(r),
+            other => panic!("{other:?}"),
         }
-    };
-    let (a, b) = tokio::join!(claimer(), claimer());
-    let a_set: BTreeSet<TaskId> = a.iter().cloned().collect();
-    let b_set: BTreeSet<TaskId> = b.iter().cloned().collect();
-    assert_eq!(a_set.len(), a.len(), "one claimer got a task twice");
-    assert_eq!(b_set.len(), b.len(), "one claimer got a task twice");
-    let both: Vec<_> = a_set.intersection(&b_set).collect();
-    assert!(both.is_empty(), "both claimers got {both:?}");
-    let union: BTreeSet<TaskId> = a_set.union(&b_set).cloned().collect();
-    assert_eq!(union, all, "together the claimers must get every due task");
+        issued.push(c);
+    }
+    assert_eq!(
+        rotated,
+        issued[..3].iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        "the oldest go first"
+    );
+    for c in &issued[..3] {
+        assert!(!has_credential(store, c).await, "rotated out");
+    }
+    for c in &issued[3..] {
+        assert!(has_credential(store, c).await, "the newest {cap} stay");
+    }
+    assert!(
+        has_credential(store, &other).await,
+        "another grant keeps its credential"
+    );
+    let (snap, _) = store.revocation_snapshot(T0 + 100).await.unwrap();
+    let revoked: BTreeSet<CredentialId> = snap.into_iter().map(|r| r.credential_id).collect();
+    for c in &issued[..3] {
+        assert!(
+            revoked.contains(&c.id),
+            "watchers are told of a rotated credential"
+        );
+    }
 }
 
-/// One claim reply never lists a task twice, even when the task is both a timed-out
-/// claim and due again in the deadline index (renewed after the claim, then its
-/// claimer died and nobody looked until after the new deadline).
-async fn case_claim_reply_has_no_duplicates<S: LeaseStore>(store: &S) {
-    let id = task_id(15, 1);
-    begin_new(store, &task(&id, T0 + 1_000, T0 + 60_000), &[]).await;
-    assert_eq!(
-        store
-            .claim_due(15, T0 + 1_000, CLAIM_TTL, 10)
+/// A renewal sooner than the minimum interval after the last one (or the begin)
+/// is TooSoon and writes nothing; a begin replay (no interval) is never limited.
+async fn case_renewals_are_rate_limited<S: LeaseStore>(store: &S) {
+    let id = task_id(15, 2);
+    let t = task(&id, T0 + 5_000, T0 + 60_000);
+    begin_new(store, &t, &[]).await;
+    let limited = |now: u64, creds: &'static [CredentialRecord]| Renewal {
+        now_ms: now,
+        extend_by_ms: 5_000,
+        min_interval_ms: Some(1_000),
+        credentials: creds,
+    };
+    match store.renew(&id, limited(T0 + 400, &[])).await.unwrap() {
+        RenewOutcome::TooSoon { retry_after_ms } => assert_eq!(retry_after_ms, 600),
+        other => panic!("renew 400 ms after begin must be TooSoon: {other:?}"),
+    }
+    assert_eq!(stored(store, &id).await, t, "TooSoon wrote nothing");
+    assert!(matches!(
+        store.renew(&id, limited(T0 + 1_000, &[])).await.unwrap(),
+        RenewOutcome::Renewed { .. }
+    ));
+    assert!(matches!(
+        store.renew(&id, limited(T0 + 1_500, &[])).await.unwrap(),
+        RenewOutcome::TooSoon {
+            retry_after_ms: 500
+        }
+    ));
+    // A replay does not count as, nor wait for, a renewal.
+    assert!(matches!(
+        renew_to(store, &id, T0 + 1_600, T0 + 6_000, &[])
             .await
             .unwrap(),
-        vec![id.clone()]
-    );
-    let renewed = store.renew(&id, T0 + 999, T0 + 3_000, &[]).await.unwrap();
-    assert!(matches!(renewed, RenewOutcome::Renewed(_)), "{renewed:?}");
-    // The claimer died before expire; the next look is after the new deadline.
-    assert_eq!(
-        store
-            .claim_due(15, T0 + 3_500, CLAIM_TTL, 10)
-            .await
-            .unwrap(),
-        vec![id.clone()],
-        "claim_due listed the same task more than once"
-    );
+        RenewOutcome::Renewed { .. }
+    ));
+    assert!(matches!(
+        store.renew(&id, limited(T0 + 2_000, &[])).await.unwrap(),
+        RenewOutcome::Renewed { .. }
+    ));
 }
 
 async fn case_ping<S: LeaseStore>(store: &S) {
@@ -703,6 +659,9 @@ fn redis_store(redis: &RedisServer) -> RedisStore {
             prefix: PREFIX.into(),
             timeout: Duration::from_secs(1),
             retention: Duration::from_secs(3_600),
+            durability: leash_broker::store::Durability::Fsync,
+            // The cases pass fixed instants in 2096; Redis's own clock has its own case.
+            clock: leash_broker::store::StoreClock::Caller,
         },
     )
     .unwrap()
@@ -840,13 +799,12 @@ store_suite!(
     case_complete_before_deadline,
     case_complete_after_deadline,
     case_credential_lookup,
-    case_claim_due_and_takeover,
-    case_expire_due_task,
-    case_expire_renewed_after_claim,
-    case_release_removes_claim,
-    case_completed_never_claimed,
-    case_concurrent_claimers_disjoint,
-    case_claim_reply_has_no_duplicates,
+    case_reap_expires_due_leases_once,
+    case_reap_respects_renewal,
+    case_reap_in_bounded_batches,
+    case_concurrent_reapers_disjoint,
+    case_credentials_per_grant_are_capped,
+    case_renewals_are_rate_limited,
     case_ping,
     case_revocations_are_logged_and_read,
 );
@@ -919,11 +877,16 @@ async fn redis_store_never_holds_a_credential_value() {
     let value2 = opaque::generate(&second).unwrap();
     let c2 = cred_with_digest(&id, 2, T0 + 6_000, value_digest(value2.expose()));
     assert!(matches!(
-        store
-            .renew(&id, T0 + 1_000, T0 + 3_000, std::slice::from_ref(&c2))
-            .await
-            .unwrap(),
-        RenewOutcome::Renewed(_)
+        renew_to(
+            &store,
+            &id,
+            T0 + 1_000,
+            T0 + 3_000,
+            std::slice::from_ref(&c2)
+        )
+        .await
+        .unwrap(),
+        RenewOutcome::Renewed { .. }
     ));
 
     let dump = redis.dump_all();
@@ -958,8 +921,7 @@ async fn redis_keys_of_one_task_share_one_hash_tag() {
             &[cred(id, 1, T0 + 5_000)],
         )
         .await;
-        store
-            .claim_due(id.shard(), T0 + 1_000, CLAIM_TTL, 10)
+        renew_to(&store, id, T0 + 10, T0 + 2_000, &[cred(id, 2, T0 + 5_000)])
             .await
             .unwrap();
     }
@@ -1016,9 +978,14 @@ async fn redis_down_fails_fast_and_recovers_with_data() {
     let bound = Duration::from_secs(2);
     let unavailable = |what: &str, started: Instant, r: Result<(), StoreError>| {
         let took = started.elapsed();
+        // A write whose connection died may have been sent: outcome unknown is
+        // the honest answer; both are UNAVAILABLE to a client.
         assert!(
-            matches!(r, Err(StoreError::Unavailable(_))),
-            "{what} with Redis down must be Unavailable, got {r:?}"
+            matches!(
+                r,
+                Err(StoreError::Unavailable(_) | StoreError::OutcomeUnknown(_))
+            ),
+            "{what} with Redis down must fail closed, got {r:?}"
         );
         assert!(
             took <= bound,
@@ -1041,12 +1008,10 @@ async fn redis_down_fails_fast_and_recovers_with_data() {
         "begin",
         store.begin(&task(&other, T0 + 2_000, T0 + 60_000), &[])
     );
-    down!("renew", store.renew(&id, T0 + 1_000, T0 + 3_000, &[]));
+    down!("renew", renew_to(&store, &id, T0 + 1_000, T0 + 3_000, &[]));
     down!("complete", store.complete(&id, T0 + 1_000, "ok"));
-    down!("credential", store.credential(&id, &c.id));
-    down!("claim_due", store.claim_due(6, T0 + 5_000, CLAIM_TTL, 10));
-    down!("expire", store.expire(&id, T0 + 5_000));
-    down!("release", store.release(&id));
+    down!("credential", store.credential(&id, &c.id, T0));
+    down!("reap", store.reap(6, T0 + 5_000, 10));
 
     redis.restart();
 
@@ -1066,7 +1031,7 @@ async fn redis_down_fails_fast_and_recovers_with_data() {
     );
     assert_eq!(
         store
-            .credential(&id, &c.id)
+            .credential(&id, &c.id, T0)
             .await
             .unwrap()
             .unwrap()
@@ -1080,8 +1045,10 @@ async fn redis_down_fails_fast_and_recovers_with_data() {
     );
     // Writes work again too, with scripts reloaded into the restarted server.
     assert!(matches!(
-        store.renew(&id, T0 + 1_000, T0 + 3_000, &[]).await.unwrap(),
-        RenewOutcome::Renewed(_)
+        renew_to(&store, &id, T0 + 1_000, T0 + 3_000, &[])
+            .await
+            .unwrap(),
+        RenewOutcome::Renewed { .. }
     ));
     assert_eq!(stored(&store, &id).await.lease_deadline_ms, T0 + 3_000);
     begin_new(&store, &task(&other, T0 + 2_000, T0 + 60_000), &[]).await;
@@ -1130,16 +1097,13 @@ async fn redis_unresponsive_fails_within_timeout_and_recovers() {
 
     signal(pid, "-STOP");
     let mut results = Vec::new();
-    for what in ["ping", "task", "claim_due"] {
+    for what in ["ping", "task", "reap"] {
         let started = Instant::now();
         let call = async {
             match what {
                 "ping" => store.ping().await,
                 "task" => store.task(&id).await.map(|_| ()),
-                _ => store
-                    .claim_due(9, T0 + 5_000, CLAIM_TTL, 10)
-                    .await
-                    .map(|_| ()),
+                _ => store.reap(9, T0 + 5_000, 10).await.map(|_| ()),
             }
         };
         let r = tokio::time::timeout(Duration::from_secs(10), call).await;
@@ -1150,8 +1114,9 @@ async fn redis_unresponsive_fails_within_timeout_and_recovers() {
     for (what, took, r) in results {
         let r = r.unwrap_or_else(|_| panic!("{what} hung on an unresponsive Redis"));
         assert!(
-            matches!(r, Err(StoreError::Unavailable(_))),
-            "{what} on an unresponsive Redis must be Unavailable, got {r:?}"
+            matches!(r, Err(StoreError::Unavailable(_)))
+                || (what == "reap" && matches!(r, Err(StoreError::OutcomeUnknown(_)))),
+            "{what} on an unresponsive Redis must be Unavailable (a write: outcome unknown), got {r:?}"
         );
         // 1 s timeout, one retry with at most 0.5 s delay: a little over 2 s at worst.
         assert!(

@@ -32,6 +32,19 @@ pub fn status(err: LeaseError) -> Status {
             tracing::warn!(reason = %m, "store unavailable; request refused");
             Status::unavailable(format!("{m}; nothing was changed, retry with backoff"))
         }
+        LeaseError::OutcomeUnknown(m) => {
+            tracing::warn!(reason = %m, "store change not confirmed; outcome unknown");
+            Status::unavailable(format!(
+                "outcome unknown: {m}; retry the same call (BeginTask with the same idempotency_key; RenewLease and CompleteTask are safe to repeat)"
+            ))
+        }
+        LeaseError::TooSoon { retry_after_ms } => {
+            let mut status = Status::resource_exhausted(err.to_string());
+            if let Ok(v) = retry_after_ms.to_string().parse() {
+                status.metadata_mut().insert("retry-after-ms", v);
+            }
+            status
+        }
         LeaseError::Internal(detail) => {
             tracing::error!(%detail, "internal error");
             Status::internal("internal error; the broker logged the detail")

@@ -54,6 +54,20 @@ pub fn lease_renewed(task: &TaskRecord) {
     );
 }
 
+/// Older credentials of a live task revoked because their grant went past the
+/// per-grant cap of live credentials.
+pub fn credentials_rotated(task: &TaskRecord, rotated: &[CredentialId]) {
+    for id in rotated {
+        tracing::info!(
+            target: TARGET,
+            event = "credential.revoked",
+            task_id = %task.id,
+            credential_id = %id,
+            reason = EndReason::Rotation.as_str(),
+        );
+    }
+}
+
 /// A request was refused by policy or ownership.
 pub fn denied(identity: &str, action: &str, reason: &str) {
     tracing::warn!(target: TARGET, event = "task.denied", identity, action, reason);

@@ -175,6 +175,9 @@ keys = [{{ kid = "dev-1", alg = "EdDSA", path = "signing-key.pem" }}]
 kind = "{kind}"
 url = "{url}"
 prefix = "leash-dev"
+# A development Redis rarely persists every write; production keeps the default
+# "fsync" or uses "replicas = N" (see examples/leash.toml).
+durability = "none"
 
 [verifier]
 introspect_callers = ["spiffe://{td}/resource/*"]

@@ -154,10 +154,25 @@ pub async fn run_task(cmd: TaskCommand) -> Result<Value, CommandError> {
         }
         TaskCommand::Renew { task_id, connect } => {
             let mut client = BrokerClient::new(connect.connect("agent").await?);
-            let r = client
-                .renew_lease(pb::RenewLeaseRequest { task_id })
-                .await?
-                .into_inner();
+            let request = pb::RenewLeaseRequest { task_id };
+            let r = match client.renew_lease(request.clone()).await {
+                // Renewed sooner than the template's min_renew_interval: wait as
+                // told (when it is a short wait) and try once more.
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    let wait = status
+                        .metadata()
+                        .get("retry-after-ms")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .filter(|ms| *ms <= 10_000)
+                        .ok_or(status)?;
+                    eprintln!("leash: renewed too soon; retrying in {wait} ms as the broker asks");
+                    tokio::time::sleep(std::time::Duration::from_millis(wait + 10)).await;
+                    client.renew_lease(request).await?
+                }
+                other => other?,
+            }
+            .into_inner();
             Ok(json!({
                 "task_id": r.task_id,
                 "lease_expires_at": time(r.lease_expires_at.as_ref()),

@@ -29,6 +29,18 @@ pub enum LeaseError {
     /// The store could not be reached; nothing was changed.
     #[error("{0}")]
     Unavailable(String),
+    /// A change was sent to the store but not confirmed (durably) applied: it
+    /// may or may not have taken effect.
+    #[error("{0}")]
+    OutcomeUnknown(String),
+    /// The caller renews faster than the template allows.
+    #[error(
+        "renewed too soon: the template's min_renew_interval has not passed; retry in {retry_after_ms} ms"
+    )]
+    TooSoon {
+        /// How long until a renewal is accepted.
+        retry_after_ms: u64,
+    },
     /// An internal fault; the detail is logged, not returned.
     #[error("internal error: {0}")]
     Internal(String),
@@ -53,6 +65,9 @@ impl From<StoreError> for LeaseError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(m) => Self::Unavailable(m),
+            StoreError::OutcomeUnknown(m) => Self::OutcomeUnknown(m),
+            // Fail closed, and say why: an operator has to fix the store.
+            e @ StoreError::Misconfigured(_) => Self::Unavailable(e.to_string()),
             other => Self::Internal(other.to_string()),
         }
     }

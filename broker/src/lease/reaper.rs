@@ -1,10 +1,12 @@
 //! The reaper: expires leases whose deadline passed without renewal.
 //!
-//! Runs on every replica. Each tick it asks the store to claim due tasks shard
-//! by shard; a claim is exclusive until its TTL, so replicas never both act,
-//! and a claim left by a replica that died mid-revocation is handed to the next
-//! reaper once it times out. Expiry is idempotent: redoing it is harmless.
-//! Nothing relies on Redis keyspace notifications (they are fire-and-forget).
+//! Runs on every replica. Each sweep asks the store, shard by shard, to expire
+//! a batch of due leases in one atomic step ([`LeaseStore::reap`]: one round
+//! trip per batch), so a replica that dies mid-sweep leaves nothing half done
+//! and two replicas never expire the same lease twice. A record the store
+//! cannot expire or this broker cannot read is logged and skipped; it never
+//! stops the sweep. Nothing relies on Redis keyspace notifications (they are
+//! fire-and-forget).
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,8 +14,8 @@ use tokio::sync::watch;
 
 use crate::{
     audit,
-    clock::{Clock, duration_ms},
-    store::{EndReason, ExpireOutcome, LeaseStore, SHARDS, StoreError, TaskId},
+    clock::Clock,
+    store::{EndReason, LeaseStore, SHARDS, StoreError},
 };
 
 /// How the reaper paces itself.
@@ -21,18 +23,19 @@ use crate::{
 pub struct ReaperSettings {
     /// Time between sweeps: the bound on how late after its deadline a lease is revoked.
     pub interval: Duration,
-    /// How long a claim is exclusive before another reaper may take it over.
-    pub claim_ttl: Duration,
-    /// Most tasks claimed per shard per sweep.
+    /// Most leases expired per store call (one atomic step, one round trip).
     pub batch: usize,
+    /// Most batches per shard per sweep, so one sweep is bounded even when a
+    /// backlog is due; the rest waits for the next sweep.
+    pub max_batches_per_shard: usize,
 }
 
 impl Default for ReaperSettings {
     fn default() -> Self {
         Self {
             interval: Duration::from_millis(250),
-            claim_ttl: Duration::from_secs(5),
             batch: 256,
+            max_batches_per_shard: 16,
         }
     }
 }
@@ -87,45 +90,50 @@ impl<S: LeaseStore> Reaper<S> {
     }
 
     /// One pass over every shard. Returns how many leases this pass expired.
+    /// A failing shard does not stop the others; the first error is returned
+    /// after all were tried.
     ///
     /// # Errors
-    /// The first [`StoreError`] met; claimed work left undone is retried when
-    /// its claim times out.
+    /// The first [`StoreError`] met; the leases it concerned are expired by a
+    /// later sweep (expiry is idempotent).
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         let mut expired = 0;
+        let mut first_error = None;
         for shard in 0..SHARDS {
-            let now_ms = self.clock.now_ms();
-            let claimed = self
-                .store
-                .claim_due(
-                    shard,
-                    now_ms,
-                    duration_ms(self.settings.claim_ttl),
-                    self.settings.batch,
-                )
-                .await?;
-            for task_id in claimed {
-                if self.expire_one(&task_id).await? {
-                    expired += 1;
+            for _ in 0..self.settings.max_batches_per_shard.max(1) {
+                let reaped = match self
+                    .store
+                    .reap(shard, self.clock.now_ms(), self.settings.batch)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        break;
+                    }
+                };
+                for (task_id, why) in &reaped.skipped {
+                    tracing::warn!(shard, task_id = %task_id, reason = %why, "reaper: skipped a deadline entry");
+                }
+                for e in &reaped.expired {
+                    audit::task_ended(&e.task, EndReason::Expiry, &e.revoked);
+                    let late_ms = e
+                        .task
+                        .ended_at_ms
+                        .unwrap_or_default()
+                        .saturating_sub(e.task.lease_deadline_ms);
+                    tracing::debug!(task_id = %e.task.id, late_ms, "lease expired");
+                }
+                expired += reaped.expired.len();
+                if !reaped.more {
+                    break;
                 }
             }
         }
-        Ok(expired)
-    }
-
-    async fn expire_one(&self, task_id: &TaskId) -> Result<bool, StoreError> {
-        let now_ms = self.clock.now_ms();
-        let done = match self.store.expire(task_id, now_ms).await? {
-            ExpireOutcome::Expired { task, revoked } => {
-                let late_ms = now_ms.saturating_sub(task.lease_deadline_ms);
-                audit::task_ended(&task, EndReason::Expiry, &revoked);
-                tracing::debug!(task_id = %task.id, late_ms, "lease expired");
-                true
-            }
-            ExpireOutcome::NotDue | ExpireOutcome::AlreadyEnded => false,
-        };
-        self.store.release(task_id).await?;
-        Ok(done)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(expired),
+        }
     }
 }
 
@@ -136,7 +144,7 @@ mod tests {
     use super::*;
     use crate::{
         clock::ManualClock,
-        store::{MemoryStore, TaskRecord, TaskState},
+        store::{MemoryStore, TaskId, TaskRecord, TaskState},
     };
 
     fn task(n: u8, deadline_ms: u64) -> TaskRecord {
@@ -196,29 +204,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_dead_replicas_claim_is_taken_over_after_its_ttl() {
+    async fn a_backlog_is_expired_in_bounded_batches() {
         let clock = Arc::new(ManualClock::new(0));
         let store = Arc::new(MemoryStore::new(60_000));
-        let t = task(4, 1_000);
-        store.begin(&t, &[]).await.expect("begin");
-        // Another replica claimed the lease at its deadline, then died.
-        let claimed = store
-            .claim_due(t.id.shard(), 1_000, 5_000, 10)
-            .await
-            .expect("claim");
-        assert_eq!(claimed, vec![t.id.clone()]);
-        let reaper = Reaper::new(store.clone(), clock.clone(), ReaperSettings::default());
-        clock.advance(Duration::from_millis(3_000));
+        // Ten due leases in one shard (ids differ past the shard nibble).
+        for n in 0..10u8 {
+            let mut t = task(5, 1_000);
+            let mut bytes = [5u8; 16];
+            bytes[0] = 0x55;
+            bytes[1] = n;
+            t.id = TaskId::from_bytes(bytes);
+            store.begin(&t, &[]).await.expect("begin");
+        }
+        let settings = ReaperSettings {
+            batch: 3,
+            max_batches_per_shard: 2,
+            ..ReaperSettings::default()
+        };
+        let reaper = Reaper::new(store.clone(), clock.clone(), settings);
+        clock.advance(Duration::from_millis(1_000));
         assert_eq!(
             reaper.sweep().await.expect("sweep"),
-            0,
-            "the claim is still exclusive"
+            6,
+            "two batches of three"
         );
-        clock.advance(Duration::from_millis(3_000));
         assert_eq!(
             reaper.sweep().await.expect("sweep"),
-            1,
-            "a timed-out claim is taken over"
+            4,
+            "the rest next sweep"
         );
+        assert_eq!(reaper.sweep().await.expect("sweep"), 0);
     }
 }

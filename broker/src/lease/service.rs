@@ -13,7 +13,7 @@ use crate::{
     policy::{self, Decision},
     store::{
         BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, EndReason, LeaseStore,
-        RenewOutcome, StoredKind, TaskId, TaskRecord, TaskState,
+        RenewOutcome, Renewal, StoredKind, TaskId, TaskRecord, TaskState,
     },
     templates::TemplateCatalog,
 };
@@ -232,7 +232,9 @@ impl<S: LeaseStore> LeaseService<S> {
         let minted = self.mint_all(caller, &task_id, &decision, now_ms, task.lease_deadline_ms)?;
         let records = records_of(&minted);
         match self.store.begin(&task, &records).await? {
-            BeginOutcome::Created => {
+            BeginOutcome::Created(stored) => {
+                // The store's clock decided the deadlines; answer with those.
+                let task = *stored;
                 audit::task_begun(&task, false);
                 audit_issued(&task, &records);
                 Ok(IssuedTask {
@@ -277,14 +279,17 @@ impl<S: LeaseStore> LeaseService<S> {
             existing.lease_deadline_ms,
         )?;
         let records = records_of(&minted);
-        match self
-            .store
-            .renew(&existing.id, now_ms, existing.lease_deadline_ms, &records)
-            .await?
-        {
-            RenewOutcome::Renewed(task) => {
+        let replay = Renewal {
+            now_ms,
+            extend_by_ms: 0,
+            min_interval_ms: None,
+            credentials: &records,
+        };
+        match self.store.renew(&existing.id, replay).await? {
+            RenewOutcome::Renewed { task, rotated } => {
                 audit::task_begun(&task, true);
                 audit_issued(&task, &records);
+                audit::credentials_rotated(&task, &rotated);
                 Ok(IssuedTask {
                     task,
                     credentials: minted,
@@ -294,6 +299,8 @@ impl<S: LeaseStore> LeaseService<S> {
             RenewOutcome::NotActive(task) => {
                 Err(LeaseError::FailedPrecondition(ended_message(&task, now_ms)))
             }
+            // A replay is never rate-limited; the store does not answer this for one.
+            RenewOutcome::TooSoon { retry_after_ms } => Err(LeaseError::TooSoon { retry_after_ms }),
             RenewOutcome::NotFound => Err(LeaseError::TaskNotFound(existing.id.to_string())),
         }
     }
@@ -342,7 +349,9 @@ impl<S: LeaseStore> LeaseService<S> {
         let task_id = Self::parse_task_id(task_id)?;
         let task = self.owned_task(caller, &task_id, "renew").await?;
         let now_ms = self.clock.now_ms();
-        if !task.is_live(now_ms) {
+        // Only the state is judged here; whether the deadline has passed is the
+        // store's decision, on the store's clock (this replica's may be off).
+        if task.state != TaskState::Active {
             return Err(LeaseError::FailedPrecondition(ended_message(&task, now_ms)));
         }
         let deadline = policy::renewed_deadline(
@@ -378,14 +387,19 @@ impl<S: LeaseStore> LeaseService<S> {
         })?;
         let minted = self.mint_all(caller, &task_id, &decision, now_ms, deadline)?;
         let records = records_of(&minted);
-        match self
-            .store
-            .renew(&task_id, now_ms, deadline, &records)
-            .await?
-        {
-            RenewOutcome::Renewed(task) => {
+        let renewal = Renewal {
+            now_ms,
+            extend_by_ms: task.lease_ttl_ms,
+            min_interval_ms: Some(crate::clock::duration_ms(
+                decision.template.lease.min_renew_interval,
+            )),
+            credentials: &records,
+        };
+        match self.store.renew(&task_id, renewal).await? {
+            RenewOutcome::Renewed { task, rotated } => {
                 audit::lease_renewed(&task);
                 audit_issued(&task, &records);
+                audit::credentials_rotated(&task, &rotated);
                 Ok(IssuedTask {
                     task,
                     credentials: minted,
@@ -394,6 +408,16 @@ impl<S: LeaseStore> LeaseService<S> {
             }
             RenewOutcome::NotActive(task) => {
                 Err(LeaseError::FailedPrecondition(ended_message(&task, now_ms)))
+            }
+            RenewOutcome::TooSoon { retry_after_ms } => {
+                audit::denied(
+                    caller.spiffe_id.as_str(),
+                    "renew",
+                    &format!(
+                        "renewed again within the template's min_renew_interval; retry after {retry_after_ms} ms"
+                    ),
+                );
+                Err(LeaseError::TooSoon { retry_after_ms })
             }
             RenewOutcome::NotFound => Err(LeaseError::TaskNotFound(task_id.to_string())),
         }
@@ -488,9 +512,11 @@ impl<S: LeaseStore> LeaseService<S> {
                 None => return Ok(Introspection::inactive()),
             }
         };
-        let Some(view) = self.store.credential(&id.task_id(), &id).await? else {
+        let Some(view) = self.store.credential(&id.task_id(), &id, now_ms).await? else {
             return Ok(Introspection::inactive());
         };
+        // Liveness is judged on the store's clock, like every deadline decision.
+        let now_ms = view.now_ms;
         let c = &view.credential;
         let active = c.kind == kind
             && credentials::digests_match(&credentials::value_digest(token), &c.value_sha256)

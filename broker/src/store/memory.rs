@@ -11,9 +11,9 @@ use tokio::sync::Notify;
 
 use super::{
     BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, CredentialView, EndReason,
-    ExpireOutcome, LeaseStore, LogId, REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, RenewOutcome,
-    RevocationCursor, RevocationRead, RevocationRecord, SHARDS, StoreError, TaskId, TaskRecord,
-    TaskState,
+    ExpiredTask, LeaseStore, LogId, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE,
+    REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RenewOutcome, Renewal, RevocationCursor,
+    RevocationRead, RevocationRecord, SHARDS, StoreError, TaskId, TaskRecord, TaskState,
 };
 
 /// One shard's revocation log.
@@ -29,8 +29,11 @@ struct Log {
 struct Inner {
     tasks: HashMap<TaskId, TaskRecord>,
     credentials: HashMap<TaskId, BTreeMap<CredentialId, CredentialRecord>>,
+    /// Per task, per grant: live credential ids, oldest first (the per-grant cap).
+    grants: HashMap<TaskId, HashMap<String, VecDeque<CredentialId>>>,
+    /// Per live task: when it was last renewed (or begun).
+    renewed: HashMap<TaskId, u64>,
     deadlines: BTreeSet<(u64, TaskId)>,
-    claims: HashMap<TaskId, u64>,
     logs: Vec<Log>,
     /// Revoked credentials, kept until [`REVOCATION_GRACE_MS`] past their
     /// expiry: id → (expiry, audience).
@@ -71,54 +74,111 @@ impl MemoryStore {
 }
 
 impl Inner {
-    /// Logs the revocation of the credentials of `task_id` that expire after `now_ms`.
+    /// Logs the revocation of the credentials of `task_id` that expire after
+    /// `now_ms`, and deletes every credential record of the task.
     fn log_revocations(
         &mut self,
         task_id: &TaskId,
         now_ms: u64,
         reason: EndReason,
     ) -> Vec<CredentialId> {
-        let live: Vec<(CredentialId, u64, String)> = self
-            .credentials
-            .get(task_id)
-            .map(|m| {
-                m.values()
-                    .filter(|c| c.expires_at_ms > now_ms)
-                    .map(|c| (c.id.clone(), c.expires_at_ms, c.audience.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let creds = self.credentials.remove(task_id).unwrap_or_default();
+        self.grants.remove(task_id);
+        self.renewed.remove(task_id);
         self.revoked
             .retain(|_, (exp, _)| exp.saturating_add(REVOCATION_GRACE_MS) > now_ms);
-        let shard = task_id.shard();
-        let Some(log) = self.logs.get_mut(usize::from(shard)) else {
-            return Vec::new();
-        };
-        for (id, exp, audience) in &live {
-            log.last = log.last.next(now_ms);
-            log.entries.push_back(RevocationRecord {
-                credential_id: id.clone(),
-                expires_at_ms: *exp,
-                revoked_at_ms: now_ms,
-                reason,
-                audience: audience.clone(),
-                position: (shard, log.last),
-            });
-            if log.entries.len() > REVOCATION_LOG_MAX
-                && let Some(old) = log.entries.pop_front()
-            {
-                log.trimmed = old.position.1;
-            }
-            self.revoked.insert(id.clone(), (*exp, audience.clone()));
-        }
-        live.into_iter().map(|(id, ..)| id).collect()
+        creds
+            .values()
+            .filter(|c| c.expires_at_ms > now_ms)
+            .map(|c| {
+                self.log_one(c, now_ms, reason);
+                c.id.clone()
+            })
+            .collect()
     }
 
+    /// Logs one revoked credential in its shard's log and the revoked set.
+    fn log_one(&mut self, c: &CredentialRecord, now_ms: u64, reason: EndReason) {
+        let shard = c.id.task_id().shard();
+        let Some(log) = self.logs.get_mut(usize::from(shard)) else {
+            return;
+        };
+        log.last = log.last.next(now_ms);
+        log.entries.push_back(RevocationRecord {
+            credential_id: c.id.clone(),
+            expires_at_ms: c.expires_at_ms,
+            revoked_at_ms: now_ms,
+            reason,
+            audience: c.audience.clone(),
+            position: (shard, log.last),
+        });
+        if log.entries.len() > REVOCATION_LOG_MAX
+            && let Some(old) = log.entries.pop_front()
+        {
+            log.trimmed = old.position.1;
+        }
+        self.revoked
+            .insert(c.id.clone(), (c.expires_at_ms, c.audience.clone()));
+    }
+
+    /// Adds credentials to a live task; a grant past the cap loses its oldest,
+    /// which is revoked (reason rotation) and returned.
+    fn add_credentials(
+        &mut self,
+        task_id: &TaskId,
+        credentials: &[CredentialRecord],
+        now_ms: u64,
+    ) -> Vec<CredentialId> {
+        let mut rotated = Vec::new();
+        for c in credentials {
+            let creds = self.credentials.entry(task_id.clone()).or_default();
+            creds.insert(c.id.clone(), c.clone());
+            let list = self
+                .grants
+                .entry(task_id.clone())
+                .or_default()
+                .entry(c.grant.clone())
+                .or_default();
+            list.retain(|id| creds.contains_key(id));
+            list.push_back(c.id.clone());
+            let mut out = Vec::new();
+            while list.len() > MAX_LIVE_CREDENTIALS_PER_GRANT {
+                if let Some(old) = list.pop_front()
+                    && let Some(record) = creds.remove(&old)
+                {
+                    out.push(record);
+                }
+            }
+            for record in out {
+                if record.expires_at_ms > now_ms {
+                    self.log_one(&record, now_ms, EndReason::Rotation);
+                }
+                rotated.push(record.id);
+            }
+        }
+        rotated
+    }
+
+    /// Ends `task_id` (state already set by the caller): out of the deadline
+    /// index, its unexpired credentials logged, its credential records gone.
+    fn end(&mut self, task: &TaskRecord, now_ms: u64, reason: EndReason) -> Vec<CredentialId> {
+        self.deadlines
+            .remove(&(task.lease_deadline_ms, task.id.clone()));
+        self.log_revocations(&task.id, now_ms, reason)
+    }
+
+    /// Forgets tasks past their retention: ended ones `retention_ms` after they
+    /// ended, live ones `retention_ms` after their max lifetime (as Redis keys expire).
     fn forget_old(&mut self, now_ms: u64, retention_ms: u64) {
         let old: Vec<TaskId> = self
             .tasks
             .values()
-            .filter(|t| t.max_deadline_ms.saturating_add(retention_ms) <= now_ms)
+            .filter(|t| {
+                t.ended_at_ms
+                    .unwrap_or(t.max_deadline_ms)
+                    .saturating_add(retention_ms)
+                    <= now_ms
+            })
             .map(|t| t.id.clone())
             .collect();
         for id in old {
@@ -126,6 +186,8 @@ impl Inner {
                 self.deadlines.remove(&(t.lease_deadline_ms, id.clone()));
             }
             self.credentials.remove(&id);
+            self.grants.remove(&id);
+            self.renewed.remove(&id);
         }
     }
 }
@@ -136,7 +198,8 @@ impl LeaseStore for MemoryStore {
         task: &TaskRecord,
         credentials: &[CredentialRecord],
     ) -> Result<BeginOutcome, StoreError> {
-        let mut inner = self.lock()?;
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
         if let Some(existing) = inner.tasks.get(&task.id) {
             return Ok(BeginOutcome::Existing(Box::new(existing.clone())));
         }
@@ -144,11 +207,13 @@ impl LeaseStore for MemoryStore {
         inner
             .deadlines
             .insert((task.lease_deadline_ms, task.id.clone()));
-        let creds = inner.credentials.entry(task.id.clone()).or_default();
-        for c in credentials {
-            creds.insert(c.id.clone(), c.clone());
+        inner.renewed.insert(task.id.clone(), task.created_at_ms);
+        let rotated = inner.add_credentials(&task.id, credentials, task.created_at_ms);
+        drop(guard);
+        if !rotated.is_empty() {
+            self.logged.notify_waiters();
         }
-        Ok(BeginOutcome::Created)
+        Ok(BeginOutcome::Created(Box::new(task.clone())))
     }
 
     async fn task(&self, task_id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
@@ -158,10 +223,9 @@ impl LeaseStore for MemoryStore {
     async fn renew(
         &self,
         task_id: &TaskId,
-        now_ms: u64,
-        new_deadline_ms: u64,
-        credentials: &[CredentialRecord],
+        renewal: Renewal<'_>,
     ) -> Result<RenewOutcome, StoreError> {
+        let now_ms = renewal.now_ms;
         let mut guard = self.lock()?;
         let inner = &mut *guard;
         let Some(task) = inner.tasks.get_mut(task_id) else {
@@ -170,7 +234,18 @@ impl LeaseStore for MemoryStore {
         if !task.is_live(now_ms) {
             return Ok(RenewOutcome::NotActive(task.clone()));
         }
-        let deadline = new_deadline_ms
+        if let Some(min) = renewal.min_interval_ms {
+            let last = inner.renewed.get(task_id).copied().unwrap_or(0);
+            let wait = last.saturating_add(min).saturating_sub(now_ms);
+            if wait > 0 {
+                return Ok(RenewOutcome::TooSoon {
+                    retry_after_ms: wait,
+                });
+            }
+            inner.renewed.insert(task_id.clone(), now_ms);
+        }
+        let deadline = now_ms
+            .saturating_add(renewal.extend_by_ms)
             .max(task.lease_deadline_ms)
             .min(task.max_deadline_ms);
         inner
@@ -179,12 +254,26 @@ impl LeaseStore for MemoryStore {
         inner.deadlines.insert((deadline, task_id.clone()));
         task.lease_deadline_ms = deadline;
         let renewed = task.clone();
-        let creds = inner.credentials.entry(task_id.clone()).or_default();
-        creds.retain(|_, c| c.expires_at_ms >= now_ms);
-        for c in credentials {
-            creds.insert(c.id.clone(), c.clone());
+        if let Some(creds) = inner.credentials.get_mut(task_id) {
+            let expired: Vec<CredentialId> = creds
+                .values()
+                .filter(|c| c.expires_at_ms < now_ms)
+                .take(PRUNE_PAGE)
+                .map(|c| c.id.clone())
+                .collect();
+            for id in expired {
+                creds.remove(&id);
+            }
         }
-        Ok(RenewOutcome::Renewed(renewed))
+        let rotated = inner.add_credentials(task_id, renewal.credentials, now_ms);
+        drop(guard);
+        if !rotated.is_empty() {
+            self.logged.notify_waiters();
+        }
+        Ok(RenewOutcome::Renewed {
+            task: renewed,
+            rotated,
+        })
     }
 
     async fn complete(
@@ -201,23 +290,17 @@ impl LeaseStore for MemoryStore {
         if task.state != TaskState::Active {
             return Ok(CompleteOutcome::AlreadyEnded(task.clone()));
         }
-        if task.lease_deadline_ms <= now_ms {
+        let reason = if task.lease_deadline_ms <= now_ms {
             task.state = TaskState::Expired;
+            EndReason::Expiry
         } else {
             task.state = TaskState::Completed;
             task.outcome = Some(outcome.to_owned());
-        }
-        task.ended_at_ms = Some(now_ms);
-        let reason = if task.state == TaskState::Expired {
-            EndReason::Expiry
-        } else {
             EndReason::Completion
         };
+        task.ended_at_ms = Some(now_ms);
         let ended = task.clone();
-        inner
-            .deadlines
-            .remove(&(ended.lease_deadline_ms, task_id.clone()));
-        let revoked = inner.log_revocations(task_id, now_ms, reason);
+        let revoked = inner.end(&ended, now_ms, reason);
         drop(guard);
         if !revoked.is_empty() {
             self.logged.notify_waiters();
@@ -232,6 +315,7 @@ impl LeaseStore for MemoryStore {
         &self,
         task_id: &TaskId,
         credential_id: &CredentialId,
+        now_ms: u64,
     ) -> Result<Option<CredentialView>, StoreError> {
         let inner = self.lock()?;
         let Some(task) = inner.tasks.get(task_id) else {
@@ -244,88 +328,55 @@ impl LeaseStore for MemoryStore {
         Ok(credential.map(|c| CredentialView {
             task: task.clone(),
             credential: c.clone(),
+            now_ms,
         }))
     }
 
-    async fn claim_due(
-        &self,
-        shard: u8,
-        now_ms: u64,
-        claim_ttl_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<TaskId>, StoreError> {
-        let mut inner = self.lock()?;
+    async fn reap(&self, shard: u8, now_ms: u64, limit: usize) -> Result<Reaped, StoreError> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
         inner.forget_old(now_ms, self.retention_ms);
-        let until = now_ms.saturating_add(claim_ttl_ms);
-        let mut out: Vec<TaskId> = inner
-            .claims
-            .iter()
-            .filter(|(id, at)| id.shard() == shard && **at <= now_ms)
-            .map(|(id, _)| id.clone())
-            .take(limit)
-            .collect();
         let due: Vec<(u64, TaskId)> = inner
             .deadlines
             .iter()
             .take_while(|(at, _)| *at <= now_ms)
             .filter(|(_, id)| id.shard() == shard)
-            .take(limit.saturating_sub(out.len()))
+            .take(limit.max(1).saturating_add(1))
             .cloned()
             .collect();
-        for entry in due {
-            inner.deadlines.remove(&entry);
-            // Renewed after an earlier claim (clock skew between replicas): list it once.
-            if !out.contains(&entry.1) {
-                out.push(entry.1);
-            }
-        }
-        for id in &out {
-            inner.claims.insert(id.clone(), until);
-        }
-        Ok(out)
-    }
-
-    async fn expire(&self, task_id: &TaskId, now_ms: u64) -> Result<ExpireOutcome, StoreError> {
-        let mut guard = self.lock()?;
-        let inner = &mut *guard;
-        let Some(task) = inner.tasks.get_mut(task_id) else {
-            return Ok(ExpireOutcome::AlreadyEnded);
+        let mut out = Reaped {
+            more: due.len() > limit.max(1),
+            ..Reaped::default()
         };
-        if task.state != TaskState::Active {
-            return Ok(ExpireOutcome::AlreadyEnded);
+        for entry in due.into_iter().take(limit.max(1)) {
+            let Some(task) = inner.tasks.get_mut(&entry.1) else {
+                inner.deadlines.remove(&entry);
+                out.skipped
+                    .push((entry.1.to_string(), "task record gone".into()));
+                continue;
+            };
+            if task.state != TaskState::Active {
+                inner.deadlines.remove(&entry);
+                out.skipped.push((
+                    entry.1.to_string(),
+                    format!("already {}", task.state.as_str()),
+                ));
+                continue;
+            }
+            task.state = TaskState::Expired;
+            task.ended_at_ms = Some(now_ms);
+            let ended = task.clone();
+            let revoked = inner.end(&ended, now_ms, EndReason::Expiry);
+            out.expired.push(ExpiredTask {
+                task: ended,
+                revoked,
+            });
         }
-        if task.lease_deadline_ms > now_ms {
-            inner.claims.remove(task_id);
-            inner
-                .deadlines
-                .insert((task.lease_deadline_ms, task_id.clone()));
-            return Ok(ExpireOutcome::NotDue);
-        }
-        task.state = TaskState::Expired;
-        task.ended_at_ms = Some(now_ms);
-        let ended = Box::new(task.clone());
-        inner
-            .deadlines
-            .remove(&(ended.lease_deadline_ms, task_id.clone()));
-        let logged = inner.log_revocations(task_id, now_ms, EndReason::Expiry);
-        let revoked = inner
-            .credentials
-            .get(task_id)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
         drop(guard);
-        if !logged.is_empty() {
+        if out.expired.iter().any(|e| !e.revoked.is_empty()) {
             self.logged.notify_waiters();
         }
-        Ok(ExpireOutcome::Expired {
-            task: ended,
-            revoked,
-        })
-    }
-
-    async fn release(&self, task_id: &TaskId) -> Result<(), StoreError> {
-        self.lock()?.claims.remove(task_id);
-        Ok(())
+        Ok(out)
     }
 
     async fn revocation_snapshot(

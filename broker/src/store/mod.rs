@@ -12,9 +12,17 @@
 //! - Only SHA-256 hashes of credential values are stored, never values.
 //! - Ending a task logs each revoked, unexpired credential in its shard's
 //!   revocation log in the same atomic step, for revocation watchers.
-//! - Expiry work is claimed atomically ([`LeaseStore::claim_due`]): two reapers
-//!   never hold the same claim, and a claim not released within its TTL is
-//!   handed to the next reaper that asks.
+//! - Expiry is one atomic step per batch of due leases ([`LeaseStore::reap`]):
+//!   the state change and the revocation log entries are written together, so
+//!   a reaper that dies mid-sweep leaves nothing half done, and two reapers
+//!   never expire the same lease twice.
+//! - Every deadline decision uses the store's clock ([`StoreClock`]): with Redis,
+//!   Redis's own `TIME` inside the script, so replicas whose clocks differ agree.
+//! - Every script's work is bounded: at most [`MAX_LIVE_CREDENTIALS_PER_GRANT`]
+//!   live credentials per grant (the oldest is revoked when a renewal passes the
+//!   cap), a bounded number of grants per template, and pruning in bounded pages.
+//! - Ending a task deletes its credential records at once; the task record alone
+//!   stays readable for the retention period.
 
 mod memory;
 mod model;
@@ -27,7 +35,30 @@ pub use model::{
     CredentialId, CredentialRecord, EndReason, LogId, MAX_CURSOR_LEN, RevocationCursor,
     RevocationRead, RevocationRecord, StoredKind, TaskId, TaskRecord, TaskState,
 };
-pub use redis::{RedisStore, RedisStoreOptions};
+pub use redis::{Durability, RedisStore, RedisStoreOptions, ServerFacts};
+
+/// Most live credentials one grant of one task may have: a renewal that would
+/// go past it revokes the oldest (reason `rotation`, logged for watchers). With
+/// [`crate::templates::MAX_GRANTS`] grants, a task never holds more than
+/// `MAX_GRANTS × MAX_LIVE_CREDENTIALS_PER_GRANT` live credentials, which bounds
+/// the work of every script that ends it.
+pub const MAX_LIVE_CREDENTIALS_PER_GRANT: usize = 4;
+
+/// Most expired credential records one renewal prunes (the rest go with the next
+/// renewal or with the task's end).
+pub const PRUNE_PAGE: usize = 256;
+
+/// Whose clock decides deadlines inside the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreClock {
+    /// The store's own clock (Redis `TIME` inside each script): one clock for all
+    /// replicas, whatever their own clocks say. The production setting.
+    #[default]
+    Store,
+    /// The `now_ms` each call passes in. For single-process stores (the memory
+    /// store has no other clock) and for deterministic tests of store semantics.
+    Caller,
+}
 
 /// Number of shards tasks are spread over (a task's shard is fixed by its id).
 pub const SHARDS: u8 = 16;
@@ -47,10 +78,20 @@ pub const REVOCATION_LOG_MAX: usize = 100_000;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The store could not be reached or did not answer in time. Callers must
-    /// fail closed (deny, answer UNAVAILABLE) and may retry later.
+    /// The store could not be reached before the request was sent, or refused
+    /// it; nothing was changed. Callers must fail closed (deny, answer
+    /// UNAVAILABLE) and may retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A state change was sent but its result, or its durability (fsync or
+    /// replica acknowledgements), was not confirmed: it may or may not have
+    /// taken effect. Callers answer UNAVAILABLE and say the outcome is unknown.
+    #[error("store outcome unknown: {0}")]
+    OutcomeUnknown(String),
+    /// The store is set up so that Leash's guarantees cannot hold (eviction
+    /// allowed, too old, persistence weaker than the configured durability).
+    #[error("store misconfigured: {0}")]
+    Misconfigured(String),
     /// The store answered with data this broker cannot read (corruption or an
     /// incompatible broker version wrote it).
     #[error("store data corrupt: {0}")]
@@ -60,17 +101,45 @@ pub enum StoreError {
 /// What [`LeaseStore::begin`] did.
 #[derive(Debug, Clone)]
 pub enum BeginOutcome {
-    /// The task was created with its lease and credentials.
-    Created,
+    /// The task was created with its lease and credentials; this is the task as
+    /// stored, with the deadlines the store's clock decided.
+    Created(Box<TaskRecord>),
     /// A task with this id already existed (an idempotent replay); nothing was written.
     Existing(Box<TaskRecord>),
+}
+
+/// What a [`LeaseStore::renew`] call asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Renewal<'a> {
+    /// The caller's time; deciding uses the store's clock unless it is [`StoreClock::Caller`].
+    pub now_ms: u64,
+    /// The new deadline is the store's now plus this, never earlier than the
+    /// current deadline and never past the max lifetime. 0 keeps the deadline.
+    pub extend_by_ms: u64,
+    /// `Some(m)`: a renewal, refused as too soon if the last renewal (or the
+    /// begin) was less than `m` ms ago, and recorded as the last renewal.
+    /// `None`: an idempotent begin replay, neither limited nor recorded.
+    pub min_interval_ms: Option<u64>,
+    /// Fresh credentials to add.
+    pub credentials: &'a [CredentialRecord],
 }
 
 /// What [`LeaseStore::renew`] did.
 #[derive(Debug, Clone)]
 pub enum RenewOutcome {
-    /// The lease now ends at the record's `lease_deadline_ms`; the credentials were added.
-    Renewed(TaskRecord),
+    /// The lease now ends at the record's `lease_deadline_ms`; the credentials
+    /// were added, and `rotated` (older credentials past the per-grant cap) revoked.
+    Renewed {
+        /// The task as stored now.
+        task: TaskRecord,
+        /// Credentials revoked because their grant went past the cap.
+        rotated: Vec<CredentialId>,
+    },
+    /// The last renewal was too recent; nothing was written.
+    TooSoon {
+        /// How long until a renewal is accepted.
+        retry_after_ms: u64,
+    },
     /// The task has ended (or its deadline has passed); nothing was written.
     NotActive(TaskRecord),
     /// No such task.
@@ -93,21 +162,25 @@ pub enum CompleteOutcome {
     NotFound,
 }
 
-/// What [`LeaseStore::expire`] did.
+/// One lease the reaper expired.
 #[derive(Debug, Clone)]
-pub enum ExpireOutcome {
-    /// This call expired the lease; `revoked` lists the credentials it revoked.
-    Expired {
-        /// The task as it is now.
-        task: Box<TaskRecord>,
-        /// Ids of every credential record of the task: each ends with the lease
-        /// (none outlives it), and the audit trail records each revocation.
-        revoked: Vec<CredentialId>,
-    },
-    /// The lease was renewed after it was claimed; it is back in the deadline index.
-    NotDue,
-    /// The task had already ended (or is gone); nothing was written.
-    AlreadyEnded,
+pub struct ExpiredTask {
+    /// The task as it is now (state `Expired`).
+    pub task: TaskRecord,
+    /// The unexpired credentials its expiry revoked.
+    pub revoked: Vec<CredentialId>,
+}
+
+/// What one [`LeaseStore::reap`] call did.
+#[derive(Debug, Clone, Default)]
+pub struct Reaped {
+    /// Leases expired by this call.
+    pub expired: Vec<ExpiredTask>,
+    /// Deadline entries dropped without an expiry, each with why (task gone,
+    /// already ended, or an unreadable record); logged, never fatal.
+    pub skipped: Vec<(String, String)>,
+    /// More leases of the shard were due than this call handled.
+    pub more: bool,
 }
 
 /// A task and one of its credentials, read together.
@@ -117,20 +190,24 @@ pub struct CredentialView {
     pub task: TaskRecord,
     /// The credential record.
     pub credential: CredentialRecord,
+    /// The store's time of the read: the instant liveness is judged at.
+    pub now_ms: u64,
 }
 
 /// The storage of tasks, leases and credential records.
 ///
-/// Time is always passed in (`now_ms`): no decision reads a store's clock, so
-/// every replica's decisions follow the broker's injected clock. Only garbage
-/// collection of ended tasks (retention) may follow the store's own clock, as
-/// Redis key expiry does.
+/// Every call passes the caller's time (`now_ms`); whether it or the store's
+/// own clock decides is the store's [`StoreClock`]. Returned records carry the
+/// deadlines the store decided.
 pub trait LeaseStore: Send + Sync + 'static {
     /// Creates `task` (state `Active`, in the deadline index) and its
     /// `credentials` in one atomic step, unless a task with the same id exists.
+    /// The lease deadline and max lifetime are the store's now plus the offsets
+    /// the record has from its `created_at_ms`.
     ///
     /// # Errors
-    /// [`StoreError`] if the store cannot be reached or read; nothing was written.
+    /// [`StoreError`] if the store cannot be reached or read, or the write was
+    /// not confirmed durable ([`StoreError::OutcomeUnknown`]).
     fn begin(
         &self,
         task: &TaskRecord,
@@ -146,27 +223,27 @@ pub trait LeaseStore: Send + Sync + 'static {
         task_id: &TaskId,
     ) -> impl Future<Output = Result<Option<TaskRecord>, StoreError>> + Send;
 
-    /// If the task is `Active` and its deadline is after `now_ms`: sets the
-    /// deadline to `new_deadline_ms` (never earlier than it was, never past the
-    /// task's max lifetime), adds `credentials`, and drops records of
-    /// credentials that expired before `now_ms` — in one atomic step.
+    /// If the task is `Active` and its deadline is after the store's now, in
+    /// one atomic step: extends the deadline as [`Renewal`] says, adds the
+    /// credentials (revoking the oldest of a grant past
+    /// [`MAX_LIVE_CREDENTIALS_PER_GRANT`]), and drops up to [`PRUNE_PAGE`]
+    /// records of credentials that expired.
     ///
     /// # Errors
-    /// [`StoreError`] if the store cannot be reached or read; nothing was written.
+    /// As [`LeaseStore::begin`].
     fn renew(
         &self,
         task_id: &TaskId,
-        now_ms: u64,
-        new_deadline_ms: u64,
-        credentials: &[CredentialRecord],
+        renewal: Renewal<'_>,
     ) -> impl Future<Output = Result<RenewOutcome, StoreError>> + Send;
 
     /// Ends an `Active` task in one atomic step: `Completed` with `outcome`, or
-    /// `Expired` if its deadline is not after `now_ms`. Every credential of the
-    /// task is inactive once this returns.
+    /// `Expired` if its deadline is not after the store's now. Every unexpired
+    /// credential is logged as revoked and every credential record deleted;
+    /// the task record stays for the retention period.
     ///
     /// # Errors
-    /// [`StoreError`] if the store cannot be reached or read; nothing was written.
+    /// As [`LeaseStore::begin`].
     fn complete(
         &self,
         task_id: &TaskId,
@@ -174,7 +251,7 @@ pub trait LeaseStore: Send + Sync + 'static {
         outcome: &str,
     ) -> impl Future<Output = Result<CompleteOutcome, StoreError>> + Send;
 
-    /// Reads a credential and its task together.
+    /// Reads a credential and its task together, with the store's time.
     ///
     /// # Errors
     /// [`StoreError`] if the store cannot be reached or read; callers must then
@@ -183,42 +260,24 @@ pub trait LeaseStore: Send + Sync + 'static {
         &self,
         task_id: &TaskId,
         credential_id: &CredentialId,
+        now_ms: u64,
     ) -> impl Future<Output = Result<Option<CredentialView>, StoreError>> + Send;
 
-    /// Claims up to `limit` tasks of `shard` whose lease deadline is at or
-    /// before `now_ms`, plus tasks whose earlier claim was not released before
-    /// it timed out. A claimed task is held for `claim_ttl_ms`; no other call
-    /// returns it until then.
+    /// Expires up to `limit` leases of `shard` whose deadline is at or before
+    /// the store's now, in one atomic step: each becomes `Expired`, its
+    /// unexpired credentials are logged as revoked, its credential records are
+    /// deleted. Entries that cannot be expired (task gone, ended, unreadable)
+    /// are dropped from the index and reported in [`Reaped::skipped`].
     ///
     /// # Errors
-    /// [`StoreError`] if the store cannot be reached; nothing was claimed.
-    fn claim_due(
+    /// As [`LeaseStore::begin`]; nothing was changed unless the error is
+    /// [`StoreError::OutcomeUnknown`] (expiry is idempotent: the next sweep redoes it).
+    fn reap(
         &self,
         shard: u8,
         now_ms: u64,
-        claim_ttl_ms: u64,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<TaskId>, StoreError>> + Send;
-
-    /// Expires a claimed task in one atomic step if its deadline is at or before
-    /// `now_ms` and it is still `Active`. Idempotent. The claim is kept until
-    /// [`LeaseStore::release`], so a crash before the revocation is published
-    /// leads to it being redone.
-    ///
-    /// # Errors
-    /// [`StoreError`] if the store cannot be reached; nothing was written.
-    fn expire(
-        &self,
-        task_id: &TaskId,
-        now_ms: u64,
-    ) -> impl Future<Output = Result<ExpireOutcome, StoreError>> + Send;
-
-    /// Releases a claim once its revocation has been recorded and published.
-    ///
-    /// # Errors
-    /// [`StoreError`] if the store cannot be reached; the claim then times out
-    /// and the work is redone (revocation is idempotent).
-    fn release(&self, task_id: &TaskId) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<Reaped, StoreError>> + Send;
 
     /// Every revoked credential that has not expired at `now_ms`, and the
     /// cursor (per-shard log positions) the snapshot is consistent with.

@@ -4,27 +4,85 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `{P:s}:task:ID` | hash | `rec` (task JSON at begin), `state`, `deadline`, `max`, `ended`, `outcome` |
+//! | `{P:s}:task:ID` | hash | `rec` (task JSON at begin), `state`, `deadline`, `max`, `ended`, `outcome`, `renewed` |
 //! | `{P:s}:creds:ID` | hash | credential id → credential record JSON (hash of the value, never the value) |
-//! | `{P:s}:cexp:ID` | zset | credential id by expiry, to prune expired records on renewal |
+//! | `{P:s}:cexp:ID` | zset | credential id by expiry |
+//! | `{P:s}:cgr:ID` | hash | grant → its live credential ids, oldest first (the per-grant cap) |
 //! | `{P:s}:deadlines` | zset | task id by lease deadline: the reaper's work list |
-//! | `{P:s}:claims` | zset | task id by claim expiry: expiry work a reaper has claimed |
+//! | `{P:s}:revlog` | stream | one entry per revocation, for watchers |
+//! | `{P:s}:revoked` | zset | `<credential id> <audience>` by expiry, for snapshots |
 //!
-//! A task's keys expire (PEXPIREAT) at its max lifetime plus the retention, so
-//! ended tasks do not accumulate. Scripts go through EVALSHA with a fallback to
-//! EVAL, so a restarted Redis that lost its script cache keeps working.
-//! Redis must persist (AOF) for leases to survive a Redis restart.
+//! Deadlines are decided with Redis's own `TIME` inside each script
+//! ([`StoreClock::Store`]), so replicas whose clocks differ agree. Every script
+//! does bounded work (see [`super::MAX_LIVE_CREDENTIALS_PER_GRANT`]). A live
+//! task's keys expire (PEXPIREAT) at its max lifetime plus the retention; ending
+//! a task deletes its credential keys and leaves the task record for the
+//! retention. Scripts go through EVALSHA with a fallback to EVAL, so a restarted
+//! Redis that lost its script cache keeps working.
+//!
+//! Before the first state change, and at every readiness check, the server is
+//! checked ([`ServerFacts`]): Redis 7.0 or newer, `maxmemory-policy noeviction`,
+//! and the persistence the configured [`Durability`] needs. A failed check makes
+//! every state change fail closed with [`StoreError::Misconfigured`].
 
-use std::time::Duration;
+use std::{
+    fmt,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use redis::{Client, Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
 
 use super::{
     BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, CredentialView, EndReason,
-    ExpireOutcome, LeaseStore, LogId, REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, RenewOutcome,
-    RevocationCursor, RevocationRead, RevocationRecord, SHARDS, StoreError, TaskId, TaskRecord,
+    ExpiredTask, LeaseStore, LogId, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE,
+    REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RenewOutcome, Renewal, RevocationCursor,
+    RevocationRead, RevocationRecord, SHARDS, StoreClock, StoreError, TaskId, TaskRecord,
     TaskState,
 };
+
+/// When a state change counts as acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// As soon as Redis has applied the script. An explicit opt-out: a Redis
+    /// crash may lose acknowledged changes (a completed task may come back
+    /// active). Logged loudly at start.
+    None,
+    /// Once the change is on the Redis node's disk: on Redis 7.2 and newer
+    /// `WAITAOF 1 0` after each change (needs `appendonly yes`); on older Redis
+    /// `appendonly yes` with `appendfsync always` (Redis fsyncs before it replies).
+    Fsync,
+    /// Once this many replicas acknowledged the change (`WAIT N timeout`).
+    Replicas(u32),
+}
+
+impl Durability {
+    /// Parses `none`, `fsync` or `replicas = N` (N ≥ 1; spaces optional).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "none" => Some(Self::None),
+            "fsync" => Some(Self::Fsync),
+            other => {
+                let (key, n) = other.split_once('=')?;
+                if key.trim() != "replicas" {
+                    return None;
+                }
+                let n: u32 = n.trim().parse().ok()?;
+                (n >= 1).then_some(Self::Replicas(n))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("none"),
+            Self::Fsync => f.write_str("fsync"),
+            Self::Replicas(n) => write!(f, "replicas = {n}"),
+        }
+    }
+}
 
 /// Options for [`RedisStore::connect`].
 #[derive(Debug, Clone)]
@@ -33,8 +91,62 @@ pub struct RedisStoreOptions {
     pub prefix: String,
     /// Bound on connecting and on each command; past it the call fails UNAVAILABLE.
     pub timeout: Duration,
-    /// How long ended tasks stay readable past their max lifetime.
+    /// How long ended tasks stay readable after they end.
     pub retention: Duration,
+    /// When a state change counts as acknowledged.
+    pub durability: Durability,
+    /// Whose clock decides deadlines; [`StoreClock::Store`] in production.
+    pub clock: StoreClock,
+}
+
+/// What a check of the Redis server found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFacts {
+    /// `redis_version` as (major, minor, patch).
+    pub version: (u32, u32, u32),
+    /// `maxmemory-policy`.
+    pub maxmemory_policy: String,
+    /// `appendonly`.
+    pub appendonly: bool,
+    /// `appendfsync`.
+    pub appendfsync: String,
+}
+
+impl ServerFacts {
+    /// True if the server has `WAITAOF` (Redis 7.2 and newer).
+    pub fn has_waitaof(&self) -> bool {
+        self.version >= (7, 2, 0)
+    }
+
+    /// Every reason this server cannot give Leash's guarantees with `durability`.
+    pub fn problems(&self, durability: Durability) -> Vec<String> {
+        let mut out = Vec::new();
+        let (major, minor, patch) = self.version;
+        if self.version < (7, 0, 0) {
+            out.push(format!(
+                "Redis {major}.{minor}.{patch} is older than 7.0, whose streams cannot report trimmed revocation history; upgrade Redis"
+            ));
+        }
+        if self.maxmemory_policy != "noeviction" {
+            out.push(format!(
+                "maxmemory-policy is {:?}: Redis could evict leases and revocation records; set maxmemory-policy noeviction",
+                self.maxmemory_policy
+            ));
+        }
+        if durability == Durability::Fsync {
+            if !self.appendonly {
+                out.push(
+                    "store.durability = \"fsync\" needs appendonly yes on the Redis server (or choose \"replicas = N\", or \"none\" to opt out)".to_owned(),
+                );
+            } else if !self.has_waitaof() && self.appendfsync != "always" {
+                out.push(format!(
+                    "store.durability = \"fsync\" on Redis {major}.{minor} (no WAITAOF) needs appendfsync always, not {:?}",
+                    self.appendfsync
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// A [`LeaseStore`] on a single Redis node (or a Sentinel-managed master).
@@ -45,21 +157,30 @@ pub struct RedisStoreOptions {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// State changes and their WAIT/WAITAOF go on a connection of their own, so
+    /// a slow acknowledgement never holds up reads (introspection).
+    writes: ConnectionManager,
     client: Client,
     timeout: Duration,
     /// A connection of its own for blocking stream reads, which would stall
     /// every other call on the shared multiplexed connection.
-    feed: std::sync::Arc<tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    feed: Arc<tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
     prefix: String,
     retention_ms: u64,
-    scripts: std::sync::Arc<Scripts>,
+    durability: Durability,
+    clock: StoreClock,
+    /// The last passing server check; `None` until one passes, and again after
+    /// one fails.
+    facts: Arc<RwLock<Option<ServerFacts>>>,
+    scripts: Arc<Scripts>,
 }
 
-impl std::fmt::Debug for RedisStore {
+impl fmt::Debug for RedisStore {
     // The connection holds the URL, which may hold a password.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
+            .field("durability", &self.durability)
             .finish_non_exhaustive()
     }
 }
@@ -69,177 +190,23 @@ struct Scripts {
     renew: Script,
     complete: Script,
     read_credential: Script,
-    claim: Script,
-    expire: Script,
+    reap: Script,
     snapshot: Script,
     gap: Script,
 }
 
-const TASK_FIELDS: &str = "'rec', 'state', 'deadline', 'ended', 'outcome'";
+const PRELUDE: &str = include_str!("lua/prelude.lua");
+
+/// A write script: the shared prelude (with its constants) and the body.
+fn write_script(body: &str) -> Script {
+    let prelude = PRELUDE
+        .replace("__GRACE__", &REVOCATION_GRACE_MS.to_string())
+        .replace("__PAGE__", &PRUNE_PAGE.to_string());
+    Script::new(&format!("{prelude}\n{body}"))
+}
 
 impl Scripts {
     fn new() -> Self {
-        // Every script that returns a task returns its five fields in TASK_FIELDS
-        // order after a status word, so one parser reads them all.
-        let begin = format!(
-            r"
-local f = redis.call('HMGET', KEYS[1], {TASK_FIELDS})
-if f[1] then return {{'existing', f[1], f[2], f[3], f[4], f[5]}} end
-redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'state', 'active', 'deadline', ARGV[2], 'max', ARGV[3])
-for i = 6, #ARGV, 3 do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-  redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i])
-end
-redis.call('ZADD', KEYS[4], ARGV[2], ARGV[5])
-for k = 1, 3 do redis.call('PEXPIREAT', KEYS[k], ARGV[4]) end
-return {{'created'}}
-"
-        );
-        let renew = format!(
-            r"
-local f = redis.call('HMGET', KEYS[1], {TASK_FIELDS})
-if not f[1] then return {{'missing'}} end
-local now = tonumber(ARGV[1])
-if f[2] ~= 'active' or tonumber(f[3]) <= now then
-  return {{'inactive', f[1], f[2], f[3], f[4], f[5]}}
-end
-local max = redis.call('HGET', KEYS[1], 'max')
-local nd = ARGV[2]
-if tonumber(nd) < tonumber(f[3]) then nd = f[3] end
-if tonumber(nd) > tonumber(max) then nd = max end
-redis.call('HSET', KEYS[1], 'deadline', nd)
-redis.call('ZADD', KEYS[4], nd, ARGV[3])
-local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[1])
-for _, c in ipairs(old) do redis.call('HDEL', KEYS[2], c) end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[1])
-for i = 4, #ARGV, 3 do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-  redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i])
-end
--- Pruning may have emptied (deleted) the credential keys: give them the task's expiry again.
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then for k = 2, 3 do redis.call('PEXPIRE', KEYS[k], ttl) end end
-return {{'renewed', f[1], 'active', nd, f[4], f[5]}}
-"
-        );
-        // Logs each revoked, unexpired credential (cexp scores are expiries) in
-        // the shard's revocation stream and revoked set, in the same atomic step.
-        // Revoked-set members are `<credential id> <audience>`, kept until
-        // REVOCATION_GRACE_MS past their expiry; stream entries carry c (id),
-        // e (expiry), a (revoked at), r (reason) and u (audience).
-        let log = |creds: &str,
-                   cexp: &str,
-                   revlog: &str,
-                   revoked: &str,
-                   now: &str,
-                   maxlen: &str,
-                   collect: &str| {
-            format!(
-                r"
-local live = redis.call('ZRANGEBYSCORE', {cexp}, '(' .. {now}, '+inf', 'WITHSCORES')
-for i = 1, #live, 2 do
-  {collect}
-  local aud = ''
-  local cj = redis.call('HGET', {creds}, live[i])
-  if cj then aud = cjson.decode(cj).audience or '' end
-  redis.call('XADD', {revlog}, 'MAXLEN', '~', {maxlen}, '*', 'c', live[i], 'e', live[i + 1], 'a', {now}, 'r', reason, 'u', aud)
-  redis.call('ZADD', {revoked}, live[i + 1], live[i] .. ' ' .. aud)
-end
-redis.call('ZREMRANGEBYSCORE', {revoked}, '-inf', '(' .. (tonumber({now}) - {REVOCATION_GRACE_MS}))
-"
-            )
-        };
-        let complete = format!(
-            r"
-local f = redis.call('HMGET', KEYS[1], {TASK_FIELDS})
-if not f[1] then return {{'missing'}} end
-if f[2] ~= 'active' then return {{'ended', f[1], f[2], f[3], f[4], f[5]}} end
-local state = 'completed'
-local outcome = ARGV[2]
-local reason = 'completion'
-if tonumber(f[3]) <= tonumber(ARGV[1]) then state = 'expired'; outcome = ''; reason = 'expiry' end
-redis.call('HSET', KEYS[1], 'state', state, 'ended', ARGV[1], 'outcome', outcome)
-redis.call('ZREM', KEYS[3], ARGV[3])
-local out = {{'done', f[1], state, f[3], ARGV[1], outcome}}
-{{LOG_REVOCATIONS}}
-return out
-"
-        )
-        .replace(
-            "{LOG_REVOCATIONS}",
-            &log(
-                "KEYS[6]",
-                "KEYS[2]",
-                "KEYS[4]",
-                "KEYS[5]",
-                "ARGV[1]",
-                "ARGV[4]",
-                "table.insert(out, live[i])",
-            ),
-        );
-        let read_credential = format!(
-            r"
-local f = redis.call('HMGET', KEYS[1], {TASK_FIELDS})
-if not f[1] then return {{'missing'}} end
-local c = redis.call('HGET', KEYS[2], ARGV[1])
-if not c then return {{'missing'}} end
-return {{'found', f[1], f[2], f[3], f[4], f[5], c}}
-"
-        );
-        let claim = r"
-local now = ARGV[1]
-local out = {}
-local seen = {}
-local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-for _, id in ipairs(stale) do table.insert(out, id); seen[id] = true end
-local room = tonumber(ARGV[3]) - #out
-if room > 0 then
-  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, room)
-  for _, id in ipairs(due) do
-    redis.call('ZREM', KEYS[1], id)
-    -- A task renewed after an earlier claim (clock skew between replicas) can be
-    -- both a stale claim and due again: list it once.
-    if not seen[id] then table.insert(out, id); seen[id] = true end
-  end
-end
-for _, id in ipairs(out) do redis.call('ZADD', KEYS[2], ARGV[2], id) end
-return out
-"
-        .to_owned();
-        let expire = format!(
-            r"
-local f = redis.call('HMGET', KEYS[1], {TASK_FIELDS})
-if not f[1] or f[2] ~= 'active' then
-  redis.call('ZREM', KEYS[3], ARGV[2])
-  return {{'ended'}}
-end
-if tonumber(f[3]) > tonumber(ARGV[1]) then
-  redis.call('ZREM', KEYS[4], ARGV[2])
-  redis.call('ZADD', KEYS[3], f[3], ARGV[2])
-  return {{'notdue'}}
-end
-redis.call('HSET', KEYS[1], 'state', 'expired', 'ended', ARGV[1], 'outcome', '')
-redis.call('ZREM', KEYS[3], ARGV[2])
-local reason = 'expiry'
-local logged = {{}}
-{{LOG_REVOCATIONS_EXPIRE}}
-local out = {{'expired', f[1], 'expired', f[3], ARGV[1], ''}}
-for _, c in ipairs(redis.call('HKEYS', KEYS[2])) do table.insert(out, c) end
-return out
-"
-        )
-        .replace(
-            "{LOG_REVOCATIONS_EXPIRE}",
-            &log(
-                "KEYS[2]",
-                "KEYS[5]",
-                "KEYS[6]",
-                "KEYS[7]",
-                "ARGV[1]",
-                "ARGV[3]",
-                "table.insert(logged, live[i])",
-            ),
-        );
         // One shard: the last log id and every revoked credential unexpired at ARGV[1].
         let snapshot = r"
 local last = '0-0'
@@ -272,18 +239,35 @@ return 0
         Self {
             snapshot: Script::new(&snapshot),
             gap: Script::new(gap),
-            begin: Script::new(&begin),
-            renew: Script::new(&renew),
-            complete: Script::new(&complete),
-            read_credential: Script::new(&read_credential),
-            claim: Script::new(&claim),
-            expire: Script::new(&expire),
+            begin: write_script(include_str!("lua/begin.lua")),
+            renew: write_script(include_str!("lua/renew.lua")),
+            complete: write_script(include_str!("lua/complete.lua")),
+            read_credential: write_script(include_str!("lua/read_credential.lua")),
+            reap: write_script(include_str!("lua/reap.lua")),
         }
     }
 }
 
 fn unavailable(e: &redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {}", e.kind_description()))
+}
+
+/// A failed state change: unchanged only if the request never reached Redis or
+/// Redis refused it before running it; otherwise the outcome is unknown.
+fn write_failed(e: &redis::RedisError) -> StoreError {
+    let refused_before_running = e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        );
+    if refused_before_running {
+        unavailable(e)
+    } else {
+        StoreError::OutcomeUnknown(format!(
+            "redis: {}; the change may or may not have been applied",
+            e.kind_description()
+        ))
+    }
 }
 
 trait KindDescription {
@@ -310,7 +294,10 @@ fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(what.to_owned())
 }
 
-/// Rebuilds a task record from the five stored fields (rec, state, deadline, ended, outcome).
+/// The task hash fields every script returns, in this order.
+const TASK_FIELDS: [&str; 6] = ["rec", "state", "deadline", "ended", "outcome", "max"];
+
+/// Rebuilds a task record from the six stored fields (TASK_FIELDS order).
 fn task_from_fields(fields: &[Option<String>]) -> Result<TaskRecord, StoreError> {
     let field = |i: usize| fields.get(i).and_then(Option::as_deref);
     let rec = field(0).ok_or_else(|| corrupt("task without record"))?;
@@ -326,12 +313,29 @@ fn task_from_fields(fields: &[Option<String>]) -> Result<TaskRecord, StoreError>
         .filter(|s| !s.is_empty())
         .and_then(|s| s.parse().ok());
     task.outcome = field(4).filter(|s| !s.is_empty()).map(str::to_owned);
+    if let Some(max) = field(5).and_then(|s| s.parse().ok()) {
+        task.max_deadline_ms = max;
+    }
     Ok(task)
 }
 
-/// The five task fields that follow the status word of a script reply.
+/// The six task fields that follow the status word of a script reply.
 fn task_part(reply: &[Option<String>]) -> Result<&[Option<String>], StoreError> {
-    reply.get(1..6).ok_or_else(|| corrupt("short script reply"))
+    reply.get(1..7).ok_or_else(|| corrupt("short script reply"))
+}
+
+/// The time a script decided at (after the task fields).
+fn decided_at(reply: &[Option<String>]) -> Result<u64, StoreError> {
+    reply
+        .get(7)
+        .and_then(Option::as_deref)
+        .ok_or_else(|| corrupt("script reply without time"))
+        .and_then(parse_score)
+}
+
+/// What a reply carries after its time: credential ids.
+fn trailing_ids(reply: &[Option<String>]) -> Result<Vec<CredentialId>, StoreError> {
+    credential_ids(reply.get(8..).unwrap_or_default())
 }
 
 fn credential_ids(items: &[Option<String>]) -> Result<Vec<CredentialId>, StoreError> {
@@ -349,6 +353,19 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| corrupt(&format!("encode: {e}")))
 }
 
+/// Reads `redis_version` out of `INFO server`.
+fn parse_version(info: &str) -> Option<(u32, u32, u32)> {
+    let v = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("redis_version:"))?;
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+        parts.next().flatten().unwrap_or(0),
+    ))
+}
+
 impl RedisStore {
     /// Prepares a store for `url` (`redis://` or `rediss://`). Does not connect:
     /// the first call does, and every call after a failure retries.
@@ -358,36 +375,132 @@ impl RedisStore {
     pub fn connect(url: &str, options: RedisStoreOptions) -> Result<Self, StoreError> {
         let client = Client::open(url)
             .map_err(|e| StoreError::Unavailable(format!("redis url: {}", e.kind_description())))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.timeout))
-            .set_response_timeout(Some(options.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| unavailable(&e))?;
+        let manager = |response: Duration| {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(options.timeout))
+                .set_response_timeout(Some(response))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            ConnectionManager::new_lazy_with_config(client.clone(), config)
+                .map_err(|e| unavailable(&e))
+        };
+        let conn = manager(options.timeout)?;
+        // A WAIT may use up to half the timeout on top of the script itself.
+        let writes = manager(options.timeout + options.timeout / 2)?;
         Ok(Self {
             conn,
+            writes,
             client,
             timeout: options.timeout,
-            feed: std::sync::Arc::new(tokio::sync::Mutex::new(None)),
+            feed: Arc::new(tokio::sync::Mutex::new(None)),
             prefix: options.prefix,
             retention_ms: crate::clock::duration_ms(options.retention),
-            scripts: std::sync::Arc::new(Scripts::new()),
+            durability: options.durability,
+            clock: options.clock,
+            facts: Arc::new(RwLock::new(None)),
+            scripts: Arc::new(Scripts::new()),
         })
+    }
+
+    /// The durability this store confirms before acknowledging a change.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Checks the server: version, eviction policy and the persistence the
+    /// configured durability needs. Remembered on success; forgotten on failure,
+    /// so state changes then fail closed until a check passes.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if Redis cannot be reached;
+    /// [`StoreError::Misconfigured`] listing every problem found (including a
+    /// Redis user not allowed to run `INFO` or `CONFIG GET`).
+    pub async fn verify(&self) -> Result<ServerFacts, StoreError> {
+        let result = self.read_facts().await.and_then(|facts| {
+            let problems = facts.problems(self.durability);
+            if problems.is_empty() {
+                Ok(facts)
+            } else {
+                Err(StoreError::Misconfigured(problems.join("; ")))
+            }
+        });
+        if let Ok(mut slot) = self.facts.write() {
+            *slot = result.as_ref().ok().cloned();
+        }
+        result
+    }
+
+    async fn read_facts(&self) -> Result<ServerFacts, StoreError> {
+        let mut conn = self.conn.clone();
+        let refused = |what: &str, e: &redis::RedisError| {
+            if matches!(e.kind(), redis::ErrorKind::Server(_)) {
+                StoreError::Misconfigured(format!(
+                    "the broker's Redis user may not run {what} ({}); Leash needs it to check eviction and persistence settings",
+                    e.kind_description()
+                ))
+            } else {
+                unavailable(e)
+            }
+        };
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| refused("INFO server", &e))?;
+        let version = parse_version(&info)
+            .ok_or_else(|| StoreError::Misconfigured("INFO server has no redis_version".into()))?;
+        let get = |name: &'static str| {
+            let mut conn = conn.clone();
+            async move {
+                let pair: Vec<String> = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg(name)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| refused("CONFIG GET", &e))?;
+                pair.get(1).cloned().ok_or_else(|| {
+                    StoreError::Misconfigured(format!("CONFIG GET {name} answered nothing"))
+                })
+            }
+        };
+        Ok(ServerFacts {
+            version,
+            maxmemory_policy: get("maxmemory-policy").await?,
+            appendonly: get("appendonly").await? == "yes",
+            appendfsync: get("appendfsync").await?,
+        })
+    }
+
+    /// The facts of the last passing check, checking now if there is none.
+    async fn checked(&self) -> Result<ServerFacts, StoreError> {
+        let known = self.facts.read().ok().and_then(|f| f.clone());
+        match known {
+            Some(f) => Ok(f),
+            None => self.verify().await,
+        }
+    }
+
+    /// ARGV[1] of every write script: the caller's time, or '' for Redis's clock.
+    fn now_arg(&self, now_ms: u64) -> String {
+        match self.clock {
+            StoreClock::Store => String::new(),
+            StoreClock::Caller => now_ms.to_string(),
+        }
     }
 
     fn tag(&self, shard: u8) -> String {
         format!("{{{}:s{shard:x}}}", self.prefix)
     }
 
+    /// task, creds, cexp, cgr, deadlines, revlog, revoked.
     fn task_keys(&self, id: &TaskId) -> [String; 7] {
         let tag = self.tag(id.shard());
         [
             format!("{tag}:task:{id}"),
             format!("{tag}:creds:{id}"),
             format!("{tag}:cexp:{id}"),
+            format!("{tag}:cgr:{id}"),
             format!("{tag}:deadlines"),
-            format!("{tag}:claims"),
             format!("{tag}:revlog"),
             format!("{tag}:revoked"),
         ]
@@ -438,6 +551,69 @@ impl RedisStore {
             .await
             .map_err(|e| unavailable(&e))
     }
+
+    /// Runs a state-changing script, then confirms its durability: the reply is
+    /// returned only once the change is as durable as configured.
+    async fn run_write<T: redis::FromRedisValue>(
+        &self,
+        invocation: &mut redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let facts = self.checked().await?;
+        let mut conn = self.writes.clone();
+        let reply = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| write_failed(&e))?;
+        self.confirm(&mut conn, &facts).await?;
+        Ok(reply)
+    }
+
+    async fn confirm(
+        &self,
+        conn: &mut ConnectionManager,
+        facts: &ServerFacts,
+    ) -> Result<(), StoreError> {
+        let wait_ms = crate::clock::duration_ms(self.timeout / 2).max(1);
+        let unknown = |what: String| {
+            StoreError::OutcomeUnknown(format!(
+                "the change was applied but {what} within {wait_ms} ms"
+            ))
+        };
+        match self.durability {
+            // appendfsync always (checked): Redis fsyncs before it replies.
+            Durability::None => Ok(()),
+            Durability::Fsync if !facts.has_waitaof() => Ok(()),
+            Durability::Fsync => {
+                let acks: Vec<i64> = redis::cmd("WAITAOF")
+                    .arg(1)
+                    .arg(0)
+                    .arg(wait_ms)
+                    .query_async(conn)
+                    .await
+                    .map_err(|e| write_failed(&e))?;
+                if acks.first().copied().unwrap_or(0) >= 1 {
+                    Ok(())
+                } else {
+                    Err(unknown("was not confirmed on disk (WAITAOF)".into()))
+                }
+            }
+            Durability::Replicas(n) => {
+                let acked: i64 = redis::cmd("WAIT")
+                    .arg(n)
+                    .arg(wait_ms)
+                    .query_async(conn)
+                    .await
+                    .map_err(|e| write_failed(&e))?;
+                if acked >= i64::from(n) {
+                    Ok(())
+                } else {
+                    Err(unknown(format!(
+                        "only {acked} of {n} replicas acknowledged it"
+                    )))
+                }
+            }
+        }
+    }
 }
 
 /// Reads a sorted-set score or numeric field written from an integer.
@@ -462,9 +638,32 @@ fn push_credentials(
     credentials: &[CredentialRecord],
 ) -> Result<(), StoreError> {
     for c in credentials {
-        inv.arg(c.id.as_str()).arg(to_json(c)?).arg(c.expires_at_ms);
+        inv.arg(c.id.as_str())
+            .arg(to_json(c)?)
+            .arg(c.expires_at_ms)
+            .arg(c.grant.as_str());
     }
     Ok(())
+}
+
+/// Reads one entry of a reap reply: an expired task, or a skipped id.
+fn reaped_entry(value: &redis::Value, out: &mut Reaped) -> Result<(), StoreError> {
+    let entry: Vec<Option<String>> =
+        redis::from_redis_value_ref(value).map_err(|_| corrupt("reap entry"))?;
+    match entry.first().and_then(Option::as_deref) {
+        Some("skipped") => {
+            let field = |i: usize| entry.get(i).cloned().flatten().unwrap_or_default();
+            out.skipped.push((field(1), field(2)));
+            Ok(())
+        }
+        Some("expired") => {
+            let task = task_from_fields(task_part(&entry)?)?;
+            let revoked = trailing_ids(&entry)?;
+            out.expired.push(ExpiredTask { task, revoked });
+            Ok(())
+        }
+        _ => Err(corrupt("reap entry")),
+    }
 }
 
 impl LeaseStore for RedisStore {
@@ -473,24 +672,25 @@ impl LeaseStore for RedisStore {
         task: &TaskRecord,
         credentials: &[CredentialRecord],
     ) -> Result<BeginOutcome, StoreError> {
-        let [k_task, k_creds, k_cexp, k_deadlines, ..] = self.task_keys(&task.id);
+        let keys = self.task_keys(&task.id);
         let mut inv = self.scripts.begin.prepare_invoke();
-        inv.key(&k_task)
-            .key(&k_creds)
-            .key(&k_cexp)
-            .key(&k_deadlines);
-        inv.arg(to_json(task)?)
-            .arg(task.lease_deadline_ms)
-            .arg(task.max_deadline_ms)
-            .arg(task.max_deadline_ms.saturating_add(self.retention_ms))
-            .arg(task.id.as_str());
+        for k in &keys {
+            inv.key(k);
+        }
+        inv.arg(self.now_arg(task.created_at_ms))
+            .arg(to_json(task)?)
+            .arg(task.lease_deadline_ms.saturating_sub(task.created_at_ms))
+            .arg(task.max_deadline_ms.saturating_sub(task.created_at_ms))
+            .arg(self.retention_ms)
+            .arg(task.id.as_str())
+            .arg(MAX_LIVE_CREDENTIALS_PER_GRANT)
+            .arg(REVOCATION_LOG_MAX);
         push_credentials(&mut inv, credentials)?;
-        let reply = self.run(&mut inv).await?;
+        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        let stored = Box::new(task_from_fields(task_part(&reply)?)?);
         match reply.first().and_then(Option::as_deref) {
-            Some("created") => Ok(BeginOutcome::Created),
-            Some("existing") => Ok(BeginOutcome::Existing(Box::new(task_from_fields(
-                task_part(&reply)?,
-            )?))),
+            Some("created") => Ok(BeginOutcome::Created(stored)),
+            Some("existing") => Ok(BeginOutcome::Existing(stored)),
             _ => Err(corrupt("begin reply")),
         }
     }
@@ -500,7 +700,7 @@ impl LeaseStore for RedisStore {
         let mut conn = self.conn.clone();
         let fields: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(&k_task)
-            .arg(&["rec", "state", "deadline", "ended", "outcome"])
+            .arg(&TASK_FIELDS)
             .query_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -513,25 +713,41 @@ impl LeaseStore for RedisStore {
     async fn renew(
         &self,
         task_id: &TaskId,
-        now_ms: u64,
-        new_deadline_ms: u64,
-        credentials: &[CredentialRecord],
+        renewal: Renewal<'_>,
     ) -> Result<RenewOutcome, StoreError> {
-        let [k_task, k_creds, k_cexp, k_deadlines, ..] = self.task_keys(task_id);
+        let keys = self.task_keys(task_id);
         let mut inv = self.scripts.renew.prepare_invoke();
-        inv.key(&k_task)
-            .key(&k_creds)
-            .key(&k_cexp)
-            .key(&k_deadlines);
-        inv.arg(now_ms).arg(new_deadline_ms).arg(task_id.as_str());
-        push_credentials(&mut inv, credentials)?;
-        let reply = self.run(&mut inv).await?;
+        for k in &keys {
+            inv.key(k);
+        }
+        inv.arg(self.now_arg(renewal.now_ms))
+            .arg(renewal.extend_by_ms)
+            .arg(
+                renewal
+                    .min_interval_ms
+                    .map(|m| m.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(MAX_LIVE_CREDENTIALS_PER_GRANT)
+            .arg(REVOCATION_LOG_MAX)
+            .arg(task_id.as_str());
+        push_credentials(&mut inv, renewal.credentials)?;
+        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
         match reply.first().and_then(Option::as_deref) {
             Some("missing") => Ok(RenewOutcome::NotFound),
+            Some("toosoon") => Ok(RenewOutcome::TooSoon {
+                retry_after_ms: reply
+                    .get(1)
+                    .and_then(Option::as_deref)
+                    .map_or(Ok(0), parse_score)?,
+            }),
             Some("inactive") => Ok(RenewOutcome::NotActive(task_from_fields(task_part(
                 &reply,
             )?)?)),
-            Some("renewed") => Ok(RenewOutcome::Renewed(task_from_fields(task_part(&reply)?)?)),
+            Some("renewed") => Ok(RenewOutcome::Renewed {
+                task: task_from_fields(task_part(&reply)?)?,
+                rotated: trailing_ids(&reply)?,
+            }),
             _ => Err(corrupt("renew reply")),
         }
     }
@@ -542,30 +758,26 @@ impl LeaseStore for RedisStore {
         now_ms: u64,
         outcome: &str,
     ) -> Result<CompleteOutcome, StoreError> {
-        let [k_task, k_creds, k_cexp, k_deadlines, _, k_revlog, k_revoked] =
-            self.task_keys(task_id);
+        let keys = self.task_keys(task_id);
         let mut inv = self.scripts.complete.prepare_invoke();
-        inv.key(&k_task)
-            .key(&k_cexp)
-            .key(&k_deadlines)
-            .key(&k_revlog)
-            .key(&k_revoked)
-            .key(&k_creds);
-        inv.arg(now_ms)
+        for k in &keys {
+            inv.key(k);
+        }
+        inv.arg(self.now_arg(now_ms))
             .arg(outcome)
             .arg(task_id.as_str())
-            .arg(REVOCATION_LOG_MAX);
-        let reply = self.run(&mut inv).await?;
+            .arg(REVOCATION_LOG_MAX)
+            .arg(self.retention_ms.max(1));
+        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
         match reply.first().and_then(Option::as_deref) {
             Some("missing") => Ok(CompleteOutcome::NotFound),
             Some("ended") => Ok(CompleteOutcome::AlreadyEnded(task_from_fields(task_part(
                 &reply,
             )?)?)),
-            Some("done") => {
-                let task = task_from_fields(task_part(&reply)?)?;
-                let revoked = credential_ids(reply.get(6..).unwrap_or_default())?;
-                Ok(CompleteOutcome::Ended { task, revoked })
-            }
+            Some("done") => Ok(CompleteOutcome::Ended {
+                task: task_from_fields(task_part(&reply)?)?,
+                revoked: trailing_ids(&reply)?,
+            }),
             _ => Err(corrupt("complete reply")),
         }
     }
@@ -574,94 +786,64 @@ impl LeaseStore for RedisStore {
         &self,
         task_id: &TaskId,
         credential_id: &CredentialId,
+        now_ms: u64,
     ) -> Result<Option<CredentialView>, StoreError> {
         let [k_task, k_creds, ..] = self.task_keys(task_id);
         let mut inv = self.scripts.read_credential.prepare_invoke();
-        inv.key(&k_task).key(&k_creds).arg(credential_id.as_str());
+        inv.key(&k_task)
+            .key(&k_creds)
+            .arg(self.now_arg(now_ms))
+            .arg(credential_id.as_str());
         let reply = self.run(&mut inv).await?;
         match reply.first().and_then(Option::as_deref) {
             Some("missing") => Ok(None),
             Some("found") => {
                 let task = task_from_fields(task_part(&reply)?)?;
+                let now_ms = decided_at(&reply)?;
                 let json = reply
-                    .get(6)
+                    .get(8)
                     .and_then(Option::as_deref)
                     .ok_or_else(|| corrupt("credential reply"))?;
                 let credential = serde_json::from_str(json)
                     .map_err(|e| corrupt(&format!("credential record: {e}")))?;
-                Ok(Some(CredentialView { task, credential }))
+                Ok(Some(CredentialView {
+                    task,
+                    credential,
+                    now_ms,
+                }))
             }
             _ => Err(corrupt("credential reply")),
         }
     }
 
-    async fn claim_due(
-        &self,
-        shard: u8,
-        now_ms: u64,
-        claim_ttl_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<TaskId>, StoreError> {
+    async fn reap(&self, shard: u8, now_ms: u64, limit: usize) -> Result<Reaped, StoreError> {
         let tag = self.tag(shard);
-        let mut inv = self.scripts.claim.prepare_invoke();
+        let mut inv = self.scripts.reap.prepare_invoke();
         inv.key(format!("{tag}:deadlines"))
-            .key(format!("{tag}:claims"))
-            .arg(now_ms)
-            .arg(now_ms.saturating_add(claim_ttl_ms))
-            .arg(limit);
-        let reply = self.run(&mut inv).await?;
-        reply
-            .into_iter()
-            .map(|id| {
-                id.as_deref()
-                    .and_then(TaskId::parse)
-                    .ok_or_else(|| corrupt("claimed task id"))
-            })
-            .collect()
-    }
-
-    async fn expire(&self, task_id: &TaskId, now_ms: u64) -> Result<ExpireOutcome, StoreError> {
-        let [
-            k_task,
-            k_creds,
-            k_cexp,
-            k_deadlines,
-            k_claims,
-            k_revlog,
-            k_revoked,
-        ] = self.task_keys(task_id);
-        let mut inv = self.scripts.expire.prepare_invoke();
-        inv.key(&k_task)
-            .key(&k_creds)
-            .key(&k_deadlines)
-            .key(&k_claims);
-        inv.key(&k_cexp).key(&k_revlog).key(&k_revoked);
-        inv.arg(now_ms)
-            .arg(task_id.as_str())
-            .arg(REVOCATION_LOG_MAX);
-        let reply = self.run(&mut inv).await?;
-        match reply.first().and_then(Option::as_deref) {
-            Some("ended") => Ok(ExpireOutcome::AlreadyEnded),
-            Some("notdue") => Ok(ExpireOutcome::NotDue),
-            Some("expired") => {
-                let task = Box::new(task_from_fields(task_part(&reply)?)?);
-                let revoked = credential_ids(reply.get(6..).unwrap_or_default())?;
-                Ok(ExpireOutcome::Expired { task, revoked })
+            .key(format!("{tag}:revlog"))
+            .key(format!("{tag}:revoked"))
+            .arg(self.now_arg(now_ms))
+            .arg(limit.max(1))
+            .arg(REVOCATION_LOG_MAX)
+            .arg(self.retention_ms.max(1))
+            .arg(format!("{tag}:"));
+        let reply: Vec<redis::Value> = self.run_write(&mut inv).await?;
+        let mut out = Reaped {
+            more: reply
+                .get(1)
+                .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+                == Some(1),
+            ..Reaped::default()
+        };
+        for value in reply.iter().skip(2) {
+            // One unreadable entry must not hide the others: its lease has
+            // already been expired in Redis; only this report of it is lost.
+            if let Err(e) = reaped_entry(value, &mut out) {
+                tracing::warn!(shard, error = %e, "reaper: skipped an unreadable expired task");
+                out.skipped.push((String::new(), e.to_string()));
             }
-            _ => Err(corrupt("expire reply")),
         }
-    }
-
-    async fn release(&self, task_id: &TaskId) -> Result<(), StoreError> {
-        let [_, _, _, _, k_claims, ..] = self.task_keys(task_id);
-        let mut conn = self.conn.clone();
-        redis::cmd("ZREM")
-            .arg(&k_claims)
-            .arg(task_id.as_str())
-            .query_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| unavailable(&e))
+        Ok(out)
     }
 
     async fn revocation_snapshot(
@@ -775,7 +957,78 @@ impl LeaseStore for RedisStore {
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
-            .map(|_| ())
-            .map_err(|e| unavailable(&e))
+            .map_err(|e| unavailable(&e))?;
+        // Redis may have been restarted with other settings: check again.
+        self.verify().await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(version: (u32, u32, u32), policy: &str, aof: bool, fsync: &str) -> ServerFacts {
+        ServerFacts {
+            version,
+            maxmemory_policy: policy.into(),
+            appendonly: aof,
+            appendfsync: fsync.into(),
+        }
+    }
+
+    #[test]
+    fn durability_settings_parse() {
+        assert_eq!(Durability::parse("none"), Some(Durability::None));
+        assert_eq!(Durability::parse("fsync"), Some(Durability::Fsync));
+        assert_eq!(
+            Durability::parse("replicas = 2"),
+            Some(Durability::Replicas(2))
+        );
+        assert_eq!(
+            Durability::parse("replicas=1"),
+            Some(Durability::Replicas(1))
+        );
+        for bad in [
+            "",
+            "replicas = 0",
+            "replicas",
+            "replica = 1",
+            "fsync always",
+            "replicas = x",
+        ] {
+            assert_eq!(Durability::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(Durability::Replicas(3).to_string(), "replicas = 3");
+    }
+
+    #[test]
+    fn server_checks_name_each_problem() {
+        let good = facts((7, 0, 15), "noeviction", true, "always");
+        assert!(good.problems(Durability::Fsync).is_empty());
+        let old = facts((6, 2, 14), "noeviction", true, "always");
+        assert!(old.problems(Durability::None)[0].contains("older than 7.0"));
+        let lru = facts((7, 0, 15), "allkeys-lru", true, "always");
+        assert!(lru.problems(Durability::None)[0].contains("maxmemory-policy"));
+        let everysec = facts((7, 0, 15), "noeviction", true, "everysec");
+        assert!(everysec.problems(Durability::Fsync)[0].contains("appendfsync always"));
+        assert!(everysec.problems(Durability::Replicas(1)).is_empty());
+        let waitaof = facts((7, 2, 4), "noeviction", true, "everysec");
+        assert!(waitaof.has_waitaof() && waitaof.problems(Durability::Fsync).is_empty());
+        let no_aof = facts((7, 2, 4), "noeviction", false, "everysec");
+        assert!(no_aof.problems(Durability::Fsync)[0].contains("appendonly yes"));
+        let all = facts((6, 0, 0), "volatile-lru", false, "no");
+        assert_eq!(
+            all.problems(Durability::Fsync).len(),
+            3,
+            "every problem at once"
+        );
+    }
+
+    #[test]
+    fn versions_are_read_from_info() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(parse_version(info), Some((7, 0, 15)));
+        assert_eq!(parse_version("redis_version:8\r\n"), Some((8, 0, 0)));
+        assert_eq!(parse_version("nothing"), None);
     }
 }

@@ -36,6 +36,10 @@ pub struct LeasePolicy {
     pub max_ttl: Duration,
     /// No renewal extends a lease past its begin time plus this.
     pub max_lifetime: Duration,
+    /// Renewals sooner than this after the previous one (or the begin) are
+    /// refused with RESOURCE_EXHAUSTED; at most `ttl / 2`. Default: a quarter
+    /// of `ttl`, at most 1 s.
+    pub min_renew_interval: Duration,
 }
 
 /// One credential a task yields. Loaded grants guarantee a valid unique name, a

@@ -372,7 +372,7 @@ const PARAMETER_KEYS: &[&str] = &[
     "max",
     "description",
 ];
-const LEASE_KEYS: &[&str] = &["ttl", "max_ttl", "max_lifetime"];
+const LEASE_KEYS: &[&str] = &["ttl", "max_ttl", "max_lifetime", "min_renew_interval"];
 const GRANT_KEYS: &[&str] = &["name", "kind", "audience", "scopes", "ttl"];
 
 fn template(
@@ -831,8 +831,29 @@ fn lease(node: &Node, report: &mut Report) -> Option<LeasePolicy> {
     let ttl = read("ttl", report);
     let max_ttl = read("max_ttl", report);
     let max_lifetime = read("max_lifetime", report);
+    let min_renew = map
+        .optional("min_renew_interval")
+        .map(|node| duration(node, "lease.min_renew_interval", report));
     let (ttl, max_ttl, max_lifetime) = (ttl?, max_ttl?, max_lifetime?);
     let mut ok = true;
+    // A renewal loop must not be able to mint credentials as fast as it likes;
+    // by default a lease may be renewed every quarter TTL (at most every second).
+    let min_renew_interval = match min_renew {
+        None => (ttl / 4).min(Duration::from_secs(1)),
+        Some(None) => return None,
+        Some(Some(d)) if d > ttl / 2 => {
+            report.at(
+                map.key_line("min_renew_interval"),
+                format!(
+                    "`lease.min_renew_interval`: {} is more than half of `lease.ttl` {}; agents renew at about half the TTL",
+                    humantime::format_duration(d),
+                    humantime::format_duration(ttl)
+                ),
+            );
+            return None;
+        }
+        Some(Some(d)) => d,
+    };
     if ttl > max_ttl {
         ok = false;
         report.at(
@@ -859,6 +880,7 @@ fn lease(node: &Node, report: &mut Report) -> Option<LeasePolicy> {
         ttl,
         max_ttl,
         max_lifetime,
+        min_renew_interval,
     })
 }
 

@@ -85,7 +85,9 @@ fn base_is_valid() {
             ttl: Duration::from_secs(60),
             max_ttl: Duration::from_secs(300),
             max_lifetime: Duration::from_secs(3600),
-        }
+            min_renew_interval: Duration::from_secs(1),
+        },
+        "the default min_renew_interval is a quarter TTL, at most 1s"
     );
     assert_eq!(t.parameters.len(), 3);
     let repo = t.parameter("repo").unwrap();

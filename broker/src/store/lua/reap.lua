@@ -1,0 +1,34 @@
+-- KEYS: deadlines revlog revoked (one shard); ARGV: now limit maxlen retention key_base
+-- The task keys are named from key_base (`{prefix:shard}:`): they share the
+-- shard's hash tag, so every key touched lies in this script's one slot.
+local now = clock()
+local limit = tonumber(ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', n(now), 'LIMIT', 0, limit + 1)
+local more = 0
+if #due > limit then more = 1; table.remove(due) end
+local out = {n(now), more}
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[1], id)
+  local base = ARGV[5]
+  local tk = base .. 'task:' .. id
+  local f = fields(tk)
+  local d = tonumber(f[3])
+  if not f[1] then
+    table.insert(out, {'skipped', id, 'task record gone'})
+  elseif f[2] ~= 'active' then
+    table.insert(out, {'skipped', id, 'already ' .. tostring(f[2])})
+  elseif not d then
+    table.insert(out, {'skipped', id, 'unreadable deadline'})
+  elseif d > now then
+    -- Renewed after it was indexed under an older deadline: index it again.
+    redis.call('ZADD', KEYS[1], f[3], id)
+  else
+    redis.call('HSET', tk, 'state', 'expired', 'ended', n(now), 'outcome', '')
+    f[2] = 'expired'; f[4] = n(now); f[5] = ''
+    local entry = reply('expired', f, now)
+    end_task(base .. 'creds:' .. id, base .. 'cexp:' .. id, base .. 'cgr:' .. id, KEYS[2], KEYS[3], now, 'expiry', ARGV[3], entry)
+    redis.call('PEXPIRE', tk, ARGV[4])
+    table.insert(out, entry)
+  end
+end
+return out

@@ -1,0 +1,29 @@
+-- KEYS: task creds cexp cgr deadlines revlog revoked
+-- ARGV: now extend_by min_interval ('' for a begin replay) cap maxlen task_id, credentials from 7
+local now = clock()
+local f = fields(KEYS[1])
+if not f[1] then return {'missing'} end
+if f[2] ~= 'active' or tonumber(f[3]) <= now then return reply('inactive', f, now) end
+if ARGV[3] ~= '' then
+  local last = tonumber(redis.call('HGET', KEYS[1], 'renewed') or '0') or 0
+  local wait = last + tonumber(ARGV[3]) - now
+  if wait > 0 then return {'toosoon', n(wait)} end
+end
+local nd = math.min(math.max(now + tonumber(ARGV[2]), tonumber(f[3])), tonumber(f[6]))
+f[3] = n(nd)
+redis.call('HSET', KEYS[1], 'deadline', f[3])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'renewed', n(now)) end
+redis.call('ZADD', KEYS[5], f[3], ARGV[6])
+local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. n(now), 'LIMIT', 0, PAGE)
+for _, c in ipairs(old) do
+  redis.call('HDEL', KEYS[2], c)
+  redis.call('ZREM', KEYS[3], c)
+end
+local rotated = {}
+add_credentials(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], 7, tonumber(ARGV[4]), now, ARGV[5], rotated)
+-- Pruning may have emptied (deleted) the credential keys: give them the task's expiry again.
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then for k = 2, 4 do redis.call('PEXPIRE', KEYS[k], ttl) end end
+local out = reply('renewed', f, now)
+for _, c in ipairs(rotated) do table.insert(out, c) end
+return out
