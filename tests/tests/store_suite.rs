@@ -465,8 +465,18 @@ async fn case_reap_expires_due_leases_once<S: LeaseStore>(store: &S) {
     assert_eq!(e.task.ended_at_ms, Some(now));
     assert_eq!(
         set(e.revoked.clone()),
-        ids(&[&live]),
-        "only the unexpired one is revoked"
+        ids(&[&live, &old]),
+        "every credential ends with the lease"
+    );
+    let (snap, _) = store.revocation_snapshot(now).await.unwrap();
+    let logged: BTreeSet<CredentialId> = snap.into_iter().map(|r| r.credential_id).collect();
+    assert!(
+        logged.contains(&live.id),
+        "the unexpired one is logged for watchers"
+    );
+    assert!(
+        !logged.contains(&old.id),
+        "an expired one needs no revocation entry"
     );
     assert!(
         !has_credential(store, &live).await,

@@ -366,14 +366,19 @@ impl LeaseStore for MemoryStore {
             task.state = TaskState::Expired;
             task.ended_at_ms = Some(now_ms);
             let ended = task.clone();
-            let revoked = inner.end(&ended, now_ms, EndReason::Expiry);
+            let revoked: Vec<CredentialId> = inner
+                .credentials
+                .get(&ended.id)
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            inner.end(&ended, now_ms, EndReason::Expiry);
             out.expired.push(ExpiredTask {
                 task: ended,
                 revoked,
             });
         }
         drop(guard);
-        if out.expired.iter().any(|e| !e.revoked.is_empty()) {
+        if !out.expired.is_empty() {
             self.logged.notify_waiters();
         }
         Ok(out)

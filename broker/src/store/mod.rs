@@ -167,7 +167,8 @@ pub enum CompleteOutcome {
 pub struct ExpiredTask {
     /// The task as it is now (state `Expired`).
     pub task: TaskRecord,
-    /// The unexpired credentials its expiry revoked.
+    /// Every credential of the task: each ends with the lease, and the audit
+    /// trail records each. The unexpired ones were also logged for watchers.
     pub revoked: Vec<CredentialId>,
 }
 

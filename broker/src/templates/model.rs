@@ -37,8 +37,8 @@ pub struct LeasePolicy {
     /// No renewal extends a lease past its begin time plus this.
     pub max_lifetime: Duration,
     /// Renewals sooner than this after the previous one (or the begin) are
-    /// refused with RESOURCE_EXHAUSTED; at most `ttl / 2`. Default: a quarter
-    /// of `ttl`, at most 1 s.
+    /// refused with RESOURCE_EXHAUSTED; at most `ttl / 2`, zero for no limit
+    /// (`0s`, explicit). Default: a quarter of `ttl`, at most 1 s.
     pub min_renew_interval: Duration,
 }
 

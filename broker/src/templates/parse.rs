@@ -831,9 +831,15 @@ fn lease(node: &Node, report: &mut Report) -> Option<LeasePolicy> {
     let ttl = read("ttl", report);
     let max_ttl = read("max_ttl", report);
     let max_lifetime = read("max_lifetime", report);
-    let min_renew = map
-        .optional("min_renew_interval")
-        .map(|node| duration(node, "lease.min_renew_interval", report));
+    // `0s` turns the limit off explicitly; any other value is a normal duration.
+    let min_renew = map.optional("min_renew_interval").map(|node| {
+        let zero = matches!(&node.value, Value::Scalar { text, .. } if text == "0s" || text == "0");
+        if zero {
+            Some(Duration::ZERO)
+        } else {
+            duration(node, "lease.min_renew_interval", report)
+        }
+    });
     let (ttl, max_ttl, max_lifetime) = (ttl?, max_ttl?, max_lifetime?);
     let mut ok = true;
     // A renewal loop must not be able to mint credentials as fast as it likes;

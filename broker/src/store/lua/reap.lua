@@ -26,7 +26,11 @@ for _, id in ipairs(due) do
     redis.call('HSET', tk, 'state', 'expired', 'ended', n(now), 'outcome', '')
     f[2] = 'expired'; f[4] = n(now); f[5] = ''
     local entry = reply('expired', f, now)
-    end_task(base .. 'creds:' .. id, base .. 'cexp:' .. id, base .. 'cgr:' .. id, KEYS[2], KEYS[3], now, 'expiry', ARGV[3], entry)
+    -- Every credential ends with the lease: all are reported (for the audit
+    -- trail); the unexpired ones are also logged for watchers.
+    local creds = base .. 'creds:' .. id
+    for _, c in ipairs(redis.call('HKEYS', creds)) do table.insert(entry, c) end
+    end_task(creds, base .. 'cexp:' .. id, base .. 'cgr:' .. id, KEYS[2], KEYS[3], now, 'expiry', ARGV[3], {})
     redis.call('PEXPIRE', tk, ARGV[4])
     table.insert(out, entry)
   end
