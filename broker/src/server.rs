@@ -158,8 +158,24 @@ pub async fn serve(
     ops: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    serve_with_clock(config, Arc::new(SystemClock), agent, ops, shutdown).await
+}
+
+/// [`serve`] with this replica's clock given: what it mints credentials and
+/// judges by where the store does not decide. With Redis every lease deadline
+/// is decided on Redis's clock, so replicas whose clocks differ still agree
+/// (tests run replicas with skewed clocks to show it).
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_with_clock(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    agent: TcpListener,
+    ops: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let parts = build_parts(&config).await?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     match config.store.kind {
         StoreKind::Memory => {
             let store = Arc::new(MemoryStore::new(crate::clock::duration_ms(
@@ -176,6 +192,7 @@ pub async fn serve(
                     retention: config.store.retention,
                     durability: config.durability(),
                     clock: crate::store::StoreClock::Store,
+                    local_clock: clock.clone(),
                 },
             )
             .map_err(|e| setup("store.url", e))?;

@@ -117,6 +117,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Settings replacing the defaults (AOF with `appendfsync always`).
+    args: Vec<String>,
 }
 
 fn redis_binary() -> String {
@@ -140,11 +142,18 @@ impl RedisServer {
     /// Starts a fresh server on a free port. Panics with a clear message if
     /// `redis-server` is missing (the README's test command installs it).
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a fresh server with extra `redis-server` arguments after the
+    /// defaults (later ones win), e.g. `["--appendfsync", "everysec"]`.
+    pub fn start_with(args: &[&str]) -> Self {
         for _ in 0..5 {
             let mut me = Self {
                 child: None,
                 port: free_port(),
                 dir: tempfile::tempdir().unwrap(),
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
             };
             if me.spawn() {
                 return me;
@@ -158,6 +167,7 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
             .args(["--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"])
+            .args(&self.args)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -188,6 +198,11 @@ impl RedisServer {
     /// The port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's process id, while it runs (to stop or kill it like a fault).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Kills the server (SIGKILL, like a crash); AOF keeps what it acknowledged.
@@ -347,6 +362,21 @@ pub struct BrokerOptions {
     pub tls_toml: Option<String>,
     /// The JWT signing algorithm (default EdDSA).
     pub signing_alg: leash_broker::credentials::Algorithm,
+    /// How far this broker's clock is off real time, in ms (replica skew tests).
+    pub clock_skew_ms: i64,
+    /// Extra lines for the `[store]` section (e.g. `durability = "none"`).
+    pub store_toml: String,
+}
+
+/// A clock off real time by a fixed amount, like a replica without NTP.
+#[derive(Debug)]
+pub struct SkewedClock(pub i64);
+
+impl leash_broker::clock::Clock for SkewedClock {
+    fn now_ms(&self) -> u64 {
+        let real = i64::try_from(leash_broker::clock::SystemClock.now_ms()).unwrap();
+        u64::try_from(real + self.0).unwrap()
+    }
 }
 
 impl BrokerOptions {
@@ -367,6 +397,8 @@ impl BrokerOptions {
             extra_toml: String::new(),
             tls_toml: None,
             signing_alg: leash_broker::credentials::Algorithm::EdDSA,
+            clock_skew_ms: 0,
+            store_toml: String::new(),
         }
     }
 }
@@ -424,6 +456,7 @@ kind = "{kind}"
 url = "{url}"
 prefix = "{prefix}"
 timeout = "500ms"
+{store_extra}
 [reaper]
 interval = "{reaper}"
 [verifier]
@@ -442,11 +475,13 @@ bundles = {{ "acme.test" = "{pki}/bundle.pem" }}"#,
             reaper = options.reaper_interval,
             reload = options.reload_interval,
             extra = options.extra_toml,
+            store_extra = options.store_toml,
         );
         let config = Config::from_toml(&toml, std::iter::empty(), config_dir.path())
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let (tx, rx) = oneshot::channel();
-        let handle = tokio::spawn(server::serve(config, agent, ops, async {
+        let clock = Arc::new(SkewedClock(options.clock_skew_ms));
+        let handle = tokio::spawn(server::serve_with_clock(config, clock, agent, ops, async {
             let _ = rx.await;
         }));
         Self {

@@ -672,6 +672,7 @@ fn redis_store(redis: &RedisServer) -> RedisStore {
             durability: leash_broker::store::Durability::Fsync,
             // The cases pass fixed instants in 2096; Redis's own clock has its own case.
             clock: leash_broker::store::StoreClock::Caller,
+            local_clock: std::sync::Arc::new(leash_broker::clock::SystemClock),
         },
     )
     .unwrap()

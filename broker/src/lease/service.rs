@@ -127,6 +127,13 @@ impl<S: LeaseStore> LeaseService<S> {
         }
     }
 
+    /// Now, on the store's clock as best this replica knows it: what credentials
+    /// are minted with (`iat`, `nbf`, `exp`), so a replica whose clock is off
+    /// still issues credentials whose times agree with the lease deadlines.
+    fn now_ms(&self) -> u64 {
+        self.store.now_ms(self.clock.now_ms())
+    }
+
     /// The store (for readiness checks and the reaper).
     pub fn store(&self) -> &Arc<S> {
         &self.store
@@ -172,7 +179,7 @@ impl<S: LeaseStore> LeaseService<S> {
     /// different request, or its task has ended), `Unavailable`, `Internal`.
     pub async fn begin(&self, caller: &Identity, req: BeginTask) -> Result<IssuedTask, LeaseError> {
         req.check_shape().map_err(LeaseError::InvalidArgument)?;
-        let now_ms = self.clock.now_ms();
+        let now_ms = self.now_ms();
         let owner = caller.spiffe_id.as_str();
         let templates = self.templates.current();
         let decision = policy::decide(
@@ -348,7 +355,7 @@ impl<S: LeaseStore> LeaseService<S> {
     pub async fn renew(&self, caller: &Identity, task_id: &str) -> Result<IssuedTask, LeaseError> {
         let task_id = Self::parse_task_id(task_id)?;
         let task = self.owned_task(caller, &task_id, "renew").await?;
-        let now_ms = self.clock.now_ms();
+        let now_ms = self.now_ms();
         // Only the state is judged here; whether the deadline has passed is the
         // store's decision, on the store's clock (this replica's may be off).
         if task.state != TaskState::Active {
@@ -448,7 +455,7 @@ impl<S: LeaseStore> LeaseService<S> {
             ));
         }
         self.owned_task(caller, &task_id, "complete").await?;
-        let now_ms = self.clock.now_ms();
+        let now_ms = self.now_ms();
         match self.store.complete(&task_id, now_ms, outcome).await? {
             CompleteOutcome::Ended { task, revoked } => {
                 let reason = if task.state == TaskState::Expired {
@@ -492,7 +499,7 @@ impl<S: LeaseStore> LeaseService<S> {
                 format!("longer than {} bytes", Limits::TOKEN),
             ));
         }
-        let now_ms = self.clock.now_ms();
+        let now_ms = self.now_ms();
         let (id, kind, nbf_ms) = if token.starts_with(opaque::PREFIX) {
             match opaque::credential_id(token) {
                 Some(id) => (id, StoredKind::Opaque, 0),

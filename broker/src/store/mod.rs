@@ -302,6 +302,14 @@ pub trait LeaseStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<RevocationRead, StoreError>> + Send;
 
+    /// This replica's estimate of the store's clock, given its own reading
+    /// `local_now_ms`: the time credentials are minted with, so their `iat`,
+    /// `nbf` and `exp` agree with deadlines the store decides. Stores without a
+    /// clock of their own answer `local_now_ms`.
+    fn now_ms(&self, local_now_ms: u64) -> u64 {
+        local_now_ms
+    }
+
     /// Checks that the store answers.
     ///
     /// # Errors

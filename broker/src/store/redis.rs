@@ -27,7 +27,10 @@
 
 use std::{
     fmt,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicI64, Ordering},
+    },
     time::Duration,
 };
 
@@ -97,6 +100,8 @@ pub struct RedisStoreOptions {
     pub durability: Durability,
     /// Whose clock decides deadlines; [`StoreClock::Store`] in production.
     pub clock: StoreClock,
+    /// This replica's clock, to learn how far Redis's clock is from it.
+    pub local_clock: Arc<dyn crate::clock::Clock>,
 }
 
 /// What a check of the Redis server found.
@@ -172,6 +177,10 @@ pub struct RedisStore {
     /// The last passing server check; `None` until one passes, and again after
     /// one fails.
     facts: Arc<RwLock<Option<ServerFacts>>>,
+    /// This replica's clock and how far Redis's clock is ahead of it (ms),
+    /// learned from `TIME` at every check and from every script reply.
+    local_clock: Arc<dyn crate::clock::Clock>,
+    offset_ms: Arc<AtomicI64>,
     scripts: Arc<Scripts>,
 }
 
@@ -398,8 +407,28 @@ impl RedisStore {
             durability: options.durability,
             clock: options.clock,
             facts: Arc::new(RwLock::new(None)),
+            local_clock: options.local_clock,
+            offset_ms: Arc::new(AtomicI64::new(0)),
             scripts: Arc::new(Scripts::new()),
         })
+    }
+
+    /// Learns the offset of Redis's clock from a time a script decided at.
+    fn observe(&self, store_now_ms: u64) {
+        if self.clock == StoreClock::Caller {
+            return;
+        }
+        let local = i128::from(self.local_clock.now_ms());
+        let offset = i128::from(store_now_ms) - local;
+        let offset = i64::try_from(offset).unwrap_or(0);
+        self.offset_ms.store(offset, Ordering::Relaxed);
+    }
+
+    /// Reads the time of a script reply and learns the clock offset from it.
+    fn decided(&self, reply: &[Option<String>]) {
+        if let Ok(t) = decided_at(reply) {
+            self.observe(t);
+        }
     }
 
     /// The durability this store confirms before acknowledging a change.
@@ -432,6 +461,16 @@ impl RedisStore {
 
     async fn read_facts(&self) -> Result<ServerFacts, StoreError> {
         let mut conn = self.conn.clone();
+        let time: Vec<String> = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if let (Some(Ok(secs)), Some(Ok(micros))) = (
+            time.first().map(|s| s.parse::<u64>()),
+            time.get(1).map(|s| s.parse::<u64>()),
+        ) {
+            self.observe(secs.saturating_mul(1000).saturating_add(micros / 1000));
+        }
         let refused = |what: &str, e: &redis::RedisError| {
             if matches!(e.kind(), redis::ErrorKind::Server(_)) {
                 StoreError::Misconfigured(format!(
@@ -687,6 +726,7 @@ impl LeaseStore for RedisStore {
             .arg(REVOCATION_LOG_MAX);
         push_credentials(&mut inv, credentials)?;
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        self.decided(&reply);
         let stored = Box::new(task_from_fields(task_part(&reply)?)?);
         match reply.first().and_then(Option::as_deref) {
             Some("created") => Ok(BeginOutcome::Created(stored)),
@@ -733,6 +773,7 @@ impl LeaseStore for RedisStore {
             .arg(task_id.as_str());
         push_credentials(&mut inv, renewal.credentials)?;
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        self.decided(&reply);
         match reply.first().and_then(Option::as_deref) {
             Some("missing") => Ok(RenewOutcome::NotFound),
             Some("toosoon") => Ok(RenewOutcome::TooSoon {
@@ -769,6 +810,7 @@ impl LeaseStore for RedisStore {
             .arg(REVOCATION_LOG_MAX)
             .arg(self.retention_ms.max(1));
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        self.decided(&reply);
         match reply.first().and_then(Option::as_deref) {
             Some("missing") => Ok(CompleteOutcome::NotFound),
             Some("ended") => Ok(CompleteOutcome::AlreadyEnded(task_from_fields(task_part(
@@ -800,6 +842,7 @@ impl LeaseStore for RedisStore {
             Some("found") => {
                 let task = task_from_fields(task_part(&reply)?)?;
                 let now_ms = decided_at(&reply)?;
+                self.observe(now_ms);
                 let json = reply
                     .get(8)
                     .and_then(Option::as_deref)
@@ -950,6 +993,12 @@ impl LeaseStore for RedisStore {
             }
         }
         Ok(RevocationRead::Records(records, cursor))
+    }
+
+    fn now_ms(&self, local_now_ms: u64) -> u64 {
+        let offset = self.offset_ms.load(Ordering::Relaxed);
+        let adjusted = i128::from(local_now_ms) + i128::from(offset);
+        u64::try_from(adjusted.max(0)).unwrap_or(local_now_ms)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
