@@ -30,8 +30,9 @@ pub struct BenchArgs {
     /// TLS connections shared by the agents (HTTP/2 multiplexes the rest).
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
-    /// Template to declare.
-    #[arg(long, short, default_value = "demo")]
+    /// Template to declare (`leash dev` writes `bench`, whose renewal limit is
+    /// off; a template with the default limit refuses the immediate renewals).
+    #[arg(long, short, default_value = "bench")]
     pub template: String,
     /// Parameter, `name=value`; repeat for each.
     #[arg(long = "param", short = 'p', value_parser = parse_param, default_value = "repo=acme/widgets")]

@@ -92,6 +92,39 @@ grants:
     ttl: 30s
 "#;
 
+/// The template `leash bench` declares: the demo's grants, with the renewal
+/// limit off, because the bench renews right after it begins.
+pub const BENCH_TEMPLATE: &str = r#"# Written by `leash dev` for `leash bench`, which renews right after each
+# begin. Real templates keep the default renewal limit (min_renew_interval).
+name: bench
+version: "1"
+owner: platform-team@example.com
+description: Load generation only.
+identities:
+  - spiffe://{td}/agent/*
+parameters:
+  repo:
+    type: string
+    pattern: "[a-z0-9-]+/[a-z0-9-]+"
+    required: true
+lease:
+  ttl: 60s
+  max_ttl: 5m
+  max_lifetime: 1h
+  min_renew_interval: 0s
+grants:
+  - name: github
+    kind: jwt
+    audience: https://api.github.example
+    scopes: ["repo:{repo}:read", "pulls:{repo}:comment"]
+    ttl: 60s
+  - name: db
+    kind: opaque
+    audience: postgres://db.example/app
+    scopes: ["db:app:select"]
+    ttl: 30s
+"#;
+
 fn write(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<(), DevError> {
     let path = dir.join(name);
     let err = |source| DevError::Write {
@@ -146,6 +179,12 @@ pub fn prepare(args: &DevArgs) -> Result<Config, DevError> {
         &dir.join("templates"),
         "demo.yaml",
         &DEMO_TEMPLATE.replace("{td}", td),
+        false,
+    )?;
+    write(
+        &dir.join("templates"),
+        "bench.yaml",
+        &BENCH_TEMPLATE.replace("{td}", td),
         false,
     )?;
 
