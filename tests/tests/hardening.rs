@@ -276,8 +276,15 @@ async fn replicas_with_skewed_clocks_agree_on_every_deadline() {
         "the deadline follows Redis's clock, not the fast replica's: {} ms left",
         deadline - begun_at
     );
-    // Until 500 ms before the real deadline the lease stays live.
-    while now_ms() < deadline - 500 {
+    // Until shortly before the credential's own expiry (a JWT `exp` is the lease
+    // deadline rounded down to a whole second) it stays active.
+    let credential_end = ms(live.credentials[0].expires_at).min(deadline);
+    assert!(
+        credential_end - begun_at > 500,
+        "credential lifetime {} ms",
+        credential_end - begun_at
+    );
+    while now_ms() < credential_end - 300 {
         assert!(
             is_active(&fast, &live.credentials[0].value).await,
             "a fast replica expired a live lease early"
