@@ -1585,3 +1585,39 @@ fn readers_always_see_a_complete_set_during_reloads() {
         "team19@acme.test"
     );
 }
+
+#[test]
+fn min_renew_interval_is_bounded_and_can_be_turned_off() {
+    let load = |text: &str| {
+        let dir = dir_with(&[("t.yaml", text)]);
+        load_dir(dir.path()).map(|c| c.get("demo").unwrap().lease.min_renew_interval)
+    };
+    let with = |v: &str| {
+        edit(
+            "  max_lifetime: 1h",
+            &format!("  max_lifetime: 1h\n  min_renew_interval: {v}"),
+        )
+    };
+    assert_eq!(
+        load(&with("0s")).unwrap(),
+        Duration::ZERO,
+        "0s turns the limit off"
+    );
+    assert_eq!(load(&with("10s")).unwrap(), Duration::from_secs(10));
+    let issues = issues_of(&with("31s"));
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert!(
+        issues[0]
+            .to_string()
+            .contains("more than half of `lease.ttl`"),
+        "{issues:?}"
+    );
+    let issues = issues_of(&with("soon"));
+    assert!(
+        issues[0].to_string().contains("min_renew_interval"),
+        "{issues:?}"
+    );
+    // A short TTL gets a proportionally short default.
+    let short = edit("  ttl: 60s", "  ttl: 2s");
+    assert_eq!(load(&short).unwrap(), Duration::from_millis(500));
+}
