@@ -19,10 +19,30 @@ use tonic::{Code, transport::Channel};
 /// Half-open connections opened by the flood: more than the pending-handshake cap.
 const FLOOD: usize = 400;
 
+/// 30 s leases: opening the flood on a busy machine must not expire a task.
+const STEADY_TEMPLATE: &str = r#"
+name: steady
+version: "1"
+owner: platform@acme.test
+identities: [spiffe://acme.test/agent/*]
+lease: { ttl: 30s, max_ttl: 30s, max_lifetime: 5m }
+grants:
+  - { name: api, kind: opaque, audience: https://api.acme.test, scopes: ["read"], ttl: 30s }
+"#;
+
 async fn broker_with_limits(limits: &str) -> TestBroker {
     let mut options = BrokerOptions::memory();
+    options.templates.push(STEADY_TEMPLATE.to_owned());
     options.extra_toml = format!("[limits]\n{limits}\n");
     TestBroker::start(options).await
+}
+
+fn steady_request() -> pb::BeginTaskRequest {
+    pb::BeginTaskRequest {
+        template: "steady".into(),
+        parameters: Default::default(),
+        ..review_request()
+    }
 }
 
 /// Opens `n` loopback connections to `addr`; every third sends half of a TLS
@@ -61,7 +81,7 @@ fn closed_by_peer(s: &mut StdTcpStream) -> bool {
 /// A full task life on `channel`: begin, renew, complete.
 async fn task_life(channel: Channel) -> Result<(), tonic::Status> {
     let mut agent = BrokerClient::new(channel);
-    let task = agent.begin_task(review_request()).await?.into_inner();
+    let task = agent.begin_task(steady_request()).await?.into_inner();
     agent
         .renew_lease(pb::RenewLeaseRequest {
             task_id: task.task_id.clone(),
@@ -86,7 +106,7 @@ async fn a_flood_of_half_open_handshakes_does_not_starve_agents() {
     let existing = broker.channel("agent/existing").await;
     let mut agent = BrokerClient::new(existing.clone());
     let in_flight = agent
-        .begin_task(review_request())
+        .begin_task(steady_request())
         .await
         .unwrap()
         .into_inner();
@@ -125,6 +145,10 @@ async fn a_flood_of_half_open_handshakes_does_not_starve_agents() {
     })
     .await
     .expect("agents were starved by the flood");
+    assert!(
+        leash_e2e::logs().contains("dropping the oldest"),
+        "the flood never reached the pending-handshake cap, so the test proved nothing"
+    );
 
     // The broker drops every half-open connection: the oldest as newer ones
     // arrive beyond the cap, the rest at the handshake timeout.
@@ -141,7 +165,9 @@ async fn a_flood_of_half_open_handshakes_does_not_starve_agents() {
     );
     drop(sockets);
     // And agents still work afterwards.
-    task_life(broker.channel("agent/after").await).await.unwrap();
+    task_life(broker.channel("agent/after").await)
+        .await
+        .unwrap();
     broker.stop().await;
 }
 
@@ -185,7 +211,7 @@ async fn connections_over_the_cap_are_refused_and_a_freed_slot_is_reused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_per_connection_and_request_size_are_bounded() {
-    let broker = broker_with_limits("max_concurrent_streams = 3\nmax_message_bytes = 4096").await;
+    let broker = broker_with_limits("max_concurrent_streams = 3\nmax_message_bytes = 16384").await;
 
     // HTTP/2: the broker announces its stream limit in its SETTINGS.
     let files = broker.pki.svid("agent/h2");
@@ -221,13 +247,13 @@ async fn streams_per_connection_and_request_size_are_bounded() {
     // under it is served.
     let mut agent = broker.broker("agent/big").await;
     let mut big = review_request();
-    big.intent = "x".repeat(8 * 1024);
+    big.intent = "x".repeat(32 * 1024);
     let err = agent.begin_task(big).await.unwrap_err();
     assert!(
         matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
         "{err:?}"
     );
-    assert!(err.message().contains("4096"), "{err:?}");
+    assert!(err.message().contains("16384"), "{err:?}");
     agent.begin_task(review_request()).await.unwrap();
     broker.stop().await;
 }

@@ -1,11 +1,10 @@
 //! A task keeps the kind of proof it was begun with. A task begun over mutual TLS
 //! has certificate-bound credentials; a JWT-SVID of the same SPIFFE ID must not
 //! renew, complete or replay it (and so shed the binding), nor the reverse. With
-//! `tls.task_binding = "key"` (the default with `tls.source = "files"`) renewals
-//! must come from the key that began the task; with `"spiffe_id"` (the default
-//! with the Workload API) a rotated SVID of the same ID renews, and the fresh
-//! credentials are bound to it. Real mTLS brokers on a real Redis: the binding is
-//! stored with the task and read back.
+//! `tls.task_binding = "spiffe_id"` (the default) a rotated SVID of the same ID
+//! renews, and the fresh credentials are bound to it; with `"key"` renewals must
+//! come from the key that began the task. Real mTLS brokers on a real Redis: the
+//! binding is stored with the task and read back.
 
 use std::{
     sync::Arc,
@@ -124,8 +123,7 @@ async fn bearer_channel(s: &Setup) -> Channel {
     config.alpn_protocols = vec![b"h2".to_vec()];
     let url = format!("https://localhost:{}", s.jwt_port);
     for _ in 0..50 {
-        if let Ok(c) =
-            leash_broker::cli::client::connect_with(&url, Arc::new(config.clone())).await
+        if let Ok(c) = leash_broker::cli::client::connect_with(&url, Arc::new(config.clone())).await
         {
             return c;
         }
@@ -184,11 +182,7 @@ async fn a_jwt_svid_cannot_renew_complete_or_replay_a_task_begun_over_mtls() {
     let mut mtls = s.broker.broker(AGENT).await;
     let mut request = review_request();
     request.idempotency_key = "binding-1".into();
-    let begun = mtls
-        .begin_task(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let begun = mtls.begin_task(request.clone()).await.unwrap().into_inner();
     let bound = cnf(&begun.credentials).expect("mTLS credentials are bound");
 
     let mut jwt = BrokerClient::new(bearer_channel(&s).await);
@@ -245,12 +239,9 @@ async fn a_task_begun_with_a_jwt_svid_is_renewed_only_with_a_jwt_svid() {
         .await
         .unwrap_err();
     assert!(denied(&renew, "JWT-SVID"), "renew: {renew:?}");
-    jwt.renew_lease(bearer(
-        renew_req(&begun.task_id),
-        &s.authority.token(AGENT),
-    ))
-    .await
-    .unwrap();
+    jwt.renew_lease(bearer(renew_req(&begun.task_id), &s.authority.token(AGENT)))
+        .await
+        .unwrap();
     jwt.complete_task(bearer(
         complete_req(&begun.task_id),
         &s.authority.token(AGENT),
@@ -262,8 +253,7 @@ async fn a_task_begun_with_a_jwt_svid_is_renewed_only_with_a_jwt_svid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_key_binding_only_the_key_that_began_the_task_renews_it() {
-    // `tls.source = "files"` defaults to key binding.
-    let s = setup("").await;
+    let s = setup("task_binding = \"key\"").await;
     let mut first = s.broker.broker(AGENT).await;
     let begun = first
         .begin_task(review_request())
@@ -292,7 +282,8 @@ async fn with_key_binding_only_the_key_that_began_the_task_renews_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_spiffe_id_binding_a_rotated_svid_renews_and_its_credentials_follow_it() {
-    let s = setup("task_binding = \"spiffe_id\"").await;
+    // The default: `task_binding = "spiffe_id"`.
+    let s = setup("").await;
     let mut first = s.broker.broker(AGENT).await;
     let begun = first
         .begin_task(review_request())
@@ -315,10 +306,7 @@ async fn with_spiffe_id_binding_a_rotated_svid_renews_and_its_credentials_follow
     // The kind of proof still counts: a JWT-SVID of the same ID is refused.
     let mut jwt = BrokerClient::new(bearer_channel(&s).await);
     let err = jwt
-        .renew_lease(bearer(
-            renew_req(&begun.task_id),
-            &s.authority.token(AGENT),
-        ))
+        .renew_lease(bearer(renew_req(&begun.task_id), &s.authority.token(AGENT)))
         .await
         .unwrap_err();
     assert!(denied(&err, "mutual TLS"), "{err:?}");

@@ -88,6 +88,10 @@ pub struct Identity {
     /// `None` when the caller proved itself with a JWT-SVID (no certificate), and
     /// then nothing issued to it is certificate-bound.
     pub thumbprint_s256: Option<[u8; 32]>,
+    /// SHA-256 of the leaf's SubjectPublicKeyInfo (DER): the key, whatever
+    /// certificate carries it, for binding a task to its key. `None` exactly when
+    /// [`thumbprint_s256`](Self::thumbprint_s256) is.
+    pub spki_s256: Option<[u8; 32]>,
 }
 
 impl Identity {
@@ -99,6 +103,12 @@ impl Identity {
     /// The thumbprint as base64url without padding: the RFC 8705 `x5t#S256` value.
     pub fn thumbprint_b64url(&self) -> Option<String> {
         self.thumbprint_s256
+            .map(|t| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t))
+    }
+
+    /// The public-key digest as base64url without padding.
+    pub fn spki_b64url(&self) -> Option<String> {
+        self.spki_s256
             .map(|t| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t))
     }
 }
