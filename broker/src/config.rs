@@ -651,14 +651,6 @@ impl Config {
         p
     }
 
-    /// The binding rule for tasks begun over mTLS (`tls.task_binding`).
-    pub fn task_binding_rule(&self) -> BindingRule {
-        match self.tls.task_binding {
-            TaskBindingMode::SpiffeId => BindingRule::SpiffeId,
-            TaskBindingMode::Key => BindingRule::Key,
-        }
-    }
-
     /// The introspection caller patterns (validated at load).
     pub fn introspect_callers(&self) -> Vec<IdentityPattern> {
         self.verifier
@@ -666,6 +658,14 @@ impl Config {
             .iter()
             .filter_map(|c| IdentityPattern::parse(c).ok())
             .collect()
+    }
+
+    /// The binding rule for tasks begun over mTLS (`tls.task_binding`).
+    pub fn task_binding_rule(&self) -> BindingRule {
+        match self.tls.task_binding {
+            TaskBindingMode::SpiffeId => BindingRule::SpiffeId,
+            TaskBindingMode::Key => BindingRule::Key,
+        }
     }
 }
 

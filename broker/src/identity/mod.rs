@@ -19,8 +19,12 @@
 //!
 //! - An X509-SVID is accepted only if the leaf obeys X509-SVID.md to the letter (one
 //!   URI SAN, a valid non-root SPIFFE ID, not a CA, critical key usage with
-//!   digitalSignature and without keyCertSign/cRLSign) **and** its chain validates to
+//!   digitalSignature and without keyCertSign/cRLSign), every CA certificate presented
+//!   after it is a signing CA (cA=true, keyCertSign when it has a key usage
+//!   extension, a SPIFFE ID, if any, without a path), **and** its chain validates to
 //!   the bundle of the leaf's own trust domain. Nothing is trusted by default.
+//! - The api layer re-runs [`verify_svid`] on every call against the bundles of that
+//!   moment, so a bundle reload or an expiring SVID reaches open connections too.
 //! - Reloads swap whole snapshots; a broken file keeps the last good material.
 //! - Only ring is used for cryptography; no key material reaches `Debug` or logs.
 //!
