@@ -78,15 +78,39 @@ fn closed_by_peer(s: &mut StdTcpStream) -> bool {
     }
 }
 
+/// Renews `task_id`, waiting out a `RESOURCE_EXHAUSTED` "renewed too soon" answer
+/// (a template's minimum renew interval) as the broker's `retry-after-ms` asks.
+async fn renew_when_allowed(
+    agent: &mut BrokerClient<Channel>,
+    task_id: &str,
+) -> Result<pb::RenewLeaseResponse, tonic::Status> {
+    let mut tries = 0;
+    loop {
+        let request = pb::RenewLeaseRequest {
+            task_id: task_id.to_owned(),
+        };
+        match agent.renew_lease(request).await {
+            Err(s) if s.code() == Code::ResourceExhausted && tries < 5 => {
+                tries += 1;
+                let wait_ms = s
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1000)
+                    .min(5000);
+                tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+            }
+            other => return other.map(tonic::Response::into_inner),
+        }
+    }
+}
+
 /// A full task life on `channel`: begin, renew, complete.
 async fn task_life(channel: Channel) -> Result<(), tonic::Status> {
     let mut agent = BrokerClient::new(channel);
     let task = agent.begin_task(steady_request()).await?.into_inner();
-    agent
-        .renew_lease(pb::RenewLeaseRequest {
-            task_id: task.task_id.clone(),
-        })
-        .await?;
+    renew_when_allowed(&mut agent, &task.task_id).await?;
     agent
         .complete_task(pb::CompleteTaskRequest {
             task_id: task.task_id,
@@ -122,10 +146,7 @@ async fn a_flood_of_half_open_handshakes_does_not_starve_agents() {
     // 60 s only keeps a broken broker from hanging the test.
     let bound = Duration::from_secs(60);
     tokio::time::timeout(bound, async {
-        agent
-            .renew_lease(pb::RenewLeaseRequest {
-                task_id: in_flight.task_id.clone(),
-            })
+        renew_when_allowed(&mut agent, &in_flight.task_id)
             .await
             .expect("existing agent renews during the flood");
         agent

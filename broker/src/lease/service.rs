@@ -132,30 +132,6 @@ impl<S: LeaseStore> LeaseService<S> {
         }
     }
 
-    /// Sets how a task begun over mTLS is tied to the key that began it
-    /// (default [`BindingRule::SpiffeId`]); see [`BindingRule`].
-    #[must_use]
-    pub fn with_binding_rule(mut self, rule: BindingRule) -> Self {
-        self.binding_rule = rule;
-        self
-    }
-
-    /// Refuses `caller` unless it proves itself as `task`'s owner did at begin
-    /// (the rule is in `lease/binding.rs`); a refusal is audited.
-    fn check_binding(
-        &self,
-        task: &TaskRecord,
-        caller: &Identity,
-        action: &str,
-    ) -> Result<(), LeaseError> {
-        binding::check(&task.binding, caller, self.binding_rule, task.id.as_str()).map_err(
-            |reason| {
-                audit::denied(caller.spiffe_id.as_str(), action, &reason);
-                LeaseError::PermissionDenied(reason)
-            },
-        )
-    }
-
     /// The store (for readiness checks and the reaper).
     pub fn store(&self) -> &Arc<S> {
         &self.store
@@ -557,5 +533,29 @@ impl<S: LeaseStore> LeaseService<S> {
     /// The JWK Set of the signing keys.
     pub fn jwks(&self) -> Value {
         self.minter.keys().jwks()
+    }
+
+    /// Sets how a task begun over mTLS is tied to the key that began it
+    /// (default [`BindingRule::SpiffeId`]); see [`BindingRule`].
+    #[must_use]
+    pub fn with_binding_rule(mut self, rule: BindingRule) -> Self {
+        self.binding_rule = rule;
+        self
+    }
+
+    /// Refuses `caller` unless it proves itself as `task`'s owner did at begin
+    /// (the rule is in `lease/binding.rs`); a refusal is audited.
+    fn check_binding(
+        &self,
+        task: &TaskRecord,
+        caller: &Identity,
+        action: &str,
+    ) -> Result<(), LeaseError> {
+        binding::check(&task.binding, caller, self.binding_rule, task.id.as_str()).map_err(
+            |reason| {
+                audit::denied(caller.spiffe_id.as_str(), action, &reason);
+                LeaseError::PermissionDenied(reason)
+            },
+        )
     }
 }
