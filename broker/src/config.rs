@@ -17,7 +17,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{credentials::Algorithm, identity::IdentityPattern};
+use crate::{credentials::Algorithm, identity::IdentityPattern, lease::BindingRule};
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "LEASH_";
@@ -53,6 +53,58 @@ pub struct Config {
     /// The JWT-SVID listener (off unless this section is present).
     #[serde(default)]
     pub jwt_svid: Option<JwtSvid>,
+    /// Bounds on connections, handshakes, streams and request sizes.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[limits]`: how much one client (or a flood of them) can make a listener hold.
+/// Each listener (agent port, JWT-SVID port) has its own budget.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Most open connections (handshaking or established); more are closed at
+    /// accept. Default 10000.
+    pub max_connections: usize,
+    /// Most TLS handshakes in progress (never more than `max_connections`); when
+    /// full, the oldest is dropped for the newest, so a flood of half-open
+    /// connections cannot lock agents out. Default 1024.
+    pub max_pending_handshakes: usize,
+    /// How long a client may take to complete its TLS handshake. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Most concurrent HTTP/2 streams (calls) per connection. Default 100.
+    pub max_concurrent_streams: u32,
+    /// Largest request message in bytes (protobuf, before decoding); a bigger one is
+    /// refused unread. Default 65536 (the largest valid request is about 12 KiB).
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_pending_handshakes: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 100,
+            max_message_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `tls.task_binding`: how a task begun over mTLS stays bound to the X509-SVID
+/// that began it. Either way a JWT-SVID can never renew or complete such a task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskBindingMode {
+    /// Renew and complete need an X509-SVID of the same SPIFFE ID, with any key, so
+    /// SVIDs rotated during the task (Workload API, files rewritten by a sidecar,
+    /// certificates renewed with a new key) keep working.
+    #[default]
+    SpiffeId,
+    /// Renew and complete also need the same public key as the X509-SVID that began
+    /// the task: for SVIDs that never change key during a task.
+    Key,
 }
 
 /// `[jwt_svid]`: a listener that accepts a JWT-SVID as `authorization: Bearer`
@@ -68,10 +120,18 @@ pub struct JwtSvid {
     /// Clock skew allowed on `exp`. Default 30 s, at most 5 min.
     #[serde(default = "default_jwt_leeway", with = "humantime_serde")]
     pub leeway: Duration,
+    /// Longest a JWT-SVID may still be valid when presented (`exp` − now, beyond
+    /// the leeway); a longer-lived token is refused. Default 5 min.
+    #[serde(default = "default_jwt_max_lifetime", with = "humantime_serde")]
+    pub max_lifetime: Duration,
 }
 
 fn default_jwt_leeway() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_jwt_max_lifetime() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// `[listen]`.
@@ -106,6 +166,10 @@ pub struct Tls {
     /// How long to wait at start for the Workload API's first SVID. Default 30 s.
     #[serde(default = "default_workload_api_timeout", with = "humantime_serde")]
     pub workload_api_timeout: Duration,
+    /// What a renewal or completion of a task begun over mTLS must present:
+    /// `spiffe_id` (default) or `key`. See [`TaskBindingMode`].
+    #[serde(default)]
+    pub task_binding: TaskBindingMode,
 }
 
 /// `tls.source`.
@@ -295,6 +359,39 @@ impl Default for Reload {
 
 fn default_reload_interval() -> Duration {
     Duration::from_secs(2)
+}
+
+impl Limits {
+    /// The largest valid request (a BeginTask with every parameter at its limits)
+    /// is about 12 KiB; a smaller cap would refuse valid calls.
+    const MIN_MESSAGE_BYTES: usize = 16 * 1024;
+
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.max_connections == 0 {
+            p.push("limits.max_connections: must be positive".into());
+        }
+        if self.max_pending_handshakes == 0 {
+            p.push("limits.max_pending_handshakes: must be positive".into());
+        }
+        if self.handshake_timeout < Duration::from_millis(100)
+            || self.handshake_timeout > Duration::from_secs(60)
+        {
+            p.push("limits.handshake_timeout: must be between 100ms and 60s".into());
+        }
+        if self.max_concurrent_streams == 0 || self.max_concurrent_streams > 10_000 {
+            p.push("limits.max_concurrent_streams: must be between 1 and 10000".into());
+        }
+        if self.max_message_bytes < Self::MIN_MESSAGE_BYTES
+            || self.max_message_bytes > 16 * 1024 * 1024
+        {
+            p.push(format!(
+                "limits.max_message_bytes: must be between {} and 16777216",
+                Self::MIN_MESSAGE_BYTES
+            ));
+        }
+        p
+    }
 }
 
 /// Serde adapter for `"250ms"`-style durations.
@@ -506,6 +603,9 @@ impl Config {
             if j.leeway > Duration::from_secs(300) {
                 p.push("jwt_svid.leeway: at most 5m".into());
             }
+            if j.max_lifetime.is_zero() || j.max_lifetime > Duration::from_secs(86_400) {
+                p.push("jwt_svid.max_lifetime: must be between 1s and 24h".into());
+            }
             if j.listen == self.listen.agent || j.listen == self.listen.ops {
                 p.push("jwt_svid.listen: must differ from listen.agent and listen.ops".into());
             }
@@ -557,6 +657,7 @@ impl Config {
         if self.reload.interval < Duration::from_millis(100) {
             p.push("reload.interval: at least 100ms".into());
         }
+        p.extend(self.limits.problems());
         p
     }
 
@@ -573,6 +674,14 @@ impl Config {
             .iter()
             .filter_map(|c| IdentityPattern::parse(c).ok())
             .collect()
+    }
+
+    /// The binding rule for tasks begun over mTLS (`tls.task_binding`).
+    pub fn task_binding_rule(&self) -> BindingRule {
+        match self.tls.task_binding {
+            TaskBindingMode::SpiffeId => BindingRule::SpiffeId,
+            TaskBindingMode::Key => BindingRule::Key,
+        }
     }
 }
 
@@ -692,6 +801,68 @@ introspect_callers = ["spiffe://acme.test/resource/*"]
         assert_eq!(c.store.kind, StoreKind::Memory);
         assert_eq!(c.reaper.interval, Duration::from_millis(100));
         assert_eq!(c.reaper.batch, 7);
+    }
+
+    #[test]
+    fn limits_have_sane_defaults_and_are_validated() {
+        let d = dir_with_files();
+        let c = Config::from_toml(GOOD, std::iter::empty(), d.path()).expect("config");
+        assert_eq!(c.limits.max_connections, 10_000);
+        assert_eq!(c.limits.max_pending_handshakes, 1024);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.max_concurrent_streams, 100);
+        assert_eq!(c.limits.max_message_bytes, 65_536);
+        assert_eq!(c.task_binding_rule(), BindingRule::SpiffeId);
+        let set = format!(
+            "{GOOD}[limits]\nmax_connections = 50\nmax_pending_handshakes = 10\nhandshake_timeout = \"2s\"\nmax_concurrent_streams = 8\nmax_message_bytes = 20000\n"
+        );
+        let c = Config::from_toml(&set, std::iter::empty(), d.path()).expect("config");
+        assert_eq!(c.limits.max_pending_handshakes, 10);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(2));
+        let bad = format!(
+            "{GOOD}[limits]\nmax_connections = 0\nmax_pending_handshakes = 0\nhandshake_timeout = \"0s\"\nmax_concurrent_streams = 0\nmax_message_bytes = 10\nmax_handshakes = 1\n"
+        );
+        let all = Config::from_toml(&bad, std::iter::empty(), d.path())
+            .expect_err("bad limits")
+            .to_string();
+        for want in [
+            "limits.max_connections",
+            "limits.max_pending_handshakes",
+            "limits.handshake_timeout",
+            "limits.max_concurrent_streams",
+            "limits.max_message_bytes",
+            "unknown key `limits.max_handshakes`",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
+    }
+
+    #[test]
+    fn task_binding_is_spiffe_id_unless_set_to_key() {
+        let d = dir_with_files();
+        let with = |tls_extra: &str| {
+            Config::from_toml(
+                &GOOD.replace("[tls]", &format!("[tls]\n{tls_extra}")),
+                std::iter::empty(),
+                d.path(),
+            )
+        };
+        assert_eq!(
+            with("").expect("config").task_binding_rule(),
+            BindingRule::SpiffeId
+        );
+        assert_eq!(
+            with("task_binding = \"key\"")
+                .expect("config")
+                .task_binding_rule(),
+            BindingRule::Key
+        );
+        assert!(
+            with("task_binding = \"cert\"")
+                .expect_err("unknown mode")
+                .to_string()
+                .contains("task_binding")
+        );
     }
 
     #[test]

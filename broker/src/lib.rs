@@ -23,6 +23,7 @@
 //! - [`revocation`]: the revocation feed that resource servers watch.
 //! - [`audit`]: the audit trail of decisions, issuance and revocation.
 //! - [`api`]: the thin gRPC layer; the only place that knows `tonic::Status`.
+//! - [`logging`]: text and JSON log output in which no value can forge a line.
 //!
 //! ## Security defaults
 //!
@@ -40,6 +41,7 @@ pub mod config;
 pub mod credentials;
 pub mod identity;
 pub mod lease;
+pub mod logging;
 pub mod policy;
 pub mod reload;
 pub mod revocation;

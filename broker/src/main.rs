@@ -17,15 +17,11 @@ const EX_USAGE: u8 = 64;
 const EX_DATAERR: u8 = 65;
 
 fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEASH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    // Both formats escape control characters in every value (see `logging`).
+    leash_broker::logging::subscriber(format, filter, std::io::stderr).init();
 }
 
 async fn shutdown_signal() {

@@ -5,22 +5,20 @@
 //! accepting, in-flight calls get [`DRAIN_TIMEOUT`] to finish, and the reaper
 //! and reloader stop. If any part stops on its own, all stop.
 
+mod incoming;
+
 use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use leash_proto::v1::{broker_server::BrokerServer, verifier_server::VerifierServer};
-use tokio::{
-    net::TcpListener,
-    sync::{mpsc, watch},
-    task::JoinSet,
-};
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::{
-    api::{BearerAuth, BrokerApi, VerifierApi},
+    api::{BearerAuth, BrokerApi, SvidAuth, VerifierApi},
     clock::{Clock, SystemClock},
-    config::{Config, StoreKind, TlsSource},
+    config::{Config, Limits, StoreKind, TlsSource},
     credentials::{KeySet, Minter, SigningKey},
     identity::{
         self, ServingCert, TrustBundleSource,
@@ -36,8 +34,6 @@ use crate::{
 
 /// How long in-flight calls may take to finish after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often store health is checked for the health service.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -54,10 +50,11 @@ pub enum ServerError {
 }
 
 /// The gRPC server settings every listener shares.
-fn grpc_server() -> tonic::transport::Server {
+fn grpc_server(limits: &Limits) -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
 }
 
 fn setup(what: &str, e: impl std::fmt::Display) -> ServerError {
@@ -130,7 +127,8 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
                 JwtBundleSource::from_files(&j.bundles)
                     .map_err(|e| setup("jwt_svid.bundles", e))?,
             );
-            let verifier = JwtSvidVerifier::new(Arc::clone(&bundles), j.audience.clone(), j.leeway);
+            let verifier = JwtSvidVerifier::new(Arc::clone(&bundles), j.audience.clone(), j.leeway)
+                .with_max_lifetime(j.max_lifetime);
             (Some((j.listen, verifier)), Some(bundles))
         }
         None => (None, None),
@@ -237,13 +235,16 @@ async fn run<S: LeaseStore>(
 ) -> Result<(), ServerError> {
     let tls = identity::server_tls_config(parts.bundles.clone(), parts.cert.clone())
         .map_err(|e| setup("tls", e))?;
-    let service = Arc::new(LeaseService::new(
-        store.clone(),
-        parts.templates.clone(),
-        parts.minter,
-        clock.clone(),
-        config.introspect_callers(),
-    ));
+    let service = Arc::new(
+        LeaseService::new(
+            store.clone(),
+            parts.templates.clone(),
+            parts.minter,
+            clock.clone(),
+            config.introspect_callers(),
+        )
+        .with_binding_rule(config.task_binding_rule()),
+    );
     let feed = RevocationFeed::new(store.clone(), clock.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
@@ -266,16 +267,31 @@ async fn run<S: LeaseStore>(
 
     let mut tasks: JoinSet<(&'static str, Result<(), ServerError>)> = JoinSet::new();
 
-    // Agent port: mTLS, Broker + Verifier + health + reflection.
-    let incoming = tls_incoming(agent, TlsAcceptor::from(tls), stop_rx.clone());
-    let agent_router = grpc_server()
+    // Agent port: mTLS, Broker + Verifier + health + reflection. Every Broker and
+    // Verifier call re-checks the client's chain against the current bundles.
+    let limits = &config.limits;
+    let max_message = limits.max_message_bytes;
+    let incoming = incoming::tls_incoming(
+        agent,
+        TlsAcceptor::from(tls),
+        stop_rx.clone(),
+        limits.into(),
+    );
+    let health_service = health_service.max_decoding_message_size(max_message);
+    let svid_auth = SvidAuth::new(parts.bundles.clone());
+    let agent_router = grpc_server(limits)
         .add_service(health_service.clone())
-        .add_service(reflection)
-        .add_service(BrokerServer::new(BrokerApi::new(service.clone())))
-        .add_service(VerifierServer::new(VerifierApi::new(
-            service.clone(),
-            feed.clone(),
-        )));
+        .add_service(reflection.max_decoding_message_size(max_message))
+        .add_service(InterceptedService::new(
+            BrokerServer::new(BrokerApi::new(service.clone()))
+                .max_decoding_message_size(max_message),
+            svid_auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            VerifierServer::new(VerifierApi::new(service.clone(), feed.clone()))
+                .max_decoding_message_size(max_message),
+            svid_auth,
+        ));
     let stop = wait_for(stop_rx.clone());
     tasks.spawn(async move {
         let r = agent_router
@@ -293,16 +309,23 @@ async fn run<S: LeaseStore>(
             .map_err(|e| setup("jwt_svid.listen", format!("{address}: {e}")))?;
         let tls = identity::server_tls_config_without_client_auth(parts.cert.clone())
             .map_err(|e| setup("jwt_svid", e))?;
-        let incoming = tls_incoming(listener, TlsAcceptor::from(tls), stop_rx.clone());
+        let incoming = incoming::tls_incoming(
+            listener,
+            TlsAcceptor::from(tls),
+            stop_rx.clone(),
+            limits.into(),
+        );
         let auth = BearerAuth::new(verifier);
-        let router = grpc_server()
+        let router = grpc_server(limits)
             .add_service(health_service.clone())
-            .add_service(BrokerServer::with_interceptor(
-                BrokerApi::new(service.clone()),
+            .add_service(InterceptedService::new(
+                BrokerServer::new(BrokerApi::new(service.clone()))
+                    .max_decoding_message_size(max_message),
                 auth.clone(),
             ))
-            .add_service(VerifierServer::with_interceptor(
-                VerifierApi::new(service.clone(), feed.clone()),
+            .add_service(InterceptedService::new(
+                VerifierServer::new(VerifierApi::new(service.clone(), feed.clone()))
+                    .max_decoding_message_size(max_message),
                 auth,
             ));
         let stop = wait_for(stop_rx.clone());
@@ -418,50 +441,6 @@ async fn run<S: LeaseStore>(
 async fn wait_for(mut rx: watch::Receiver<bool>) {
     // A dropped sender also means stop.
     let _ = rx.wait_for(|stop| *stop).await;
-}
-
-/// Accepts TCP connections and completes TLS handshakes off the accept loop, so
-/// one slow or hostile client cannot stall others. Failed handshakes (bad SVIDs
-/// among them) are logged by the verifier and dropped here.
-fn tls_incoming(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    stop: watch::Receiver<bool>,
-) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
-{
-    let (tx, rx) = mpsc::channel(128);
-    tokio::spawn(async move {
-        let stop = wait_for(stop);
-        tokio::pin!(stop);
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                () = &mut stop => return,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Usually EMFILE or a reset before accept; keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
 }
 
 /// The JWK Set over plain HTTP, for off-the-shelf JWT libraries (RFC 7517).

@@ -62,9 +62,11 @@ pub fn capture_logs() {
         let filter = tracing_subscriber::EnvFilter::new(
             "debug,leash_broker=trace,leash::audit=trace,h2=info,hyper=info,tower=info",
         );
+        // The broker's own text field format, so tests see what production logs.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_ansi(false)
+            .fmt_fields(leash_broker::logging::EscapedFields)
             .with_writer(move || sink.clone())
             .try_init();
         buf

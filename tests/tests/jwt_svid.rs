@@ -75,7 +75,7 @@ fn now() -> u64 {
 }
 
 fn claims(sub: &str) -> Value {
-    json!({ "sub": sub, "aud": ["other", AUDIENCE], "exp": now() + 300, "iat": now() })
+    json!({ "sub": sub, "aud": [AUDIENCE], "exp": now() + 240, "iat": now() })
 }
 
 struct Setup {
@@ -261,6 +261,14 @@ async fn every_broken_rule_is_refused_and_changes_nothing() {
     tampered.replace_range(tampered.len() - 4.., "AAAA");
     let mut bad_sub = claims(sub);
     bad_sub["sub"] = json!("spiffe://ACME.test/agent/x");
+    // JWT-SVID.md 3: a token for several audiences can be replayed by any of them.
+    let mut two_audiences = claims(sub);
+    two_audiences["aud"] = json!(["spiffe://acme.test/other", AUDIENCE]);
+    let mut no_audience = claims(sub);
+    no_audience["aud"] = json!([]);
+    // Longer-lived than `[jwt_svid] max_lifetime` (default 5 min) allows.
+    let mut long_lived = claims(sub);
+    long_lived["exp"] = json!(now() + 3600);
 
     let cases: Vec<(&str, Option<String>, &str)> = vec![
         (
@@ -296,6 +304,21 @@ async fn every_broken_rule_is_refused_and_changes_nothing() {
         ),
         ("missing exp", Some(a.sign(&a.header(), &no_exp)), "exp"),
         ("invalid sub", Some(a.sign(&a.header(), &bad_sub)), "sub"),
+        (
+            "two audiences",
+            Some(a.sign(&a.header(), &two_audiences)),
+            "exactly one audience",
+        ),
+        (
+            "empty audience list",
+            Some(a.sign(&a.header(), &no_audience)),
+            "exactly one audience",
+        ),
+        (
+            "exp too far ahead",
+            Some(a.sign(&a.header(), &long_lived)),
+            "max_lifetime",
+        ),
         ("bad signature", Some(tampered), "bad signature"),
         ("JWE", Some("a.b.c.d.e".to_owned()), "JWE"),
         (

@@ -106,3 +106,79 @@ async fn a_trust_bundle_rotation_applies_without_restart() {
     old.begin_task(review_request()).await.unwrap();
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_stops_working_when_its_trust_anchor_is_removed() {
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    // An agent of the original CA, on one connection it keeps open.
+    let mut agent = broker.broker("agent/kept-open").await;
+    let task = agent
+        .begin_task(review_request())
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The trust domain moves to a new CA; the old one leaves the bundle. Client
+    // configurations read the bundle (for the broker's certificate, still from the
+    // old CA) now, before the file changes.
+    let next_ca = DevCa::generate("acme.test", Duration::from_secs(3600)).unwrap();
+    let svid = next_ca
+        .issue_svid(
+            &SpiffeId::parse("spiffe://acme.test/agent/new-ca").unwrap(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("svid.pem"), dir.path().join("svid-key.pem"));
+    std::fs::write(&cert, &svid.cert_pem).unwrap();
+    std::fs::write(&key, &svid.key_pem).unwrap();
+    let new_tls = client_tls_config(&broker.pki.bundle(), &cert, &key).unwrap();
+    let old_bundle = std::fs::read_to_string(broker.pki.bundle()).unwrap();
+    std::fs::write(broker.pki.bundle(), next_ca.cert_pem()).unwrap();
+    let reloaded = eventually(Duration::from_secs(10), || {
+        let tls = new_tls.clone();
+        let url = broker.url();
+        async move {
+            let Ok(ch) = leash_broker::cli::client::connect_with(&url, tls).await else {
+                return false;
+            };
+            let mut v = leash_proto::v1::verifier_client::VerifierClient::new(ch);
+            v.get_jwks(pb::GetJwksRequest {}).await.is_ok()
+        }
+    })
+    .await;
+    assert!(reloaded.is_some(), "the new bundle was never loaded");
+
+    // The connection opened under the removed anchor is still open, but its next
+    // calls are refused: the chain is checked against the current bundle each time.
+    let renew = agent
+        .renew_lease(pb::RenewLeaseRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(renew.code(), Code::Unauthenticated, "{renew:?}");
+    assert!(
+        renew.message().contains("trust anchor"),
+        "unclear refusal: {renew:?}"
+    );
+    let begin = agent.begin_task(review_request()).await.unwrap_err();
+    assert_eq!(begin.code(), Code::Unauthenticated, "{begin:?}");
+
+    // Putting the anchor back makes the same connection work again: each call is
+    // judged on the bundle of its moment.
+    std::fs::write(broker.pki.bundle(), old_bundle).unwrap();
+    let back = eventually(Duration::from_secs(10), || {
+        let mut agent = agent.clone();
+        let task_id = task.task_id.clone();
+        async move {
+            agent
+                .renew_lease(pb::RenewLeaseRequest { task_id })
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert!(back.is_some(), "the restored anchor was never used again");
+    broker.stop().await;
+}

@@ -63,6 +63,7 @@ fn task(id: &TaskId, deadline: u64, max: u64) -> TaskRecord {
         state: TaskState::Active,
         ended_at_ms: None,
         outcome: None,
+        binding: Default::default(),
     }
 }
 

@@ -59,6 +59,34 @@ impl TestCa {
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
+
+    /// Signs an intermediate CA from `params` and returns it as a CA that can sign.
+    fn sign_ca(&self, params: CertificateParams) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+}
+
+/// The parameters of a valid intermediate signing CA for `acme.test` (cA=true,
+/// keyCertSign, the trust domain's SPIFFE ID without a path). Rows break one thing.
+fn intermediate_params(change: impl FnOnce(&mut CertificateParams)) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "e2e intermediate");
+    params.not_before = (SystemTime::now() - HOUR).into();
+    params.not_after = (SystemTime::now() + HOUR).into();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.subject_alt_names = vec![uri("spiffe://acme.test")];
+    params.use_authority_key_identifier_extension = true;
+    change(&mut params);
+    params
 }
 
 fn uri(s: &str) -> SanType {
@@ -100,6 +128,8 @@ struct BadCert {
     rule_words: &'static str,
     /// The SPIFFE ID the log line names, when the leaf's ID is parseable.
     logged_id: Option<&'static str>,
+    /// An intermediate CA between the signer and the leaf, presented after the leaf.
+    via: Option<CertificateParams>,
 }
 
 fn row(
@@ -114,6 +144,20 @@ fn row(
         signer: Signer::Trusted,
         rule_words,
         logged_id,
+        via: None,
+    }
+}
+
+/// A valid leaf for `id`, issued by an intermediate built from `intermediate`.
+fn via(
+    name: &'static str,
+    rule_words: &'static str,
+    id: &'static str,
+    intermediate: CertificateParams,
+) -> BadCert {
+    BadCert {
+        via: Some(intermediate),
+        ..row(name, rule_words, Some(id), svid_params(id))
     }
 }
 
@@ -293,6 +337,7 @@ fn bad_certs() -> Vec<BadCert> {
             signer: Signer::Untrusted,
             rule_words: "chain does not lead to a trust anchor of the leaf's trust domain",
             logged_id: Some("spiffe://acme.test/agent/untrusted"),
+            via: None,
         },
         row(
             // Signed by a CA trusted for acme.test: it must not vouch for another domain.
@@ -307,6 +352,28 @@ fn bad_certs() -> Vec<BadCert> {
             Some("spiffe://acme.test/agent/server-auth-only"),
             with("spiffe://acme.test/agent/server-auth-only", |p| {
                 p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            }),
+        ),
+        // The CA certificates between the leaf and the anchor (RFC 5280 4.2.1.3,
+        // X509-SVID.md 3.2 and 4.3), presented by the client after its leaf.
+        via(
+            "intermediate-without-key-cert-sign",
+            "intermediate #1 key usage lacks keyCertSign",
+            "spiffe://acme.test/agent/via-no-key-cert-sign",
+            intermediate_params(|p| p.key_usages = vec![KeyUsagePurpose::CrlSign]),
+        ),
+        via(
+            "intermediate-not-a-ca",
+            "intermediate #1 is not a CA",
+            "spiffe://acme.test/agent/via-not-a-ca",
+            intermediate_params(|p| p.is_ca = IsCa::ExplicitNoCa),
+        ),
+        via(
+            "intermediate-spiffe-id-with-path",
+            "intermediate #1 SPIFFE ID has a path",
+            "spiffe://acme.test/agent/via-path",
+            intermediate_params(|p| {
+                p.subject_alt_names = vec![uri("spiffe://acme.test/issuing/ca")];
             }),
         ),
     ]
@@ -395,7 +462,7 @@ async fn bad_svids_are_refused_at_the_handshake_and_logged() {
     );
 
     let rows = bad_certs();
-    assert!(rows.len() >= 17);
+    assert!(rows.len() >= 28);
     let mut accepted = Vec::new();
     let mut unlogged = Vec::new();
     let mut wrong_failure = Vec::new();
@@ -404,7 +471,15 @@ async fn bad_svids_are_refused_at_the_handshake_and_logged() {
             Signer::Trusted => &trusted,
             Signer::Untrusted => &untrusted,
         };
-        let (cert, key) = write_pair(dir.path(), case.name, &ca.sign(&case.params));
+        let (cert, key) = match &case.via {
+            None => write_pair(dir.path(), case.name, &ca.sign(&case.params)),
+            Some(inter) => {
+                let inter = ca.sign_ca(inter.clone());
+                let (leaf, key) = inter.sign(&case.params);
+                let chain = format!("{leaf}{}", inter.cert_pem);
+                write_pair(dir.path(), case.name, &(chain, key))
+            }
+        };
         match get_jwks_with(&broker, &cert, &key).await {
             Ok(_) => accepted.push(case.name),
             // A refused handshake reaches the client as a transport failure (tonic

@@ -9,12 +9,14 @@
 mod bearer;
 mod broker;
 mod convert;
+mod peer;
 mod verifier;
 
 use tonic::{Request, Status};
 
 pub use bearer::BearerAuth;
 pub use broker::BrokerApi;
+pub use peer::SvidAuth;
 pub use verifier::VerifierApi;
 
 use crate::{identity, lease::LeaseError};
@@ -52,36 +54,21 @@ pub fn status(err: LeaseError) -> Status {
     }
 }
 
-/// The caller's identity: on the JWT-SVID listener, the one [`BearerAuth`]
-/// verified from this very call's token; elsewhere, from the client certificate
-/// verified in the TLS handshake.
+/// The caller's identity, as the listener's interceptor verified it for this very
+/// call: [`BearerAuth`] from the call's JWT-SVID on the JWT-SVID listener,
+/// [`SvidAuth`] from the connection's X509-SVID chain (checked against the current
+/// bundles) on the mTLS listener.
 ///
 /// # Errors
-/// `UNAUTHENTICATED` if the connection carried no client certificate or its
-/// leaf is not a usable X509-SVID.
+/// `UNAUTHENTICATED` when no interceptor verified the caller: a service served
+/// without one refuses every call rather than trust an unchecked certificate.
 pub fn caller<T>(req: &Request<T>) -> Result<identity::Identity, Status> {
-    // Only `BearerAuth` puts an identity here (nothing a client sends can), after
-    // checking the token's `exp` with the configured leeway for this call.
-    if let Some(identity) = req.extensions().get::<identity::Identity>() {
-        return Ok(identity.clone());
-    }
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client X509-SVID is required (mutual TLS)"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client X509-SVID is required (mutual TLS)"))?;
-    let identity = identity::identity_of_leaf(leaf).map_err(|e| {
-        tracing::warn!(reason = %e, "caller rejected");
-        Status::unauthenticated(format!("client certificate is not a valid X509-SVID: {e}"))
-    })?;
-    // The handshake checked validity once; an HTTP/2 connection can outlive the
-    // SVID, so every call checks it again.
-    if identity.svid_not_after <= std::time::SystemTime::now() {
-        tracing::warn!(spiffe_id = %identity.spiffe_id, "caller's SVID expired on an open connection");
-        return Err(Status::unauthenticated(
-            "client X509-SVID has expired; reconnect with a fresh SVID",
-        ));
-    }
-    Ok(identity)
+    // Only the interceptors put an identity here; nothing a client sends can.
+    req.extensions()
+        .get::<identity::Identity>()
+        .cloned()
+        .ok_or_else(|| {
+            tracing::error!("a call reached a service without an authenticating interceptor");
+            Status::unauthenticated("caller not authenticated on this listener")
+        })
 }

@@ -174,6 +174,17 @@ pub enum SvidRule {
     UntrustedIssuer,
     /// Path validation failed for another reason (webpki's reason).
     ChainInvalid(String),
+    /// A CA certificate presented after the leaf (intermediate #n, counting from 1
+    /// next to the leaf) lacks basicConstraints `cA=true` (RFC 5280 4.2.1.9).
+    IntermediateNotCa(usize),
+    /// Intermediate #n has a key usage extension without `keyCertSign`
+    /// (RFC 5280 4.2.1.3, X509-SVID.md 4.3).
+    IntermediateNoKeyCertSign(usize),
+    /// Intermediate #n carries a `spiffe://` URI SAN that is not a valid SPIFFE ID.
+    IntermediateBadSpiffeId(usize, SpiffeIdRule),
+    /// Intermediate #n carries a SPIFFE ID with a path: a signing certificate may
+    /// only name a trust domain (X509-SVID.md 3.2).
+    IntermediateIdHasPath(usize),
 }
 
 impl fmt::Display for SvidRule {
@@ -200,6 +211,21 @@ impl fmt::Display for SvidRule {
                 f.write_str("chain does not lead to a trust anchor of the leaf's trust domain")
             }
             Self::ChainInvalid(why) => write!(f, "path validation failed: {why}"),
+            Self::IntermediateNotCa(n) => write!(
+                f,
+                "intermediate #{n} is not a CA (basicConstraints cA=true is required)"
+            ),
+            Self::IntermediateNoKeyCertSign(n) => write!(
+                f,
+                "intermediate #{n} key usage lacks keyCertSign, so it may not sign certificates"
+            ),
+            Self::IntermediateBadSpiffeId(n, rule) => {
+                write!(f, "intermediate #{n} URI SAN is not a SPIFFE ID: {rule}")
+            }
+            Self::IntermediateIdHasPath(n) => write!(
+                f,
+                "intermediate #{n} SPIFFE ID has a path; a signing certificate may only name a trust domain"
+            ),
         }
     }
 }

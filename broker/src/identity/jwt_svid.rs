@@ -6,9 +6,12 @@
 //! (never `none` or HS*), no `crit` header, `typ` absent or `JWT`/`JOSE`, a `kid`
 //! that names a key in the JWT bundle of **the trust domain of `sub`** (a key of
 //! another trust domain never vouches), the key type matching `alg`, a valid
-//! signature (ring), `sub` a valid non-root SPIFFE ID, `aud` (string or array)
-//! containing the broker's audience, and `exp` present and not past (with a
-//! small leeway). Verification is done with ring; nothing else is trusted.
+//! signature (ring), `sub` a valid non-root SPIFFE ID, `aud` naming exactly one
+//! audience (a string, or an array of one), the broker's — a token for several
+//! audiences could be replayed to the broker by any of them — and `exp` present,
+//! not past (with a small leeway) and at most the configured maximum lifetime
+//! ahead (default 5 minutes), so a long-lived token cannot stand in for short-lived
+//! proof. Verification is done with ring; nothing else is trusted.
 
 use std::{
     collections::BTreeMap,
@@ -249,7 +252,12 @@ pub struct JwtSvidVerifier {
     bundles: Arc<JwtBundleSource>,
     audience: String,
     leeway: Duration,
+    max_lifetime: Duration,
 }
+
+/// The default of [`JwtSvidVerifier::with_max_lifetime`]: 5 minutes, SPIRE's
+/// default JWT-SVID lifetime.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(300);
 
 fn reject(reason: impl Into<String>) -> IdentityError {
     IdentityError::InvalidJwtSvid(reason.into())
@@ -258,7 +266,7 @@ fn reject(reason: impl Into<String>) -> IdentityError {
 impl JwtSvidVerifier {
     /// A verifier accepting tokens for `audience` signed by keys of the current
     /// `bundles` (so a reload applies to the next call), allowing `leeway` of
-    /// clock skew on `exp`.
+    /// clock skew on `exp`, and tokens at most [`DEFAULT_MAX_LIFETIME`] from `exp`.
     pub fn new(
         bundles: Arc<JwtBundleSource>,
         audience: impl Into<String>,
@@ -268,7 +276,16 @@ impl JwtSvidVerifier {
             bundles,
             audience: audience.into(),
             leeway,
+            max_lifetime: DEFAULT_MAX_LIFETIME,
         }
+    }
+
+    /// Refuses tokens whose `exp` is more than `max_lifetime` (plus the leeway, for
+    /// an issuer whose clock runs ahead) after the verification time.
+    #[must_use]
+    pub fn with_max_lifetime(mut self, max_lifetime: Duration) -> Self {
+        self.max_lifetime = max_lifetime;
+        self
     }
 
     /// Verifies `token` at `now` and returns the caller's identity: its SPIFFE ID,
@@ -346,14 +363,21 @@ impl JwtSvidVerifier {
         check_signature(alg, key, signed, &signature)?;
 
         // Claims, after the signature: nothing unsigned is believed.
-        let audience_ok = match claims.get("aud") {
-            Some(Value::String(a)) => *a == self.audience,
-            Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(&self.audience)),
+        let audiences: Vec<&Value> = match claims.get("aud") {
+            Some(one @ Value::String(_)) => vec![one],
+            Some(Value::Array(list)) => list.iter().collect(),
             _ => return Err(reject("no \"aud\" claim")),
         };
-        if !audience_ok {
+        let [audience] = audiences.as_slice() else {
             return Err(reject(format!(
-                "\"aud\" does not contain this broker's audience {:?}",
+                "\"aud\" names {} audiences; a JWT-SVID for this broker must name exactly one audience, {:?}",
+                audiences.len(),
+                self.audience
+            )));
+        };
+        if audience.as_str() != Some(self.audience.as_str()) {
+            return Err(reject(format!(
+                "\"aud\" is not this broker's audience {:?}",
                 self.audience
             )));
         }
@@ -368,10 +392,18 @@ impl JwtSvidVerifier {
         if expires + self.leeway <= now {
             return Err(reject("expired"));
         }
+        if expires > now + self.max_lifetime + self.leeway {
+            let ahead = expires.duration_since(now).unwrap_or_default().as_secs();
+            return Err(reject(format!(
+                "\"exp\" is {ahead}s away, more than jwt_svid.max_lifetime ({}s) allows; use a shorter-lived token",
+                self.max_lifetime.as_secs()
+            )));
+        }
         Ok(Identity {
             spiffe_id,
             svid_not_after: expires,
             thumbprint_s256: None,
+            spki_s256: None,
         })
     }
 }
@@ -501,6 +533,43 @@ mod tests {
         );
         let late = v.verify(&t, UNIX_EPOCH + Duration::from_secs(exp + 30));
         assert!(late.unwrap_err().to_string().contains("expired"));
+    }
+
+    #[test]
+    fn one_audience_and_a_bounded_lifetime() {
+        let (key, jwks) = authority();
+        let bundles = JwtBundles::from_jwks([("a.test", jwks.as_bytes())]).unwrap();
+        let v = JwtSvidVerifier::new(
+            Arc::new(JwtBundleSource::fixed(bundles)),
+            "aud-1",
+            Duration::from_secs(10),
+        )
+        .with_max_lifetime(Duration::from_secs(60));
+        let now = 2_000_000_000u64;
+        let at = UNIX_EPOCH + Duration::from_secs(now);
+        let header = json!({ "alg": "ES256", "kid": "k1" });
+        let sign = |aud: Value, exp: u64| {
+            token(
+                &key,
+                &header,
+                &json!({ "sub": "spiffe://a.test/w", "aud": aud, "exp": exp }),
+            )
+        };
+        // One audience, as a string or an array of one; exp up to max + leeway ahead.
+        assert!(v.verify(&sign(json!("aud-1"), now + 70), at).is_ok());
+        assert!(v.verify(&sign(json!(["aud-1"]), now + 30), at).is_ok());
+        for (aud, exp, why) in [
+            (json!(["aud-1", "aud-2"]), now + 30, "exactly one audience"),
+            (json!(["aud-2", "aud-1"]), now + 30, "exactly one audience"),
+            (json!([]), now + 30, "exactly one audience"),
+            (json!(["aud-2"]), now + 30, "not this broker's audience"),
+            (json!(7), now + 30, "no \"aud\""),
+            (json!("aud-1"), now + 71, "max_lifetime"),
+            (json!("aud-1"), now + 86_400, "max_lifetime"),
+        ] {
+            let err = v.verify(&sign(aud.clone(), exp), at).unwrap_err();
+            assert!(err.to_string().contains(why), "{aud} {exp}: {err}");
+        }
     }
 
     #[test]

@@ -19,8 +19,12 @@
 //!
 //! - An X509-SVID is accepted only if the leaf obeys X509-SVID.md to the letter (one
 //!   URI SAN, a valid non-root SPIFFE ID, not a CA, critical key usage with
-//!   digitalSignature and without keyCertSign/cRLSign) **and** its chain validates to
+//!   digitalSignature and without keyCertSign/cRLSign), every CA certificate presented
+//!   after it is a signing CA (cA=true, keyCertSign when it has a key usage
+//!   extension, a SPIFFE ID, if any, without a path), **and** its chain validates to
 //!   the bundle of the leaf's own trust domain. Nothing is trusted by default.
+//! - The api layer re-runs [`verify_svid`] on every call against the bundles of that
+//!   moment, so a bundle reload or an expiring SVID reaches open connections too.
 //! - Reloads swap whole snapshots; a broken file keeps the last good material.
 //! - Only ring is used for cryptography; no key material reaches `Debug` or logs.
 //!
@@ -88,6 +92,10 @@ pub struct Identity {
     /// `None` when the caller proved itself with a JWT-SVID (no certificate), and
     /// then nothing issued to it is certificate-bound.
     pub thumbprint_s256: Option<[u8; 32]>,
+    /// SHA-256 of the leaf's SubjectPublicKeyInfo (DER): the key, whatever
+    /// certificate carries it, for binding a task to its key. `None` exactly when
+    /// [`thumbprint_s256`](Self::thumbprint_s256) is.
+    pub spki_s256: Option<[u8; 32]>,
 }
 
 impl Identity {
@@ -99,6 +107,12 @@ impl Identity {
     /// The thumbprint as base64url without padding: the RFC 8705 `x5t#S256` value.
     pub fn thumbprint_b64url(&self) -> Option<String> {
         self.thumbprint_s256
+            .map(|t| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t))
+    }
+
+    /// The public-key digest as base64url without padding.
+    pub fn spki_b64url(&self) -> Option<String> {
+        self.spki_s256
             .map(|t| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t))
     }
 }

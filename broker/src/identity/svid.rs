@@ -17,15 +17,23 @@ use super::{
 struct Leaf {
     spiffe_id: SpiffeId,
     not_after: SystemTime,
+    spki_s256: [u8; 32],
 }
 
 /// Verifies an X509-SVID chain (leaf first, then any intermediates) at `now`.
 ///
 /// On success the leaf obeys every X509-SVID leaf rule (one URI SAN holding a valid
 /// SPIFFE ID with a non-root path; not a CA; critical key usage with `digitalSignature`
-/// and neither `keyCertSign` nor `cRLSign`), and the chain validates with webpki, ring
-/// signature algorithms and EKU clientAuth required-if-present, to a trust anchor of the
-/// leaf's **own** trust domain, every certificate valid at `now`.
+/// and neither `keyCertSign` nor `cRLSign`); every certificate presented after the
+/// leaf is a signing CA (basicConstraints `cA=true`; `keyCertSign` whenever it has a
+/// key usage extension; a SPIFFE ID, if it carries one, without a path); and the
+/// chain validates with webpki, ring signature algorithms and EKU clientAuth
+/// required-if-present, to a trust anchor of the leaf's **own** trust domain, every
+/// certificate valid at `now`.
+///
+/// The intermediate rules apply to every presented certificate, not only to those
+/// webpki ends up using, so a peer cannot slip an unfit CA past the check by
+/// offering it beside a fit one; webpki itself ignores key usage on CAs.
 ///
 /// # Errors
 ///
@@ -44,6 +52,9 @@ pub fn verify_svid(
     };
     let leaf = inspect_leaf(leaf_der)?;
     let fail = |rule| svid_error(Some(&leaf.spiffe_id), rule);
+    for (i, der) in chain.iter().enumerate().skip(1) {
+        inspect_signing_cert(der, i).map_err(fail)?;
+    }
 
     let td = leaf.spiffe_id.trust_domain();
     // Anchors come from the leaf's own trust domain only: a CA trusted for another
@@ -100,6 +111,7 @@ fn identity(leaf: Leaf, der: &CertificateDer<'_>) -> Identity {
         spiffe_id: leaf.spiffe_id,
         svid_not_after: leaf.not_after,
         thumbprint_s256: Some(thumbprint_s256),
+        spki_s256: Some(leaf.spki_s256),
     }
 }
 
@@ -173,10 +185,66 @@ fn inspect_leaf(der: &CertificateDer<'_>) -> Result<Leaf, IdentityError> {
     let not_after = u64::try_from(cert.validity().not_after.timestamp())
         .map(|secs| UNIX_EPOCH + Duration::from_secs(secs))
         .map_err(|_| fail(SvidRule::Expired))?;
+    let spki = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+    let mut spki_s256 = [0u8; 32];
+    spki_s256.copy_from_slice(spki.as_ref());
     Ok(Leaf {
         spiffe_id,
         not_after,
+        spki_s256,
     })
+}
+
+/// Applies the signing-certificate rules (RFC 5280 4.2.1.3 and 4.2.1.9, X509-SVID.md
+/// 3.2 and 4.3) to intermediate #`n` (1 is the one next to the leaf).
+fn inspect_signing_cert(der: &CertificateDer<'_>, n: usize) -> Result<(), SvidRule> {
+    let malformed = |why: String| SvidRule::Malformed(format!("intermediate #{n}: {why}"));
+    let (rest, cert) =
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(malformed(format!("{} trailing bytes", rest.len())));
+    }
+    let is_ca = cert
+        .basic_constraints()
+        .map_err(|e| malformed(e.to_string()))?
+        .is_some_and(|bc| bc.value.ca);
+    if !is_ca {
+        return Err(SvidRule::IntermediateNotCa(n));
+    }
+    // Without the extension every usage is allowed (RFC 5280 4.2.1.3).
+    if let Some(ku) = cert.key_usage().map_err(|e| malformed(e.to_string()))?
+        && !ku.value.key_cert_sign()
+    {
+        return Err(SvidRule::IntermediateNoKeyCertSign(n));
+    }
+    let Some(san) = cert
+        .subject_alternative_name()
+        .map_err(|e| malformed(e.to_string()))?
+    else {
+        return Ok(());
+    };
+    for name in &san.value.general_names {
+        let GeneralName::URI(uri) = name else {
+            continue;
+        };
+        // Other URIs say nothing about SPIFFE; any spelling of the scheme is judged.
+        let is_spiffe = uri
+            .split_once(':')
+            .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("spiffe"));
+        if !is_spiffe {
+            continue;
+        }
+        let id = SpiffeId::parse(uri).map_err(|e| match e {
+            IdentityError::InvalidSpiffeId { rule, .. } => {
+                SvidRule::IntermediateBadSpiffeId(n, rule)
+            }
+            other => malformed(other.to_string()),
+        })?;
+        if !id.is_root() {
+            return Err(SvidRule::IntermediateIdHasPath(n));
+        }
+    }
+    Ok(())
 }
 
 fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, IdentityError> {

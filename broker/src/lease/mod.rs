@@ -5,11 +5,13 @@
 //! nothing of gRPC. [`Reaper`] runs on every replica; store claims keep two
 //! replicas from expiring the same lease.
 
+mod binding;
 mod error;
 mod reaper;
 mod request;
 mod service;
 
+pub use binding::BindingRule;
 pub use error::LeaseError;
 pub use reaper::{Reaper, ReaperSettings};
 pub use request::{BeginTask, Limits};

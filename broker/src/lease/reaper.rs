@@ -165,6 +165,7 @@ mod tests {
             state: TaskState::Active,
             ended_at_ms: None,
             outcome: None,
+            binding: Default::default(),
         }
     }
 

@@ -2,7 +2,45 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use crate::policy::FieldProblem;
+use super::LeaseError;
+use crate::{logging, policy::FieldProblem};
+
+/// The problem with `field` if `text` holds a character that could break a log
+/// line or drive a terminal ([`logging::is_unsafe_in_log`]: C0 controls with tab
+/// and newline, DEL, C1 controls, U+2028, U+2029).
+fn control_problem(field: &str, text: &str) -> Option<FieldProblem> {
+    text.chars().find(|&c| logging::is_unsafe_in_log(c)).map(|c| {
+        FieldProblem::new(
+            field,
+            format!(
+                "contains the control character U+{:04X}; text fields are one line of printable characters",
+                u32::from(c)
+            ),
+        )
+    })
+}
+
+/// Checks a completion summary: at most [`Limits::SUMMARY`] bytes, no character
+/// that [`logging::is_unsafe_in_log`].
+///
+/// # Errors
+/// `InvalidArgument` naming `summary`.
+pub fn check_summary(summary: &str) -> Result<(), LeaseError> {
+    if summary.len() > Limits::SUMMARY {
+        return Err(LeaseError::invalid(
+            "summary",
+            format!(
+                "{} bytes; at most {} allowed",
+                summary.len(),
+                Limits::SUMMARY
+            ),
+        ));
+    }
+    match control_problem("summary", summary) {
+        Some(problem) => Err(LeaseError::InvalidArgument(vec![problem])),
+        None => Ok(()),
+    }
+}
 
 /// Named input limits. Every request field is bounded by one of these.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +92,8 @@ impl BeginTask {
                 "template",
                 format!("longer than {} bytes", Limits::TEMPLATE_NAME),
             ));
+        } else {
+            problems.extend(control_problem("template", &self.template));
         }
         if self.intent.trim().is_empty() {
             problems.push(FieldProblem::new(
@@ -69,12 +109,9 @@ impl BeginTask {
                     Limits::INTENT
                 ),
             ));
-        } else if self
-            .intent
-            .chars()
-            .any(|c| c.is_control() && c != '\n' && c != '\t')
-        {
-            problems.push(FieldProblem::new("intent", "contains control characters"));
+        } else {
+            // Newlines and tabs too: the intent is written into audit lines.
+            problems.extend(control_problem("intent", &self.intent));
         }
         if let Some(key) = &self.idempotency_key {
             if key.len() > Limits::IDEMPOTENCY_KEY {
@@ -95,7 +132,7 @@ impl BeginTask {
                 format!("more than {} parameters", Limits::PARAMETERS),
             ));
         }
-        for name in self.parameters.keys() {
+        for (name, value) in &self.parameters {
             if name.len() > Limits::PARAMETER_NAME {
                 problems.push(FieldProblem::new(
                     "parameters",
@@ -106,6 +143,13 @@ impl BeginTask {
                 ));
                 break;
             }
+            if let Some(mut problem) = control_problem("parameters", name) {
+                // The name itself cannot go into the field: it is the bad text.
+                problem.reason = format!("a parameter name {}", problem.reason);
+                problems.push(problem);
+                break;
+            }
+            problems.extend(control_problem(&format!("parameters.{name}"), value));
         }
         if problems.is_empty() {
             Ok(())
@@ -125,6 +169,65 @@ mod tests {
             intent: "review PR 7".into(),
             ..BeginTask::default()
         }
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_text_field() {
+        let forbidden = [
+            '\0', '\t', '\n', '\r', '\u{1b}', '\u{1f}', '\u{7f}', '\u{80}', '\u{85}', '\u{9f}',
+            '\u{2028}', '\u{2029}',
+        ];
+        for c in forbidden {
+            let text = format!("a{c}b");
+            let cases: Vec<(BeginTask, &str)> = vec![
+                (
+                    BeginTask {
+                        intent: text.clone(),
+                        ..ok()
+                    },
+                    "intent",
+                ),
+                (
+                    BeginTask {
+                        template: text.clone(),
+                        ..ok()
+                    },
+                    "template",
+                ),
+                (
+                    BeginTask {
+                        parameters: [(text.clone(), "v".into())].into_iter().collect(),
+                        ..ok()
+                    },
+                    "parameters",
+                ),
+                (
+                    BeginTask {
+                        parameters: [("p".into(), text.clone())].into_iter().collect(),
+                        ..ok()
+                    },
+                    "parameters.p",
+                ),
+            ];
+            for (req, field) in cases {
+                let problems = req.check_shape().expect_err(field);
+                assert_eq!(problems[0].field, field, "{c:?}");
+                assert!(problems[0].reason.contains("U+"), "{c:?}");
+            }
+            let err = check_summary(&text).expect_err("summary");
+            assert!(err.to_string().starts_with("summary: "), "{err}");
+        }
+        // Printable text of any script, and the characters around the ranges, pass.
+        for fine in ["plain", "é ü — 🦀", "\u{a0}nbsp", "~", "\u{2027}\u{202a}"] {
+            let req = BeginTask {
+                intent: fine.into(),
+                parameters: [("p".into(), fine.into())].into_iter().collect(),
+                ..ok()
+            };
+            assert!(req.check_shape().is_ok(), "{fine:?}");
+            assert!(check_summary(fine).is_ok(), "{fine:?}");
+        }
+        assert!(check_summary(&"s".repeat(Limits::SUMMARY + 1)).is_err());
     }
 
     #[test]

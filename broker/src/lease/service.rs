@@ -4,7 +4,10 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{BeginTask, LeaseError, Limits};
+use super::{
+    BeginTask, LeaseError, Limits,
+    binding::{self, BindingRule},
+};
 use crate::{
     audit,
     clock::Clock,
@@ -64,6 +67,7 @@ pub struct LeaseService<S> {
     minter: Minter,
     clock: Arc<dyn Clock>,
     introspect_callers: Vec<IdentityPattern>,
+    binding_rule: BindingRule,
 }
 
 fn digest(parts: &[&str]) -> ring::digest::Digest {
@@ -124,6 +128,7 @@ impl<S: LeaseStore> LeaseService<S> {
             minter,
             clock,
             introspect_callers,
+            binding_rule: BindingRule::SpiffeId,
         }
     }
 
@@ -235,6 +240,7 @@ impl<S: LeaseStore> LeaseService<S> {
             state: TaskState::Active,
             ended_at_ms: None,
             outcome: None,
+            binding: binding::binding_of(caller),
         };
         let minted = self.mint_all(caller, &task_id, &decision, now_ms, task.lease_deadline_ms)?;
         let records = records_of(&minted);
@@ -272,6 +278,7 @@ impl<S: LeaseStore> LeaseService<S> {
                 "idempotency_key was already used for a different request; use a new key".into(),
             ));
         }
+        self.check_binding(&existing, caller, "begin")?;
         if !existing.is_live(now_ms) {
             return Err(LeaseError::FailedPrecondition(format!(
                 "{}; begin a new task with a new idempotency_key",
@@ -340,6 +347,7 @@ impl<S: LeaseStore> LeaseService<S> {
             audit::denied(caller.spiffe_id.as_str(), action, &reason);
             return Err(LeaseError::PermissionDenied(reason));
         }
+        self.check_binding(&task, caller, action)?;
         Ok(task)
     }
 
@@ -444,16 +452,7 @@ impl<S: LeaseStore> LeaseService<S> {
         summary: &str,
     ) -> Result<Completed, LeaseError> {
         let task_id = Self::parse_task_id(task_id)?;
-        if summary.len() > Limits::SUMMARY {
-            return Err(LeaseError::invalid(
-                "summary",
-                format!(
-                    "{} bytes; at most {} allowed",
-                    summary.len(),
-                    Limits::SUMMARY
-                ),
-            ));
-        }
+        super::request::check_summary(summary)?;
         self.owned_task(caller, &task_id, "complete").await?;
         let now_ms = self.now_ms();
         match self.store.complete(&task_id, now_ms, outcome).await? {
@@ -567,5 +566,29 @@ impl<S: LeaseStore> LeaseService<S> {
     /// The JWK Set of the signing keys.
     pub fn jwks(&self) -> Value {
         self.minter.keys().jwks()
+    }
+
+    /// Sets how a task begun over mTLS is tied to the key that began it
+    /// (default [`BindingRule::SpiffeId`]); see [`BindingRule`].
+    #[must_use]
+    pub fn with_binding_rule(mut self, rule: BindingRule) -> Self {
+        self.binding_rule = rule;
+        self
+    }
+
+    /// Refuses `caller` unless it proves itself as `task`'s owner did at begin
+    /// (the rule is in `lease/binding.rs`); a refusal is audited.
+    fn check_binding(
+        &self,
+        task: &TaskRecord,
+        caller: &Identity,
+        action: &str,
+    ) -> Result<(), LeaseError> {
+        binding::check(&task.binding, caller, self.binding_rule, task.id.as_str()).map_err(
+            |reason| {
+                audit::denied(caller.spiffe_id.as_str(), action, &reason);
+                LeaseError::PermissionDenied(reason)
+            },
+        )
     }
 }

@@ -67,6 +67,7 @@ fn who(path: &str) -> Identity {
         spiffe_id: SpiffeId::parse(&format!("spiffe://acme.test/{path}")).expect("id"),
         svid_not_after: UNIX_EPOCH + Duration::from_secs(4_000_000_000),
         thumbprint_s256: Some([7; 32]),
+        spki_s256: Some([8; 32]),
     }
 }
 

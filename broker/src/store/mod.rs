@@ -33,7 +33,7 @@ use std::{future::Future, time::Duration};
 pub use memory::MemoryStore;
 pub use model::{
     CredentialId, CredentialRecord, EndReason, LogId, MAX_CURSOR_LEN, RevocationCursor,
-    RevocationRead, RevocationRecord, StoredKind, TaskId, TaskRecord, TaskState,
+    RevocationRead, RevocationRecord, StoredKind, TaskBinding, TaskId, TaskRecord, TaskState,
 };
 pub use redis::{Durability, RedisStore, RedisStoreOptions, ServerFacts};
 

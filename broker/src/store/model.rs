@@ -211,6 +211,34 @@ pub struct TaskRecord {
     pub ended_at_ms: Option<u64>,
     /// The owner's declared outcome, for completed tasks.
     pub outcome: Option<String>,
+    /// How the owner proved itself at begin; renew and complete must prove it the
+    /// same way. Records written before this field existed read as
+    /// [`TaskBinding::Unrecorded`].
+    #[serde(default)]
+    pub binding: TaskBinding,
+}
+
+/// The proof a task's owner gave at begin, which renew and complete must match.
+///
+/// Holds digests of public material only (certificate and key hashes), never a
+/// secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum TaskBinding {
+    /// Stored before bindings were recorded: treated as begun over mTLS, with no
+    /// key to compare (fail closed: never open to a JWT-SVID).
+    #[default]
+    Unrecorded,
+    /// Begun over mutual TLS with an X509-SVID; its credentials are
+    /// certificate-bound.
+    Certificate {
+        /// base64url SHA-256 of the leaf certificate (RFC 8705 `x5t#S256`).
+        x5t_s256: String,
+        /// base64url SHA-256 of the leaf's SubjectPublicKeyInfo.
+        spki_s256: String,
+    },
+    /// Begun with a JWT-SVID (no certificate); its credentials are unbound.
+    JwtSvid,
 }
 
 impl TaskRecord {

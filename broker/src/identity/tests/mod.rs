@@ -1,6 +1,7 @@
 //! Tests for the identity module. Certificates are generated with rcgen per test; no
 //! fixtures come from outside.
 
+mod chain;
 mod pattern;
 mod pki;
 mod reload;

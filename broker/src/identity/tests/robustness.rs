@@ -132,6 +132,10 @@ fn rule_texts_are_distinct_and_non_empty() {
         SvidRule::NotYetValid,
         SvidRule::UntrustedIssuer,
         SvidRule::ChainInvalid("why".into()),
+        SvidRule::IntermediateNotCa(1),
+        SvidRule::IntermediateNoKeyCertSign(1),
+        SvidRule::IntermediateBadSpiffeId(1, Port),
+        SvidRule::IntermediateIdHasPath(1),
     ];
     let texts: std::collections::BTreeSet<String> =
         svid_rules.iter().map(ToString::to_string).collect();
@@ -208,6 +212,7 @@ fn thumbprint_is_base64url_without_padding() {
         spiffe_id: id,
         svid_not_after: SystemTime::UNIX_EPOCH,
         thumbprint_s256: Some([0; 32]),
+        spki_s256: Some([0; 32]),
     };
     assert_eq!(identity.thumbprint_b64url().unwrap(), "A".repeat(43));
     // SHA-256("abc"): the characters '-' and '_' show the URL-safe alphabet is used.
