@@ -66,6 +66,7 @@ fn task(n: u32, now: u64) -> (TaskRecord, Vec<CredentialRecord>) {
         state: TaskState::Active,
         ended_at_ms: None,
         outcome: None,
+        binding: Default::default(),
     };
     (t, creds)
 }
