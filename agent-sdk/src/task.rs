@@ -556,7 +556,13 @@ impl Renewer {
             let wait = policy
                 .backoff(failures)
                 .min(self.deadline.saturating_duration_since(Instant::now()));
-            tracing::warn!(task_id = %self.task_id, %error, ?wait, "renewal failed; retrying");
+            if matches!(error, Error::Exhausted(_)) {
+                // Expected when a credential expires well before the lease (a
+                // JWT `exp` is rounded down to a second): not worth a warning.
+                tracing::debug!(task_id = %self.task_id, %error, ?wait, "renewal too soon; retrying");
+            } else {
+                tracing::warn!(task_id = %self.task_id, %error, ?wait, "renewal failed; retrying");
+            }
             tokio::time::sleep(wait).await;
         }
     }
