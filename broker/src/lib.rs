@@ -23,6 +23,8 @@
 //! - [`revocation`]: the revocation feed that resource servers watch.
 //! - [`audit`]: the audit trail of decisions, issuance and revocation.
 //! - [`api`]: the thin gRPC layer; the only place that knows `tonic::Status`.
+//! - [`fuzzing`]: entry points of the fuzz targets and the corpus replay test (not
+//!   used by the broker).
 //!
 //! ## Security defaults
 //!
@@ -38,6 +40,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod credentials;
+pub mod fuzzing;
 pub mod identity;
 pub mod lease;
 pub mod policy;
