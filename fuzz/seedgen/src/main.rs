@@ -49,7 +49,9 @@ const CREDENTIAL_ID: &str = "tk_0123456789abcdef0123456789abcdef.c00112233445566
 fn main() -> Result<()> {
     let root = match std::env::args().nth(1) {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize()?,
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .canonicalize()?,
     };
     if !root.join("broker/src/lib.rs").is_file() {
         bail!("{} is not the Leash repository root", root.display());
@@ -103,7 +105,8 @@ fn ecdsa(path: &Path, alg: &'static EcdsaSigningAlgorithm) -> Result<EcdsaKeyPai
             .as_ref()
             .to_vec())
     })?;
-    EcdsaKeyPair::from_pkcs8(alg, &der, &rng).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    EcdsaKeyPair::from_pkcs8(alg, &der, &rng)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 fn ca_params(td: &str) -> Result<CertificateParams> {
@@ -166,8 +169,16 @@ impl Gen {
     fn x509_svid(&self) -> Result<()> {
         let t = "x509_svid";
         let leaf = |spec: Leaf, signer: &Issuer<'static, KeyPair>| spec.issue(Some(signer));
-        self.seed(t, "ok-leaf-a", leaf(Leaf::new("spiffe://a.test/agent/1"), &self.ca_a)?)?;
-        self.seed(t, "ok-leaf-b", leaf(Leaf::new("spiffe://b.test/svc/web"), &self.ca_b)?)?;
+        self.seed(
+            t,
+            "ok-leaf-a",
+            leaf(Leaf::new("spiffe://a.test/agent/1"), &self.ca_a)?,
+        )?;
+        self.seed(
+            t,
+            "ok-leaf-b",
+            leaf(Leaf::new("spiffe://b.test/svc/web"), &self.ca_b)?,
+        )?;
         self.seed(
             t,
             "ok-leaf-no-eku-dns-san",
@@ -180,19 +191,27 @@ impl Gen {
                 &self.ca_a,
             )?,
         )?;
-        let (inter_der, inter) = intermediate(&self.ca_a, "a.test", vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-        ])?;
+        let (inter_der, inter) = intermediate(
+            &self.ca_a,
+            "a.test",
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign],
+        )?;
         self.seed(
             t,
             "ok-chain-via-intermediate",
-            [leaf(Leaf::new("spiffe://a.test/agent/3"), &inter)?, inter_der.clone()].concat(),
+            [
+                leaf(Leaf::new("spiffe://a.test/agent/3"), &inter)?,
+                inter_der.clone(),
+            ]
+            .concat(),
         )?;
         // X509-SVID 4.3: a signing certificate with keyUsage must have keyCertSign. Named
         // `seed-` because the rule is being added to path validation (issue 6 item 7).
-        let (weak_der, weak) =
-            intermediate(&self.ca_a, "a.test", vec![KeyUsagePurpose::DigitalSignature])?;
+        let (weak_der, weak) = intermediate(
+            &self.ca_a,
+            "a.test",
+            vec![KeyUsagePurpose::DigitalSignature],
+        )?;
         self.seed(
             t,
             "seed-chain-intermediate-without-keycertsign",
@@ -244,7 +263,10 @@ impl Gen {
             (
                 "no-key-cert-sign",
                 Leaf {
-                    key_usages: vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign],
+                    key_usages: vec![
+                        KeyUsagePurpose::DigitalSignature,
+                        KeyUsagePurpose::KeyCertSign,
+                    ],
                     ..Leaf::new("spiffe://a.test/agent/1")
                 },
                 Some(&self.ca_a),
@@ -277,11 +299,7 @@ impl Gen {
                 },
                 Some(&self.ca_a),
             ),
-            (
-                "no-root-id",
-                Leaf::new("spiffe://a.test"),
-                Some(&self.ca_a),
-            ),
+            ("no-root-id", Leaf::new("spiffe://a.test"), Some(&self.ca_a)),
             (
                 "no-bad-spiffe-id",
                 Leaf::new("spiffe://A.test/agent/1"),
@@ -309,7 +327,11 @@ impl Gen {
             self.seed(t, name, spec.issue(signer)?)?;
         }
         // The CA certificate itself presented as a leaf.
-        self.seed(t, "no-ca-as-leaf", fs::read(fixtures(&self.root).join("a.test-ca.der"))?)?;
+        self.seed(
+            t,
+            "no-ca-as-leaf",
+            fs::read(fixtures(&self.root).join("a.test-ca.der"))?,
+        )?;
         self.seed(t, "no-garbage-der", [0x30, 0x03, 0x02, 0x01, 0x01])?;
         Ok(())
     }
@@ -325,8 +347,16 @@ impl Gen {
         let b = "spiffe://b.test/svc/web";
         let sign = |key: &EcdsaKeyPair, h: &Value, c: &Value| jws(h, c, |m| ecdsa_sign(key, m));
 
-        self.seed(t, "ok-a-p256", sign(&self.jwt_a_p256, &es256("p256"), &claims(a))?)?;
-        self.seed(t, "ok-b-p256", sign(&self.jwt_b_p256, &es256("p256"), &claims(b))?)?;
+        self.seed(
+            t,
+            "ok-a-p256",
+            sign(&self.jwt_a_p256, &es256("p256"), &claims(a))?,
+        )?;
+        self.seed(
+            t,
+            "ok-b-p256",
+            sign(&self.jwt_b_p256, &es256("p256"), &claims(b))?,
+        )?;
         self.seed(
             t,
             "ok-b-p384-aud-array",
@@ -346,7 +376,11 @@ impl Gen {
             )?,
         )?;
         // a.test's key signing for b.test: b.test's "p256" is another key.
-        self.seed(t, "no-cross-domain-key", sign(&self.jwt_a_p256, &es256("p256"), &claims(b))?)?;
+        self.seed(
+            t,
+            "no-cross-domain-key",
+            sign(&self.jwt_a_p256, &es256("p256"), &claims(b))?,
+        )?;
         self.seed(
             t,
             "no-expired",
@@ -368,7 +402,11 @@ impl Gen {
         self.seed(
             t,
             "no-no-exp",
-            sign(&self.jwt_a_p256, &es256("p256"), &json!({ "sub": a, "aud": JWT_SVID_AUDIENCE }))?,
+            sign(
+                &self.jwt_a_p256,
+                &es256("p256"),
+                &json!({ "sub": a, "aud": JWT_SVID_AUDIENCE }),
+            )?,
         )?;
         self.seed(
             t,
@@ -396,24 +434,40 @@ impl Gen {
         self.seed(
             t,
             "no-alg-none",
-            jws(&json!({ "alg": "none", "kid": "p256" }), &claims(a), |_| Ok(vec![]))?,
+            jws(&json!({ "alg": "none", "kid": "p256" }), &claims(a), |_| {
+                Ok(vec![])
+            })?,
         )?;
         self.seed(
             t,
             "no-alg-hs256",
-            jws(&json!({ "alg": "HS256", "kid": "p256" }), &claims(a), |_| Ok(vec![7; 32]))?,
+            jws(
+                &json!({ "alg": "HS256", "kid": "p256" }),
+                &claims(a),
+                |_| Ok(vec![7; 32]),
+            )?,
         )?;
         self.seed(
             t,
             "no-rsa-key-forged",
-            jws(&json!({ "alg": "RS256", "kid": "rsa" }), &claims(a), |_| Ok(vec![1; 256]))?,
+            jws(&json!({ "alg": "RS256", "kid": "rsa" }), &claims(a), |_| {
+                Ok(vec![1; 256])
+            })?,
         )?;
         let good = sign(&self.jwt_a_p256, &es256("p256"), &claims(a))?;
         let parts: Vec<&str> = good.split('.').collect();
         let evil = URL_SAFE_NO_PAD.encode(claims("spiffe://a.test/admin").to_string());
-        self.seed(t, "no-tampered-claims", format!("{}.{evil}.{}", parts[0], parts[2]))?;
+        self.seed(
+            t,
+            "no-tampered-claims",
+            format!("{}.{evil}.{}", parts[0], parts[2]),
+        )?;
         self.seed(t, "no-jwe", "a.b.c.d.e")?;
-        self.seed(t, "no-json-serialization", r#"{"payload":"e30","signatures":[]}"#)?;
+        self.seed(
+            t,
+            "no-json-serialization",
+            r#"{"payload":"e30","signatures":[]}"#,
+        )?;
 
         // Self-signing mode: `<header JSON>\n<claims JSON>`, signed by every fixed key.
         let two = |h: &Value, c: &Value| format!("{h}\n{c}");
@@ -434,14 +488,14 @@ impl Gen {
                 &json!({ "sub": a, "aud": JWT_SVID_AUDIENCE, "exp": 9_000_000_000_000u64 }),
             ),
         )?;
-        self.seed(
-            t,
-            "no-sign-unknown-kid",
-            two(&es256("nope"), &claims(a)),
-        )?;
+        self.seed(t, "no-sign-unknown-kid", two(&es256("nope"), &claims(a)))?;
 
         // JWKS mode: the whole input as a JWT bundle document.
-        self.seed(t, "ok-jwks", jwks(&[("p256", &self.jwt_a_p256, "P-256")]).to_string())?;
+        self.seed(
+            t,
+            "ok-jwks",
+            jwks(&[("p256", &self.jwt_a_p256, "P-256")]).to_string(),
+        )?;
         self.seed(
             t,
             "no-jwks-duplicate-kid",
@@ -468,36 +522,70 @@ impl Gen {
         });
         let ed = |m: &[u8]| Ok(self.cred_ed.sign(m).as_ref().to_vec());
         let es = |m: &[u8]| ecdsa_sign(&self.cred_es, m);
-        self.seed(t, "ok-jwt-eddsa", jws(&header("EdDSA", "fuzz-ed"), &claims, ed)?)?;
-        self.seed(t, "ok-jwt-es256", jws(&header("ES256", "fuzz-es"), &claims, es)?)?;
+        self.seed(
+            t,
+            "ok-jwt-eddsa",
+            jws(&header("EdDSA", "fuzz-ed"), &claims, ed)?,
+        )?;
+        self.seed(
+            t,
+            "ok-jwt-es256",
+            jws(&header("ES256", "fuzz-es"), &claims, es)?,
+        )?;
         let secret = URL_SAFE_NO_PAD.encode([0x5a; 32]);
         self.seed(t, "ok-opaque", format!("lsh_{CREDENTIAL_ID}.{secret}"))?;
-        self.seed(t, "no-opaque-short-secret", format!("lsh_{CREDENTIAL_ID}.{}", &secret[1..]))?;
+        self.seed(
+            t,
+            "no-opaque-short-secret",
+            format!("lsh_{CREDENTIAL_ID}.{}", &secret[1..]),
+        )?;
         self.seed(
             t,
             "no-opaque-bad-id",
             format!("lsh_tk_0123456789ABCDEF0123456789abcdef.c0011223344556677.{secret}"),
         )?;
-        self.seed(t, "no-jwt-alg-mismatch", jws(&header("ES256", "fuzz-ed"), &claims, ed)?)?;
-        self.seed(t, "no-jwt-unknown-kid", jws(&header("EdDSA", "other"), &claims, ed)?)?;
+        self.seed(
+            t,
+            "no-jwt-alg-mismatch",
+            jws(&header("ES256", "fuzz-ed"), &claims, ed)?,
+        )?;
+        self.seed(
+            t,
+            "no-jwt-unknown-kid",
+            jws(&header("EdDSA", "other"), &claims, ed)?,
+        )?;
         self.seed(
             t,
             "no-jwt-alg-none",
-            jws(&json!({ "alg": "none", "kid": "fuzz-ed" }), &claims, |_| Ok(vec![]))?,
+            jws(&json!({ "alg": "none", "kid": "fuzz-ed" }), &claims, |_| {
+                Ok(vec![])
+            })?,
         )?;
         let mut no_jti = claims.clone();
         if let Some(m) = no_jti.as_object_mut() {
             m.remove("jti");
         }
-        self.seed(t, "no-jwt-without-jti", jws(&header("EdDSA", "fuzz-ed"), &no_jti, ed)?)?;
+        self.seed(
+            t,
+            "no-jwt-without-jti",
+            jws(&header("EdDSA", "fuzz-ed"), &no_jti, ed)?,
+        )?;
         let good = jws(&header("EdDSA", "fuzz-ed"), &claims, ed)?;
         let parts: Vec<&str> = good.split('.').collect();
         let mut evil = claims.clone();
         evil["scope"] = json!("repo:acme/widgets:admin");
         let evil = URL_SAFE_NO_PAD.encode(evil.to_string());
-        self.seed(t, "no-jwt-tampered", format!("{}.{evil}.{}", parts[0], parts[2]))?;
+        self.seed(
+            t,
+            "no-jwt-tampered",
+            format!("{}.{evil}.{}", parts[0], parts[2]),
+        )?;
         // Self-signing mode: `<header JSON>\n<claims JSON>`, signed by both keys.
-        self.seed(t, "ok-sign-eddsa", format!("{}\n{claims}", header("EdDSA", "fuzz-ed")))?;
+        self.seed(
+            t,
+            "ok-sign-eddsa",
+            format!("{}\n{claims}", header("EdDSA", "fuzz-ed")),
+        )?;
         self.seed(
             t,
             "seed-sign-es256-big-nbf",
@@ -517,13 +605,28 @@ impl Gen {
         for (name, text) in [
             ("ok-id", "spiffe://a.test/agent/1"),
             ("ok-root-id", "spiffe://a.test"),
-            ("ok-long-path", "spiffe://example.org/ns/prod/sa/my-agent_v2.1"),
+            (
+                "ok-long-path",
+                "spiffe://example.org/ns/prod/sa/my-agent_v2.1",
+            ),
             ("ok-pattern-below", "spiffe://a.test/agent/*"),
-            ("ok-pattern-matches", "spiffe://a.test/agent/*\nspiffe://a.test/agent/7"),
-            ("ok-pattern-domain", "spiffe://a.test/*\nspiffe://a.test/x/y"),
+            (
+                "ok-pattern-matches",
+                "spiffe://a.test/agent/*\nspiffe://a.test/agent/7",
+            ),
+            (
+                "ok-pattern-domain",
+                "spiffe://a.test/*\nspiffe://a.test/x/y",
+            ),
             ("ok-trust-domain", "a-b_c.example.org"),
-            ("seed-pattern-not-below", "spiffe://a.test/agent/*\nspiffe://a.test/agentx/7"),
-            ("seed-pattern-exact", "spiffe://a.test/agent\nspiffe://a.test/agent"),
+            (
+                "seed-pattern-not-below",
+                "spiffe://a.test/agent/*\nspiffe://a.test/agentx/7",
+            ),
+            (
+                "seed-pattern-exact",
+                "spiffe://a.test/agent\nspiffe://a.test/agent",
+            ),
             ("no-port", "spiffe://a.test:443/x"),
             ("no-userinfo", "spiffe://u@a.test/x"),
             ("no-uppercase-domain", "spiffe://A.test/x"),
@@ -544,15 +647,29 @@ impl Gen {
 
     fn store_ids(&self) -> Result<()> {
         let t = "store_ids";
-        let cursor: Vec<String> = (0..16).map(|i| format!("{}-{i}", 1_700_000_000_000u64 + i)).collect();
+        let cursor: Vec<String> = (0..16)
+            .map(|i| format!("{}-{i}", 1_700_000_000_000u64 + i))
+            .collect();
         for (name, text) in [
-            ("ok-task-id", "tk_0123456789abcdef0123456789abcdef".to_owned()),
+            (
+                "ok-task-id",
+                "tk_0123456789abcdef0123456789abcdef".to_owned(),
+            ),
             ("ok-credential-id", CREDENTIAL_ID.to_owned()),
             ("ok-cursor", format!("v1:{}", cursor.join(","))),
             ("ok-log-id", "1700000000000-3".to_owned()),
-            ("no-task-id-upper", "tk_0123456789ABCDEF0123456789abcdef".to_owned()),
-            ("no-credential-id-short", "tk_0123456789abcdef0123456789abcdef.c00112233".to_owned()),
-            ("no-cursor-15-shards", format!("v1:{}", cursor[..15].join(","))),
+            (
+                "no-task-id-upper",
+                "tk_0123456789ABCDEF0123456789abcdef".to_owned(),
+            ),
+            (
+                "no-credential-id-short",
+                "tk_0123456789abcdef0123456789abcdef.c00112233".to_owned(),
+            ),
+            (
+                "no-cursor-15-shards",
+                format!("v1:{}", cursor[..15].join(",")),
+            ),
             ("no-cursor-v2", format!("v2:{}", cursor.join(","))),
         ] {
             self.seed(t, name, text)?;
@@ -606,14 +723,38 @@ grants:
              grants: [{name: g, kind: opaque, audience: aud, scopes: [s], ttl: 1s}]}\n",
         )?;
         let edits: &[(&str, &str, &str)] = &[
-            ("no-unknown-key", "owner: team@acme.test\n", "owner: team@acme.test\nextra: 1\n"),
-            ("no-ttl-above-max", "ttl: 60s\n  max_ttl: 5m", "ttl: 10m\n  max_ttl: 5m"),
-            ("no-optional-in-scope", "\"n:{count}\"]", "\"n:{count}\", \"f:{flag}\"]"),
+            (
+                "no-unknown-key",
+                "owner: team@acme.test\n",
+                "owner: team@acme.test\nextra: 1\n",
+            ),
+            (
+                "no-ttl-above-max",
+                "ttl: 60s\n  max_ttl: 5m",
+                "ttl: 10m\n  max_ttl: 5m",
+            ),
+            (
+                "no-optional-in-scope",
+                "\"n:{count}\"]",
+                "\"n:{count}\", \"f:{flag}\"]",
+            ),
             ("no-unconstrained-string", "    pattern: \"[a-z]+\"\n", ""),
-            ("no-duplicate-key", "version: \"1\"\n", "version: \"1\"\nversion: \"2\"\n"),
-            ("no-alias", "description: A demo.\n", "description: &d A demo.\nowner2: *d\n"),
+            (
+                "no-duplicate-key",
+                "version: \"1\"\n",
+                "version: \"1\"\nversion: \"2\"\n",
+            ),
+            (
+                "no-alias",
+                "description: A demo.\n",
+                "description: &d A demo.\nowner2: *d\n",
+            ),
             ("no-bad-pattern", "\"[a-z]+\"", "\"[a-z\""),
-            ("no-bad-identity", "spiffe://acme.test/agent/*", "spiffe://acme.test/*/agent"),
+            (
+                "no-bad-identity",
+                "spiffe://acme.test/agent/*",
+                "spiffe://acme.test/*/agent",
+            ),
             ("no-tab-indent", "  repo:", "\trepo:"),
         ];
         for (name, from, to) in edits {
@@ -623,7 +764,11 @@ grants:
             }
             self.seed(t, name, text)?;
         }
-        self.seed(t, "no-deep-nesting", format!("{}1{}\n", "[".repeat(40), "]".repeat(40)))?;
+        self.seed(
+            t,
+            "no-deep-nesting",
+            format!("{}1{}\n", "[".repeat(40), "]".repeat(40)),
+        )?;
         self.seed(t, "no-two-documents", format!("{base}---\n{base}"))?;
         Ok(())
     }
@@ -692,8 +837,16 @@ introspect_callers = ["spiffe://acme.test/resource/*"]
             "no-env-into-scalar",
             format!("{small}\0LEASH_SIGNING__ISSUER__X=1\n"),
         )?;
-        self.seed(t, "no-unknown-key", small.replace("[templates]", "[templates]\nextra = 1"))?;
-        self.seed(t, "no-same-listen", small.replace("127.0.0.1:8080", "127.0.0.1:8443"))?;
+        self.seed(
+            t,
+            "no-unknown-key",
+            small.replace("[templates]", "[templates]\nextra = 1"),
+        )?;
+        self.seed(
+            t,
+            "no-same-listen",
+            small.replace("127.0.0.1:8080", "127.0.0.1:8443"),
+        )?;
         self.seed(
             t,
             "no-workload-api-with-files",
@@ -721,11 +874,18 @@ impl Leaf {
     /// A valid X509-SVID for `uri` (no URI SAN when `uri` is empty).
     fn new(uri: &str) -> Self {
         Self {
-            uris: if uri.is_empty() { vec![] } else { vec![uri.to_owned()] },
+            uris: if uri.is_empty() {
+                vec![]
+            } else {
+                vec![uri.to_owned()]
+            },
             dns: vec![],
             is_ca: IsCa::ExplicitNoCa,
             key_usages: vec![KeyUsagePurpose::DigitalSignature],
-            ekus: vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth],
+            ekus: vec![
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ],
             not_before: rcgen::date_time_ymd(2025, 1, 1),
             not_after: rcgen::date_time_ymd(2034, 1, 1),
             custom: vec![],
@@ -769,9 +929,10 @@ fn intermediate(
     let key = KeyPair::generate()?;
     let mut params = ca_params(td)?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("Leash fuzzing intermediate {td}"));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("Leash fuzzing intermediate {td}"),
+    );
     params.key_usages = key_usages;
     params.not_after = rcgen::date_time_ymd(2034, 6, 1);
     params.use_authority_key_identifier_extension = true;
