@@ -24,6 +24,8 @@
 //! - [`audit`]: the audit trail of decisions, issuance and revocation.
 //! - [`api`]: the thin gRPC layer; the only place that knows `tonic::Status`.
 //! - [`logging`]: text and JSON log output in which no value can forge a line.
+//! - [`fuzzing`]: entry points of the fuzz targets and the corpus replay test (not
+//!   used by the broker).
 //!
 //! ## Security defaults
 //!
@@ -39,6 +41,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod credentials;
+pub mod fuzzing;
 pub mod identity;
 pub mod lease;
 pub mod logging;

@@ -388,8 +388,15 @@ impl JwtSvidVerifier {
                 .ok_or_else(|| reject("\"exp\" is not a NumericDate"))?,
             None => return Err(reject("no \"exp\" claim")),
         };
-        let expires = UNIX_EPOCH + Duration::from_secs(exp);
-        if expires + self.leeway <= now {
+        // `SystemTime + Duration` panics past what the clock can hold (a signed `exp`
+        // of u64::MAX, or 1e300 read as it); no real token expires there.
+        let Some((expires, deadline)) = UNIX_EPOCH
+            .checked_add(Duration::from_secs(exp))
+            .and_then(|e| Some((e, e.checked_add(self.leeway)?)))
+        else {
+            return Err(reject("\"exp\" is out of range"));
+        };
+        if deadline <= now {
             return Err(reject("expired"));
         }
         if expires > now + self.max_lifetime + self.leeway {
@@ -569,6 +576,31 @@ mod tests {
         ] {
             let err = v.verify(&sign(aud.clone(), exp), at).unwrap_err();
             assert!(err.to_string().contains(why), "{aud} {exp}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_exp_the_clock_cannot_hold_is_refused_not_a_panic() {
+        let (key, jwks) = authority();
+        let bundles = JwtBundles::from_jwks([("a.test", jwks.as_bytes())]).unwrap();
+        let v = JwtSvidVerifier::new(
+            Arc::new(JwtBundleSource::fixed(bundles)),
+            "aud-1",
+            Duration::from_secs(5),
+        );
+        // u64::MAX and 1e300 (read as u64::MAX) overflow UNIX_EPOCH + exp; i64::MAX
+        // seconds fits, but not with the leeway added.
+        for exp in [json!(u64::MAX), json!(1e300), json!(i64::MAX)] {
+            let t = token(
+                &key,
+                &json!({ "alg": "ES256", "kid": "k1" }),
+                &json!({ "sub": "spiffe://a.test/w", "aud": "aud-1", "exp": exp }),
+            );
+            let err = v.verify(&t, SystemTime::now()).unwrap_err();
+            assert!(
+                err.to_string().contains("\"exp\" is out of range"),
+                "{exp}: {err}"
+            );
         }
     }
 

@@ -130,6 +130,19 @@ pub fn load_dir(dir: &Path) -> Result<TemplateSet, TemplateErrors> {
     load::build(&load::snapshot(dir))
 }
 
+/// Parses and validates one template from YAML text, exactly as [`load_dir`] parses
+/// each file; `file` only names the source in issues and in [`Template::source`].
+/// Names are not compared with other templates (that is [`load_dir`]'s job).
+///
+/// # Errors
+///
+/// Every problem in the text, each with its line.
+pub fn parse_str(file: &Path, src: &str) -> Result<Template, TemplateErrors> {
+    parse::parse_template(file, src)
+        .result
+        .map_err(TemplateErrors)
+}
+
 /// Validates `dir` exactly as the broker would load it; backs `leash templates check`.
 ///
 /// # Errors

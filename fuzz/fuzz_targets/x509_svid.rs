@@ -1,0 +1,6 @@
+//! Fuzz target `x509_svid`: see `leash_broker::fuzzing::x509_svid` for what it feeds and checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = leash_broker::fuzzing::x509_svid(data);
+});
