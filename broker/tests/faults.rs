@@ -1055,7 +1055,9 @@ fn revocation_bound(t: u64, windows: &[(u64, u64)], fail_closed_ms: u64) -> u64 
 /// - FAILED_PRECONDITION on a BeginTask retry (same idempotency key) saying the
 ///   task ended, answered at least the TTL after the first attempt: the first
 ///   attempt's outcome was unknown, it did create the task, and that lease
-///   lapsed before the retry got through.
+///   lapsed before the retry got through. Or saying its lease ends too soon to
+///   issue a credential, answered at most a second before that: the retry hit
+///   the lease's last fraction of a second, where no whole-second JWT fits.
 /// - A transport failure (UNKNOWN, INTERNAL, CANCELLED from the client library)
 ///   of a call to broker A that was in flight when A was `kill -9`ed: no broker
 ///   answered it; the connection died under it.
@@ -1073,6 +1075,13 @@ fn classify(c: &Call, faults: &Faults) -> Option<&'static str> {
                 && c.recv_ms + m >= c.first_sent_ms + c.ttl_ms =>
         {
             Some("FAILED_PRECONDITION: retried begin found its lapsed task")
+        }
+        Code::FailedPrecondition
+            if c.op == Op::Begin
+                && c.message.contains("too soon to issue")
+                && c.recv_ms + m + 1_000 >= c.first_sent_ms + c.ttl_ms =>
+        {
+            Some("FAILED_PRECONDITION: retried begin in its task's last second")
         }
         Code::Unknown | Code::Internal | Code::Cancelled
             if c.broker == 0
@@ -1255,7 +1264,7 @@ fn judge_acceptance(e: &Evidence<'_>, out: &mut Vec<Violation>) {
                     (
                         format!("SDK {}", e.watchers[w]),
                         (
-                            "SDK Verifier accepted an ended credential".to_owned(),
+                            format!("SDK Verifier ({}) accepted an ended credential", e.watchers[w]),
                             format!(
                                 "{} by the verifier {}: first {} ms past its bound, {} ms after exp; {why}",
                                 c.id,
@@ -1786,6 +1795,12 @@ fn only_unavailable_and_the_documented_exceptions_are_allowed() {
         9_000,
         9_100
     )));
+    // ... or in its last second, with no room for a JWT.
+    let mut late = call(Op::Begin, 1, Code::FailedPrecondition, 9_000, 9_100);
+    late.message = "the lease ends in 300 ms, too soon to issue a credential".into();
+    assert!(allowed(&late));
+    late.recv_ms = 8_500;
+    assert!(!allowed(&late));
     assert!(!allowed(&call(
         Op::Complete,
         1,
