@@ -71,9 +71,10 @@ impl Minter {
     /// Mints one credential for `req` and checks it before returning it.
     ///
     /// # Errors
-    /// [`CredentialError::Mint`] if the lease leaves no time for a credential or
-    /// the minted credential fails its check; [`CredentialError::Random`] if the
-    /// OS random source fails.
+    /// [`CredentialError::LeaseEndsTooSoon`] if the lease leaves no time for a
+    /// credential (a JWT needs the lease to reach the next whole second);
+    /// [`CredentialError::Mint`] if the minted credential fails its check;
+    /// [`CredentialError::Random`] if the OS random source fails.
     pub fn mint(&self, req: &MintRequest<'_>) -> Result<Minted, CredentialError> {
         let id = CredentialId::new(req.task_id, random_bytes::<8>()?);
         let cap_ms = req
@@ -138,9 +139,9 @@ impl Minter {
         value: &Secret,
     ) -> Result<(), CredentialError> {
         if record.expires_at_ms <= req.now_ms {
-            return Err(CredentialError::Mint(
-                "the lease ends too soon to mint a credential".into(),
-            ));
+            return Err(CredentialError::LeaseEndsTooSoon {
+                remaining_ms: req.lease_deadline_ms.saturating_sub(req.now_ms),
+            });
         }
         if record.expires_at_ms > req.lease_deadline_ms {
             return Err(CredentialError::Mint(

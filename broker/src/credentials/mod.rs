@@ -40,6 +40,16 @@ pub enum CredentialError {
     /// Signing failed, or a freshly minted credential failed its own check.
     #[error("minting failed: {0}")]
     Mint(String),
+    /// The lease ends before any credential could expire inside it: a JWT's
+    /// expiry is whole seconds rounded down, so the last fraction of a second
+    /// of a lease holds none. The task's state, not a fault.
+    #[error(
+        "the lease ends in {remaining_ms} ms, too soon to issue a credential that expires inside it"
+    )]
+    LeaseEndsTooSoon {
+        /// Time left on the lease.
+        remaining_ms: u64,
+    },
     /// A presented token is not a credential this broker issued (malformed,
     /// unknown key, bad signature, disallowed algorithm).
     #[error("token rejected: {0}")]

@@ -85,6 +85,14 @@ impl From<PolicyError> for LeaseError {
 
 impl From<CredentialError> for LeaseError {
     fn from(e: CredentialError) -> Self {
-        Self::Internal(e.to_string())
+        match e {
+            // A call in the lease's last fraction of a second (a late BeginTask
+            // retry, a renewal capped by the max lifetime, a sub-second TTL):
+            // the task's state forbids it, and the caller can act on that.
+            e @ CredentialError::LeaseEndsTooSoon { .. } => Self::FailedPrecondition(format!(
+                "{e} (JWT expiry is whole seconds): renew earlier, ask for a longer requested_ttl, or complete the task and begin a new one with a new idempotency_key"
+            )),
+            e => Self::Internal(e.to_string()),
+        }
     }
 }

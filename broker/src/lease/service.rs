@@ -181,7 +181,8 @@ impl<S: LeaseStore> LeaseService<S> {
     /// # Errors
     /// `InvalidArgument` (every field problem), `TemplateNotFound`,
     /// `PermissionDenied`, `FailedPrecondition` (idempotency key reused for a
-    /// different request, or its task has ended), `Unavailable`, `Internal`.
+    /// different request, or its task has ended; or the lease ends too soon to
+    /// issue a credential inside it), `Unavailable`, `Internal`.
     pub async fn begin(&self, caller: &Identity, req: BeginTask) -> Result<IssuedTask, LeaseError> {
         req.check_shape().map_err(LeaseError::InvalidArgument)?;
         let now_ms = self.now_ms();
@@ -358,8 +359,9 @@ impl<S: LeaseStore> LeaseService<S> {
     /// # Errors
     /// `InvalidArgument` (task id), `TaskNotFound`, `PermissionDenied` (not the
     /// owner, or no longer allowed by the template), `FailedPrecondition` (task
-    /// ended, lease expired, max lifetime reached, template gone or changed so
-    /// the task's parameters no longer fit), `Unavailable`, `Internal`.
+    /// ended, lease expired, max lifetime reached or too close to issue a
+    /// credential inside it, template gone or changed so the task's parameters
+    /// no longer fit), `Unavailable`, `Internal`.
     pub async fn renew(&self, caller: &Identity, task_id: &str) -> Result<IssuedTask, LeaseError> {
         let task_id = Self::parse_task_id(task_id)?;
         let task = self.owned_task(caller, &task_id, "renew").await?;

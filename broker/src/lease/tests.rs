@@ -225,3 +225,57 @@ async fn a_forged_opaque_token_for_a_real_credential_id_is_inactive() {
             .active
     );
 }
+
+/// Found by the fault test (broker/tests/faults.rs): a JWT's expiry is whole
+/// seconds rounded down, so in the last fraction of a second of a lease no JWT
+/// fits inside it. A call landing there must be refused as the task's state
+/// (FAILED_PRECONDITION, naming what to do), never an INTERNAL error: the SDK
+/// does not retry INTERNAL and reports its outcome as unknown.
+#[tokio::test]
+async fn no_room_for_a_jwt_in_the_lease_is_a_failed_precondition_not_internal() {
+    let f = fixture();
+    let me = who("agent/a");
+    let too_soon = |e: &LeaseError| matches!(e, LeaseError::FailedPrecondition(m) if m.contains("too soon to issue"));
+    let mut wrong = Vec::new();
+
+    // A BeginTask retry (same idempotency key) 200 ms before its lease ends.
+    f.clock.advance(Duration::from_millis(300));
+    let keyed = BeginTask {
+        idempotency_key: Some("job-1".into()),
+        ..request()
+    };
+    let first = f.service.begin(&me, keyed.clone()).await.expect("begin");
+    assert_eq!(first.task.lease_deadline_ms, T0 + 10_300);
+    f.clock.advance(Duration::from_millis(9_800));
+    let e = f.service.begin(&me, keyed).await.expect_err("no room");
+    if !too_soon(&e) {
+        wrong.push(format!("replay: {e:?}"));
+    }
+
+    // A renewal 30 ms before its lease ends and 50 ms before the max lifetime,
+    // which caps the new deadline (begun at 10.1 s: max lifetime at 35.1 s).
+    let task = f.service.begin(&me, request()).await.expect("begin").task;
+    let id = task.id.to_string();
+    assert_eq!(task.max_deadline_ms, T0 + 35_100);
+    f.clock.advance(Duration::from_secs(8));
+    f.service.renew(&me, &id).await.expect("renew");
+    f.clock.advance(Duration::from_millis(6_980));
+    let r = f.service.renew(&me, &id).await.expect("renew");
+    assert_eq!(r.task.lease_deadline_ms, T0 + 35_080);
+    f.clock.advance(Duration::from_millis(9_970));
+    let e = f.service.renew(&me, &id).await.expect_err("no room");
+    if !too_soon(&e) {
+        wrong.push(format!("renew: {e:?}"));
+    }
+
+    // Now 35.05 s: a begin asking for 500 ms would end at 35.55 s, its JWT at 35 s.
+    let short = BeginTask {
+        requested_ttl: Some(Duration::from_millis(500)),
+        ..request()
+    };
+    let e = f.service.begin(&me, short).await.expect_err("no room");
+    if !too_soon(&e) {
+        wrong.push(format!("short begin: {e:?}"));
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
