@@ -148,7 +148,7 @@ fn now_ms() -> u64 {
 struct Inner {
     config: VerifierConfig,
     keys: RwLock<KeySet>,
-    /// Revoked credential id → its expiry (ms); pruned after expiry.
+    /// Revoked credential id → when it may be forgotten (ms): its expiry plus [`REVOCATION_GRACE`].
     revoked: RwLock<HashMap<String, u64>>,
     /// When the revocation stream last spoke (ms); 0 before it ever did.
     last_heard_ms: AtomicU64,
@@ -252,7 +252,9 @@ impl Verifier {
             }
         };
         let now_s = now_ms() / 1000;
-        let leeway = cfg.leeway.as_secs();
+        // A leeway longer than the broker's revocation grace would accept a
+        // revoked token after its revocation was forgotten: capped.
+        let leeway = cfg.leeway.min(REVOCATION_GRACE).as_secs();
         let num = |k: &str| claims.get(k).and_then(Value::as_u64);
         let text = |k: &str| claims.get(k).and_then(Value::as_str);
         let exp = num("exp").ok_or(VerifyError::Expired)?;
@@ -320,16 +322,29 @@ impl Verifier {
     }
 }
 
+/// How long past its `exp` a revocation is remembered: the broker keeps revoked
+/// credentials in its snapshots 30 s past their `exp` (`REVOCATION_GRACE_MS`),
+/// and a verifier accepts a token up to `exp + leeway`, so an entry must outlive
+/// that (the leeway is capped at this grace).
+pub const REVOCATION_GRACE: Duration = Duration::from_secs(30);
+
 fn apply(set: &mut HashMap<String, u64>, revocations: &[pb::Revocation]) {
     let now = now_ms();
     for r in revocations {
         let exp = r.expires_at.map_or(u64::MAX, |t| {
             u64::try_from(t.seconds).unwrap_or(0).saturating_mul(1000)
         });
-        if exp > now {
-            set.insert(r.credential_id.clone(), exp);
+        // Kept until exp + the grace, never dropped at exp: a token is accepted
+        // up to exp + leeway.
+        let keep_until = exp.saturating_add(grace_ms());
+        if keep_until > now {
+            set.insert(r.credential_id.clone(), keep_until);
         }
     }
+}
+
+fn grace_ms() -> u64 {
+    u64::try_from(REVOCATION_GRACE.as_millis()).unwrap_or(u64::MAX)
 }
 
 async fn fetch_keys(client: &mut VerifierClient<Channel>) -> Result<KeySet, VerifierError> {
