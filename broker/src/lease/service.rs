@@ -402,7 +402,18 @@ impl<S: LeaseStore> LeaseService<S> {
                 LeaseError::from(other)
             )),
         })?;
-        let minted = self.mint_all(caller, &task_id, &decision, now_ms, deadline)?;
+        let minted = self
+            .mint_all(caller, &task_id, &decision, now_ms, deadline)
+            .map_err(|e| match e {
+                // The renewal was capped at the max lifetime and what is left of it
+                // holds no whole-second JWT: the task is at its end, say so.
+                CredentialError::LeaseEndsTooSoon { .. } if deadline >= task.max_deadline_ms => {
+                    LeaseError::FailedPrecondition(format!(
+                        "task {task_id} has reached its max lifetime; complete it and begin a new task"
+                    ))
+                }
+                other => LeaseError::from(other),
+            })?;
         let records = records_of(&minted);
         let renewal = Renewal {
             now_ms,
