@@ -1,6 +1,6 @@
 //! `leash.v1.Verifier`: Introspect, GetJwks.
 
-use std::{pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use leash_proto::v1::{self as pb, verifier_server::Verifier};
 use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status};
 use super::{caller, convert, status};
 use crate::{
     lease::{LeaseError, LeaseService},
-    revocation::{RevocationBatch, RevocationFeed},
-    store::{LeaseStore, RevocationCursor},
+    revocation::{Audiences, RevocationBatch, RevocationFeed},
+    store::{LeaseStore, REVOCATION_GRACE_MS, RevocationCursor},
 };
 
 /// The Verifier service over a [`LeaseService`] and this replica's [`RevocationFeed`].
@@ -38,12 +38,18 @@ fn batch(b: RevocationBatch) -> pb::RevocationBatch {
                 expires_at: Some(convert::timestamp(r.expires_at_ms)),
                 revoked_at: (r.revoked_at_ms > 0).then(|| convert::timestamp(r.revoked_at_ms)),
                 reason: r.reason.as_str().to_owned(),
+                audience: r.audience,
             })
             .collect(),
         cursor: b.cursor.to_string(),
         snapshot: b.snapshot,
         reset: b.reset,
         caught_up: b.caught_up,
+        revocation_grace: prost_types::Duration::try_from(Duration::from_millis(
+            REVOCATION_GRACE_MS,
+        ))
+        .ok(),
+        snapshot_complete: b.snapshot_complete,
     }
 }
 
@@ -107,7 +113,7 @@ impl<S: LeaseStore> Verifier for VerifierApi<S> {
                 ))
             })?)
         };
-        let stream = ReceiverStream::new(self.feed.watch(cursor))
+        let stream = ReceiverStream::new(self.feed.watch(cursor, Audiences::All))
             .map(|item| item.map(batch).map_err(|e| status(LeaseError::from(e))));
         Ok(Response::new(Box::pin(stream)))
     }

@@ -8,7 +8,7 @@
 //! credential, or resumes from its cursor; if the history after its cursor has
 //! been trimmed it is told to reset and given a snapshot, so it misses nothing.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -39,6 +39,27 @@ pub struct RevocationBatch {
     pub reset: bool,
     /// Snapshot or catch-up complete; what follows is live.
     pub caught_up: bool,
+    /// The last batch of a snapshot: it is whole and replaces what the watcher knew.
+    pub snapshot_complete: bool,
+}
+
+/// Which credentials a watcher hears of: those of the audiences it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audiences {
+    /// Every audience (a verifier configured with `audiences = ["*"]`).
+    All,
+    /// Only credentials issued for one of these audiences (exact match).
+    Only(BTreeSet<String>),
+}
+
+impl Audiences {
+    /// True if a credential issued for `audience` is this watcher's business.
+    pub fn admits(&self, audience: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(set) => set.contains(audience),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -122,13 +143,18 @@ impl<S: LeaseStore> RevocationFeed<S> {
     pub fn watch(
         self: &Arc<Self>,
         cursor: Option<RevocationCursor>,
+        audiences: Audiences,
     ) -> mpsc::Receiver<Result<RevocationBatch, StoreError>> {
         // Subscribe before reading the store, so nothing logged in between is lost.
         let rx = self.tx.subscribe();
         let (out, out_rx) = mpsc::channel(16);
         let feed = Arc::clone(self);
         tokio::spawn(async move {
-            let watcher = Watcher { feed, out };
+            let watcher = Watcher {
+                feed,
+                out,
+                audiences,
+            };
             if let Err(e) = watcher.serve(cursor, rx).await {
                 let _ = watcher.out.send(Err(e)).await;
             }
@@ -140,6 +166,7 @@ impl<S: LeaseStore> RevocationFeed<S> {
 struct Watcher<S> {
     feed: Arc<RevocationFeed<S>>,
     out: mpsc::Sender<Result<RevocationBatch, StoreError>>,
+    audiences: Audiences,
 }
 
 /// The watcher has gone away; stop quietly.
@@ -152,7 +179,9 @@ impl From<Gone> for StoreError {
 }
 
 impl<S: LeaseStore> Watcher<S> {
-    async fn send(&self, batch: RevocationBatch) -> Result<(), Gone> {
+    /// Sends `batch` with only the records of this watcher's audiences.
+    async fn send(&self, mut batch: RevocationBatch) -> Result<(), Gone> {
+        batch.records.retain(|r| self.audiences.admits(&r.audience));
         self.out.send(Ok(batch)).await.map_err(|_| Gone)
     }
 
@@ -212,22 +241,25 @@ impl<S: LeaseStore> Watcher<S> {
     async fn snapshot(&self) -> Result<RevocationCursor, StoreError> {
         let now = self.feed.clock.now_ms();
         let (records, cursor) = self.feed.store.revocation_snapshot(now).await?;
-        let mut chunks = records.chunks(BATCH).peekable();
-        if chunks.peek().is_none() {
+        let chunks: Vec<&[RevocationRecord]> = records.chunks(BATCH).collect();
+        let last = chunks.len().saturating_sub(1);
+        if chunks.is_empty() {
             self.send(RevocationBatch {
                 cursor: cursor.clone(),
                 snapshot: true,
                 reset: true,
+                snapshot_complete: true,
                 ..RevocationBatch::default()
             })
             .await?;
         }
-        for (i, chunk) in chunks.enumerate() {
+        for (i, chunk) in chunks.into_iter().enumerate() {
             self.send(RevocationBatch {
                 records: chunk.to_vec(),
                 cursor: cursor.clone(),
                 snapshot: true,
                 reset: i == 0,
+                snapshot_complete: i == last,
                 ..RevocationBatch::default()
             })
             .await?;
