@@ -225,6 +225,25 @@ impl RedisServer {
         );
     }
 
+    /// Kills the server, throws its data away and starts it again on the same
+    /// port: a Redis that came back (or was failed over to) with less history.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).unwrap();
+            } else {
+                std::fs::remove_file(&path).unwrap();
+            }
+        }
+        assert!(
+            self.spawn(),
+            "redis-server did not come back on port {}",
+            self.port
+        );
+    }
+
     /// Runs one inline command (for inspecting what the broker stored).
     pub fn command(&self, cmd: &str) -> String {
         redis_command(self.port, cmd).unwrap()

@@ -68,18 +68,32 @@ async fn snapshot_then_live(broker: &TestBroker) {
         first.reset && first.snapshot,
         "a fresh watch starts with a reset snapshot"
     );
+    assert_eq!(
+        first.revocation_grace.map(|g| g.seconds),
+        Some(30),
+        "the broker advertises how long past expiry it tells of a revocation"
+    );
     let mut snap: HashSet<String> = first
         .revocations
         .iter()
         .map(|r| r.credential_id.clone())
         .collect();
-    loop {
+    assert!(
+        first.revocations.iter().all(|r| !r.audience.is_empty()),
+        "each revocation names its audience"
+    );
+    let mut complete = first.snapshot_complete;
+    while !complete {
         let b = next(&mut stream).await;
+        assert!(
+            b.snapshot && !b.reset && !b.caught_up,
+            "snapshot batches until the end marker"
+        );
         snap.extend(b.revocations.iter().map(|r| r.credential_id.clone()));
-        if b.caught_up {
-            break;
-        }
+        complete = b.snapshot_complete;
     }
+    let b = next(&mut stream).await;
+    assert!(b.caught_up, "the end marker is followed by caught_up");
     assert!(
         early.is_subset(&snap),
         "snapshot misses revoked-but-unexpired credentials"
@@ -174,6 +188,100 @@ async fn a_reconnecting_watcher_misses_nothing_across_replicas() {
     assert_eq!(got, missed, "exactly the revocations after the cursor");
     a.stop().await;
     b.stop().await;
+}
+
+/// A replica reads no snapshot to start following the logs, and the watchers
+/// that need a snapshot at the same time (a reconnect storm) share one read of
+/// the store; each still gets the whole snapshot, then live news.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_share_one_snapshot_and_the_feed_reads_none() {
+    use leash_broker::{
+        clock::SystemClock,
+        revocation::{Audiences, RevocationFeed},
+        store::{RedisStore, RedisStoreOptions},
+    };
+    let redis = RedisServer::start();
+    let broker = TestBroker::start(BrokerOptions::redis(&redis)).await;
+    let mut agent = broker.broker("agent/w").await;
+    let early: HashSet<String> = complete_one(&mut agent).await.into_iter().collect();
+
+    // A second replica's feed over the same Redis, driven directly.
+    let store = Arc::new(
+        RedisStore::connect(
+            &redis.url(),
+            RedisStoreOptions {
+                prefix: "leash".into(),
+                timeout: Duration::from_secs(2),
+                retention: Duration::from_secs(3_600),
+                durability: leash_broker::store::Durability::Fsync,
+                clock: leash_broker::store::StoreClock::Store,
+                local_clock: Arc::new(SystemClock),
+            },
+        )
+        .unwrap(),
+    );
+    store.verify().await.unwrap();
+    let feed = RevocationFeed::new(store, Arc::new(SystemClock));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(Arc::clone(&feed).run(stop_rx));
+
+    let watchers: Vec<_> = (0..8).map(|_| feed.watch(None, Audiences::All)).collect();
+    for mut rx in watchers {
+        let mut snap = HashSet::new();
+        loop {
+            let b = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("no batch within 10 s")
+                .expect("watch ended")
+                .expect("watch failed");
+            snap.extend(b.records.iter().map(|r| r.credential_id.to_string()));
+            if b.snapshot_complete {
+                break;
+            }
+        }
+        assert!(
+            early.is_subset(&snap),
+            "each watcher gets the whole snapshot"
+        );
+    }
+    assert!(
+        feed.snapshots_read() <= 2,
+        "8 watchers at once read {} snapshots; they must share",
+        feed.snapshots_read()
+    );
+    // Live news reaches a watcher that resumed from a cursor, still with no
+    // snapshot read for it.
+    let before = feed.snapshots_read();
+    let cursor = {
+        let mut rx = feed.watch(None, Audiences::All);
+        loop {
+            let b = rx.recv().await.unwrap().unwrap();
+            if b.caught_up {
+                break b.cursor;
+            }
+        }
+    };
+    let after_snap = feed.snapshots_read();
+    assert!(after_snap <= before + 1);
+    let mut rx = feed.watch(Some(cursor), Audiences::All);
+    let late: HashSet<String> = complete_one(&mut agent).await.into_iter().collect();
+    let mut seen = HashSet::new();
+    while !late.is_subset(&seen) {
+        let b = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("no batch within 10 s")
+            .unwrap()
+            .unwrap();
+        assert!(!b.reset, "a resumed watcher gets no snapshot");
+        seen.extend(b.records.iter().map(|r| r.credential_id.to_string()));
+    }
+    assert_eq!(
+        feed.snapshots_read(),
+        after_snap,
+        "resuming reads no snapshot"
+    );
+    stop_tx.send(true).unwrap();
+    running.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

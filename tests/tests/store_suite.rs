@@ -776,6 +776,172 @@ async fn case_revocations_are_logged_and_read<S: LeaseStore>(store: &S) {
     );
 }
 
+/// A cursor ahead of what the log holds (the store came back, or was failed
+/// over to, with less history) is a gap: the watcher must start over from a
+/// snapshot, never silently skip what it cannot see.
+async fn case_cursor_ahead_of_the_log_is_a_gap<S: LeaseStore>(store: &S) {
+    use leash_broker::store::{LogId, RevocationCursor, RevocationRead};
+    let t = task_id(2, 1);
+    begin_new(
+        store,
+        &task(&t, T0 + 3_000, T0 + 60_000),
+        &[cred(&t, 1, T0 + 5_000)],
+    )
+    .await;
+    store.complete(&t, T0 + 1_000, "succeeded").await.unwrap();
+    let mut ahead = RevocationCursor::default();
+    // Far past anything either store has written in shard 2 (ids are times in ms).
+    ahead.advance(
+        2,
+        LogId {
+            ms: 9_000_000_000_000,
+            seq: 0,
+        },
+    );
+    let read = store
+        .read_revocations(&ahead, Duration::ZERO, 100)
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, RevocationRead::Gap),
+        "a cursor ahead of the log must be a gap, got {read:?}"
+    );
+    // A shard whose log was never written, with a cursor in it, is a gap too.
+    let mut phantom = RevocationCursor::default();
+    phantom.advance(11, LogId { ms: 1, seq: 0 });
+    let read = store
+        .read_revocations(&phantom, Duration::ZERO, 100)
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, RevocationRead::Gap),
+        "a cursor into an empty log must be a gap, got {read:?}"
+    );
+}
+
+/// A snapshot is read in bounded pages; the pages cover every revoked
+/// credential exactly once, many of which share one expiry, even while other
+/// revocations land between pages.
+async fn case_revoked_set_is_read_in_pages<S: LeaseStore>(store: &S) {
+    use leash_broker::store::PagePosition;
+    let first = task_id(3, 1);
+    // 25 credentials (each its own grant, so none is rotated out): 10 expire
+    // together, 10 more together, 5 apart.
+    let creds: Vec<CredentialRecord> = (1..=25u8)
+        .map(|n| {
+            let exp = match n {
+                1..=10 => T0 + 5_000,
+                11..=20 => T0 + 6_000,
+                _ => T0 + 7_000 + u64::from(n),
+            };
+            CredentialRecord {
+                grant: format!("g{n}"),
+                ..cred(&first, n, exp)
+            }
+        })
+        .collect();
+    begin_new(store, &task(&first, T0 + 3_000, T0 + 60_000), &creds).await;
+    store
+        .complete(&first, T0 + 1_000, "succeeded")
+        .await
+        .unwrap();
+
+    let limit = 4;
+    let mut seen = Vec::new();
+    let mut from = PagePosition::start(T0 + 1_000);
+    for page_no in 0.. {
+        assert!(page_no < 20, "paging must end");
+        let page = store.revoked_page(3, from, limit).await.unwrap();
+        assert!(page.records.len() <= limit, "a page is bounded");
+        seen.extend(page.records.iter().map(|r| r.credential_id.clone()));
+        if page_no == 1 {
+            // A revocation sharing an expiry with entries already read lands mid-snapshot.
+            let other = task_id(3, 2);
+            begin_new(
+                store,
+                &task(&other, T0 + 3_000, T0 + 60_000),
+                &[cred(&other, 1, T0 + 5_000)],
+            )
+            .await;
+            store
+                .complete(&other, T0 + 1_500, "succeeded")
+                .await
+                .unwrap();
+        }
+        match page.next {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    let unique: BTreeSet<CredentialId> = seen.iter().cloned().collect();
+    let wanted: BTreeSet<CredentialId> = creds.iter().map(|c| c.id.clone()).collect();
+    assert!(
+        wanted.is_subset(&unique),
+        "every revoked credential is in some page: missing {:?}",
+        wanted.difference(&unique).collect::<Vec<_>>()
+    );
+    assert!(
+        seen.len() <= 27,
+        "no entry is read more than twice: {seen:?}"
+    );
+    let other_shard = store
+        .revoked_page(4, PagePosition::start(T0 + 1_000), limit)
+        .await
+        .unwrap();
+    assert!(other_shard.records.is_empty() && other_shard.next.is_none());
+    // Past the grace, the first page of a new snapshot starts after them all.
+    let grace = leash_broker::store::REVOCATION_GRACE_MS;
+    let late = store
+        .revoked_page(3, PagePosition::start(T0 + 7_025 + grace), limit)
+        .await
+        .unwrap();
+    assert!(late.records.is_empty(), "{:?}", late.records);
+}
+
+/// The cursor of the log's end is had without reading any snapshot, and reads
+/// only what is logged after it.
+async fn case_cursor_without_snapshot<S: LeaseStore>(store: &S) {
+    use leash_broker::store::RevocationRead;
+    let t1 = task_id(7, 1);
+    begin_new(
+        store,
+        &task(&t1, T0 + 3_000, T0 + 60_000),
+        &[cred(&t1, 1, T0 + 9_000)],
+    )
+    .await;
+    store.complete(&t1, T0 + 1_000, "succeeded").await.unwrap();
+    let end = store.revocation_cursor().await.unwrap();
+    let RevocationRead::Records(none, same) = store
+        .read_revocations(&end, Duration::ZERO, 100)
+        .await
+        .unwrap()
+    else {
+        panic!("unexpected gap");
+    };
+    assert!(none.is_empty(), "nothing after the end: {none:?}");
+    assert_eq!(same, end);
+    let t2 = task_id(7, 2);
+    let c2 = cred(&t2, 1, T0 + 9_000);
+    begin_new(
+        store,
+        &task(&t2, T0 + 3_000, T0 + 60_000),
+        std::slice::from_ref(&c2),
+    )
+    .await;
+    store.complete(&t2, T0 + 1_000, "succeeded").await.unwrap();
+    let RevocationRead::Records(next, _) = store
+        .read_revocations(&end, Duration::ZERO, 100)
+        .await
+        .unwrap()
+    else {
+        panic!("unexpected gap");
+    };
+    assert_eq!(
+        next.iter().map(|r| &r.credential_id).collect::<Vec<_>>(),
+        vec![&c2.id]
+    );
+}
+
 /// Runs each case once per store: `memory::<case>` and `redis::<case>`.
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
@@ -819,7 +985,140 @@ store_suite!(
     case_renewals_are_rate_limited,
     case_ping,
     case_revocations_are_logged_and_read,
+    case_cursor_ahead_of_the_log_is_a_gap,
+    case_revoked_set_is_read_in_pages,
+    case_cursor_without_snapshot,
 );
+
+/// A watcher further behind than the log keeps (entries after its cursor were
+/// trimmed) gets a gap, never the entries that are left as if nothing was missed.
+#[tokio::test]
+async fn redis_trimmed_revocation_history_is_a_gap() {
+    use leash_broker::store::RevocationRead;
+    let redis = RedisServer::start();
+    let store = redis_store(&redis);
+    let (_, start) = store.revocation_snapshot(T0).await.unwrap();
+    let mut ended = Vec::new();
+    for n in 1..=3 {
+        let id = task_id(5, n);
+        begin_new(
+            &store,
+            &task(&id, T0 + 3_000, T0 + 60_000),
+            &[cred(&id, 1, T0 + 50_000)],
+        )
+        .await;
+        store.complete(&id, T0 + 1_000, "succeeded").await.unwrap();
+        ended.push(id);
+        if n == 1 {
+            // Read up to the first revocation only.
+            let RevocationRead::Records(seen, _) = store
+                .read_revocations(&start, Duration::ZERO, 100)
+                .await
+                .unwrap()
+            else {
+                panic!("unexpected gap");
+            };
+            assert_eq!(seen.len(), 1);
+        }
+    }
+    let RevocationRead::Records(all, _) = store
+        .read_revocations(&start, Duration::ZERO, 100)
+        .await
+        .unwrap()
+    else {
+        panic!("unexpected gap");
+    };
+    assert_eq!(all.len(), 3);
+    let mut behind = start.clone();
+    behind.advance(5, all[0].position.1);
+    // Keep only the newest entry: the second revocation is gone.
+    let trimmed = redis.command(&format!("XTRIM {{{PREFIX}:s5}}:revlog MAXLEN 1"));
+    assert_eq!(trimmed, ":2", "the fixture trims two entries");
+    let read = store
+        .read_revocations(&behind, Duration::ZERO, 100)
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, RevocationRead::Gap),
+        "a cursor behind trimmed history must be a gap, got {read:?}"
+    );
+}
+
+/// Redis came back without the revocation history a watcher had read (no
+/// persistence, or a replica promoted before it had the last entries): the
+/// watcher's cursor is a gap, both before and after new revocations are logged
+/// with ids past it.
+#[tokio::test]
+async fn redis_restart_that_lost_revocation_history_is_a_gap() {
+    use leash_broker::store::RevocationRead;
+    let mut redis = RedisServer::start();
+    let store = redis_store(&redis);
+    let (_, start) = store.revocation_snapshot(T0).await.unwrap();
+    let first = task_id(4, 1);
+    begin_new(
+        &store,
+        &task(&first, T0 + 3_000, T0 + 60_000),
+        &[cred(&first, 1, T0 + 50_000)],
+    )
+    .await;
+    store
+        .complete(&first, T0 + 1_000, "succeeded")
+        .await
+        .unwrap();
+    let RevocationRead::Records(seen, cursor) = store
+        .read_revocations(&start, Duration::ZERO, 100)
+        .await
+        .unwrap()
+    else {
+        panic!("unexpected gap");
+    };
+    assert_eq!(seen.len(), 1);
+
+    redis.restart_empty();
+    // The store reconnects on its own; the first answer after it does counts.
+    let mut read = None;
+    let started = Instant::now();
+    while read.is_none() && started.elapsed() < Duration::from_secs(10) {
+        read = store
+            .read_revocations(&cursor, Duration::ZERO, 100)
+            .await
+            .ok();
+        if read.is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(
+        matches!(read, Some(RevocationRead::Gap)),
+        "history lost under the cursor must be a gap, got {read:?}"
+    );
+
+    // New revocations in the same shard get ids past the cursor: still a gap.
+    let second = task_id(4, 2);
+    let t = task(&second, T0 + 3_000, T0 + 60_000);
+    let c = cred(&second, 1, T0 + 50_000);
+    // The write connection notices the restart at its first use; a begin is
+    // idempotent, so retrying it until it is confirmed is safe.
+    let started = Instant::now();
+    while store.begin(&t, std::slice::from_ref(&c)).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "Redis did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store
+        .complete(&second, T0 + 2_000, "succeeded")
+        .await
+        .unwrap();
+    let read = store
+        .read_revocations(&cursor, Duration::ZERO, 100)
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, RevocationRead::Gap),
+        "entries past a lost cursor must not be read as if nothing was missed, got {read:?}"
+    );
+}
 
 // ---------------------------------------------------------------- redis only
 

@@ -4,13 +4,26 @@
 //! revocation log, in the same atomic store step as the state change. On every
 //! replica one [`RevocationFeed`] follows those logs (a blocking read, so news
 //! arrives in milliseconds) and fans them out to the watchers connected to that
-//! replica. A watcher starts from a snapshot of every revoked-but-unexpired
-//! credential, or resumes from its cursor; if the history after its cursor has
-//! been trimmed it is told to reset and given a snapshot, so it misses nothing.
+//! replica; it starts at the logs' end without reading a snapshot. A watcher
+//! starts from a snapshot of every revoked credential still within its grace,
+//! or resumes from its cursor; if the history after its cursor is gone
+//! (trimmed, or lost in a Redis restart or failover) it is told to reset and
+//! given a snapshot, so it misses nothing. A snapshot always ends with an end
+//! marker (`snapshot_complete`), is read from the store in bounded pages, and
+//! is shared by the replica's watchers that need one at about the same time
+//! (a reconnect storm reads the store once, not once per watcher). Each watcher
+//! hears only of the audiences it serves ([`Audiences`]).
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{Mutex, broadcast, mpsc, watch};
 
 use crate::{
     clock::Clock,
@@ -25,6 +38,18 @@ const FEED_WAIT: Duration = Duration::from_secs(1);
 pub const BATCH: usize = 1000;
 /// Pause after a store error before the feed retries.
 const RETRY: Duration = Duration::from_millis(250);
+/// How long a snapshot read from the store is handed to further watchers: each
+/// catches up from the snapshot's cursor, so an older snapshot is as complete,
+/// only longer to catch up on.
+pub const SNAPSHOT_REUSE: Duration = Duration::from_secs(2);
+
+/// A snapshot as read from the store, shared by the watchers that send it.
+#[derive(Debug)]
+struct Snapshot {
+    records: Vec<RevocationRecord>,
+    cursor: RevocationCursor,
+    taken: Instant,
+}
 
 /// One batch for a watcher.
 #[derive(Debug, Clone, Default)]
@@ -75,13 +100,52 @@ pub struct RevocationFeed<S> {
     store: Arc<S>,
     clock: Arc<dyn Clock>,
     tx: broadcast::Sender<FeedEvent>,
+    /// The last snapshot read; the lock is held while a new one is read, so
+    /// watchers that need one meanwhile wait for it instead of reading their own.
+    snapshot: Mutex<Option<Arc<Snapshot>>>,
+    snapshots_read: AtomicU64,
 }
 
 impl<S: LeaseStore> RevocationFeed<S> {
     /// A feed over `store`; call [`RevocationFeed::run`] to start it.
     pub fn new(store: Arc<S>, clock: Arc<dyn Clock>) -> Arc<Self> {
         let (tx, _) = broadcast::channel(1024);
-        Arc::new(Self { store, clock, tx })
+        Arc::new(Self {
+            store,
+            clock,
+            tx,
+            snapshot: Mutex::new(None),
+            snapshots_read: AtomicU64::new(0),
+        })
+    }
+
+    /// How many snapshots this feed has read from the store since it started
+    /// (watchers that share one count once).
+    pub fn snapshots_read(&self) -> u64 {
+        self.snapshots_read.load(Ordering::Relaxed)
+    }
+
+    /// A snapshot at most [`SNAPSHOT_REUSE`] old: the last one read, or a new
+    /// one read now (once, however many watchers ask at the same time).
+    async fn shared_snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
+        let mut slot = self.snapshot.lock().await;
+        if let Some(s) = slot.as_ref()
+            && s.taken.elapsed() < SNAPSHOT_REUSE
+        {
+            return Ok(Arc::clone(s));
+        }
+        // Dropped before the read, so a failed read holds no memory.
+        *slot = None;
+        let now = self.store.now_ms(self.clock.now_ms());
+        let (records, cursor) = self.store.revocation_snapshot(now).await?;
+        self.snapshots_read.fetch_add(1, Ordering::Relaxed);
+        let snapshot = Arc::new(Snapshot {
+            records,
+            cursor,
+            taken: Instant::now(),
+        });
+        *slot = Some(Arc::clone(&snapshot));
+        Ok(snapshot)
     }
 
     /// Follows the logs until `shutdown` turns true. Store errors are logged and
@@ -96,7 +160,7 @@ impl<S: LeaseStore> RevocationFeed<S> {
             let step = async {
                 let from = match &cursor {
                     Some(c) => c.clone(),
-                    None => self.store.revocation_snapshot(self.clock.now_ms()).await?.1,
+                    None => self.store.revocation_cursor().await?,
                 };
                 let read = self.store.read_revocations(&from, FEED_WAIT, BATCH).await?;
                 Ok::<_, StoreError>((from, read))
@@ -237,34 +301,33 @@ impl<S: LeaseStore> Watcher<S> {
         }
     }
 
-    /// Sends a full snapshot (first batch `reset`) and returns its cursor.
+    /// Sends a full snapshot (first batch `reset`, last batch
+    /// `snapshot_complete`, one batch if it is small) and returns its cursor.
     async fn snapshot(&self) -> Result<RevocationCursor, StoreError> {
-        let now = self.feed.clock.now_ms();
-        let (records, cursor) = self.feed.store.revocation_snapshot(now).await?;
-        let chunks: Vec<&[RevocationRecord]> = records.chunks(BATCH).collect();
-        let last = chunks.len().saturating_sub(1);
-        if chunks.is_empty() {
+        let snapshot = self.feed.shared_snapshot().await?;
+        let mine: Vec<&RevocationRecord> = snapshot
+            .records
+            .iter()
+            .filter(|r| self.audiences.admits(&r.audience))
+            .collect();
+        let chunks: Vec<&[&RevocationRecord]> = mine.chunks(BATCH).collect();
+        let batches = chunks.len().max(1);
+        for i in 0..batches {
+            let records = chunks
+                .get(i)
+                .map(|c| c.iter().map(|r| (*r).clone()).collect())
+                .unwrap_or_default();
             self.send(RevocationBatch {
-                cursor: cursor.clone(),
-                snapshot: true,
-                reset: true,
-                snapshot_complete: true,
-                ..RevocationBatch::default()
-            })
-            .await?;
-        }
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            self.send(RevocationBatch {
-                records: chunk.to_vec(),
-                cursor: cursor.clone(),
+                records,
+                cursor: snapshot.cursor.clone(),
                 snapshot: true,
                 reset: i == 0,
-                snapshot_complete: i == last,
+                snapshot_complete: i + 1 == batches,
                 ..RevocationBatch::default()
             })
             .await?;
         }
-        Ok(cursor)
+        Ok(snapshot.cursor.clone())
     }
 
     /// Sends everything logged after `cursor`; falls back to a snapshot on a gap.

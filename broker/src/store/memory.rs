@@ -11,9 +11,10 @@ use tokio::sync::Notify;
 
 use super::{
     BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, CredentialView, EndReason,
-    ExpiredTask, LeaseStore, LogId, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE,
+    ExpiredTask, LeaseStore, LogId, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE, PagePosition,
     REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RenewOutcome, Renewal, RevocationCursor,
-    RevocationRead, RevocationRecord, SHARDS, StoreError, TaskId, TaskRecord, TaskState,
+    RevocationRead, RevocationRecord, RevokedPage, SHARDS, StoreError, TaskId, TaskRecord,
+    TaskState,
 };
 
 /// One shard's revocation log.
@@ -36,8 +37,8 @@ struct Inner {
     deadlines: BTreeSet<(u64, TaskId)>,
     logs: Vec<Log>,
     /// Revoked credentials, kept until [`REVOCATION_GRACE_MS`] past their
-    /// expiry: id → (expiry, audience).
-    revoked: BTreeMap<CredentialId, (u64, String)>,
+    /// expiry: expiry → id → audience (ordered like Redis's revoked sets, for paging).
+    revoked: BTreeMap<u64, BTreeMap<CredentialId, String>>,
 }
 
 /// A [`LeaseStore`] held in this process's memory.
@@ -85,8 +86,11 @@ impl Inner {
         let creds = self.credentials.remove(task_id).unwrap_or_default();
         self.grants.remove(task_id);
         self.renewed.remove(task_id);
-        self.revoked
-            .retain(|_, (exp, _)| exp.saturating_add(REVOCATION_GRACE_MS) > now_ms);
+        while let Some(entry) = self.revoked.first_entry()
+            && entry.key().saturating_add(REVOCATION_GRACE_MS) <= now_ms
+        {
+            entry.remove();
+        }
         creds
             .values()
             .filter(|c| c.expires_at_ms > now_ms)
@@ -118,7 +122,9 @@ impl Inner {
             log.trimmed = old.position.1;
         }
         self.revoked
-            .insert(c.id.clone(), (c.expires_at_ms, c.audience.clone()));
+            .entry(c.expires_at_ms)
+            .or_default()
+            .insert(c.id.clone(), c.audience.clone());
     }
 
     /// Adds credentials to a live task; a grant past the cap loses its oldest,
@@ -384,29 +390,54 @@ impl LeaseStore for MemoryStore {
         Ok(out)
     }
 
-    async fn revocation_snapshot(
-        &self,
-        now_ms: u64,
-    ) -> Result<(Vec<RevocationRecord>, RevocationCursor), StoreError> {
+    async fn revocation_cursor(&self) -> Result<RevocationCursor, StoreError> {
         let inner = self.lock()?;
         let mut cursor = RevocationCursor::default();
         for (shard, log) in (0..SHARDS).zip(&inner.logs) {
             cursor.advance(shard, log.last);
         }
-        let records = inner
-            .revoked
-            .iter()
-            .filter(|(_, (exp, _))| exp.saturating_add(REVOCATION_GRACE_MS) > now_ms)
-            .map(|(id, (exp, audience))| RevocationRecord {
-                credential_id: id.clone(),
-                expires_at_ms: *exp,
-                revoked_at_ms: 0,
-                reason: EndReason::Completion,
-                audience: audience.clone(),
-                position: (id.task_id().shard(), LogId::default()),
-            })
-            .collect();
-        Ok((records, cursor))
+        Ok(cursor)
+    }
+
+    async fn revoked_page(
+        &self,
+        shard: u8,
+        from: PagePosition,
+        limit: usize,
+    ) -> Result<RevokedPage, StoreError> {
+        let inner = self.lock()?;
+        let mut records = Vec::new();
+        let mut expiries = Vec::new();
+        'page: for (exp, ids) in inner.revoked.range(from.min_expires_at_ms..) {
+            let skip = if *exp == from.min_expires_at_ms {
+                usize::try_from(from.skip).unwrap_or(usize::MAX)
+            } else {
+                0
+            };
+            // Entries of every shard share the map: the position counts this shard's only.
+            for (id, audience) in ids
+                .iter()
+                .filter(|(id, _)| id.task_id().shard() == shard)
+                .skip(skip)
+            {
+                if records.len() >= limit {
+                    break 'page;
+                }
+                expiries.push(*exp);
+                records.push(RevocationRecord {
+                    credential_id: id.clone(),
+                    expires_at_ms: *exp,
+                    revoked_at_ms: 0,
+                    reason: EndReason::Completion,
+                    audience: audience.clone(),
+                    position: (shard, LogId::default()),
+                });
+            }
+        }
+        Ok(RevokedPage {
+            records,
+            next: from.after(&expiries, limit),
+        })
     }
 
     async fn read_revocations(
@@ -428,7 +459,9 @@ impl LeaseStore for MemoryStore {
                 let mut out = Vec::new();
                 for (shard, log) in (0..SHARDS).zip(&inner.logs) {
                     let pos = after.0.get(usize::from(shard)).copied().unwrap_or_default();
-                    if pos < log.trimmed {
+                    // Trimmed past the cursor, or the cursor is ahead of the log
+                    // (it came from a store that had more history).
+                    if pos < log.trimmed || pos > log.last {
                         return Ok(RevocationRead::Gap);
                     }
                     for r in log.entries.iter().filter(|r| r.position.1 > pos) {

@@ -32,8 +32,9 @@ use std::{future::Future, time::Duration};
 
 pub use memory::MemoryStore;
 pub use model::{
-    CredentialId, CredentialRecord, EndReason, LogId, MAX_CURSOR_LEN, RevocationCursor,
-    RevocationRead, RevocationRecord, StoredKind, TaskBinding, TaskId, TaskRecord, TaskState,
+    CredentialId, CredentialRecord, EndReason, LogId, MAX_CURSOR_LEN, PagePosition,
+    RevocationCursor, RevocationRead, RevocationRecord, RevokedPage, StoredKind, TaskBinding,
+    TaskId, TaskRecord, TaskState,
 };
 pub use redis::{Durability, RedisStore, RedisStoreOptions, ServerFacts};
 
@@ -69,6 +70,10 @@ pub const SHARDS: u8 = 16;
 /// revocation while still accepting the token; the broker advertises it to
 /// watchers and the SDK caps its leeway at it.
 pub const REVOCATION_GRACE_MS: u64 = 30_000;
+
+/// Most revoked-set entries one [`LeaseStore::revoked_page`] call returns in a
+/// snapshot: a snapshot is read page by page, never whole in one command.
+pub const SNAPSHOT_PAGE: usize = 1000;
 
 /// Most entries kept in one shard's revocation log; a watcher further behind
 /// than this starts over from a snapshot.
@@ -280,18 +285,65 @@ pub trait LeaseStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Reaped, StoreError>> + Send;
 
-    /// Every revoked credential that has not expired at `now_ms`, and the
-    /// cursor (per-shard log positions) the snapshot is consistent with.
+    /// The current end of every shard's revocation log: a cursor that reads
+    /// only what is logged from now on. No snapshot is read.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached.
+    fn revocation_cursor(
+        &self,
+    ) -> impl Future<Output = Result<RevocationCursor, StoreError>> + Send;
+
+    /// One page of `shard`'s revoked set from `from`: at most `limit`
+    /// credentials by expiry, and where the next page starts. Each call is one
+    /// bounded read; pages of a set that changes in between still cover every
+    /// entry that was in it throughout (entries only leave after their grace).
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached or read.
+    fn revoked_page(
+        &self,
+        shard: u8,
+        from: PagePosition,
+        limit: usize,
+    ) -> impl Future<Output = Result<RevokedPage, StoreError>> + Send;
+
+    /// Every revoked credential whose expiry plus [`REVOCATION_GRACE_MS`] is
+    /// after `now_ms`, and a cursor the snapshot is consistent with: the cursor
+    /// is taken first and the revoked sets are then read in pages of
+    /// [`SNAPSHOT_PAGE`], so every revocation is either in the snapshot or
+    /// after the cursor (some may be both, which is harmless).
     ///
     /// # Errors
     /// [`StoreError`] if the store cannot be reached.
     fn revocation_snapshot(
         &self,
         now_ms: u64,
-    ) -> impl Future<Output = Result<(Vec<RevocationRecord>, RevocationCursor), StoreError>> + Send;
+    ) -> impl Future<Output = Result<(Vec<RevocationRecord>, RevocationCursor), StoreError>> + Send
+    {
+        async move {
+            let cursor = self.revocation_cursor().await?;
+            let mut records = Vec::new();
+            for shard in 0..SHARDS {
+                let mut from = PagePosition::start(now_ms);
+                loop {
+                    let page = self.revoked_page(shard, from, SNAPSHOT_PAGE).await?;
+                    records.extend(page.records);
+                    match page.next {
+                        Some(next) => from = next,
+                        None => break,
+                    }
+                }
+            }
+            Ok((records, cursor))
+        }
+    }
 
-    /// Revocations logged after `after`, at most `limit`; if there are none,
-    /// waits up to `wait` for one. `Gap` if history after `after` was trimmed.
+    /// Revocations logged after `after`, at most `limit` per shard; if there
+    /// are none, waits up to `wait` for one. `Gap` if any history after
+    /// `after` is gone: trimmed, or lost in a restart or failover (the entry
+    /// at the cursor is no longer in the log). The gap check and the read are
+    /// one atomic step, so nothing can be lost between them.
     ///
     /// # Errors
     /// [`StoreError`] if the store cannot be reached.

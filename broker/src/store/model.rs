@@ -476,8 +476,65 @@ impl EndReason {
 pub enum RevocationRead {
     /// Revocations after the cursor (maybe none), and the cursor after them.
     Records(Vec<RevocationRecord>, RevocationCursor),
-    /// Part of the history after the cursor has been trimmed: start over from a snapshot.
+    /// Part of the history after the cursor is gone (trimmed, or lost in a
+    /// restart or failover, so the cursor is ahead of the log): start over
+    /// from a snapshot.
     Gap,
+}
+
+/// Where a page of one shard's revoked set starts: entries whose expiry is at
+/// least `min_expires_at_ms`, after skipping the first `skip` entries that
+/// expire exactly then (entries of one expiry are in a fixed order, so paging
+/// never depends on an offset into the whole set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagePosition {
+    /// Smallest expiry (ms) on the page.
+    pub min_expires_at_ms: u64,
+    /// Entries with exactly that expiry already read.
+    pub skip: u64,
+}
+
+impl PagePosition {
+    /// The first page of a snapshot taken at `now_ms`: every revoked credential
+    /// whose expiry plus [`super::REVOCATION_GRACE_MS`] is after `now_ms`.
+    pub fn start(now_ms: u64) -> Self {
+        Self {
+            min_expires_at_ms: now_ms.saturating_sub(super::REVOCATION_GRACE_MS) + 1,
+            skip: 0,
+        }
+    }
+
+    /// The position after a page read from `self` whose entries expire at
+    /// `expiries` (in page order); `None` when the page was shorter than
+    /// `limit`, so the shard is done.
+    pub fn after(self, expiries: &[u64], limit: usize) -> Option<Self> {
+        let last = *expiries.last()?;
+        if expiries.len() < limit {
+            return None;
+        }
+        let same = expiries.iter().rev().take_while(|e| **e == last).count() as u64;
+        Some(if last == self.min_expires_at_ms {
+            Self {
+                min_expires_at_ms: last,
+                skip: self.skip + same,
+            }
+        } else {
+            Self {
+                min_expires_at_ms: last,
+                skip: same,
+            }
+        })
+    }
+}
+
+/// One page of a shard's revoked set ([`super::LeaseStore::revoked_page`]).
+#[derive(Debug, Clone, Default)]
+pub struct RevokedPage {
+    /// Revoked credentials, by expiry (`revoked_at_ms` 0, position 0-0: a
+    /// snapshot does not keep them).
+    pub records: Vec<RevocationRecord>,
+    /// Where the next page starts; `None` after the last page.
+    pub next: Option<PagePosition>,
 }
 
 #[cfg(test)]

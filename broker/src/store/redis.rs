@@ -38,10 +38,10 @@ use redis::{Client, Script, aio::ConnectionManager, aio::ConnectionManagerConfig
 
 use super::{
     BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, CredentialView, EndReason,
-    ExpiredTask, LeaseStore, LogId, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE,
+    ExpiredTask, LeaseStore, LogId, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE, PagePosition,
     REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RenewOutcome, Renewal, RevocationCursor,
-    RevocationRead, RevocationRecord, SHARDS, StoreClock, StoreError, TaskId, TaskRecord,
-    TaskState,
+    RevocationRead, RevocationRecord, RevokedPage, SHARDS, StoreClock, StoreError, TaskId,
+    TaskRecord, TaskState,
 };
 
 /// When a state change counts as acknowledged.
@@ -200,8 +200,8 @@ struct Scripts {
     complete: Script,
     read_credential: Script,
     reap: Script,
-    snapshot: Script,
-    gap: Script,
+    log_end: Script,
+    read_log: Script,
 }
 
 const PRELUDE: &str = include_str!("lua/prelude.lua");
@@ -216,38 +216,9 @@ fn write_script(body: &str) -> Script {
 
 impl Scripts {
     fn new() -> Self {
-        // One shard: the last log id and every revoked credential unexpired at ARGV[1].
-        let snapshot = r"
-local last = '0-0'
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  for i = 1, #info, 2 do if info[i] == 'last-generated-id' then last = info[i + 1] end end
-end
-local out = {last}
-for _, v in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. (tonumber(ARGV[1]) - {grace}), '+inf', 'WITHSCORES')) do
-  table.insert(out, v)
-end
-return out
-"
-        .replace("{grace}", &REVOCATION_GRACE_MS.to_string());
-        // 1 if any stream has trimmed entries after the reader's position in it.
-        let gap = r"
-for k = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[k]) == 1 then
-    local info = redis.call('XINFO', 'STREAM', KEYS[k])
-    local del = '0-0'
-    for i = 1, #info, 2 do if info[i] == 'max-deleted-entry-id' then del = info[i + 1] end end
-    local a_ms, a_seq = string.match(ARGV[k], '^(%d+)-(%d+)$')
-    local d_ms, d_seq = string.match(del, '^(%d+)-(%d+)$')
-    a_ms, a_seq, d_ms, d_seq = tonumber(a_ms), tonumber(a_seq), tonumber(d_ms), tonumber(d_seq)
-    if a_ms < d_ms or (a_ms == d_ms and a_seq < d_seq) then return 1 end
-  end
-end
-return 0
-";
         Self {
-            snapshot: Script::new(&snapshot),
-            gap: Script::new(gap),
+            log_end: Script::new(include_str!("lua/log_end.lua")),
+            read_log: Script::new(include_str!("lua/read_log.lua")),
             begin: write_script(include_str!("lua/begin.lua")),
             renew: write_script(include_str!("lua/renew.lua")),
             complete: write_script(include_str!("lua/complete.lua")),
@@ -547,6 +518,63 @@ impl RedisStore {
 
     fn revlog_key(&self, shard: u8) -> String {
         format!("{}:revlog", self.tag(shard))
+    }
+
+    /// The gap check and the read of every shard's log after `after`, in one
+    /// script (`lua/read_log.lua`).
+    async fn read_log(
+        &self,
+        after: &RevocationCursor,
+        limit: usize,
+    ) -> Result<RevocationRead, StoreError> {
+        let mut inv = self.scripts.read_log.prepare_invoke();
+        for shard in 0..SHARDS {
+            inv.key(self.revlog_key(shard));
+        }
+        for id in &after.0 {
+            inv.arg(id.to_string());
+        }
+        inv.arg(limit.max(1));
+        let mut conn = self.conn.clone();
+        let reply: Vec<redis::Value> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut parts = reply.into_iter();
+        let status: String = parts
+            .next()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .ok_or_else(|| corrupt("revocation read"))?;
+        if status == "gap" {
+            return Ok(RevocationRead::Gap);
+        }
+        let mut cursor = after.clone();
+        let mut records = Vec::new();
+        for (shard, part) in (0..SHARDS).zip(parts) {
+            let range: redis::streams::StreamRangeReply =
+                redis::from_redis_value(part).map_err(|_| corrupt("revocation entries"))?;
+            for entry in range.ids {
+                let pos = LogId::parse(&entry.id).ok_or_else(|| corrupt("stream id"))?;
+                let field = |name: &str| -> Result<String, StoreError> {
+                    entry
+                        .map
+                        .get(name)
+                        .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                        .ok_or_else(|| corrupt("revocation entry"))
+                };
+                records.push(RevocationRecord {
+                    credential_id: CredentialId::parse(&field("c")?)
+                        .ok_or_else(|| corrupt("revocation entry id"))?,
+                    expires_at_ms: parse_score(&field("e")?)?,
+                    revoked_at_ms: parse_score(&field("a")?)?,
+                    reason: EndReason::parse(&field("r")?).ok_or_else(|| corrupt("reason"))?,
+                    audience: field("u").unwrap_or_default(),
+                    position: (shard, pos),
+                });
+                cursor.advance(shard, pos);
+            }
+        }
+        Ok(RevocationRead::Records(records, cursor))
     }
 
     /// Runs a blocking command on the dedicated feed connection, bounded by
@@ -889,41 +917,65 @@ impl LeaseStore for RedisStore {
         Ok(out)
     }
 
-    async fn revocation_snapshot(
-        &self,
-        now_ms: u64,
-    ) -> Result<(Vec<RevocationRecord>, RevocationCursor), StoreError> {
-        let mut cursor = RevocationCursor::default();
-        let mut records = Vec::new();
+    async fn revocation_cursor(&self) -> Result<RevocationCursor, StoreError> {
+        let mut inv = self.scripts.log_end.prepare_invoke();
         for shard in 0..SHARDS {
-            let tag = self.tag(shard);
-            let mut inv = self.scripts.snapshot.prepare_invoke();
-            inv.key(format!("{tag}:revlog"))
-                .key(format!("{tag}:revoked"))
-                .arg(now_ms);
-            let reply = self.run(&mut inv).await?;
+            inv.key(self.revlog_key(shard));
+        }
+        let reply = self.run(&mut inv).await?;
+        let mut cursor = RevocationCursor::default();
+        for shard in 0..SHARDS {
             let last = reply
-                .first()
+                .get(usize::from(shard))
                 .and_then(Option::as_deref)
                 .and_then(LogId::parse)
                 .ok_or_else(|| corrupt("revocation log id"))?;
             cursor.advance(shard, last);
-            for pair in reply.get(1..).unwrap_or_default().chunks(2) {
-                let (Some(Some(member)), Some(Some(exp))) = (pair.first(), pair.get(1)) else {
-                    return Err(corrupt("revoked set"));
-                };
-                let (id, audience) = member.split_once(' ').unwrap_or((member, ""));
-                records.push(RevocationRecord {
-                    credential_id: CredentialId::parse(id).ok_or_else(|| corrupt("revoked id"))?,
-                    expires_at_ms: parse_score(exp)?,
-                    revoked_at_ms: 0,
-                    reason: EndReason::Completion,
-                    audience: audience.to_owned(),
-                    position: (shard, LogId::default()),
-                });
-            }
         }
-        Ok((records, cursor))
+        Ok(cursor)
+    }
+
+    async fn revoked_page(
+        &self,
+        shard: u8,
+        from: PagePosition,
+        limit: usize,
+    ) -> Result<RevokedPage, StoreError> {
+        let mut conn = self.conn.clone();
+        let flat: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("{}:revoked", self.tag(shard)))
+            .arg(from.min_expires_at_ms)
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(from.skip)
+            .arg(limit.max(1))
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut records = Vec::with_capacity(flat.len() / 2);
+        let mut expiries = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks(2) {
+            let [member, exp] = pair else {
+                return Err(corrupt("revoked set"));
+            };
+            let (id, audience) = member.split_once(' ').unwrap_or((member, ""));
+            let exp = parse_score(exp)?;
+            expiries.push(exp);
+            records.push(RevocationRecord {
+                credential_id: CredentialId::parse(id).ok_or_else(|| corrupt("revoked id"))?,
+                expires_at_ms: exp,
+                revoked_at_ms: 0,
+                reason: EndReason::Completion,
+                audience: audience.to_owned(),
+                position: (shard, LogId::default()),
+            });
+        }
+        Ok(RevokedPage {
+            records,
+            next: from.after(&expiries, limit.max(1)),
+        })
     }
 
     async fn read_revocations(
@@ -932,67 +984,29 @@ impl LeaseStore for RedisStore {
         wait: Duration,
         limit: usize,
     ) -> Result<RevocationRead, StoreError> {
+        let read = self.read_log(after, limit).await?;
+        let idle = matches!(&read, RevocationRead::Records(records, _) if records.is_empty());
+        if !idle || wait.is_zero() {
+            return Ok(read);
+        }
+        // Nothing yet: block until an entry lands after the cursor (or the wait
+        // ends), then read again through the script, so that what is returned
+        // has passed the gap check in the same step as the read.
         let keys: Vec<String> = (0..SHARDS).map(|s| self.revlog_key(s)).collect();
         let ids: Vec<String> = after.0.iter().map(ToString::to_string).collect();
-        let mut inv = self.scripts.gap.prepare_invoke();
-        for k in &keys {
-            inv.key(k);
-        }
-        for id in &ids {
-            inv.arg(id);
-        }
-        let mut conn = self.conn.clone();
-        let gap: i64 = inv
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        if gap == 1 {
-            return Ok(RevocationRead::Gap);
-        }
         let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT").arg(limit.max(1));
-        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        if wait_ms > 0 {
-            cmd.arg("BLOCK").arg(wait_ms);
+        cmd.arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(crate::clock::duration_ms(wait).max(1))
+            .arg("STREAMS")
+            .arg(&keys)
+            .arg(&ids);
+        let woke: Option<redis::Value> = self.blocking_query(&cmd, wait).await?;
+        if woke.is_none() {
+            return Ok(read);
         }
-        cmd.arg("STREAMS").arg(&keys).arg(&ids);
-        let reply: Option<redis::streams::StreamReadReply> = if wait_ms > 0 {
-            self.blocking_query(&cmd, wait).await?
-        } else {
-            cmd.query_async(&mut conn)
-                .await
-                .map_err(|e| unavailable(&e))?
-        };
-        let mut cursor = after.clone();
-        let mut records = Vec::new();
-        for stream in reply.map(|r| r.keys).unwrap_or_default() {
-            let shard = keys
-                .iter()
-                .position(|k| *k == stream.key)
-                .and_then(|i| u8::try_from(i).ok())
-                .ok_or_else(|| corrupt("revocation stream key"))?;
-            for entry in stream.ids {
-                let pos = LogId::parse(&entry.id).ok_or_else(|| corrupt("stream id"))?;
-                let field = |name: &str| -> Result<String, StoreError> {
-                    entry
-                        .map
-                        .get(name)
-                        .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
-                        .ok_or_else(|| corrupt("revocation entry"))
-                };
-                records.push(RevocationRecord {
-                    credential_id: CredentialId::parse(&field("c")?)
-                        .ok_or_else(|| corrupt("revocation entry id"))?,
-                    expires_at_ms: parse_score(&field("e")?)?,
-                    revoked_at_ms: parse_score(&field("a")?)?,
-                    reason: EndReason::parse(&field("r")?).ok_or_else(|| corrupt("reason"))?,
-                    audience: field("u").unwrap_or_default(),
-                    position: (shard, pos),
-                });
-                cursor.advance(shard, pos);
-            }
-        }
-        Ok(RevocationRead::Records(records, cursor))
+        self.read_log(after, limit).await
     }
 
     fn now_ms(&self, local_now_ms: u64) -> u64 {
