@@ -12,6 +12,7 @@ use rustls::pki_types::{CertificateDer, TrustAnchor};
 use super::{
     error::IdentityError,
     files::{Tracked, file_error, metadata_changed, parse_pem_certs, read_stamped, same_content},
+    limits::{MAX_CERT_DER_LEN, MAX_PEM_CERTS},
     spiffe_id::validate_trust_domain,
 };
 
@@ -108,6 +109,20 @@ fn domain_of(
 ) -> Result<DomainBundle, IdentityError> {
     if certs.is_empty() {
         return Err(file_error(path, "no certificate"));
+    }
+    // The PEM path checks these while parsing; a Workload API bundle arrives as
+    // DER and gets the same limits here.
+    if certs.len() > MAX_PEM_CERTS {
+        return Err(file_error(
+            path,
+            format!("more than the limit of {MAX_PEM_CERTS} certificates"),
+        ));
+    }
+    if certs.iter().any(|c| c.as_ref().len() > MAX_CERT_DER_LEN) {
+        return Err(file_error(
+            path,
+            format!("a certificate is larger than the limit of {MAX_CERT_DER_LEN} bytes"),
+        ));
     }
     let mut anchors = Vec::with_capacity(certs.len());
     for (i, cert) in certs.iter().enumerate() {

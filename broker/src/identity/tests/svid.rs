@@ -627,3 +627,17 @@ fn bundles_refuse_non_ca_anchors_and_bad_names() {
     assert_eq!(ok.certificates("a.test").unwrap()[0], w.a.der);
     assert!(ok.anchors("b.test").is_none());
 }
+
+#[test]
+fn der_bundles_from_the_workload_api_keep_the_size_limits() {
+    use crate::identity::limits::{MAX_CERT_DER_LEN, MAX_PEM_CERTS};
+    let w = world();
+    let too_many = vec![w.a.der.clone(); MAX_PEM_CERTS + 1];
+    let err = TrustBundles::from_der([("a.test".to_owned(), too_many)]).unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    let huge = CertificateDer::from(vec![0x30; MAX_CERT_DER_LEN + 1]);
+    let err = TrustBundles::from_der([("a.test".to_owned(), vec![huge])]).unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    let ok = TrustBundles::from_der([("a.test".to_owned(), vec![w.a.der.clone()])]).unwrap();
+    assert_eq!(ok.trust_domains().collect::<Vec<_>>(), ["a.test"]);
+}
