@@ -94,36 +94,23 @@ grants:
 
 /// The template `leash bench` declares: the demo's grants, with the renewal
 /// limit off, because the bench renews right after it begins.
-pub const BENCH_TEMPLATE: &str = r#"# Written by `leash dev` for `leash bench`, which renews right after each
-# begin. Real templates keep the default renewal limit (min_renew_interval).
-name: bench
-version: "1"
-owner: platform-team@example.com
-description: Load generation only.
-identities:
-  - spiffe://{td}/agent/*
-parameters:
-  repo:
-    type: string
-    pattern: "[a-z0-9-]+/[a-z0-9-]+"
-    required: true
-lease:
-  ttl: 60s
-  max_ttl: 5m
-  max_lifetime: 1h
-  min_renew_interval: 0s
-grants:
-  - name: github
-    kind: jwt
-    audience: https://api.github.example
-    scopes: ["repo:{repo}:read", "pulls:{repo}:comment"]
-    ttl: 60s
-  - name: db
-    kind: opaque
-    audience: postgres://db.example/app
-    scopes: ["db:app:select"]
-    ttl: 30s
-"#;
+pub fn bench_template() -> String {
+    DEMO_TEMPLATE
+        .replace(
+            "# A sample task-scope template written by `leash dev`.",
+            "# Written by `leash dev` for `leash bench`, which renews right after each\n\
+             # begin. Real templates keep the default renewal limit (min_renew_interval).",
+        )
+        .replace("name: demo", "name: bench")
+        .replace(
+            "description: Read one repository and post one review comment.",
+            "description: Load generation only.",
+        )
+        .replace(
+            "  max_lifetime: 1h\n",
+            "  max_lifetime: 1h\n  min_renew_interval: 0s\n",
+        )
+}
 
 fn write(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<(), DevError> {
     let path = dir.join(name);
@@ -184,7 +171,7 @@ pub fn prepare(args: &DevArgs) -> Result<Config, DevError> {
     write(
         &dir.join("templates"),
         "bench.yaml",
-        &BENCH_TEMPLATE.replace("{td}", td),
+        &bench_template().replace("{td}", td),
         false,
     )?;
 
@@ -253,4 +240,24 @@ pub fn next_steps(args: &DevArgs, program: &str) -> String {
         ops = args.ops_addr,
         td = args.trust_domain,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DEMO_TEMPLATE, bench_template};
+
+    #[test]
+    fn the_bench_template_is_the_demo_with_renewal_limit_off() {
+        let bench = bench_template();
+        for changed in [
+            "name: bench",
+            "min_renew_interval: 0s",
+            "description: Load generation only.",
+            "# Written by `leash dev` for `leash bench`",
+        ] {
+            assert!(bench.contains(changed), "missing {changed:?} in:\n{bench}");
+        }
+        let grants = |t: &str| t[t.find("grants:").unwrap()..].to_owned();
+        assert_eq!(grants(&bench), grants(DEMO_TEMPLATE), "the same grants");
+    }
 }
