@@ -320,6 +320,20 @@ impl Verifier {
             apply(&mut set, revocations);
         }
     }
+
+    /// Applies one batch of `WatchRevocations`, exactly as the watch loop does;
+    /// for custom feeds and tests.
+    pub fn apply_batch(&self, batch: &pb::RevocationBatch) {
+        if let Ok(mut set) = self.inner.revoked.write() {
+            if batch.reset {
+                set.clear();
+            }
+            apply(&mut set, &batch.revocations);
+            let now = now_ms();
+            set.retain(|_, exp| *exp > now);
+        }
+        self.inner.last_heard_ms.store(now_ms(), Ordering::Release);
+    }
 }
 
 /// How long past its `exp` a revocation is remembered: the broker keeps revoked
@@ -417,16 +431,8 @@ async fn watch_revocations(
             {
                 backoff = Duration::from_millis(100);
                 let Some(i) = inner.upgrade() else { return };
-                if let Ok(mut set) = i.revoked.write() {
-                    if batch.reset {
-                        set.clear();
-                    }
-                    apply(&mut set, &batch.revocations);
-                    let now = now_ms();
-                    set.retain(|_, exp| *exp > now);
-                }
+                Verifier { inner: i }.apply_batch(&batch);
                 cursor = batch.cursor;
-                i.last_heard_ms.store(now_ms(), Ordering::Release);
                 if batch.caught_up
                     && let Some(tx) = ready.take()
                 {
