@@ -444,3 +444,53 @@ async fn watch_revocations(
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
+
+#[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a failed unwrap in a test is a failed test"
+)]
+mod tests {
+    use leash_broker::credentials::{Algorithm, SigningKey, jwt};
+    use serde_json::json;
+
+    use super::*;
+
+    /// A verifier trusting a fresh key, and a valid, unrevoked token it signed.
+    fn verifier_and_token() -> (Verifier, String) {
+        let (key, _) = SigningKey::generate("unit-1", Algorithm::EdDSA).unwrap();
+        let keys = KeySet::from_jwks(&json!({"keys": [key.jwk()]}).to_string()).unwrap();
+        let config = VerifierConfig {
+            fail_closed_after: None,
+            ..VerifierConfig::new("aud", "iss")
+        };
+        let now = now_ms() / 1000;
+        let Value::Object(claims) = json!({"iss": "iss", "aud": "aud", "jti": "j-1",
+            "exp": now + 600, "nbf": now - 60})
+        else {
+            unreachable!()
+        };
+        (
+            Verifier::offline(keys, config),
+            jwt::sign(&key, &claims).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_poisoned_revocation_set_means_revocations_unknown() {
+        let (v, token) = verifier_and_token();
+        assert!(v.verify(&token, None, None).is_ok());
+        let inner = Arc::clone(&v.inner);
+        let poisoner = std::thread::spawn(move || {
+            let _held = inner.revoked.write().unwrap();
+            panic!("poisoning the revocation set on purpose");
+        });
+        assert!(poisoner.join().is_err());
+        assert!(v.inner.revoked.is_poisoned());
+        assert_eq!(
+            v.verify(&token, None, None).unwrap_err(),
+            VerifyError::RevocationsUnknown,
+            "a revocation set that cannot be read must not pass a token"
+        );
+    }
+}
