@@ -436,9 +436,11 @@ async fn a_verifier_cut_off_during_revocations_learns_all_of_them_on_reconnect()
         .await
         .unwrap();
     let seen = &before.credentials[0].id;
-    leash_e2e::eventually(Duration::from_secs(5), || async { v.is_revoked(seen) })
-        .await
-        .expect("the live stream delivers a revocation");
+    leash_e2e::eventually(Duration::from_secs(5), || async {
+        v.is_revoked(seen) == Ok(true)
+    })
+    .await
+    .expect("the live stream delivers a revocation");
 
     relay.cut();
     let mut missed = Vec::new();
@@ -459,13 +461,13 @@ async fn a_verifier_cut_off_during_revocations_learns_all_of_them_on_reconnect()
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        missed.iter().all(|id| !v.is_revoked(id)),
+        missed.iter().all(|id| v.is_revoked(id) == Ok(false)),
         "the relay was cut, so nothing can have arrived yet"
     );
 
     relay.restore();
     let all = leash_e2e::eventually(Duration::from_secs(15), || async {
-        missed.iter().all(|id| v.is_revoked(id))
+        missed.iter().all(|id| v.is_revoked(id) == Ok(true))
     })
     .await;
     assert!(
@@ -473,10 +475,14 @@ async fn a_verifier_cut_off_during_revocations_learns_all_of_them_on_reconnect()
         "after reconnecting the verifier still misses {:?}",
         missed
             .iter()
-            .filter(|id| !v.is_revoked(id))
+            .filter(|id| v.is_revoked(id) != Ok(true))
             .collect::<Vec<_>>()
     );
-    assert!(v.is_revoked(seen), "what it knew before the cut is kept");
+    assert_eq!(
+        v.is_revoked(seen),
+        Ok(true),
+        "what it knew before the cut is kept"
+    );
     broker.stop().await;
 }
 
@@ -752,7 +758,12 @@ async fn due_revocations_are_pruned_by_the_next_batch_not_by_verify() {
     })
     .await
     .expect("the clock moves");
-    assert_eq!(f.check("due-1"), Ok(()));
+    for i in 0..100 {
+        assert_eq!(
+            f.verify(&format!("due-{i}"), now_s() - 29),
+            Err(VerifyError::Expired)
+        );
+    }
     assert_eq!(f.v.revoked_count(), 502, "verify never prunes");
     f.v.apply_batch(&live(&[]));
     assert_eq!(f.v.revoked_count(), 2);
@@ -767,4 +778,71 @@ fn caught_up_with_grace(grace_s: i64) -> pb::RevocationBatch {
         }),
         ..caught_up()
     }
+}
+
+#[test]
+fn a_custom_feed_resumes_from_the_cursor_and_starts_over_after_a_cut_off_snapshot() {
+    let f = Forged::new(VerifierConfig::new(AUD, ISS));
+    assert_eq!(
+        f.v.resume_cursor(),
+        "",
+        "nothing heard: start with a snapshot"
+    );
+    assert_eq!(
+        f.check("any"),
+        Err(VerifyError::RevocationsUnknown),
+        "fail_closed_after: nothing heard yet"
+    );
+    f.v.apply_batch(&chunk(&["a"], true, true));
+    f.v.apply_batch(&caught_up());
+    f.v.apply_batch(&live(&["b"]));
+    assert_eq!(f.v.resume_cursor(), "live-b");
+    f.v.stream_broken();
+    assert_eq!(
+        f.v.resume_cursor(),
+        "live-b",
+        "a live stream resumes where it was"
+    );
+    assert_eq!(f.check("b"), Err(VerifyError::Revoked));
+    assert_eq!(f.v.is_revoked("b"), Ok(true));
+    assert_eq!(f.v.is_revoked("c"), Ok(false));
+
+    f.v.apply_batch(&chunk(&["c"], true, false));
+    assert_eq!(
+        f.v.resume_cursor(),
+        "",
+        "a snapshot chunk's cursor would skip the rest"
+    );
+    f.v.stream_broken();
+    assert_eq!(f.check("c"), Err(VerifyError::RevocationsUnknown));
+    assert_eq!(f.v.is_revoked("c"), Err(VerifyError::RevocationsUnknown));
+    // Live batches on the next stream do not make a cut-off snapshot whole.
+    f.v.apply_batch(&live(&["d"]));
+    assert_eq!(f.check("x"), Err(VerifyError::RevocationsUnknown));
+    f.v.apply_batch(&chunk(&["e"], true, true));
+    assert_eq!(f.v.resume_cursor(), "snapshot");
+    assert_eq!(
+        f.check("c"),
+        Ok(()),
+        "the cut-off snapshot never came into force"
+    );
+    assert_eq!(f.check("e"), Err(VerifyError::Revoked));
+}
+
+#[test]
+fn note_revoked_joins_the_snapshot_in_progress_and_is_no_sign_of_life() {
+    let f = Forged::new(VerifierConfig::new(AUD, ISS));
+    f.v.note_revoked(&[revocation("noted", now_s() + 600)]);
+    assert_eq!(
+        f.check("other"),
+        Err(VerifyError::RevocationsUnknown),
+        "noting revocations does not stand for a live stream"
+    );
+    f.v.apply_batch(&caught_up());
+    assert_eq!(f.check("noted"), Err(VerifyError::Revoked));
+    f.v.apply_batch(&chunk(&[], true, false));
+    f.v.note_revoked(&[revocation("during", now_s() + 600)]);
+    f.v.apply_batch(&chunk(&[], false, true));
+    assert_eq!(f.check("during"), Err(VerifyError::Revoked));
+    assert_eq!(f.check("noted"), Ok(()), "not in the new snapshot");
 }
