@@ -19,6 +19,16 @@ const AUD: &str = "https://api.github.test";
 const ISS: &str = "https://leash.acme.test";
 const SCOPE: &str = "repo:acme/widgets:read";
 
+/// The claims of a token this test forges for `AUD` and `SCOPE`.
+fn claims(jti: &str, exp: u64, nbf: u64) -> Map<String, Value> {
+    let Value::Object(m) = json!({"iss": ISS, "aud": AUD, "sub": "spiffe://acme.test/agent/x",
+        "scope": SCOPE, "jti": jti, "exp": exp, "nbf": nbf, "iat": nbf})
+    else {
+        unreachable!()
+    };
+    m
+}
+
 async fn verifier(broker: &TestBroker, config: VerifierConfig) -> Verifier {
     Verifier::connect(broker.channel("resource/api").await, config)
         .await
@@ -96,14 +106,7 @@ async fn every_rule_is_enforced_against_real_credentials() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let claims = |exp: u64, nbf: u64| -> Map<String, Value> {
-        let Value::Object(m) = json!({"iss": ISS, "aud": AUD, "sub": "spiffe://acme.test/agent/x",
-            "scope": SCOPE, "jti": "x", "exp": exp, "nbf": nbf, "iat": nbf})
-        else {
-            unreachable!()
-        };
-        m
-    };
+    let claims = |exp: u64, nbf: u64| self::claims("x", exp, nbf);
     let forged = jwt::sign(&rogue, &claims(now + 60, now)).unwrap();
     assert_eq!(
         v.verify(&forged, None, None).unwrap_err(),
@@ -433,9 +436,11 @@ async fn a_verifier_cut_off_during_revocations_learns_all_of_them_on_reconnect()
         .await
         .unwrap();
     let seen = &before.credentials[0].id;
-    leash_e2e::eventually(Duration::from_secs(5), || async { v.is_revoked(seen) })
-        .await
-        .expect("the live stream delivers a revocation");
+    leash_e2e::eventually(Duration::from_secs(5), || async {
+        v.is_revoked(seen) == Ok(true)
+    })
+    .await
+    .expect("the live stream delivers a revocation");
 
     relay.cut();
     let mut missed = Vec::new();
@@ -456,13 +461,13 @@ async fn a_verifier_cut_off_during_revocations_learns_all_of_them_on_reconnect()
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        missed.iter().all(|id| !v.is_revoked(id)),
+        missed.iter().all(|id| v.is_revoked(id) == Ok(false)),
         "the relay was cut, so nothing can have arrived yet"
     );
 
     relay.restore();
     let all = leash_e2e::eventually(Duration::from_secs(15), || async {
-        missed.iter().all(|id| v.is_revoked(id))
+        missed.iter().all(|id| v.is_revoked(id) == Ok(true))
     })
     .await;
     assert!(
@@ -470,9 +475,374 @@ async fn a_verifier_cut_off_during_revocations_learns_all_of_them_on_reconnect()
         "after reconnecting the verifier still misses {:?}",
         missed
             .iter()
-            .filter(|id| !v.is_revoked(id))
+            .filter(|id| v.is_revoked(id) != Ok(true))
             .collect::<Vec<_>>()
     );
-    assert!(v.is_revoked(seen), "what it knew before the cut is kept");
+    assert_eq!(
+        v.is_revoked(seen),
+        Ok(true),
+        "what it knew before the cut is kept"
+    );
     broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The revocation feed, batch by batch: `Verifier::apply_batch` is the entry
+// point the watch loop uses for every batch, so these drive it directly with
+// the batches a broker sends, deterministically and without a broker.
+// ---------------------------------------------------------------------------
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An offline verifier trusting a key of its own, with tokens forged by that key.
+struct Forged {
+    key: SigningKey,
+    v: Verifier,
+}
+
+impl Forged {
+    fn new(config: VerifierConfig) -> Self {
+        let (key, _) = SigningKey::generate("feed-1", Algorithm::EdDSA).unwrap();
+        let keys = KeySet::from_jwks(&json!({"keys": [key.jwk()]}).to_string()).unwrap();
+        let v = Verifier::offline(keys, config);
+        Self { key, v }
+    }
+
+    /// Verifies a fresh token for credential `jti` expiring at `exp` (Unix s).
+    fn verify(&self, jti: &str, exp: u64) -> Result<(), VerifyError> {
+        let token = jwt::sign(&self.key, &claims(jti, exp, exp.min(now_s()) - 600)).unwrap();
+        self.v.verify(&token, Some(SCOPE), None).map(|_| ())
+    }
+
+    /// Verifies a token for `jti` that expires in ten minutes.
+    fn check(&self, jti: &str) -> Result<(), VerifyError> {
+        self.verify(jti, now_s() + 600)
+    }
+}
+
+/// The revocation of `id`, which expires at `exp` (Unix s).
+fn revocation(id: &str, exp: u64) -> pb::Revocation {
+    pb::Revocation {
+        credential_id: id.into(),
+        task_id: "t".into(),
+        expires_at: Some(prost_types::Timestamp {
+            seconds: i64::try_from(exp).unwrap(),
+            nanos: 0,
+        }),
+        reason: "completion".into(),
+        audience: AUD.into(),
+        ..Default::default()
+    }
+}
+
+/// A live batch of `ids` (expiring in ten minutes), advertising a 30 s grace.
+fn live(ids: &[&str]) -> pb::RevocationBatch {
+    pb::RevocationBatch {
+        revocations: ids.iter().map(|id| revocation(id, now_s() + 600)).collect(),
+        cursor: format!("live-{}", ids.join(",")),
+        revocation_grace: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// A snapshot chunk of `ids`: the first one has `reset`, the last one `end`.
+fn chunk(ids: &[&str], reset: bool, end: bool) -> pb::RevocationBatch {
+    pb::RevocationBatch {
+        snapshot: true,
+        reset,
+        snapshot_complete: end,
+        cursor: "snapshot".into(),
+        ..live(ids)
+    }
+}
+
+/// The batch after a snapshot: caught up, now live.
+fn caught_up() -> pb::RevocationBatch {
+    pb::RevocationBatch {
+        caught_up: true,
+        ..live(&[])
+    }
+}
+
+/// A verifier that has loaded a complete snapshot of `ids`.
+fn loaded(config: VerifierConfig, ids: &[&str]) -> Forged {
+    let f = Forged::new(config);
+    f.v.apply_batch(&chunk(ids, true, true));
+    f.v.apply_batch(&caught_up());
+    f
+}
+
+#[test]
+fn a_token_revoked_in_a_later_snapshot_chunk_is_never_accepted_before_the_end_marker() {
+    let f = loaded(VerifierConfig::new(AUD, ISS), &[]);
+    assert_eq!(f.check("late"), Ok(()));
+
+    // A resnapshot (the broker lost our history): until its end marker the
+    // verifier cannot know what it missed, so nothing passes.
+    f.v.apply_batch(&chunk(&["first"], true, false));
+    assert_eq!(
+        f.check("late"),
+        Err(VerifyError::RevocationsUnknown),
+        "accepted a token before the snapshot that revokes it was whole"
+    );
+    f.v.apply_batch(&chunk(&["middle"], false, false));
+    assert_eq!(f.check("late"), Err(VerifyError::RevocationsUnknown));
+    assert_eq!(f.check("first"), Err(VerifyError::RevocationsUnknown));
+    f.v.apply_batch(&chunk(&["late"], false, true));
+    assert_eq!(f.check("late"), Err(VerifyError::Revoked));
+    assert_eq!(f.check("first"), Err(VerifyError::Revoked));
+    assert_eq!(f.check("middle"), Err(VerifyError::Revoked));
+    assert_eq!(f.check("never"), Ok(()));
+    f.v.apply_batch(&caught_up());
+    assert_eq!(f.check("late"), Err(VerifyError::Revoked));
+}
+
+#[test]
+fn the_end_marker_puts_the_new_snapshot_in_place_of_the_old() {
+    let f = loaded(VerifierConfig::new(AUD, ISS), &["old", "kept"]);
+    assert_eq!(f.check("old"), Err(VerifyError::Revoked));
+    assert_eq!(f.check("kept"), Err(VerifyError::Revoked));
+    assert_eq!(f.check("fresh"), Ok(()));
+
+    f.v.apply_batch(&chunk(&["kept"], true, false));
+    assert_eq!(
+        f.check("old"),
+        Err(VerifyError::RevocationsUnknown),
+        "the old snapshot is out of date and the new one not whole"
+    );
+    f.v.apply_batch(&chunk(&["new"], false, true));
+    assert_eq!(
+        f.check("old"),
+        Ok(()),
+        "absent from the new snapshot: forgotten"
+    );
+    assert_eq!(f.check("kept"), Err(VerifyError::Revoked));
+    assert_eq!(f.check("new"), Err(VerifyError::Revoked));
+    assert_eq!(f.v.revoked_count(), 2);
+
+    // An empty snapshot is one batch that is both first and last.
+    f.v.apply_batch(&chunk(&[], true, true));
+    assert_eq!(f.check("kept"), Ok(()));
+    assert_eq!(f.v.revoked_count(), 0);
+}
+
+#[test]
+fn a_snapshot_cut_off_midway_is_never_put_in_force() {
+    let f = loaded(VerifierConfig::new(AUD, ISS), &["before"]);
+    f.v.apply_batch(&chunk(&["part-1"], true, false));
+    f.v.apply_batch(&chunk(&["part-2"], false, false));
+    for id in ["before", "part-1", "part-2", "other"] {
+        assert_eq!(
+            f.check(id),
+            Err(VerifyError::RevocationsUnknown),
+            "{id} judged on a partial snapshot"
+        );
+    }
+    // The stream broke there; the next one starts over with a whole snapshot.
+    f.v.apply_batch(&chunk(&["again-1"], true, false));
+    for id in ["before", "part-1", "part-2", "again-1", "other"] {
+        assert_eq!(f.check(id), Err(VerifyError::RevocationsUnknown), "{id}");
+    }
+    f.v.apply_batch(&chunk(&["again-2"], false, true));
+    f.v.apply_batch(&caught_up());
+    for id in ["before", "part-1", "part-2", "other"] {
+        assert_eq!(
+            f.check(id),
+            Ok(()),
+            "{id} came from a snapshot that was never whole"
+        );
+    }
+    assert_eq!(f.check("again-1"), Err(VerifyError::Revoked));
+    assert_eq!(f.check("again-2"), Err(VerifyError::Revoked));
+    assert_eq!(f.v.revoked_count(), 2);
+}
+
+/// A snapshot chunk of revocations expiring at the given times, advertising `grace_s`.
+fn graced(revocations: &[(&str, u64)], grace_s: i64) -> pb::RevocationBatch {
+    pb::RevocationBatch {
+        revocations: revocations
+            .iter()
+            .map(|(id, exp)| revocation(id, *exp))
+            .collect(),
+        revocation_grace: Some(prost_types::Duration {
+            seconds: grace_s,
+            nanos: 0,
+        }),
+        ..chunk(&[], true, true)
+    }
+}
+
+#[test]
+fn a_long_advertised_grace_keeps_revocations_past_the_default() {
+    let now = now_s();
+    // The broker advertises 60 s: a token 45 s past its exp is still within a
+    // 50 s leeway, so its revocation must still be known.
+    let long = Forged::new(VerifierConfig {
+        leeway: Duration::from_secs(50),
+        ..VerifierConfig::new(AUD, ISS)
+    });
+    long.v
+        .apply_batch(&graced(&[("late", now - 45), ("gone", now - 61)], 60));
+    assert_eq!(
+        long.verify("late", now - 45),
+        Err(VerifyError::Revoked),
+        "the revocation must outlive exp + leeway when the grace allows that leeway"
+    );
+    assert_eq!(long.verify("unrevoked", now - 45), Ok(()));
+    assert_eq!(long.v.revoked_count(), 1, "exp + 60 s is past for `gone`");
+}
+
+#[test]
+fn a_short_advertised_grace_caps_the_leeway_and_the_memory() {
+    let now = now_s();
+    // The broker advertises 2 s: kept until exp + 2 s, and the 5 s leeway is cut to 2 s.
+    let short = Forged::new(VerifierConfig::new(AUD, ISS));
+    short
+        .v
+        .apply_batch(&graced(&[("recent", now), ("past", now - 3)], 2));
+    assert_eq!(
+        short.verify("unrevoked", now - 3),
+        Err(VerifyError::Expired),
+        "a 5 s leeway is capped at the advertised 2 s grace"
+    );
+    assert_eq!(
+        short.v.revoked_count(),
+        1,
+        "`past` is beyond exp + the advertised 2 s grace"
+    );
+    assert_eq!(short.verify("recent", now), Err(VerifyError::Revoked));
+    assert_eq!(short.verify("unrevoked", now + 60), Ok(()));
+}
+
+#[tokio::test]
+async fn due_revocations_are_pruned_by_the_next_batch_not_by_verify() {
+    let now = now_s();
+    let f = Forged::new(VerifierConfig::new(AUD, ISS));
+    let old: Vec<String> = (0..2000).map(|i| format!("old-{i}")).collect();
+    let mut entries: Vec<(&str, u64)> = old.iter().map(|id| (id.as_str(), now - 40)).collect();
+    entries.extend([("young-1", now + 600), ("young-2", now + 600)]);
+    f.v.apply_batch(&graced(&entries, 60));
+    f.v.apply_batch(&caught_up_with_grace(60));
+    assert_eq!(f.v.revoked_count(), 2002);
+    // The next batch advertises 30 s, which makes every `old-*` entry due.
+    f.v.apply_batch(&live(&[]));
+    assert_eq!(f.v.revoked_count(), 2, "the batch pruned what was due");
+    assert_eq!(f.check("young-2"), Err(VerifyError::Revoked));
+    assert_eq!(f.check("old-7"), Ok(()));
+
+    // Entries that fall due with the passing of time stay until a batch comes.
+    let ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_millis();
+    let soon = SystemTime::now() + Duration::from_millis(300) - Duration::from_secs(30);
+    let due = pb::RevocationBatch {
+        revocations: (0..500)
+            .map(|i| pb::Revocation {
+                expires_at: Some(prost_types::Timestamp::from(soon)),
+                ..revocation(&format!("due-{i}"), 0)
+            })
+            .collect(),
+        ..live(&[])
+    };
+    f.v.apply_batch(&due);
+    assert_eq!(f.v.revoked_count(), 502);
+    let keep_until = ms(soon) + 30_000;
+    leash_e2e::eventually(Duration::from_secs(5), || async {
+        ms(SystemTime::now()) > keep_until
+    })
+    .await
+    .expect("the clock moves");
+    for i in 0..100 {
+        assert_eq!(
+            f.verify(&format!("due-{i}"), now_s() - 29),
+            Err(VerifyError::Expired)
+        );
+    }
+    assert_eq!(f.v.revoked_count(), 502, "verify never prunes");
+    f.v.apply_batch(&live(&[]));
+    assert_eq!(f.v.revoked_count(), 2);
+}
+
+/// A heartbeat that has caught up, advertising `grace_s`.
+fn caught_up_with_grace(grace_s: i64) -> pb::RevocationBatch {
+    pb::RevocationBatch {
+        revocation_grace: Some(prost_types::Duration {
+            seconds: grace_s,
+            nanos: 0,
+        }),
+        ..caught_up()
+    }
+}
+
+#[test]
+fn a_custom_feed_resumes_from_the_cursor_and_starts_over_after_a_cut_off_snapshot() {
+    let f = Forged::new(VerifierConfig::new(AUD, ISS));
+    assert_eq!(
+        f.v.resume_cursor(),
+        "",
+        "nothing heard: start with a snapshot"
+    );
+    assert_eq!(
+        f.check("any"),
+        Err(VerifyError::RevocationsUnknown),
+        "fail_closed_after: nothing heard yet"
+    );
+    f.v.apply_batch(&chunk(&["a"], true, true));
+    f.v.apply_batch(&caught_up());
+    f.v.apply_batch(&live(&["b"]));
+    assert_eq!(f.v.resume_cursor(), "live-b");
+    f.v.stream_broken();
+    assert_eq!(
+        f.v.resume_cursor(),
+        "live-b",
+        "a live stream resumes where it was"
+    );
+    assert_eq!(f.check("b"), Err(VerifyError::Revoked));
+    assert_eq!(f.v.is_revoked("b"), Ok(true));
+    assert_eq!(f.v.is_revoked("c"), Ok(false));
+
+    f.v.apply_batch(&chunk(&["c"], true, false));
+    assert_eq!(
+        f.v.resume_cursor(),
+        "",
+        "a snapshot chunk's cursor would skip the rest"
+    );
+    f.v.stream_broken();
+    assert_eq!(f.check("c"), Err(VerifyError::RevocationsUnknown));
+    assert_eq!(f.v.is_revoked("c"), Err(VerifyError::RevocationsUnknown));
+    // Live batches on the next stream do not make a cut-off snapshot whole.
+    f.v.apply_batch(&live(&["d"]));
+    assert_eq!(f.check("x"), Err(VerifyError::RevocationsUnknown));
+    f.v.apply_batch(&chunk(&["e"], true, true));
+    assert_eq!(f.v.resume_cursor(), "snapshot");
+    assert_eq!(
+        f.check("c"),
+        Ok(()),
+        "the cut-off snapshot never came into force"
+    );
+    assert_eq!(f.check("e"), Err(VerifyError::Revoked));
+}
+
+#[test]
+fn note_revoked_joins_the_snapshot_in_progress_and_is_no_sign_of_life() {
+    let f = Forged::new(VerifierConfig::new(AUD, ISS));
+    f.v.note_revoked(&[revocation("noted", now_s() + 600)]);
+    assert_eq!(
+        f.check("other"),
+        Err(VerifyError::RevocationsUnknown),
+        "noting revocations does not stand for a live stream"
+    );
+    f.v.apply_batch(&caught_up());
+    assert_eq!(f.check("noted"), Err(VerifyError::Revoked));
+    f.v.apply_batch(&chunk(&[], true, false));
+    f.v.note_revoked(&[revocation("during", now_s() + 600)]);
+    f.v.apply_batch(&chunk(&[], false, true));
+    assert_eq!(f.check("during"), Err(VerifyError::Revoked));
+    assert_eq!(f.check("noted"), Ok(()), "not in the new snapshot");
 }

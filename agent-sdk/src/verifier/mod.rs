@@ -7,20 +7,47 @@
 //! client certificate when one is given. Revocations arrive at once through
 //! `Verifier.WatchRevocations`; a token whose credential was revoked is refused.
 //!
-//! Fail closed: if the revocation stream has been silent for longer than
-//! [`VerifierConfig::fail_closed_after`] (heartbeats arrive every 5 s), every
-//! token is refused with [`VerifyError::RevocationsUnknown`] until it is back.
+//! # Layout
 //!
-//! [`VerifierLayer`] applies a verifier to every request of a tonic server.
+//! - [`Verifier`]: the checks above; [`Verifier::connect`] runs the background
+//!   loops (JWK Set refresh, revocation watch) for as long as a clone lives.
+//! - `revocations`: what is known of revocations, fed batch by batch through
+//!   [`Verifier::apply_batch`] (the watch loop's only way in, and the way in for
+//!   custom feeds and tests).
+//! - `jwks`: [`KeySet`], the keys and the JWS check.
+//! - [`VerifierLayer`] applies a verifier to every request of a tonic server.
+//!
+//! # Revocations: fail closed
+//!
+//! Every token is refused with [`VerifyError::RevocationsUnknown`] whenever
+//! the verifier cannot know that its credential is not revoked:
+//!
+//! - the revocation stream has been silent for longer than
+//!   [`VerifierConfig::fail_closed_after`] (heartbeats arrive every 5 s);
+//! - a snapshot is being received: from its `reset` batch until its
+//!   `snapshot_complete` end marker. The snapshot is built aside and replaces
+//!   what was known in one swap at the end marker; one that breaks off is
+//!   dropped, and the state stays unknown until a whole snapshot has arrived
+//!   (the stream is resumed without a cursor, which asks for one);
+//! - a panic under the lock of the revocation state (a poisoned lock): the
+//!   state is emptied and the stream restarted for a fresh snapshot.
+//!
+//! Each revocation is remembered until its `expires_at` plus the
+//! `revocation_grace` the broker advertises in every batch
+//! ([`REVOCATION_GRACE`] until one is heard), and the `exp` leeway is capped at
+//! that grace, so a token is never accepted after its revocation is forgotten.
+//! Forgotten entries are pruned by the next batch, a bounded number per hold
+//! of the write lock, through an expiry-ordered index; `verify` only takes a
+//! read lock and never prunes.
 
 mod jwks;
 mod layer;
+mod revocations;
 
 use std::{
-    collections::HashMap,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -30,6 +57,8 @@ use leash_proto::v1::{self as pb, verifier_client::VerifierClient};
 use serde_json::{Map, Value};
 use tokio::sync::Notify;
 use tonic::transport::Channel;
+
+use revocations::Revocations;
 
 pub use jwks::KeySet;
 pub use layer::{VerifiedToken, VerifierLayer, VerifierService};
@@ -44,7 +73,8 @@ pub struct VerifierConfig {
     pub audience: String,
     /// The broker's issuer (`iss` must equal it).
     pub issuer: String,
-    /// Clock leeway for `exp` and `nbf`.
+    /// Clock leeway for `exp` and `nbf`; capped at the revocation grace the
+    /// broker advertises (a warning is logged once if it is shorter).
     pub leeway: Duration,
     /// Refuse every token once the revocation stream has been silent this long;
     /// `None` to keep accepting on stale revocation knowledge (not recommended).
@@ -104,8 +134,11 @@ pub enum VerifyError {
     /// The credential has been revoked.
     #[error("token revoked")]
     Revoked,
-    /// The revocation stream has been down too long to trust any token.
-    #[error("revocation state unknown: the revocation stream is down")]
+    /// Whether the credential is revoked cannot be known: the revocation
+    /// stream has been silent too long, a snapshot is being received (from its
+    /// reset to its end marker) or was cut off, or the revocation state was
+    /// lost to a panic. Retry later.
+    #[error("revocation state unknown: the revocation stream is down or resyncing")]
     RevocationsUnknown,
 }
 
@@ -148,10 +181,11 @@ fn now_ms() -> u64 {
 struct Inner {
     config: VerifierConfig,
     keys: RwLock<KeySet>,
-    /// Revoked credential id → when it may be forgotten (ms): its expiry plus [`REVOCATION_GRACE`].
-    revoked: RwLock<HashMap<String, u64>>,
+    revocations: Revocations,
     /// When the revocation stream last spoke (ms); 0 before it ever did.
     last_heard_ms: AtomicU64,
+    /// Set once the advertised grace was found shorter than the leeway.
+    grace_warned: AtomicBool,
     refresh: Notify,
 }
 
@@ -162,16 +196,24 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// A verifier with a fixed key set and no revocation stream: for tests and
-    /// benchmarks. With `fail_closed_after` set it refuses everything, since it
-    /// never hears from the stream.
+    /// A verifier with a fixed key set and no revocation stream of its own: for
+    /// tests, benchmarks and custom feeds (see [`Verifier::apply_batch`]). It
+    /// starts knowing of no revocation, with the [`REVOCATION_GRACE`] default.
+    /// With `fail_closed_after` set it refuses every token until a batch is
+    /// applied, and again whenever batches stop coming for that long.
     pub fn offline(keys: KeySet, config: VerifierConfig) -> Self {
+        Self::new(keys, config, true)
+    }
+
+    /// `whole`: whether "no revocation" is the whole truth from the start.
+    fn new(keys: KeySet, config: VerifierConfig, whole: bool) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
                 keys: RwLock::new(keys),
-                revoked: RwLock::new(HashMap::new()),
+                revocations: Revocations::new(whole),
                 last_heard_ms: AtomicU64::new(0),
+                grace_warned: AtomicBool::new(false),
                 refresh: Notify::new(),
             }),
         }
@@ -179,15 +221,17 @@ impl Verifier {
 
     /// Connects to the broker's Verifier service over `channel` (an mTLS
     /// channel whose SVID is allowed to watch revocations), fetches the JWK Set,
-    /// waits until the revocation snapshot is loaded, and keeps both current in
+    /// waits until the first revocation snapshot is whole (its end marker and
+    /// the `caught_up` batch after it have arrived), and keeps both current in
     /// background tasks that end when every clone of the verifier is dropped.
     ///
     /// # Errors
-    /// [`VerifierError`] if the JWK Set or the first snapshot cannot be had.
+    /// [`VerifierError`] if the JWK Set or the first snapshot cannot be had
+    /// within 30 s.
     pub async fn connect(channel: Channel, config: VerifierConfig) -> Result<Self, VerifierError> {
         let mut client = VerifierClient::new(channel);
         let keys = fetch_keys(&mut client).await?;
-        let verifier = Self::offline(keys, config);
+        let verifier = Self::new(keys, config, false);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let weak = Arc::downgrade(&verifier.inner);
         tokio::spawn(watch_revocations(
@@ -204,17 +248,53 @@ impl Verifier {
         }
     }
 
-    /// How many revoked, unexpired credentials the verifier knows of.
+    /// How many revocations the verifier holds in force: a statistic for
+    /// metrics and tests, never a basis for a decision. It counts entries that
+    /// have fallen due (past `expires_at` + grace) until the next batch prunes
+    /// them, and not the revocations of a snapshot still being received.
     pub fn revoked_count(&self) -> usize {
-        self.inner.revoked.read().map_or(0, |r| r.len())
+        self.inner.revocations.count()
     }
 
-    /// True if the credential id is known to be revoked.
-    pub fn is_revoked(&self, credential_id: &str) -> bool {
-        self.inner
-            .revoked
-            .read()
-            .is_ok_and(|r| r.contains_key(credential_id))
+    /// Whether `credential_id` is revoked, by the same rules as
+    /// [`Verifier::verify`]: `Ok(true)` if it is, `Ok(false)` only if the
+    /// verifier knows of every revocation in force and this is not one.
+    ///
+    /// # Errors
+    /// [`VerifyError::RevocationsUnknown`] when that cannot be known (the
+    /// stream is silent past `fail_closed_after`, a snapshot is being
+    /// received or was cut off, or the state was lost to a panic): fail closed.
+    pub fn is_revoked(&self, credential_id: &str) -> Result<bool, VerifyError> {
+        match self.revocation_check(credential_id) {
+            Ok(()) => Ok(false),
+            Err(VerifyError::Revoked) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The revocation grace in force: the one the broker last advertised, or
+    /// [`REVOCATION_GRACE`] before any was heard. Revocations are kept this long
+    /// past their expiry, and the `exp`/`nbf` leeway is capped at it.
+    pub fn revocation_grace(&self) -> Duration {
+        self.inner.revocations.grace()
+    }
+
+    /// `Err(RevocationsUnknown)` if the stream has been silent too long.
+    fn check_heard(&self) -> Result<(), VerifyError> {
+        if let Some(limit) = self.inner.config.fail_closed_after {
+            let heard = self.inner.last_heard_ms.load(Ordering::Acquire);
+            let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+            if now_ms().saturating_sub(heard) > limit_ms {
+                return Err(VerifyError::RevocationsUnknown);
+            }
+        }
+        Ok(())
+    }
+
+    /// `Ok` if the credential is known not to be revoked, else why not.
+    fn revocation_check(&self, credential_id: &str) -> Result<(), VerifyError> {
+        self.check_heard()?;
+        self.inner.revocations.check(credential_id)
     }
 
     /// Verifies `token`. `required_scope` must be among its scopes when given;
@@ -230,13 +310,7 @@ impl Verifier {
         client_cert_der: Option<&[u8]>,
     ) -> Result<Claims, VerifyError> {
         let cfg = &self.inner.config;
-        if let Some(limit) = cfg.fail_closed_after {
-            let heard = self.inner.last_heard_ms.load(Ordering::Acquire);
-            let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
-            if now_ms().saturating_sub(heard) > limit_ms {
-                return Err(VerifyError::RevocationsUnknown);
-            }
-        }
+        self.check_heard()?;
         let claims = {
             let keys = self
                 .inner
@@ -254,7 +328,7 @@ impl Verifier {
         let now_s = now_ms() / 1000;
         // A leeway longer than the broker's revocation grace would accept a
         // revoked token after its revocation was forgotten: capped.
-        let leeway = cfg.leeway.min(REVOCATION_GRACE).as_secs();
+        let leeway = cfg.leeway.min(self.revocation_grace()).as_secs();
         let num = |k: &str| claims.get(k).and_then(Value::as_u64);
         let text = |k: &str| claims.get(k).and_then(Value::as_str);
         let exp = num("exp").ok_or(VerifyError::Expired)?;
@@ -301,9 +375,7 @@ impl Verifier {
         let jti = text("jti")
             .ok_or(VerifyError::Malformed("no jti"))?
             .to_owned();
-        if self.is_revoked(&jti) {
-            return Err(VerifyError::Revoked);
-        }
+        self.revocation_check(&jti)?;
         Ok(Claims {
             subject: text("sub").unwrap_or_default().to_owned(),
             task_id: text("task_id").unwrap_or_default().to_owned(),
@@ -314,38 +386,74 @@ impl Verifier {
         })
     }
 
-    /// Records revocations (as the watch stream does); for tests and custom feeds.
+    /// Records revocations as a live batch would (joining the snapshot being
+    /// received, if one is), without counting as a sign of life of the stream
+    /// and without changing the grace; for tests and custom feeds.
     pub fn note_revoked(&self, revocations: &[pb::Revocation]) {
-        if let Ok(mut set) = self.inner.revoked.write() {
-            apply(&mut set, revocations);
+        let batch = pb::RevocationBatch {
+            revocations: revocations.to_vec(),
+            ..pb::RevocationBatch::default()
+        };
+        self.inner.revocations.apply(&batch, now_ms());
+    }
+
+    /// Applies one batch of `WatchRevocations`; the watch loop feeds every
+    /// batch through here, and custom feeds and tests may too. It guarantees:
+    ///
+    /// - a `reset` batch makes every token [`VerifyError::RevocationsUnknown`]
+    ///   until the snapshot's `snapshot_complete` end marker (or, from brokers
+    ///   that send none, the `caught_up` batch after it); the snapshot is built
+    ///   aside and then replaces what was known in one swap, and a new `reset`
+    ///   drops a snapshot that was cut off;
+    /// - an advertised `revocation_grace` is in force from this batch on: for
+    ///   how long revocations are kept past `expires_at`, and as the cap on the
+    ///   leeway (logged once if shorter than [`VerifierConfig::leeway`]);
+    /// - entries past `expires_at` + grace are pruned, in bounded steps;
+    /// - the batch counts as a sign of life for
+    ///   [`VerifierConfig::fail_closed_after`].
+    ///
+    /// A custom feed must also call [`Verifier::stream_broken`] when its stream
+    /// ends, and resume from [`Verifier::resume_cursor`].
+    pub fn apply_batch(&self, batch: &pb::RevocationBatch) {
+        let now = now_ms();
+        if let Some(grace) = self.inner.revocations.apply(batch, now) {
+            let leeway = self.inner.config.leeway;
+            if grace < leeway && !self.inner.grace_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+                    leeway_ms = u64::try_from(leeway.as_millis()).unwrap_or(u64::MAX),
+                    "the broker's revocation grace is shorter than the configured leeway; \
+                     the leeway is capped at the grace"
+                );
+            }
         }
+        self.inner.last_heard_ms.store(now, Ordering::Release);
+    }
+
+    /// Tells the verifier its revocation stream ended or failed: a snapshot
+    /// still being received is dropped (its part never comes into force) and
+    /// revocation state stays unknown until a whole snapshot arrives. What was
+    /// in force before is kept: resuming from [`Verifier::resume_cursor`]
+    /// misses nothing.
+    pub fn stream_broken(&self) {
+        self.inner.revocations.stream_broken();
+    }
+
+    /// The cursor to pass to `WatchRevocations` when (re)connecting: that of
+    /// the last batch applied, or empty (start with a snapshot) while a
+    /// snapshot is incomplete or after the state was lost, since resuming from
+    /// a snapshot chunk's cursor would skip the rest of that snapshot.
+    pub fn resume_cursor(&self) -> String {
+        self.inner.revocations.resume_cursor()
     }
 }
 
-/// How long past its `exp` a revocation is remembered: the broker keeps revoked
-/// credentials in its snapshots 30 s past their `exp` (`REVOCATION_GRACE_MS`),
-/// and a verifier accepts a token up to `exp + leeway`, so an entry must outlive
-/// that (the leeway is capped at this grace).
+/// The revocation grace in force until the broker advertises one (the broker
+/// keeps revoked credentials in its snapshots 30 s past their `exp` today); it
+/// is also the grace of a [`Verifier::offline`] that is never told one. A
+/// revocation is remembered this long past its `exp`, and the leeway is capped
+/// at it, since a token is accepted up to `exp + leeway`.
 pub const REVOCATION_GRACE: Duration = Duration::from_secs(30);
-
-fn apply(set: &mut HashMap<String, u64>, revocations: &[pb::Revocation]) {
-    let now = now_ms();
-    for r in revocations {
-        let exp = r.expires_at.map_or(u64::MAX, |t| {
-            u64::try_from(t.seconds).unwrap_or(0).saturating_mul(1000)
-        });
-        // Kept until exp + the grace, never dropped at exp: a token is accepted
-        // up to exp + leeway.
-        let keep_until = exp.saturating_add(grace_ms());
-        if keep_until > now {
-            set.insert(r.credential_id.clone(), keep_until);
-        }
-    }
-}
-
-fn grace_ms() -> u64 {
-    u64::try_from(REVOCATION_GRACE.as_millis()).unwrap_or(u64::MAX)
-}
 
 async fn fetch_keys(client: &mut VerifierClient<Channel>) -> Result<KeySet, VerifierError> {
     let json = client
@@ -387,54 +495,130 @@ async fn refresh_keys(mut client: VerifierClient<Channel>, inner: std::sync::Wea
     }
 }
 
-/// Follows WatchRevocations, reconnecting with the last cursor after a failure.
+/// Follows WatchRevocations, feeding every batch to [`Verifier::apply_batch`]
+/// and resuming from [`Verifier::resume_cursor`] after a failure; `ready` is
+/// told once the first snapshot is whole and caught up. Ends when every clone
+/// of the verifier is gone (noticed at the next batch; heartbeats come every 5 s).
 async fn watch_revocations(
     mut client: VerifierClient<Channel>,
     inner: std::sync::Weak<Inner>,
     mut ready: Option<tokio::sync::oneshot::Sender<()>>,
 ) {
-    let mut cursor = String::new();
     let mut backoff = Duration::from_millis(100);
     loop {
-        if inner.strong_count() == 0 {
+        let Some(cursor) = inner.upgrade().map(|i| i.revocations.resume_cursor()) else {
             return;
-        }
-        let stream = client
-            .watch_revocations(pb::WatchRevocationsRequest {
-                cursor: cursor.clone(),
-            })
-            .await;
-        let mut stream = match stream {
-            Ok(s) => s.into_inner(),
-            Err(e) => {
-                tracing::warn!(status = %e.code(), "revocation watch refused; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
         };
-        while let Ok(Some(batch)) = stream.message().await {
-            {
-                backoff = Duration::from_millis(100);
-                let Some(i) = inner.upgrade() else { return };
-                if let Ok(mut set) = i.revoked.write() {
-                    if batch.reset {
-                        set.clear();
+        match client
+            .watch_revocations(pb::WatchRevocationsRequest { cursor })
+            .await
+        {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    let batch = match stream.message().await {
+                        Ok(Some(batch)) => batch,
+                        Ok(None) => {
+                            tracing::debug!("revocation watch ended; resuming");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(status = %e.code(), "revocation watch failed; resuming");
+                            break;
+                        }
+                    };
+                    backoff = Duration::from_millis(100);
+                    let Some(i) = inner.upgrade() else { return };
+                    let verifier = Verifier { inner: i };
+                    verifier.apply_batch(&batch);
+                    if batch.caught_up
+                        && verifier.inner.revocations.is_whole()
+                        && let Some(tx) = ready.take()
+                    {
+                        let _ = tx.send(());
                     }
-                    apply(&mut set, &batch.revocations);
-                    let now = now_ms();
-                    set.retain(|_, exp| *exp > now);
+                    if verifier.inner.revocations.take_resync() {
+                        tracing::warn!("restarting the revocation watch for a fresh snapshot");
+                        break;
+                    }
                 }
-                cursor = batch.cursor;
-                i.last_heard_ms.store(now_ms(), Ordering::Release);
-                if batch.caught_up
-                    && let Some(tx) = ready.take()
-                {
-                    let _ = tx.send(());
+                if let Some(i) = inner.upgrade() {
+                    i.revocations.stream_broken();
                 }
             }
+            Err(e) => tracing::warn!(status = %e.code(), "revocation watch refused; retrying"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a failed unwrap in a test is a failed test"
+)]
+mod tests {
+    use leash_broker::credentials::{Algorithm, SigningKey, jwt};
+    use serde_json::json;
+
+    use super::*;
+
+    /// A verifier trusting a fresh key, and a valid, unrevoked token it signed.
+    fn verifier_and_token() -> (Verifier, String) {
+        let (key, _) = SigningKey::generate("unit-1", Algorithm::EdDSA).unwrap();
+        let keys = KeySet::from_jwks(&json!({"keys": [key.jwk()]}).to_string()).unwrap();
+        let config = VerifierConfig {
+            fail_closed_after: None,
+            ..VerifierConfig::new("aud", "iss")
+        };
+        let now = now_ms() / 1000;
+        let Value::Object(claims) = json!({"iss": "iss", "aud": "aud", "jti": "j-1",
+            "exp": now + 600, "nbf": now - 60})
+        else {
+            unreachable!()
+        };
+        (
+            Verifier::offline(keys, config),
+            jwt::sign(&key, &claims).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_poisoned_revocation_set_means_revocations_unknown() {
+        let (v, token) = verifier_and_token();
+        assert!(v.verify(&token, None, None).is_ok());
+        let inner = Arc::clone(&v.inner);
+        let poisoner = std::thread::spawn(move || inner.revocations.poison());
+        assert!(poisoner.join().is_err());
+        assert_eq!(
+            v.verify(&token, None, None).unwrap_err(),
+            VerifyError::RevocationsUnknown,
+            "a revocation set that cannot be read must not pass a token"
+        );
+        assert_eq!(v.is_revoked("j-1"), Err(VerifyError::RevocationsUnknown));
+
+        // The next batch finds the poison: the state is emptied and stays
+        // unknown, the watch is told to start over without a cursor ...
+        v.apply_batch(&pb::RevocationBatch {
+            cursor: "live-9".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            v.verify(&token, None, None).unwrap_err(),
+            VerifyError::RevocationsUnknown
+        );
+        assert!(v.inner.revocations.take_resync());
+        assert!(!v.inner.revocations.take_resync(), "asked for once");
+        assert_eq!(v.resume_cursor(), "");
+        // ... and a whole snapshot makes it known again.
+        v.apply_batch(&pb::RevocationBatch {
+            reset: true,
+            snapshot_complete: true,
+            cursor: "snap".into(),
+            ..Default::default()
+        });
+        assert!(v.verify(&token, None, None).is_ok());
+        assert_eq!(v.resume_cursor(), "snap");
     }
 }
