@@ -364,6 +364,10 @@ grants:
     ttl: 60s
 "#;
 
+/// The `[verifier]` body of a test broker unless [`BrokerOptions::verifier_toml`]
+/// replaces it: every `spiffe://acme.test/resource/*` may introspect and watch.
+pub const DEFAULT_VERIFIER_TOML: &str = r#"introspect_callers = ["spiffe://acme.test/resource/*"]"#;
+
 /// Which store a test broker uses.
 #[derive(Debug, Clone)]
 pub enum StoreChoice {
@@ -387,6 +391,8 @@ pub struct BrokerOptions {
     pub clock_skew_ms: i64,
     /// Extra lines for the `[store]` section (e.g. `durability = "none"`).
     pub store_toml: String,
+    /// Replaces the body of `[verifier]` (default: [`DEFAULT_VERIFIER_TOML`]).
+    pub verifier_toml: Option<String>,
 }
 
 /// A clock off real time by a fixed amount, like a replica without NTP.
@@ -420,6 +426,7 @@ impl BrokerOptions {
             signing_alg: leash_broker::credentials::Algorithm::EdDSA,
             clock_skew_ms: 0,
             store_toml: String::new(),
+            verifier_toml: None,
         }
     }
 }
@@ -481,7 +488,7 @@ timeout = "500ms"
 [reaper]
 interval = "{reaper}"
 [verifier]
-introspect_callers = ["spiffe://acme.test/resource/*"]
+{verifier}
 [reload]
 interval = "{reload}"
 {extra}
@@ -497,6 +504,10 @@ bundles = {{ "acme.test" = "{pki}/bundle.pem" }}"#,
             reload = options.reload_interval,
             extra = options.extra_toml,
             store_extra = options.store_toml,
+            verifier = options
+                .verifier_toml
+                .as_deref()
+                .unwrap_or(DEFAULT_VERIFIER_TOML),
         );
         let config = Config::from_toml(&toml, std::iter::empty(), config_dir.path())
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
@@ -606,6 +617,64 @@ pub async fn is_active(broker: &TestBroker, token: &str) -> bool {
     .unwrap()
     .into_inner()
     .active
+}
+
+/// Begins a [`review_request`] task as `agent` and completes it at once; returns
+/// the credentials it was issued (all revoked now).
+pub async fn begin_and_complete(agent: &mut BrokerClient<Channel>) -> Vec<pb::Credential> {
+    let begun = agent
+        .begin_task(review_request())
+        .await
+        .unwrap()
+        .into_inner();
+    agent
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: begun.task_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    begun.credentials
+}
+
+/// Starts `WatchRevocations` as `spiffe://acme.test/<path>`; an empty `cursor`
+/// asks for a snapshot.
+pub async fn watch_revocations(
+    broker: &TestBroker,
+    path: &str,
+    cursor: &str,
+) -> Result<tonic::Streaming<pb::RevocationBatch>, tonic::Status> {
+    let mut v = broker.verifier(path).await;
+    v.watch_revocations(pb::WatchRevocationsRequest {
+        cursor: cursor.into(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// The next batch of a revocation stream; panics if none comes within 10 s, the
+/// stream ends or fails.
+pub async fn next_batch(stream: &mut tonic::Streaming<pb::RevocationBatch>) -> pb::RevocationBatch {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("no batch within 10 s")
+        .expect("stream error")
+        .expect("stream ended")
+}
+
+/// Reads batches up to the first `caught_up` one (the end of a snapshot or
+/// catch-up); returns every revocation in them and the last cursor.
+pub async fn read_until_caught_up(
+    stream: &mut tonic::Streaming<pb::RevocationBatch>,
+) -> (Vec<pb::Revocation>, String) {
+    let mut all = Vec::new();
+    loop {
+        let b = next_batch(stream).await;
+        all.extend(b.revocations);
+        if b.caught_up {
+            return (all, b.cursor);
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it is true or `within` passes; returns the time it took.

@@ -6,26 +6,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use leash_e2e::{BrokerOptions, RedisServer, TestBroker, TestPki, pb, review_request};
-use tokio_stream::StreamExt as _;
+use leash_e2e::{
+    BrokerOptions, RedisServer, TestBroker, TestPki, begin_and_complete, next_batch, pb,
+    review_request, watch_revocations,
+};
 use tonic::{Code, Streaming};
 
 async fn watch(broker: &TestBroker, cursor: &str) -> Streaming<pb::RevocationBatch> {
-    let mut v = broker.verifier("resource/api").await;
-    v.watch_revocations(pb::WatchRevocationsRequest {
-        cursor: cursor.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-async fn next(stream: &mut Streaming<pb::RevocationBatch>) -> pb::RevocationBatch {
-    tokio::time::timeout(Duration::from_secs(10), stream.next())
+    watch_revocations(broker, "resource/api", cursor)
         .await
-        .expect("no batch within 10 s")
-        .expect("stream ended")
-        .expect("stream error")
+        .unwrap()
 }
 
 /// Reads batches until `want` credential ids have been seen; returns the last cursor.
@@ -33,7 +23,7 @@ async fn collect(stream: &mut Streaming<pb::RevocationBatch>, want: &HashSet<Str
     let mut seen = HashSet::new();
     let mut cursor = String::new();
     while !want.is_subset(&seen) {
-        let b = next(stream).await;
+        let b = next_batch(stream).await;
         seen.extend(b.revocations.iter().map(|r| r.credential_id.clone()));
         cursor = b.cursor;
     }
@@ -43,19 +33,8 @@ async fn collect(stream: &mut Streaming<pb::RevocationBatch>, want: &HashSet<Str
 async fn complete_one(
     agent: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
 ) -> Vec<String> {
-    let begun = agent
-        .begin_task(review_request())
-        .await
-        .unwrap()
-        .into_inner();
-    agent
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: begun.task_id,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    begun.credentials.into_iter().map(|c| c.id).collect()
+    let credentials = begin_and_complete(agent).await;
+    credentials.into_iter().map(|c| c.id).collect()
 }
 
 async fn snapshot_then_live(broker: &TestBroker) {
@@ -63,7 +42,7 @@ async fn snapshot_then_live(broker: &TestBroker) {
     // Revoked before anyone watches: it must be in the snapshot.
     let early: HashSet<String> = complete_one(&mut agent).await.into_iter().collect();
     let mut stream = watch(broker, "").await;
-    let first = next(&mut stream).await;
+    let first = next_batch(&mut stream).await;
     assert!(
         first.reset && first.snapshot,
         "a fresh watch starts with a reset snapshot"
@@ -84,7 +63,7 @@ async fn snapshot_then_live(broker: &TestBroker) {
     );
     let mut complete = first.snapshot_complete;
     while !complete {
-        let b = next(&mut stream).await;
+        let b = next_batch(&mut stream).await;
         assert!(
             b.snapshot && !b.reset && !b.caught_up,
             "snapshot batches until the end marker"
@@ -92,7 +71,7 @@ async fn snapshot_then_live(broker: &TestBroker) {
         snap.extend(b.revocations.iter().map(|r| r.credential_id.clone()));
         complete = b.snapshot_complete;
     }
-    let b = next(&mut stream).await;
+    let b = next_batch(&mut stream).await;
     assert!(b.caught_up, "the end marker is followed by caught_up");
     assert!(
         early.is_subset(&snap),
@@ -117,7 +96,7 @@ async fn snapshot_then_live(broker: &TestBroker) {
         let want: HashSet<String> = begun.credentials.iter().map(|c| c.id.clone()).collect();
         let mut seen = HashSet::new();
         while !want.is_subset(&seen) {
-            let b = next(&mut stream).await;
+            let b = next_batch(&mut stream).await;
             for r in &b.revocations {
                 assert_eq!(r.reason, "completion");
                 assert!(r.revoked_at.is_some() && r.expires_at.is_some());
@@ -163,7 +142,7 @@ async fn a_reconnecting_watcher_misses_nothing_across_replicas() {
     let mut on_b = b.broker("agent/w").await;
     // Watch replica A; revoke on replica B.
     let mut stream = watch(&a, "").await;
-    while !next(&mut stream).await.caught_up {}
+    while !next_batch(&mut stream).await.caught_up {}
     let first: HashSet<String> = complete_one(&mut on_b).await.into_iter().collect();
     let cursor = collect(&mut stream, &first).await;
     drop(stream);
@@ -175,7 +154,7 @@ async fn a_reconnecting_watcher_misses_nothing_across_replicas() {
     let mut resumed = watch(&a, &cursor).await;
     let mut got = HashSet::new();
     loop {
-        let batch = next(&mut resumed).await;
+        let batch = next_batch(&mut resumed).await;
         assert!(
             !batch.reset && !batch.snapshot,
             "a valid cursor resumes without a snapshot"
