@@ -17,7 +17,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{credentials::Algorithm, identity::IdentityPattern, lease::BindingRule};
+use crate::{credentials::Algorithm, lease::BindingRule, policy::VerifierCallers};
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "LEASH_";
@@ -333,12 +333,43 @@ fn default_batch() -> usize {
     256
 }
 
-/// `[verifier]`.
+/// `[verifier]`: which resource servers may call Introspect and
+/// WatchRevocations, and of which audiences' credentials they learn.
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct Verifier {
-    /// SPIFFE IDs or `prefix/*` patterns allowed to call Introspect. Empty: nobody.
+    /// The verifier callers, in order: the first entry whose `identity` matches
+    /// the caller gives its audiences; a caller no entry matches is refused.
+    /// Empty (the default): nobody. See [`VerifierCallers`].
     #[serde(default)]
-    pub introspect_callers: Vec<String>,
+    pub callers: Vec<VerifierCallerConfig>,
+}
+
+/// One `verifier.callers` entry, as written (validated at load).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    expecting = "an entry like { identity = \"spiffe://<trust domain>/resource/*\", audiences = [\"https://api.example\"] }"
+)]
+pub struct VerifierCallerConfig {
+    /// An exact SPIFFE ID or `spiffe://<trust domain>/<prefix>/*`.
+    #[serde(default)]
+    pub identity: String,
+    /// The audiences served, matched exactly; `["*"]` alone means every audience.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+}
+
+/// Keys that once existed, with what replaced them, so an old file is refused
+/// with directions rather than a bare "unknown key".
+const REPLACED_KEYS: &[(&str, &str)] = &[(
+    "verifier.introspect_callers",
+    "no longer supported: replaced by `verifier.callers`, which also says which audiences each caller serves, e.g. callers = [{ identity = \"spiffe://acme.test/resource/*\", audiences = [\"https://api.acme.test\"] }] (`audiences = [\"*\"]` for every audience; see examples/leash.toml)",
+)];
+
+fn unknown_key(path: &str) -> String {
+    match REPLACED_KEYS.iter().find(|(key, _)| *key == path) {
+        Some((key, why)) => format!("{key}: {why}"),
+        None => format!("unknown key `{path}`"),
+    }
 }
 
 /// `[reload]`.
@@ -503,7 +534,7 @@ impl Config {
         apply_env(&mut table, vars, &mut problems);
         let mut unknown = Vec::new();
         let parsed: Result<Self, _> = serde_ignored::deserialize(toml::Value::Table(table), |p| {
-            unknown.push(format!("unknown key `{p}`"));
+            unknown.push(unknown_key(&p.to_string()));
         });
         problems.extend(unknown);
         let mut config = match parsed {
@@ -622,10 +653,12 @@ impl Config {
         if self.signing.keys.is_empty() {
             p.push("signing.keys: at least one key is required".into());
         }
-        for c in &self.verifier.introspect_callers {
-            if let Err(e) = IdentityPattern::parse(c) {
-                p.push(format!("verifier.introspect_callers: {c:?}: {e}"));
-            }
+        if let Err(problems) = self.parse_verifier_callers() {
+            p.extend(
+                problems
+                    .into_iter()
+                    .map(|f| format!("{}: {}", f.field, f.reason)),
+            );
         }
         if self.listen.agent == self.listen.ops {
             p.push("listen.ops: must differ from listen.agent".into());
@@ -667,13 +700,20 @@ impl Config {
             .unwrap_or(crate::store::Durability::Fsync)
     }
 
-    /// The introspection caller patterns (validated at load).
-    pub fn introspect_callers(&self) -> Vec<IdentityPattern> {
-        self.verifier
-            .introspect_callers
-            .iter()
-            .filter_map(|c| IdentityPattern::parse(c).ok())
-            .collect()
+    /// The verifier callers (`verifier.callers`), validated at load; should an
+    /// invalid list get here, nobody is a verifier.
+    pub fn verifier_callers(&self) -> VerifierCallers {
+        self.parse_verifier_callers().unwrap_or_default()
+    }
+
+    fn parse_verifier_callers(&self) -> Result<VerifierCallers, Vec<crate::policy::FieldProblem>> {
+        VerifierCallers::parse(
+            "verifier.callers",
+            self.verifier
+                .callers
+                .iter()
+                .map(|c| (c.identity.as_str(), c.audiences.iter().map(String::as_str))),
+        )
     }
 
     /// The binding rule for tasks begun over mTLS (`tls.task_binding`).
@@ -712,7 +752,11 @@ dir = "templates"
 issuer = "https://leash.acme.test"
 keys = [{ kid = "k1", path = "signing.pem" }]
 [verifier]
-introspect_callers = ["spiffe://acme.test/resource/*"]
+callers = [
+  { identity = "spiffe://acme.test/resource/github", audiences = ["https://api.github.test"] },
+  { identity = "spiffe://acme.test/resource/*", audiences = ["https://api.acme.test", "postgres://db.acme.test"] },
+  { identity = "spiffe://acme.test/ops/revocation-auditor", audiences = ["*"] },
+]
 "#;
 
     #[test]
@@ -863,6 +907,114 @@ introspect_callers = ["spiffe://acme.test/resource/*"]
                 .to_string()
                 .contains("task_binding")
         );
+    }
+
+    fn with_verifier(body: &str) -> Result<Config, ConfigError> {
+        let d = dir_with_files();
+        let start = GOOD.find("[verifier]").expect("GOOD has [verifier]");
+        Config::from_toml(
+            &format!("{}[verifier]\n{body}\n", &GOOD[..start]),
+            std::iter::empty(),
+            d.path(),
+        )
+    }
+
+    fn id(path: &str) -> crate::identity::SpiffeId {
+        crate::identity::SpiffeId::parse(&format!("spiffe://acme.test/{path}")).expect("id")
+    }
+
+    #[test]
+    fn verifier_callers_map_identities_to_audiences_first_match_wins() {
+        use crate::revocation::Audiences;
+        let d = dir_with_files();
+        let c = Config::from_toml(GOOD, std::iter::empty(), d.path()).expect("config");
+        let callers = c.verifier_callers();
+        assert_eq!(callers.entries().len(), c.verifier.callers.len());
+        let only = |a: &[&str]| Audiences::Only(a.iter().map(|s| (*s).to_owned()).collect());
+        assert_eq!(
+            callers.audiences_of(&id("resource/github")),
+            Some(&only(&["https://api.github.test"]))
+        );
+        assert_eq!(
+            callers.audiences_of(&id("resource/db")),
+            Some(&only(&["https://api.acme.test", "postgres://db.acme.test"]))
+        );
+        assert_eq!(
+            callers.audiences_of(&id("ops/revocation-auditor")),
+            Some(&Audiences::All)
+        );
+        assert_eq!(callers.audiences_of(&id("agent/reviewer")), None);
+        // No [verifier] section: nobody is a verifier.
+        let none = with_verifier("").expect("config");
+        assert!(none.verifier_callers().entries().is_empty());
+    }
+
+    #[test]
+    fn bad_verifier_callers_are_refused_naming_the_field() {
+        let all = with_verifier(
+            r#"callers = [
+  { identity = "spiffe://acme.test/resource/a", audiences = [] },
+  { identity = "resource/*", audiences = ["https://a.test"] },
+  { identity = "spiffe://acme.test/resource/*", audiences = ["*", "https://a.test"] },
+  { identity = "spiffe://acme.test/resource/b", audiences = ["https://b.test"] },
+  { identity = "spiffe://acme.test/ops/x", audiences = ["https://c.test", "https://c.test", "https://*.test", ""] },
+  { identity = "spiffe://acme.test/ops/y" },
+  { audiences = ["*"] },
+  { identity = "spiffe://acme.test/ops/z", audiences = ["*"], audience = "x" },
+]"#,
+        )
+        .expect_err("bad callers")
+        .to_string();
+        for want in [
+            "verifier.callers[0].audiences: must list at least one audience",
+            "verifier.callers[1].identity: invalid identity pattern \"resource/*\": not a SPIFFE ID",
+            "verifier.callers[2].audiences: \"*\" means every audience and must be the only entry",
+            "verifier.callers[3].identity: spiffe://acme.test/resource/b never applies: verifier.callers[2] (spiffe://acme.test/resource/*)",
+            "verifier.callers[4].audiences[1]: \"https://c.test\" is listed twice",
+            "verifier.callers[4].audiences[2]: \"https://*.test\": audiences match exactly",
+            "verifier.callers[4].audiences[3]: \"\" is not an audience",
+            "verifier.callers[5].audiences: must list at least one audience",
+            "verifier.callers[6].identity: required",
+            "unknown key `verifier.callers.7.audience`",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
+        // A list of strings (the old shape) under the new key is refused too.
+        let old_shape = with_verifier(r#"callers = ["spiffe://acme.test/resource/*"]"#)
+            .expect_err("strings")
+            .to_string();
+        assert!(
+            old_shape.contains("expected an entry like { identity = ")
+                && old_shape.contains("verifier.callers"),
+            "{old_shape}"
+        );
+    }
+
+    #[test]
+    fn the_replaced_introspect_callers_key_is_refused_with_directions() {
+        let d = dir_with_files();
+        let old = with_verifier(r#"introspect_callers = ["spiffe://acme.test/resource/*"]"#)
+            .expect_err("old key")
+            .to_string();
+        let from_env = Config::from_toml(
+            GOOD,
+            [(
+                "LEASH_VERIFIER__INTROSPECT_CALLERS".to_owned(),
+                r#"["spiffe://acme.test/resource/*"]"#.to_owned(),
+            )]
+            .into_iter(),
+            d.path(),
+        )
+        .expect_err("old key from the environment")
+        .to_string();
+        for all in [old, from_env] {
+            assert!(
+                all.contains("verifier.introspect_callers: no longer supported: replaced by `verifier.callers`"),
+                "{all}"
+            );
+            assert!(all.contains("audiences = [\"*\"]"), "{all}");
+            assert!(!all.contains("unknown key"), "{all}");
+        }
     }
 
     #[test]

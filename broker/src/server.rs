@@ -241,7 +241,7 @@ async fn run<S: LeaseStore>(
             parts.templates.clone(),
             parts.minter,
             clock.clone(),
-            config.introspect_callers(),
+            config.verifier_callers(),
         )
         .with_binding_rule(config.task_binding_rule()),
     );

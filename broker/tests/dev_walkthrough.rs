@@ -120,9 +120,17 @@ fn dev_serves_and_the_cli_completes_a_cycle() {
     assert_eq!(creds.len(), 2);
     let value = creds[0]["value"].as_str().unwrap().to_owned();
 
-    let active = json(&leash(&["token", "introspect", &value], &dir, agent));
-    assert_eq!(active["active"], true);
-    assert_eq!(active["sub"], "spiffe://leash.dev/agent/demo");
+    // The dev resource server serves the audience of every demo grant.
+    for c in creds {
+        let active = json(&leash(
+            &["token", "introspect", c["value"].as_str().unwrap()],
+            &dir,
+            agent,
+        ));
+        assert_eq!(active["active"], true, "{c}");
+        assert_eq!(active["sub"], "spiffe://leash.dev/agent/demo");
+        assert_eq!(active["aud"], c["audience"], "{c}");
+    }
 
     let renewed = json(&leash(&["task", "renew", &task_id], &dir, agent));
     assert_eq!(renewed["task_id"], task_id.as_str());

@@ -92,7 +92,9 @@ const VERIFIER_CALLER: &str = "resource/api";
 /// credentials of [`AUDIENCE`] and of the opaque grant's audience).
 const VERIFIER_TOML: &str = r#"
 [verifier]
-introspect_callers = ["spiffe://acme.test/resource/*"]
+callers = [
+  { identity = "spiffe://acme.test/resource/*", audiences = ["https://api.fault.test", "postgres://db.fault.test/app"] },
+]
 "#;
 const ISSUER: &str = "https://leash.acme.test";
 const AUDIENCE: &str = "https://api.fault.test";

@@ -365,8 +365,22 @@ grants:
 "#;
 
 /// The `[verifier]` body of a test broker unless [`BrokerOptions::verifier_toml`]
-/// replaces it: every `spiffe://acme.test/resource/*` may introspect and watch.
-pub const DEFAULT_VERIFIER_TOML: &str = r#"introspect_callers = ["spiffe://acme.test/resource/*"]"#;
+/// replaces it: every `spiffe://acme.test/resource/*` may introspect and watch
+/// the credentials of every audience a harness template grants —
+/// [`REVIEW_TEMPLATE`]'s, the suites' own (`https://api.acme.test`,
+/// `https://{a,b,c}.test`) and `examples/templates`'. A suite whose template
+/// grants another audience adds it here, or its tokens read as inactive.
+pub const DEFAULT_VERIFIER_TOML: &str = r#"callers = [
+  { identity = "spiffe://acme.test/resource/*", audiences = [
+    "https://api.github.test",
+    "postgres://db.acme.test/app",
+    "https://api.acme.test",
+    "https://a.test",
+    "https://b.test",
+    "https://c.test",
+    "postgres://reporting.acme.test",
+  ] },
+]"#;
 
 /// Which store a test broker uses.
 #[derive(Debug, Clone)]

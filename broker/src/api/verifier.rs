@@ -1,4 +1,5 @@
-//! `leash.v1.Verifier`: Introspect, GetJwks.
+//! `leash.v1.Verifier`: Introspect, GetJwks, WatchRevocations, each caller
+//! seeing only the credentials of the audiences it serves.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -9,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::{caller, convert, status};
 use crate::{
     lease::{LeaseError, LeaseService},
-    revocation::{Audiences, RevocationBatch, RevocationFeed},
+    revocation::{RevocationBatch, RevocationFeed},
     store::{LeaseStore, REVOCATION_GRACE_MS, RevocationCursor},
 };
 
@@ -99,7 +100,8 @@ impl<S: LeaseStore> Verifier for VerifierApi<S> {
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
         let who = caller(&request)?;
-        self.service
+        let audiences = self
+            .service
             .authorize_verifier(&who, "watch revocations")
             .map_err(status)?;
         let raw = request.into_inner().cursor;
@@ -113,7 +115,7 @@ impl<S: LeaseStore> Verifier for VerifierApi<S> {
                 ))
             })?)
         };
-        let stream = ReceiverStream::new(self.feed.watch(cursor, Audiences::All))
+        let stream = ReceiverStream::new(self.feed.watch(cursor, audiences))
             .map(|item| item.map(batch).map_err(|e| status(LeaseError::from(e))));
         Ok(Response::new(Box::pin(stream)))
     }

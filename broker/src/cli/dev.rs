@@ -206,7 +206,11 @@ prefix = "leash-dev"
 durability = "none"
 
 [verifier]
-introspect_callers = ["spiffe://{td}/resource/*"]
+# Who may introspect and watch revocations, and of which audiences' credentials
+# (the first entry matching the caller decides; ["*"] means every audience).
+callers = [
+  {{ identity = "spiffe://{td}/resource/*", audiences = ["https://api.github.example", "postgres://db.example/app"] }},
+]
 "#,
         agent_addr = args.agent_addr,
         ops_addr = args.ops_addr,

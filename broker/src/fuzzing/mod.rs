@@ -765,8 +765,8 @@ pub fn config(data: &[u8]) -> Outcome {
             assert!((1..=1000).contains(&c.reaper.batch));
             assert!(crate::store::Durability::parse(&c.store.durability).is_some());
             assert_eq!(
-                c.introspect_callers().len(),
-                c.verifier.introspect_callers.len()
+                c.verifier_callers().entries().len(),
+                c.verifier.callers.len()
             );
             let url = &c.store.url;
             if let (Some(s), Some(at)) = (url.find("://"), url.rfind('@'))

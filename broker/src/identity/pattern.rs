@@ -83,6 +83,20 @@ impl IdentityPattern {
         }
     }
 
+    /// True when every ID `other` matches is also matched by `self`, so that an
+    /// entry with `other` placed after one with `self` in a first-match list can
+    /// never apply. Equal patterns cover each other.
+    pub fn covers(&self, other: &Self) -> bool {
+        match (&self.kind, &other.kind) {
+            (Kind::Exact(a), Kind::Exact(b)) => a == b,
+            // An exact ID is one workload; a prefix pattern admits without bound.
+            (Kind::Exact(_), Kind::Below(_)) => false,
+            (Kind::Below(_), Kind::Exact(id)) => self.matches(id),
+            // Everything below `inner` is below `base` if `inner` is `base` or below it.
+            (Kind::Below(base), Kind::Below(inner)) => base == inner || self.matches(inner),
+        }
+    }
+
     /// The trust domain this pattern is confined to.
     pub fn trust_domain(&self) -> &str {
         match &self.kind {

@@ -12,8 +12,9 @@ use crate::{
     audit,
     clock::Clock,
     credentials::{self, CredentialError, MintRequest, Minted, Minter, jwt, opaque},
-    identity::{Identity, IdentityPattern},
-    policy::{self, Decision},
+    identity::Identity,
+    policy::{self, Decision, VerifierCallers},
+    revocation::Audiences,
     store::{
         BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, EndReason, LeaseStore,
         RenewOutcome, Renewal, StoredKind, TaskId, TaskRecord, TaskState,
@@ -66,7 +67,7 @@ pub struct LeaseService<S> {
     templates: Arc<TemplateCatalog>,
     minter: Minter,
     clock: Arc<dyn Clock>,
-    introspect_callers: Vec<IdentityPattern>,
+    verifier_callers: VerifierCallers,
     binding_rule: BindingRule,
 }
 
@@ -114,20 +115,21 @@ fn ended_message(task: &TaskRecord, now_ms: u64) -> String {
 
 impl<S: LeaseStore> LeaseService<S> {
     /// A service over `store`, deciding with `templates`, minting with `minter`.
-    /// Introspection is answered only for callers matching `introspect_callers`.
+    /// Introspection and revocation watches are answered only for identities
+    /// that `verifier_callers` lists, and only about their audiences' credentials.
     pub fn new(
         store: Arc<S>,
         templates: Arc<TemplateCatalog>,
         minter: Minter,
         clock: Arc<dyn Clock>,
-        introspect_callers: Vec<IdentityPattern>,
+        verifier_callers: VerifierCallers,
     ) -> Self {
         Self {
             store,
             templates,
             minter,
             clock,
-            introspect_callers,
+            verifier_callers,
             binding_rule: BindingRule::SpiffeId,
         }
     }
@@ -490,7 +492,9 @@ impl<S: LeaseStore> LeaseService<S> {
     }
 
     /// Reports whether `token` is an active credential (RFC 7662). A token that
-    /// is malformed, forged, unknown, expired or revoked is simply inactive.
+    /// is malformed, forged, unknown, expired or revoked is simply inactive, and
+    /// so is one issued for an audience `caller` does not serve: the answer is
+    /// the same as for a token never issued, so nothing about it leaks.
     ///
     /// # Errors
     /// `PermissionDenied` if `caller` may not introspect; `InvalidArgument` for an
@@ -501,7 +505,7 @@ impl<S: LeaseStore> LeaseService<S> {
         caller: &Identity,
         token: &str,
     ) -> Result<Introspection, LeaseError> {
-        self.authorize_verifier(caller, "introspect")?;
+        let audiences = self.authorize_verifier(caller, "introspect")?;
         if token.is_empty() {
             return Err(LeaseError::invalid("token", "required"));
         }
@@ -537,11 +541,22 @@ impl<S: LeaseStore> LeaseService<S> {
         // Liveness is judged on the store's clock, like every deadline decision.
         let now_ms = view.now_ms;
         let c = &view.credential;
-        let active = c.kind == kind
-            && credentials::digests_match(&credentials::value_digest(token), &c.value_sha256)
-            && view.task.is_live(now_ms)
-            && now_ms < c.expires_at_ms
-            && nbf_ms <= now_ms;
+        let genuine = c.kind == kind
+            && credentials::digests_match(&credentials::value_digest(token), &c.value_sha256);
+        if genuine && !audiences.admits(&c.audience) {
+            // Answered like an unknown token; only the audit trail hears of it.
+            audit::denied(
+                caller.spiffe_id.as_str(),
+                "introspect",
+                &format!(
+                    "credential {} is for audience {:?}, which this verifier does not serve",
+                    c.id, c.audience
+                ),
+            );
+            return Ok(Introspection::inactive());
+        }
+        let active =
+            genuine && view.task.is_live(now_ms) && now_ms < c.expires_at_ms && nbf_ms <= now_ms;
         Ok(if active {
             Introspection {
                 active,
@@ -553,25 +568,27 @@ impl<S: LeaseStore> LeaseService<S> {
     }
 
     /// Checks that `caller` may use the Verifier's credential-state calls
-    /// (introspection, revocation watch).
+    /// (introspection, revocation watch) and returns the audiences it serves:
+    /// those of the first `verifier.callers` entry matching it. It must learn
+    /// nothing of credentials of any other audience.
     ///
     /// # Errors
-    /// `PermissionDenied` unless `caller` matches `verifier.introspect_callers`.
-    pub fn authorize_verifier(&self, caller: &Identity, action: &str) -> Result<(), LeaseError> {
-        if self
-            .introspect_callers
-            .iter()
-            .any(|p| p.matches(&caller.spiffe_id))
-        {
-            return Ok(());
+    /// `PermissionDenied` (audited) when no `verifier.callers` entry matches `caller`.
+    pub fn authorize_verifier(
+        &self,
+        caller: &Identity,
+        action: &str,
+    ) -> Result<Audiences, LeaseError> {
+        if let Some(audiences) = self.verifier_callers.audiences_of(&caller.spiffe_id) {
+            return Ok(audiences.clone());
         }
         audit::denied(
             caller.spiffe_id.as_str(),
             action,
-            "not an allowed verifier caller",
+            "matched by no verifier.callers entry",
         );
         Err(LeaseError::PermissionDenied(format!(
-            "{} may not {action} (see verifier.introspect_callers)",
+            "{} may not {action}: no verifier.callers entry matches it",
             caller.spiffe_id
         )))
     }

@@ -6,7 +6,9 @@ use super::*;
 use crate::{
     clock::{Clock, ManualClock},
     credentials::{Algorithm, KeySet, Minter, SigningKey},
-    identity::{Identity, IdentityPattern, SpiffeId},
+    identity::{Identity, SpiffeId},
+    policy::VerifierCallers,
+    revocation::Audiences,
     store::{MemoryStore, TaskState},
     templates::TemplateCatalog,
 };
@@ -51,7 +53,17 @@ fn fixture() -> Fixture {
         catalog.clone(),
         minter,
         clock.clone() as Arc<dyn Clock>,
-        vec![IdentityPattern::parse("spiffe://acme.test/resource/*").expect("pattern")],
+        VerifierCallers::parse(
+            "verifier.callers",
+            [
+                (
+                    "spiffe://acme.test/resource/github",
+                    vec!["https://api.github.test"],
+                ),
+                ("spiffe://acme.test/resource/*", vec!["*"]),
+            ],
+        )
+        .expect("callers"),
     );
     Fixture {
         _dir: tmp,
@@ -196,6 +208,62 @@ async fn a_narrowed_template_applies_at_the_next_renewal() {
         .complete(&me, task.id.as_str(), "cancelled", "")
         .await
         .expect("complete");
+}
+
+#[tokio::test]
+async fn a_verifier_learns_nothing_of_audiences_it_does_not_serve() {
+    let f = fixture();
+    let issued = f
+        .service
+        .begin(&who("agent/a"), request())
+        .await
+        .expect("begin");
+    let github = issued.credentials[0].value.expose().to_owned();
+    let db = issued.credentials[1].value.expose().to_owned();
+    let only_github = who("resource/github");
+    assert_eq!(
+        f.service
+            .authorize_verifier(&only_github, "watch revocations")
+            .expect("a verifier"),
+        Audiences::Only(["https://api.github.test".to_owned()].into())
+    );
+    let mine = f
+        .service
+        .introspect(&only_github, &github)
+        .await
+        .expect("introspect");
+    assert!(mine.active);
+    let theirs = f
+        .service
+        .introspect(&only_github, &db)
+        .await
+        .expect("introspect");
+    assert!(!theirs.active && theirs.record.is_none(), "{theirs:?}");
+    // `["*"]` serves both.
+    let any = who("resource/api");
+    assert_eq!(
+        f.service
+            .authorize_verifier(&any, "introspect")
+            .expect("a verifier"),
+        Audiences::All
+    );
+    assert!(
+        f.service
+            .introspect(&any, &db)
+            .await
+            .expect("introspect")
+            .active
+    );
+    // No entry matches an agent.
+    let e = f
+        .service
+        .introspect(&who("agent/a"), &github)
+        .await
+        .expect_err("not a verifier");
+    assert!(
+        matches!(e, LeaseError::PermissionDenied(ref m) if m.contains("verifier.callers")),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]

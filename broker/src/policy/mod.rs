@@ -1,8 +1,11 @@
-//! Policy: may this identity declare this task, and on what terms?
+//! Policy: may this identity declare this task, and on what terms? And which
+//! verifiers may learn of which audiences' credentials ([`verifiers`])?
 //!
 //! Runs after the caller's SVID has been verified (authentication is the
 //! `identity` module's job). A decision is a pure function of the template set,
 //! the caller, the request and the time, so it is tested without a server.
+
+pub mod verifiers;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -11,6 +14,8 @@ use crate::{
     identity::SpiffeId,
     templates::{GrantSpec, Template, TemplateSet},
 };
+
+pub use verifiers::{VerifierCaller, VerifierCallers};
 
 /// A field of a request and why it was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]

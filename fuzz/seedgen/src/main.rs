@@ -820,7 +820,11 @@ dir = "templates"
 issuer = "https://leash.acme.test"
 keys = [{ kid = "k1", path = "signing.pem" }]
 [verifier]
-introspect_callers = ["spiffe://acme.test/resource/*"]
+callers = [
+  { identity = "spiffe://acme.test/resource/github", audiences = ["https://api.github.test"] },
+  { identity = "spiffe://acme.test/resource/*", audiences = ["https://api.acme.test", "postgres://db.acme.test"] },
+  { identity = "spiffe://acme.test/ops/auditor", audiences = ["*"] },
+]
 "#;
         self.seed(t, "ok-small", small)?;
         // Environment overrides after a NUL byte, one `NAME=value` per line.
@@ -854,6 +858,43 @@ introspect_callers = ["spiffe://acme.test/resource/*"]
             small.replace("[tls]", "[tls]\nsource = \"workload_api\""),
         )?;
         self.seed(t, "no-toml-syntax", "[listen\nagent = ")?;
+        // `[verifier] callers`: the key it replaced, and each rule an entry must keep.
+        let verifier = small
+            .find("[verifier]")
+            .context("the small config has a [verifier] section")?;
+        let with_verifier = |body: &str| format!("{}[verifier]\n{body}\n", &small[..verifier]);
+        for (name, body) in [
+            (
+                "no-verifier-introspect-callers",
+                r#"introspect_callers = ["spiffe://acme.test/resource/*"]"#,
+            ),
+            (
+                "no-verifier-empty-audiences",
+                r#"callers = [{ identity = "spiffe://acme.test/resource/*", audiences = [] }]"#,
+            ),
+            (
+                "no-verifier-star-mixed",
+                r#"callers = [{ identity = "spiffe://acme.test/resource/*", audiences = ["*", "https://a.test"] }]"#,
+            ),
+            (
+                "no-verifier-duplicate-audience",
+                r#"callers = [{ identity = "spiffe://acme.test/resource/*", audiences = ["https://a.test", "https://a.test"] }]"#,
+            ),
+            (
+                "no-verifier-bad-pattern",
+                r#"callers = [{ identity = "spiffe://acme.test/res*", audiences = ["https://a.test"] }]"#,
+            ),
+            (
+                "no-verifier-shadowed",
+                r#"callers = [
+  { identity = "spiffe://acme.test/resource/*", audiences = ["https://a.test"] },
+  { identity = "spiffe://acme.test/resource/api", audiences = ["https://b.test"] },
+]"#,
+            ),
+        ] {
+            self.seed(t, name, with_verifier(body))?;
+        }
+        self.seed(t, "ok-verifier-none", with_verifier(""))?;
         Ok(())
     }
 }

@@ -42,6 +42,37 @@ fn pattern_matching_table() {
 }
 
 #[test]
+fn pattern_cover_table() {
+    // (earlier, later, earlier covers later: later can never match first)
+    let cases: &[(&str, &str, bool)] = &[
+        ("spiffe://td/a/1", "spiffe://td/a/1", true),
+        ("spiffe://td/a/1", "spiffe://td/a/2", false),
+        ("spiffe://td/a/1", "spiffe://td/a/1/*", false),
+        ("spiffe://td/a/1", "spiffe://td/a/*", false),
+        ("spiffe://td/a/*", "spiffe://td/a/1", true),
+        ("spiffe://td/a/*", "spiffe://td/a/1/2", true),
+        ("spiffe://td/a/*", "spiffe://td/a", false),
+        ("spiffe://td/a/*", "spiffe://td/ab/1", false),
+        ("spiffe://td/a/*", "spiffe://td/a/*", true),
+        ("spiffe://td/a/*", "spiffe://td/a/b/*", true),
+        ("spiffe://td/a/b/*", "spiffe://td/a/*", false),
+        ("spiffe://td/a/*", "spiffe://td/ab/*", false),
+        ("spiffe://td/a/*", "spiffe://td2/a/*", false),
+        ("spiffe://td/a/*", "spiffe://td2/a/1", false),
+        ("spiffe://td/*", "spiffe://td/a/*", true),
+        ("spiffe://td/*", "spiffe://td/a", true),
+        ("spiffe://td/*", "spiffe://td/*", true),
+        ("spiffe://td/a/*", "spiffe://td/*", false),
+        ("spiffe://td/*", "spiffe://tdx/*", false),
+    ];
+    for (earlier, later, want) in cases {
+        let e = IdentityPattern::parse(earlier).unwrap();
+        let l = IdentityPattern::parse(later).unwrap();
+        assert_eq!(e.covers(&l), *want, "{earlier} covers {later}");
+    }
+}
+
+#[test]
 fn invalid_patterns_are_rejected_with_a_reason() {
     let cases: &[(&str, &str)] = &[
         ("", "empty"),
