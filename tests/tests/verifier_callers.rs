@@ -130,6 +130,17 @@ async fn introspection_answers_only_for_the_callers_audiences() {
             foreign.audience
         );
     }
+    // The caller learns nothing, but the audit trail records the attempt by id.
+    let logs = leash_e2e::logs();
+    for c in [&github, &db] {
+        assert!(
+            logs.lines().any(|l| l.contains("task.denied")
+                && l.contains(&c.id)
+                && l.contains("does not serve")),
+            "no audit event for the refused introspection of {}",
+            c.id
+        );
+    }
     for c in [&github, &db] {
         let all = introspect(&broker, AUDITOR, &c.value).await;
         assert!(all.active, "audiences = [\"*\"] must see {}", c.audience);
