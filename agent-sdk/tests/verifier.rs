@@ -423,19 +423,8 @@ async fn a_verifier_cut_off_during_revocations_learns_all_of_them_on_reconnect()
         .unwrap();
 
     // One revocation seen live proves the stream is up before the cut.
-    let before = agent
-        .begin_task(review_request())
-        .await
-        .unwrap()
-        .into_inner();
-    agent
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: before.task_id,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let seen = &before.credentials[0].id;
+    let before = leash_e2e::begin_and_complete(&mut agent).await;
+    let seen = &before[0].id;
     leash_e2e::eventually(Duration::from_secs(5), || async {
         v.is_revoked(seen) == Ok(true)
     })

@@ -8,7 +8,7 @@ use std::{
 
 use leash_e2e::{
     BrokerOptions, RedisServer, TestBroker, TestPki, begin_and_complete, next_batch, pb,
-    review_request, watch_revocations,
+    watch_revocations,
 };
 use tonic::{Code, Streaming};
 
@@ -80,20 +80,9 @@ async fn snapshot_then_live(broker: &TestBroker) {
     // Live: measure CompleteTask return → batch received.
     let mut latencies = Vec::new();
     for _ in 0..20 {
-        let begun = agent
-            .begin_task(review_request())
-            .await
-            .unwrap()
-            .into_inner();
-        agent
-            .complete_task(pb::CompleteTaskRequest {
-                task_id: begun.task_id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let credentials = begin_and_complete(&mut agent).await;
         let done = Instant::now();
-        let want: HashSet<String> = begun.credentials.iter().map(|c| c.id.clone()).collect();
+        let want: HashSet<String> = credentials.iter().map(|c| c.id.clone()).collect();
         let mut seen = HashSet::new();
         while !want.is_subset(&seen) {
             let b = next_batch(&mut stream).await;

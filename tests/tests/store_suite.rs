@@ -696,13 +696,7 @@ async fn case_revocations_are_logged_and_read<S: LeaseStore>(store: &S) {
     .await;
     store.complete(&t1, T0 + 1_000, "succeeded").await.unwrap();
 
-    let RevocationRead::Records(records, after) = store
-        .read_revocations(&start, Duration::ZERO, 100)
-        .await
-        .unwrap()
-    else {
-        panic!("unexpected gap");
-    };
+    let (records, after) = read_after(store, &start).await;
     assert_eq!(
         records.len(),
         1,
@@ -716,13 +710,7 @@ async fn case_revocations_are_logged_and_read<S: LeaseStore>(store: &S) {
     assert_eq!(r.audience, live.audience);
     assert_eq!(r.position.0, 2);
     assert!(!after.is_before(2, r.position.1) && start.is_before(2, r.position.1));
-    let RevocationRead::Records(none, same) = store
-        .read_revocations(&after, Duration::ZERO, 100)
-        .await
-        .unwrap()
-    else {
-        panic!("unexpected gap");
-    };
+    let (none, same) = read_after(store, &after).await;
     assert!(none.is_empty());
     assert_eq!(same, after);
 
@@ -901,7 +889,6 @@ async fn case_revoked_set_is_read_in_pages<S: LeaseStore>(store: &S) {
 /// The cursor of the log's end is had without reading any snapshot, and reads
 /// only what is logged after it.
 async fn case_cursor_without_snapshot<S: LeaseStore>(store: &S) {
-    use leash_broker::store::RevocationRead;
     let t1 = task_id(7, 1);
     begin_new(
         store,
@@ -911,13 +898,7 @@ async fn case_cursor_without_snapshot<S: LeaseStore>(store: &S) {
     .await;
     store.complete(&t1, T0 + 1_000, "succeeded").await.unwrap();
     let end = store.revocation_cursor().await.unwrap();
-    let RevocationRead::Records(none, same) = store
-        .read_revocations(&end, Duration::ZERO, 100)
-        .await
-        .unwrap()
-    else {
-        panic!("unexpected gap");
-    };
+    let (none, same) = read_after(store, &end).await;
     assert!(none.is_empty(), "nothing after the end: {none:?}");
     assert_eq!(same, end);
     let t2 = task_id(7, 2);
@@ -929,17 +910,30 @@ async fn case_cursor_without_snapshot<S: LeaseStore>(store: &S) {
     )
     .await;
     store.complete(&t2, T0 + 1_000, "succeeded").await.unwrap();
-    let RevocationRead::Records(next, _) = store
-        .read_revocations(&end, Duration::ZERO, 100)
-        .await
-        .unwrap()
-    else {
-        panic!("unexpected gap");
-    };
+    let (next, _) = read_after(store, &end).await;
     assert_eq!(
         next.iter().map(|r| &r.credential_id).collect::<Vec<_>>(),
         vec![&c2.id]
     );
+}
+
+/// What the log holds after `cursor` (up to 100 entries), and the cursor after
+/// it; a gap fails the test.
+async fn read_after<S: LeaseStore>(
+    store: &S,
+    cursor: &leash_broker::store::RevocationCursor,
+) -> (
+    Vec<leash_broker::store::RevocationRecord>,
+    leash_broker::store::RevocationCursor,
+) {
+    match store
+        .read_revocations(cursor, Duration::ZERO, 100)
+        .await
+        .unwrap()
+    {
+        leash_broker::store::RevocationRead::Records(records, next) => (records, next),
+        leash_broker::store::RevocationRead::Gap => panic!("unexpected gap"),
+    }
 }
 
 /// Runs each case once per store: `memory::<case>` and `redis::<case>`.
@@ -1011,23 +1005,11 @@ async fn redis_trimmed_revocation_history_is_a_gap() {
         ended.push(id);
         if n == 1 {
             // Read up to the first revocation only.
-            let RevocationRead::Records(seen, _) = store
-                .read_revocations(&start, Duration::ZERO, 100)
-                .await
-                .unwrap()
-            else {
-                panic!("unexpected gap");
-            };
+            let (seen, _) = read_after(&store, &start).await;
             assert_eq!(seen.len(), 1);
         }
     }
-    let RevocationRead::Records(all, _) = store
-        .read_revocations(&start, Duration::ZERO, 100)
-        .await
-        .unwrap()
-    else {
-        panic!("unexpected gap");
-    };
+    let (all, _) = read_after(&store, &start).await;
     assert_eq!(all.len(), 3);
     let mut behind = start.clone();
     behind.advance(5, all[0].position.1);
@@ -1065,13 +1047,7 @@ async fn redis_restart_that_lost_revocation_history_is_a_gap() {
         .complete(&first, T0 + 1_000, "succeeded")
         .await
         .unwrap();
-    let RevocationRead::Records(seen, cursor) = store
-        .read_revocations(&start, Duration::ZERO, 100)
-        .await
-        .unwrap()
-    else {
-        panic!("unexpected gap");
-    };
+    let (seen, cursor) = read_after(&store, &start).await;
     assert_eq!(seen.len(), 1);
 
     redis.restart_empty();
