@@ -64,6 +64,8 @@ fn task(id: &TaskId, deadline: u64, max: u64) -> TaskRecord {
         ended_at_ms: None,
         outcome: None,
         binding: Default::default(),
+        class: String::new(),
+        tenant: String::new(),
     }
 }
 
@@ -89,6 +91,7 @@ fn cred_with_digest(task: &TaskId, n: u8, expires: u64, digest: String) -> Crede
         issuer: "https://leash.acme.test".into(),
         template: "review".into(),
         cnf_x5t_s256: Some("thumbprint".into()),
+        tenant: String::new(),
         issued_at_ms: T0,
         expires_at_ms: expires,
     }

@@ -100,9 +100,9 @@ impl<S: LeaseStore> Verifier for VerifierApi<S> {
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
         let who = caller(&request)?;
-        let audiences = self
+        let (audiences, tenant) = self
             .service
-            .authorize_verifier(&who, "watch revocations")
+            .verifier_scope(&who, "watch revocations")
             .map_err(status)?;
         let raw = request.into_inner().cursor;
         let cursor = if raw.is_empty() {
@@ -115,7 +115,7 @@ impl<S: LeaseStore> Verifier for VerifierApi<S> {
                 ))
             })?)
         };
-        let stream = ReceiverStream::new(self.feed.watch(cursor, audiences))
+        let stream = ReceiverStream::new(self.feed.watch_tenant(cursor, audiences, Some(tenant)))
             .map(|item| item.map(batch).map_err(|e| status(LeaseError::from(e))));
         Ok(Response::new(Box::pin(stream)))
     }

@@ -13,11 +13,12 @@ use crate::{
     clock::Clock,
     credentials::{self, CredentialError, MintRequest, Minted, Minter, jwt, opaque},
     identity::Identity,
-    policy::{self, Decision, VerifierCallers},
+    policy::{self, Actor, ActorClasses, Decision, VerifierCallers},
     revocation::Audiences,
     store::{
-        BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, EndReason, LeaseStore,
-        RenewOutcome, Renewal, StoredKind, TaskId, TaskRecord, TaskState,
+        BeginOutcome, BeginQuota, Bucket, CompleteOutcome, CredentialId, CredentialRecord,
+        EndReason, LeaseStore, QuotaKind, RenewOutcome, Renewal, StoredKind, TaskId, TaskRecord,
+        TaskState,
     },
     templates::TemplateCatalog,
 };
@@ -69,6 +70,7 @@ pub struct LeaseService<S> {
     clock: Arc<dyn Clock>,
     verifier_callers: VerifierCallers,
     binding_rule: BindingRule,
+    actors: ActorClasses,
 }
 
 fn digest(parts: &[&str]) -> ring::digest::Digest {
@@ -98,6 +100,63 @@ fn records_of(minted: &[Minted]) -> Vec<CredentialRecord> {
 fn audit_issued(task: &TaskRecord, records: &[CredentialRecord]) {
     for r in records {
         audit::credential_issued(task, r);
+    }
+}
+
+/// Caps a decision's lease TTL at the class's `max_ttl` (a template default
+/// above it; an explicit request above it was refused before).
+fn cap_to_class(decision: &mut Decision, actor: &Actor, now_ms: u64) {
+    if let Some(max) = actor.limits.max_ttl {
+        let max_ms = crate::clock::duration_ms(max);
+        if decision.lease_ttl_ms > max_ms {
+            decision.lease_ttl_ms = max_ms;
+            decision.lease_deadline_ms =
+                now_ms.saturating_add(max_ms).min(decision.max_deadline_ms);
+        }
+    }
+}
+
+/// The store quota of an actor's limits.
+fn quota_of(actor: &Actor) -> BeginQuota {
+    let bucket = |r: Option<policy::Rate>| {
+        r.map(|r| Bucket {
+            burst: r.burst,
+            refill_ms: r.refill_ms(),
+        })
+    };
+    BeginQuota {
+        identity_max_live: actor.limits.max_concurrent_tasks_per_identity,
+        class_max_live: actor.limits.max_concurrent_tasks,
+        identity_rate: bucket(actor.limits.begin_rate_per_identity),
+        class_rate: bucket(actor.limits.begin_rate),
+    }
+}
+
+/// What a refusal by `quota` says.
+fn quota_message(quota: QuotaKind, actor: &Actor, owner: &str) -> String {
+    let l = &actor.limits;
+    let rate = |r: Option<policy::Rate>| {
+        r.map(|r| format!("{}/{}", r.burst, humantime::format_duration(r.per)))
+            .unwrap_or_default()
+    };
+    let class = &actor.class;
+    match quota {
+        QuotaKind::IdentityTasks => format!(
+            "{owner} has {} live tasks, the most actor class {class:?} allows one identity (max_concurrent_tasks_per_identity); complete one first",
+            l.max_concurrent_tasks_per_identity.unwrap_or_default()
+        ),
+        QuotaKind::ClassTasks => format!(
+            "actor class {class:?} has {} live tasks, its max_concurrent_tasks; retry when one ends",
+            l.max_concurrent_tasks.unwrap_or_default()
+        ),
+        QuotaKind::IdentityRate => format!(
+            "{owner} begins tasks faster than actor class {class:?} allows one identity (begin_rate_per_identity {})",
+            rate(l.begin_rate_per_identity)
+        ),
+        QuotaKind::ClassRate => format!(
+            "actor class {class:?} begins tasks faster than its begin_rate {} allows",
+            rate(l.begin_rate)
+        ),
     }
 }
 
@@ -131,6 +190,7 @@ impl<S: LeaseStore> LeaseService<S> {
             clock,
             verifier_callers,
             binding_rule: BindingRule::SpiffeId,
+            actors: ActorClasses::default(),
         }
     }
 
@@ -153,6 +213,7 @@ impl<S: LeaseStore> LeaseService<S> {
 
     fn mint_all(
         &self,
+        tenant: &str,
         caller: &Identity,
         task_id: &TaskId,
         decision: &Decision,
@@ -164,16 +225,21 @@ impl<S: LeaseStore> LeaseService<S> {
             .grants
             .iter()
             .map(|(grant, scopes)| {
-                self.minter.mint(&MintRequest {
-                    task_id,
-                    template: &decision.template.name,
-                    grant,
-                    scopes: scopes.clone(),
-                    subject: caller.spiffe_id.as_str(),
-                    cnf_x5t_s256: cnf.as_deref(),
-                    now_ms,
-                    lease_deadline_ms,
-                })
+                self.minter
+                    .mint(&MintRequest {
+                        task_id,
+                        template: &decision.template.name,
+                        grant,
+                        scopes: scopes.clone(),
+                        subject: caller.spiffe_id.as_str(),
+                        cnf_x5t_s256: cnf.as_deref(),
+                        now_ms,
+                        lease_deadline_ms,
+                    })
+                    .map(|mut m| {
+                        m.record.tenant = tenant.to_owned();
+                        m
+                    })
             })
             .collect()
     }
@@ -187,10 +253,25 @@ impl<S: LeaseStore> LeaseService<S> {
     /// issue a credential inside it), `Unavailable`, `Internal`.
     pub async fn begin(&self, caller: &Identity, req: BeginTask) -> Result<IssuedTask, LeaseError> {
         req.check_shape().map_err(LeaseError::InvalidArgument)?;
+        let actor = self.actor(caller, "begin")?;
         let now_ms = self.now_ms();
         let owner = caller.spiffe_id.as_str();
         let templates = self.templates.current();
-        let decision = policy::decide(
+        self.admit_class(&templates, &actor, caller, &req.template)?;
+        if let (Some(t), Some(max)) = (req.requested_ttl, actor.limits.max_ttl)
+            && t > max
+        {
+            return Err(LeaseError::invalid(
+                "requested_ttl",
+                format!(
+                    "{} exceeds the max_ttl of actor class {:?}, {}",
+                    humantime::format_duration(t),
+                    actor.class,
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
+        let mut decision = policy::decide(
             &templates,
             &caller.spiffe_id,
             &req.template,
@@ -200,9 +281,10 @@ impl<S: LeaseStore> LeaseService<S> {
         )
         .inspect_err(|e| {
             if matches!(e, policy::PolicyError::NotAllowed { .. }) {
-                audit::denied(owner, "begin", &e.to_string());
+                audit::denied_as(owner, &actor.class, &actor.tenant, "begin", &e.to_string());
             }
         })?;
+        cap_to_class(&mut decision, &actor, now_ms);
         let params: Vec<String> = decision
             .parameters
             .iter()
@@ -244,10 +326,34 @@ impl<S: LeaseStore> LeaseService<S> {
             ended_at_ms: None,
             outcome: None,
             binding: binding::binding_of(caller),
+            class: actor.class.clone(),
+            tenant: actor.tenant.clone(),
         };
-        let minted = self.mint_all(caller, &task_id, &decision, now_ms, task.lease_deadline_ms)?;
+        let minted = self.mint_all(
+            &actor.tenant,
+            caller,
+            &task_id,
+            &decision,
+            now_ms,
+            task.lease_deadline_ms,
+        )?;
         let records = records_of(&minted);
-        match self.store.begin(&task, &records).await? {
+        match self
+            .store
+            .begin_with_quota(&task, &records, quota_of(&actor))
+            .await?
+        {
+            BeginOutcome::Exhausted {
+                quota,
+                retry_after_ms,
+            } => {
+                let message = quota_message(quota, &actor, owner);
+                audit::denied_as(owner, &actor.class, &actor.tenant, "begin", &message);
+                Err(LeaseError::QuotaExceeded {
+                    message,
+                    retry_after_ms,
+                })
+            }
             BeginOutcome::Created(stored) => {
                 // The store's clock decided the deadlines; answer with those.
                 let task = *stored;
@@ -289,6 +395,7 @@ impl<S: LeaseStore> LeaseService<S> {
             )));
         }
         let minted = self.mint_all(
+            &existing.tenant,
             caller,
             &existing.id,
             decision,
@@ -345,6 +452,18 @@ impl<S: LeaseStore> LeaseService<S> {
             .task(task_id)
             .await?
             .ok_or_else(|| LeaseError::TaskNotFound(task_id.to_string()))?;
+        let actor = self.actor(caller, action)?;
+        if task.tenant != actor.tenant {
+            // Answered like an unknown task: a tenant learns nothing of another's.
+            audit::denied_as(
+                caller.spiffe_id.as_str(),
+                &actor.class,
+                &actor.tenant,
+                action,
+                &format!("task {task_id} belongs to another tenant"),
+            );
+            return Err(LeaseError::TaskNotFound(task_id.to_string()));
+        }
         if task.owner != caller.spiffe_id.as_str() {
             let reason = format!("task {task_id} belongs to another identity");
             audit::denied(caller.spiffe_id.as_str(), action, &reason);
@@ -385,6 +504,14 @@ impl<S: LeaseStore> LeaseService<S> {
             ))
         })?;
         let templates = self.templates.current();
+        let actor = self.actor(caller, "renew")?;
+        self.admit_class(&templates, &actor, caller, &task.template)
+            .map_err(|e| match e {
+                LeaseError::TemplateNotFound(t) => LeaseError::FailedPrecondition(format!(
+                    "template {t:?} no longer accepts this task: it is gone or belongs to another tenant"
+                )),
+                other => other,
+            })?;
         let decision = policy::decide(
             &templates,
             &caller.spiffe_id,
@@ -405,7 +532,7 @@ impl<S: LeaseStore> LeaseService<S> {
             )),
         })?;
         let minted = self
-            .mint_all(caller, &task_id, &decision, now_ms, deadline)
+            .mint_all(&task.tenant, caller, &task_id, &decision, now_ms, deadline)
             .map_err(|e| match e {
                 // The renewal was capped at the max lifetime and what is left of it
                 // holds no whole-second JWT: the task is at its end, say so.
@@ -505,7 +632,7 @@ impl<S: LeaseStore> LeaseService<S> {
         caller: &Identity,
         token: &str,
     ) -> Result<Introspection, LeaseError> {
-        let audiences = self.authorize_verifier(caller, "introspect")?;
+        let (audiences, tenant) = self.verifier_scope(caller, "introspect")?;
         if token.is_empty() {
             return Err(LeaseError::invalid("token", "required"));
         }
@@ -543,6 +670,18 @@ impl<S: LeaseStore> LeaseService<S> {
         let c = &view.credential;
         let genuine = c.kind == kind
             && credentials::digests_match(&credentials::value_digest(token), &c.value_sha256);
+        if genuine && (view.task.tenant != tenant || c.tenant != tenant) {
+            // Answered like an unknown token; only the audit trail hears of it.
+            audit::denied(
+                caller.spiffe_id.as_str(),
+                "introspect",
+                &format!(
+                    "credential {} belongs to another tenant than this verifier's ({tenant:?})",
+                    c.id
+                ),
+            );
+            return Ok(Introspection::inactive());
+        }
         if genuine && !audiences.admits(&c.audience) {
             // Answered like an unknown token; only the audit trail hears of it.
             audit::denied(
@@ -591,6 +730,80 @@ impl<S: LeaseStore> LeaseService<S> {
             "{} may not {action}: no verifier.callers entry matches it",
             caller.spiffe_id
         )))
+    }
+
+    /// The audiences and the tenant whose credentials `caller` may learn of as
+    /// a verifier: [`LeaseService::authorize_verifier`], and the caller's actor
+    /// class must place it in a tenant.
+    ///
+    /// # Errors
+    /// `PermissionDenied` (audited) when no `verifier.callers` entry or no
+    /// actor class matches `caller`.
+    pub fn verifier_scope(
+        &self,
+        caller: &Identity,
+        action: &str,
+    ) -> Result<(Audiences, String), LeaseError> {
+        let audiences = self.authorize_verifier(caller, action)?;
+        let actor = self.actor(caller, action)?;
+        Ok((audiences, actor.tenant))
+    }
+
+    /// Sets the actor classes callers are classified by (default: none, so
+    /// every call that reads or changes a task or credential is denied).
+    #[must_use]
+    pub fn with_actors(mut self, actors: ActorClasses) -> Self {
+        self.actors = actors;
+        self
+    }
+
+    /// The class of `caller`.
+    ///
+    /// # Errors
+    /// `PermissionDenied` (audited) when no actor class matches it.
+    fn actor(&self, caller: &Identity, action: &str) -> Result<Actor, LeaseError> {
+        self.actors
+            .classify(&caller.spiffe_id)
+            .cloned()
+            .map_err(|e| {
+                audit::denied(caller.spiffe_id.as_str(), action, &e.to_string());
+                LeaseError::PermissionDenied(e.to_string())
+            })
+    }
+
+    /// Refuses a template of another tenant as if it did not exist, and one
+    /// of the caller's tenant that does not list its class; both audited.
+    fn admit_class(
+        &self,
+        templates: &crate::templates::TemplateSet,
+        actor: &Actor,
+        caller: &Identity,
+        template: &str,
+    ) -> Result<(), LeaseError> {
+        let Some(t) = templates.get(template) else {
+            return Ok(()); // decide() answers an unknown template
+        };
+        if t.admits_class(&actor.class, &actor.tenant) {
+            return Ok(());
+        }
+        let who = caller.spiffe_id.as_str();
+        if t.tenant != actor.tenant {
+            audit::denied_as(
+                who,
+                &actor.class,
+                &actor.tenant,
+                "begin",
+                &format!("template {template:?} belongs to another tenant"),
+            );
+            return Err(LeaseError::TemplateNotFound(template.to_owned()));
+        }
+        let reason = format!(
+            "actor class {:?} may not use template {template:?} (its classes: {})",
+            actor.class,
+            t.classes.join(", ")
+        );
+        audit::denied_as(who, &actor.class, &actor.tenant, "begin", &reason);
+        Err(LeaseError::PermissionDenied(format!("{who}: {reason}")))
     }
 
     /// The JWK Set of the signing keys.

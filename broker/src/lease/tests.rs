@@ -64,6 +64,19 @@ fn fixture() -> Fixture {
             ],
         )
         .expect("callers"),
+    )
+    .with_actors(
+        crate::policy::ActorClasses::parse(
+            "actors.classes",
+            [crate::policy::ClassSpec {
+                name: "any",
+                tenant: "default",
+                owner: "platform@acme.test",
+                identities: vec!["spiffe://acme.test/*"],
+                ..crate::policy::ClassSpec::default()
+            }],
+        )
+        .expect("classes"),
     );
     Fixture {
         _dir: tmp,

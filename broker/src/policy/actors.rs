@@ -352,6 +352,24 @@ impl ActorClasses {
     }
 }
 
+/// The check a template catalog runs on every set it loads: the classes each
+/// template lists exist and belong to its tenant (see
+/// [`ActorClasses::template_problems`]). A set that fails it is refused at
+/// start and, at a reload, the last good set stays.
+pub fn template_check(classes: ActorClasses) -> crate::templates::SetCheck {
+    Box::new(move |set| {
+        classes
+            .template_problems(set)
+            .into_iter()
+            .map(|(file, message)| crate::templates::TemplateIssue {
+                file,
+                line: 0,
+                message,
+            })
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
