@@ -974,6 +974,85 @@ callers = [
     }
 
     #[test]
+    fn actor_classes_load_in_order_and_bad_ones_are_refused_naming_the_field() {
+        let d = dir_with_files();
+        let load = |body: &str| {
+            Config::from_toml(&format!("{GOOD}\n{body}"), std::iter::empty(), d.path())
+        };
+        // No classes: loads, and nobody is classified (fail closed).
+        let none = load("").expect("config");
+        assert!(none.actor_classes().classes().is_empty());
+        assert!(none.actor_classes().classify(&id("agent/a")).is_err());
+        let good = load(
+            r#"
+[[actors.classes]]
+name = "ci"
+tenant = "acme"
+owner = "platform@acme.test"
+identities = ["spiffe://acme.test/agent/ci"]
+max_ttl = "5m"
+[[actors.classes]]
+name = "agent"
+tenant = "acme"
+owner = "platform@acme.test"
+identities = ["spiffe://acme.test/agent/*"]
+max_concurrent_tasks = 10
+max_concurrent_tasks_per_identity = 2
+begin_rate = "60/1m"
+begin_rate_per_identity = "1/1m"
+"#,
+        )
+        .expect("config");
+        let classes = good.actor_classes();
+        assert_eq!(classes.classify(&id("agent/ci")).expect("ci").class, "ci");
+        let agent = classes.classify(&id("agent/x")).expect("agent");
+        assert_eq!(
+            (agent.class.as_str(), agent.tenant.as_str()),
+            ("agent", "acme")
+        );
+        assert_eq!(agent.limits.max_concurrent_tasks_per_identity, Some(2));
+        for (body, want) in [
+            ("max_ttl = \"soon\"", "in `actors.classes.max_ttl`"),
+            ("typo = 1", "unknown key `actors.classes.0.typo`"),
+        ] {
+            let all = load(&format!(
+                "[[actors.classes]]\nname = \"a\"\ntenant = \"t\"\nowner = \"o\"\nidentities = [\"spiffe://acme.test/*\"]\n{body}\n"
+            ))
+            .expect_err(body)
+            .to_string();
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
+        // With the type error fixed, every semantic problem at once.
+        let all = load(
+            r#"
+[[actors.classes]]
+name = "Agent"
+owner = ""
+identities = ["spiffe://acme.test/*"]
+begin_rate = "fast"
+[[actors.classes]]
+name = "ci"
+tenant = "acme"
+owner = "o"
+identities = ["spiffe://acme.test/ci"]
+max_concurrent_tasks = 0
+"#,
+        )
+        .expect_err("bad classes")
+        .to_string();
+        for want in [
+            "actors.classes[0].name: \"Agent\" is not a class name",
+            "actors.classes[0].tenant: required",
+            "actors.classes[0].owner: required",
+            "actors.classes[0].begin_rate: \"fast\" must be",
+            "actors.classes[1].identities[0]: spiffe://acme.test/ci never applies: actors.classes[0].identities[0]",
+            "actors.classes[1].max_concurrent_tasks: must be positive",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
+    }
+
+    #[test]
     fn task_binding_is_spiffe_id_unless_set_to_key() {
         let d = dir_with_files();
         let with = |tls_extra: &str| {
