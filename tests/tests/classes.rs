@@ -526,3 +526,93 @@ async fn a_begin_rate_is_shared_by_replicas_and_holds_back_only_its_identity() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The acme classes plus `acme-ci` (`/acme/ci/*`), for template edits that
+/// move a template from one class to another.
+fn actors_with_ci() -> String {
+    format!(
+        "{}\n{}",
+        actors(""),
+        r#"[[actors.classes]]
+name = "acme-ci"
+tenant = "acme"
+owner = "platform@acme.test"
+identities = ["spiffe://acme.test/acme/ci/*"]"#
+    )
+}
+
+#[tokio::test]
+async fn a_reload_naming_an_unknown_class_keeps_the_last_good_set() {
+    let redis = RedisServer::start();
+    let mut o = options(&redis, "");
+    o.actors_toml = Some(actors_with_ci());
+    let broker = TestBroker::start(o).await;
+    // Serving (with the good set) before the directory changes.
+    begin(&broker, ACME_AGENT, "acme-review").await.unwrap();
+    let dir = broker.templates_dir();
+    std::fs::write(dir.join("new.yaml"), template("new", "acme", "acme-agnet")).unwrap();
+    let rejected = eventually(Duration::from_secs(10), || async {
+        let logs = leash_e2e::logs();
+        logs.contains("templates not reloaded") && logs.contains("acme-agnet")
+    })
+    .await;
+    assert!(rejected.is_some(), "the bad reload was not logged");
+    // The last good set is still in force: the old template works, the new one
+    // does not exist.
+    begin(&broker, ACME_AGENT, "acme-review").await.unwrap();
+    let err = begin(&broker, ACME_AGENT, "new").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Fixed, it loads.
+    std::fs::write(dir.join("new.yaml"), template("new", "acme", "acme-agent")).unwrap();
+    let loaded = eventually(Duration::from_secs(10), || async {
+        begin(&broker, ACME_AGENT, "new").await.is_ok()
+    })
+    .await;
+    assert!(loaded.is_some(), "the fixed template never loaded");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_template_that_drops_a_class_stops_its_renewals() {
+    let redis = RedisServer::start();
+    let mut o = options(&redis, "");
+    o.actors_toml = Some(actors_with_ci());
+    let broker = TestBroker::start(o).await;
+    let task = begin(&broker, ACME_AGENT, "acme-review").await.unwrap();
+    let mut agent = broker.broker(ACME_AGENT).await;
+    let renew = pb::RenewLeaseRequest {
+        task_id: task.task_id.clone(),
+    };
+    agent.renew_lease(renew.clone()).await.unwrap();
+    // The template now serves CI only (harness files are t<i>.yaml, in order).
+    std::fs::write(
+        broker.templates_dir().join("t0.yaml"),
+        template("acme-review", "acme", "acme-ci"),
+    )
+    .unwrap();
+    let refused = eventually(Duration::from_secs(10), || {
+        let mut agent = agent.clone();
+        let renew = renew.clone();
+        async move {
+            agent
+                .renew_lease(renew)
+                .await
+                .is_err_and(|e| e.code() == Code::PermissionDenied)
+        }
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "renewal still accepted after the class was dropped"
+    );
+    let err = agent.renew_lease(renew).await.unwrap_err();
+    assert!(
+        err.message()
+            .contains("actor class \"acme-agent\" may not use template \"acme-review\""),
+        "{err:?}"
+    );
+    begin(&broker, "acme/ci/build", "acme-review")
+        .await
+        .unwrap();
+    broker.stop().await;
+}
