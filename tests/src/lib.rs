@@ -708,6 +708,24 @@ pub async fn read_until_caught_up(
     }
 }
 
+/// The `retry-after-ms` a RESOURCE_EXHAUSTED status carries; panics without one.
+pub fn retry_after_ms(status: &tonic::Status) -> u64 {
+    status
+        .metadata()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no retry-after-ms in {status:?}"))
+}
+
+/// Everything in the Redis server as sorted lines of [`RedisServer::dump_all`],
+/// for "nothing changed" checks that must not depend on key order.
+pub fn store_lines(redis: &RedisServer) -> Vec<String> {
+    let mut lines: Vec<String> = redis.dump_all().lines().map(str::to_owned).collect();
+    lines.sort();
+    lines
+}
+
 /// Polls `f` every 20 ms until it is true or `within` passes; returns the time it took.
 pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> Option<Duration>
 where

@@ -19,7 +19,7 @@ use leash_broker::clock::{Clock as _, SystemClock};
 
 use leash_e2e::{
     BrokerOptions, RedisServer, TestBroker, TestPki, eventually, ms, pb, read_until_caught_up,
-    watch_revocations,
+    retry_after_ms, store_lines, watch_revocations,
 };
 use tonic::{Code, Status};
 
@@ -147,22 +147,6 @@ async fn introspect(broker: &TestBroker, who: &str, token: &str) -> Result<bool,
         })
         .await
         .map(|r| r.into_inner().active)
-}
-
-fn retry_after_ms(status: &Status) -> u64 {
-    status
-        .metadata()
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no retry-after-ms in {status:?}"))
-}
-
-/// The store's content as a sorted list of lines, for "nothing changed" checks.
-fn store_lines(redis: &RedisServer) -> Vec<String> {
-    let mut lines: Vec<String> = redis.dump_all().lines().map(str::to_owned).collect();
-    lines.sort();
-    lines
 }
 
 const ACME_AGENT: &str = "acme/agent/a1";

@@ -100,7 +100,7 @@ impl<S: LeaseStore> Verifier for VerifierApi<S> {
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
         let who = caller(&request)?;
-        let (audiences, tenant) = self
+        let (audiences, actor) = self
             .service
             .verifier_scope(&who, "watch revocations")
             .map_err(status)?;
@@ -115,8 +115,12 @@ impl<S: LeaseStore> Verifier for VerifierApi<S> {
                 ))
             })?)
         };
-        let stream = ReceiverStream::new(self.feed.watch_tenant(cursor, audiences, Some(tenant)))
-            .map(|item| item.map(batch).map_err(|e| status(LeaseError::from(e))));
+        let stream = ReceiverStream::new(self.feed.watch_tenant(
+            cursor,
+            audiences,
+            Some(actor.tenant),
+        ))
+        .map(|item| item.map(batch).map_err(|e| status(LeaseError::from(e))));
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -257,7 +257,7 @@ impl<S: LeaseStore> LeaseService<S> {
         let now_ms = self.now_ms();
         let owner = caller.spiffe_id.as_str();
         let templates = self.templates.current();
-        self.admit_class(&templates, &actor, caller, &req.template)?;
+        self.admit_class(&templates, &actor, caller, &req.template, "begin")?;
         if let (Some(t), Some(max)) = (req.requested_ttl, actor.limits.max_ttl)
             && t > max
         {
@@ -466,7 +466,13 @@ impl<S: LeaseStore> LeaseService<S> {
         }
         if task.owner != caller.spiffe_id.as_str() {
             let reason = format!("task {task_id} belongs to another identity");
-            audit::denied(caller.spiffe_id.as_str(), action, &reason);
+            audit::denied_as(
+                caller.spiffe_id.as_str(),
+                &actor.class,
+                &actor.tenant,
+                action,
+                &reason,
+            );
             return Err(LeaseError::PermissionDenied(reason));
         }
         self.check_binding(&task, caller, action)?;
@@ -505,7 +511,7 @@ impl<S: LeaseStore> LeaseService<S> {
         })?;
         let templates = self.templates.current();
         let actor = self.actor(caller, "renew")?;
-        self.admit_class(&templates, &actor, caller, &task.template)
+        self.admit_class(&templates, &actor, caller, &task.template, "renew")
             .map_err(|e| match e {
                 LeaseError::TemplateNotFound(t) => LeaseError::FailedPrecondition(format!(
                     "template {t:?} no longer accepts this task: it is gone or belongs to another tenant"
@@ -632,7 +638,8 @@ impl<S: LeaseStore> LeaseService<S> {
         caller: &Identity,
         token: &str,
     ) -> Result<Introspection, LeaseError> {
-        let (audiences, tenant) = self.verifier_scope(caller, "introspect")?;
+        let (audiences, verifier) = self.verifier_scope(caller, "introspect")?;
+        let tenant = &verifier.tenant;
         if token.is_empty() {
             return Err(LeaseError::invalid("token", "required"));
         }
@@ -670,10 +677,12 @@ impl<S: LeaseStore> LeaseService<S> {
         let c = &view.credential;
         let genuine = c.kind == kind
             && credentials::digests_match(&credentials::value_digest(token), &c.value_sha256);
-        if genuine && (view.task.tenant != tenant || c.tenant != tenant) {
+        if genuine && (view.task.tenant != *tenant || c.tenant != *tenant) {
             // Answered like an unknown token; only the audit trail hears of it.
-            audit::denied(
+            audit::denied_as(
                 caller.spiffe_id.as_str(),
+                &verifier.class,
+                tenant,
                 "introspect",
                 &format!(
                     "credential {} belongs to another tenant than this verifier's ({tenant:?})",
@@ -684,8 +693,10 @@ impl<S: LeaseStore> LeaseService<S> {
         }
         if genuine && !audiences.admits(&c.audience) {
             // Answered like an unknown token; only the audit trail hears of it.
-            audit::denied(
+            audit::denied_as(
                 caller.spiffe_id.as_str(),
+                &verifier.class,
+                tenant,
                 "introspect",
                 &format!(
                     "credential {} is for audience {:?}, which this verifier does not serve",
@@ -732,7 +743,7 @@ impl<S: LeaseStore> LeaseService<S> {
         )))
     }
 
-    /// The audiences and the tenant whose credentials `caller` may learn of as
+    /// The audiences and the actor (its tenant) whose credentials `caller` may learn of as
     /// a verifier: [`LeaseService::authorize_verifier`], and the caller's actor
     /// class must place it in a tenant.
     ///
@@ -743,10 +754,10 @@ impl<S: LeaseStore> LeaseService<S> {
         &self,
         caller: &Identity,
         action: &str,
-    ) -> Result<(Audiences, String), LeaseError> {
+    ) -> Result<(Audiences, Actor), LeaseError> {
         let audiences = self.authorize_verifier(caller, action)?;
         let actor = self.actor(caller, action)?;
-        Ok((audiences, actor.tenant))
+        Ok((audiences, actor))
     }
 
     /// Sets the actor classes callers are classified by (default: none, so
@@ -779,6 +790,7 @@ impl<S: LeaseStore> LeaseService<S> {
         actor: &Actor,
         caller: &Identity,
         template: &str,
+        action: &str,
     ) -> Result<(), LeaseError> {
         let Some(t) = templates.get(template) else {
             return Ok(()); // decide() answers an unknown template
@@ -792,7 +804,7 @@ impl<S: LeaseStore> LeaseService<S> {
                 who,
                 &actor.class,
                 &actor.tenant,
-                "begin",
+                action,
                 &format!("template {template:?} belongs to another tenant"),
             );
             return Err(LeaseError::TemplateNotFound(template.to_owned()));
@@ -802,7 +814,7 @@ impl<S: LeaseStore> LeaseService<S> {
             actor.class,
             t.classes.join(", ")
         );
-        audit::denied_as(who, &actor.class, &actor.tenant, "begin", &reason);
+        audit::denied_as(who, &actor.class, &actor.tenant, action, &reason);
         Err(LeaseError::PermissionDenied(format!("{who}: {reason}")))
     }
 
