@@ -91,9 +91,15 @@ fn digest_hex(parts: &[&str]) -> String {
         .collect()
 }
 
-/// The store records of freshly minted credentials.
-fn records_of(minted: &[Minted]) -> Vec<CredentialRecord> {
-    minted.iter().map(|m| m.record.clone()).collect()
+/// The store records of freshly minted credentials of a task of `tenant`.
+fn records_of(minted: &[Minted], tenant: &str) -> Vec<CredentialRecord> {
+    minted
+        .iter()
+        .map(|m| CredentialRecord {
+            tenant: tenant.to_owned(),
+            ..m.record.clone()
+        })
+        .collect()
 }
 
 /// One `credential.issued` audit event per credential.
@@ -213,7 +219,6 @@ impl<S: LeaseStore> LeaseService<S> {
 
     fn mint_all(
         &self,
-        tenant: &str,
         caller: &Identity,
         task_id: &TaskId,
         decision: &Decision,
@@ -225,21 +230,16 @@ impl<S: LeaseStore> LeaseService<S> {
             .grants
             .iter()
             .map(|(grant, scopes)| {
-                self.minter
-                    .mint(&MintRequest {
-                        task_id,
-                        template: &decision.template.name,
-                        grant,
-                        scopes: scopes.clone(),
-                        subject: caller.spiffe_id.as_str(),
-                        cnf_x5t_s256: cnf.as_deref(),
-                        now_ms,
-                        lease_deadline_ms,
-                    })
-                    .map(|mut m| {
-                        m.record.tenant = tenant.to_owned();
-                        m
-                    })
+                self.minter.mint(&MintRequest {
+                    task_id,
+                    template: &decision.template.name,
+                    grant,
+                    scopes: scopes.clone(),
+                    subject: caller.spiffe_id.as_str(),
+                    cnf_x5t_s256: cnf.as_deref(),
+                    now_ms,
+                    lease_deadline_ms,
+                })
             })
             .collect()
     }
@@ -329,15 +329,8 @@ impl<S: LeaseStore> LeaseService<S> {
             class: actor.class.clone(),
             tenant: actor.tenant.clone(),
         };
-        let minted = self.mint_all(
-            &actor.tenant,
-            caller,
-            &task_id,
-            &decision,
-            now_ms,
-            task.lease_deadline_ms,
-        )?;
-        let records = records_of(&minted);
+        let minted = self.mint_all(caller, &task_id, &decision, now_ms, task.lease_deadline_ms)?;
+        let records = records_of(&minted, &task.tenant);
         match self
             .store
             .begin_with_quota(&task, &records, quota_of(&actor))
@@ -395,14 +388,13 @@ impl<S: LeaseStore> LeaseService<S> {
             )));
         }
         let minted = self.mint_all(
-            &existing.tenant,
             caller,
             &existing.id,
             decision,
             now_ms,
             existing.lease_deadline_ms,
         )?;
-        let records = records_of(&minted);
+        let records = records_of(&minted, &existing.tenant);
         let replay = Renewal {
             now_ms,
             extend_by_ms: 0,
@@ -538,7 +530,7 @@ impl<S: LeaseStore> LeaseService<S> {
             )),
         })?;
         let minted = self
-            .mint_all(&task.tenant, caller, &task_id, &decision, now_ms, deadline)
+            .mint_all(caller, &task_id, &decision, now_ms, deadline)
             .map_err(|e| match e {
                 // The renewal was capped at the max lifetime and what is left of it
                 // holds no whole-second JWT: the task is at its end, say so.
@@ -549,7 +541,7 @@ impl<S: LeaseStore> LeaseService<S> {
                 }
                 other => LeaseError::from(other),
             })?;
-        let records = records_of(&minted);
+        let records = records_of(&minted, &task.tenant);
         let renewal = Renewal {
             now_ms,
             extend_by_ms: task.lease_ttl_ms,
