@@ -600,3 +600,32 @@ async fn a_template_that_drops_a_class_stops_its_renewals() {
         .unwrap();
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_lowered_ttl_ceiling_caps_renewals_of_running_tasks() {
+    let redis = RedisServer::start();
+    let pki = Arc::new(TestPki::new());
+    let before = TestBroker::start_with_pki(options(&redis, ""), pki.clone(), "leash").await;
+    let task = begin(&before, ACME_AGENT, "acme-review").await.unwrap();
+    // The same store, now served with a 3 s ceiling for the class.
+    let after =
+        TestBroker::start_with_pki(options(&redis, r#"max_ttl = "3s""#), pki, "leash").await;
+    let renewed = after
+        .broker(ACME_AGENT)
+        .await
+        .renew_lease(pb::RenewLeaseRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A renewal never shortens a lease, and with the ceiling it no longer
+    // extends it by the 30 s the task began with: the deadline stays.
+    assert_eq!(
+        ms(renewed.lease_expires_at),
+        ms(task.lease_expires_at),
+        "renewal capped at the class's 3 s"
+    );
+    before.stop().await;
+    after.stop().await;
+}

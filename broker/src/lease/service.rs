@@ -490,9 +490,14 @@ impl<S: LeaseStore> LeaseService<S> {
         if task.state != TaskState::Active {
             return Err(LeaseError::FailedPrecondition(ended_message(&task, now_ms)));
         }
+        let actor = self.actor(caller, "renew")?;
+        // A class whose TTL ceiling was lowered since the begin caps renewals too.
+        let lease_ttl_ms = actor.limits.max_ttl.map_or(task.lease_ttl_ms, |max| {
+            task.lease_ttl_ms.min(crate::clock::duration_ms(max))
+        });
         let deadline = policy::renewed_deadline(
             now_ms,
-            task.lease_ttl_ms,
+            lease_ttl_ms,
             task.lease_deadline_ms,
             task.max_deadline_ms,
         )
@@ -502,7 +507,6 @@ impl<S: LeaseStore> LeaseService<S> {
             ))
         })?;
         let templates = self.templates.current();
-        let actor = self.actor(caller, "renew")?;
         self.admit_class(&templates, &actor, caller, &task.template, "renew")
             .map_err(|e| match e {
                 LeaseError::TemplateNotFound(t) => LeaseError::FailedPrecondition(format!(
@@ -544,7 +548,7 @@ impl<S: LeaseStore> LeaseService<S> {
         let records = records_of(&minted, &task.tenant);
         let renewal = Renewal {
             now_ms,
-            extend_by_ms: task.lease_ttl_ms,
+            extend_by_ms: lease_ttl_ms,
             min_interval_ms: Some(crate::clock::duration_ms(
                 decision.template.lease.min_renew_interval,
             )),
