@@ -17,7 +17,11 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{credentials::Algorithm, lease::BindingRule, policy::VerifierCallers};
+use crate::{
+    credentials::Algorithm,
+    lease::BindingRule,
+    policy::{ActorClasses, ClassSpec, VerifierCallers},
+};
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "LEASH_";
@@ -47,6 +51,9 @@ pub struct Config {
     /// Resource-server access.
     #[serde(default)]
     pub verifier: Verifier,
+    /// Actor classes and tenants (none: every identity is denied).
+    #[serde(default)]
+    pub actors: Actors,
     /// File reloading.
     #[serde(default)]
     pub reload: Reload,
@@ -358,6 +365,48 @@ pub struct VerifierCallerConfig {
     pub audiences: Vec<String>,
 }
 
+/// `[actors]`: which identities are which actor class, of which tenant, with
+/// which limits. Fail closed: without classes every identity is denied.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct Actors {
+    /// The classes, in order (`[[actors.classes]]`): the first identity
+    /// pattern matching a caller decides its class. See [`ActorClasses`].
+    #[serde(default)]
+    pub classes: Vec<ActorClassConfig>,
+}
+
+/// One `[[actors.classes]]` entry, as written (validated at load).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ActorClassConfig {
+    /// The class name (`agent`, `ci`, `partner-acme`).
+    #[serde(default)]
+    pub name: String,
+    /// The tenant its identities belong to.
+    #[serde(default)]
+    pub tenant: String,
+    /// Who to contact about the class.
+    #[serde(default)]
+    pub owner: String,
+    /// Exact SPIFFE IDs or `spiffe://<trust domain>/<prefix>/*` patterns.
+    #[serde(default)]
+    pub identities: Vec<String>,
+    /// TTL ceiling for the class's leases.
+    #[serde(default, with = "humantime_serde::option")]
+    pub max_ttl: Option<Duration>,
+    /// Live tasks of the whole class at once.
+    #[serde(default)]
+    pub max_concurrent_tasks: Option<u64>,
+    /// Live tasks of one identity of the class at once.
+    #[serde(default)]
+    pub max_concurrent_tasks_per_identity: Option<u64>,
+    /// Begins of the whole class: `"<burst>/<duration>"`.
+    #[serde(default)]
+    pub begin_rate: Option<String>,
+    /// Begins of one identity: `"<burst>/<duration>"`.
+    #[serde(default)]
+    pub begin_rate_per_identity: Option<String>,
+}
+
 /// Keys that once existed, with what replaced them, so an old file is refused
 /// with directions rather than a bare "unknown key".
 const REPLACED_KEYS: &[(&str, &str)] = &[(
@@ -438,6 +487,19 @@ mod humantime_serde {
                 "{s:?} is not a duration like \"250ms\" or \"5s\": {e}"
             ))
         })
+    }
+
+    /// The same, for an optional key.
+    pub(super) mod option {
+        use std::time::Duration;
+
+        use serde::Deserializer;
+
+        pub(in super::super) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
     }
 }
 
@@ -653,6 +715,13 @@ impl Config {
         if self.signing.keys.is_empty() {
             p.push("signing.keys: at least one key is required".into());
         }
+        if let Err(problems) = self.parse_actor_classes() {
+            p.extend(
+                problems
+                    .into_iter()
+                    .map(|f| format!("{}: {}", f.field, f.reason)),
+            );
+        }
         if let Err(problems) = self.parse_verifier_callers() {
             p.extend(
                 problems
@@ -713,6 +782,29 @@ impl Config {
                 .callers
                 .iter()
                 .map(|c| (c.identity.as_str(), c.audiences.iter().map(String::as_str))),
+        )
+    }
+
+    /// The actor classes (`actors.classes`), validated at load; should an
+    /// invalid list get here, nobody is classified (every call denied).
+    pub fn actor_classes(&self) -> ActorClasses {
+        self.parse_actor_classes().unwrap_or_default()
+    }
+
+    fn parse_actor_classes(&self) -> Result<ActorClasses, Vec<crate::policy::FieldProblem>> {
+        ActorClasses::parse(
+            "actors.classes",
+            self.actors.classes.iter().map(|c| ClassSpec {
+                name: &c.name,
+                tenant: &c.tenant,
+                owner: &c.owner,
+                identities: c.identities.iter().map(String::as_str).collect(),
+                max_ttl: c.max_ttl,
+                max_concurrent_tasks: c.max_concurrent_tasks,
+                max_concurrent_tasks_per_identity: c.max_concurrent_tasks_per_identity,
+                begin_rate: c.begin_rate.as_deref(),
+                begin_rate_per_identity: c.begin_rate_per_identity.as_deref(),
+            }),
         )
     }
 
@@ -876,6 +968,85 @@ callers = [
             "limits.max_concurrent_streams",
             "limits.max_message_bytes",
             "unknown key `limits.max_handshakes`",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
+    }
+
+    #[test]
+    fn actor_classes_load_in_order_and_bad_ones_are_refused_naming_the_field() {
+        let d = dir_with_files();
+        let load = |body: &str| {
+            Config::from_toml(&format!("{GOOD}\n{body}"), std::iter::empty(), d.path())
+        };
+        // No classes: loads, and nobody is classified (fail closed).
+        let none = load("").expect("config");
+        assert!(none.actor_classes().classes().is_empty());
+        assert!(none.actor_classes().classify(&id("agent/a")).is_err());
+        let good = load(
+            r#"
+[[actors.classes]]
+name = "ci"
+tenant = "acme"
+owner = "platform@acme.test"
+identities = ["spiffe://acme.test/agent/ci"]
+max_ttl = "5m"
+[[actors.classes]]
+name = "agent"
+tenant = "acme"
+owner = "platform@acme.test"
+identities = ["spiffe://acme.test/agent/*"]
+max_concurrent_tasks = 10
+max_concurrent_tasks_per_identity = 2
+begin_rate = "60/1m"
+begin_rate_per_identity = "1/1m"
+"#,
+        )
+        .expect("config");
+        let classes = good.actor_classes();
+        assert_eq!(classes.classify(&id("agent/ci")).expect("ci").class, "ci");
+        let agent = classes.classify(&id("agent/x")).expect("agent");
+        assert_eq!(
+            (agent.class.as_str(), agent.tenant.as_str()),
+            ("agent", "acme")
+        );
+        assert_eq!(agent.limits.max_concurrent_tasks_per_identity, Some(2));
+        for (body, want) in [
+            ("max_ttl = \"soon\"", "in `actors.classes.max_ttl`"),
+            ("typo = 1", "unknown key `actors.classes.0.typo`"),
+        ] {
+            let all = load(&format!(
+                "[[actors.classes]]\nname = \"a\"\ntenant = \"t\"\nowner = \"o\"\nidentities = [\"spiffe://acme.test/*\"]\n{body}\n"
+            ))
+            .expect_err(body)
+            .to_string();
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
+        // With the type error fixed, every semantic problem at once.
+        let all = load(
+            r#"
+[[actors.classes]]
+name = "Agent"
+owner = ""
+identities = ["spiffe://acme.test/*"]
+begin_rate = "fast"
+[[actors.classes]]
+name = "ci"
+tenant = "acme"
+owner = "o"
+identities = ["spiffe://acme.test/ci"]
+max_concurrent_tasks = 0
+"#,
+        )
+        .expect_err("bad classes")
+        .to_string();
+        for want in [
+            "actors.classes[0].name: \"Agent\" is not a class name",
+            "actors.classes[0].tenant: required",
+            "actors.classes[0].owner: required",
+            "actors.classes[0].begin_rate: \"fast\" must be",
+            "actors.classes[1].identities[0]: spiffe://acme.test/ci never applies: actors.classes[0].identities[0]",
+            "actors.classes[1].max_concurrent_tasks: must be positive",
         ] {
             assert!(all.contains(want), "{want} missing from:\n{all}");
         }

@@ -17,7 +17,8 @@
 //! - [`identity`]: SPIFFE IDs, X509-SVID rules, trust bundles, serving cert.
 //! - [`templates`]: task-scope templates from YAML, validated and reloaded.
 //! - [`policy`]: decides whether an identity may declare a task, and with what TTLs,
-//!   and which audiences a verifier (`[verifier] callers`) may learn of.
+//!   which actor class and tenant a caller is (`[[actors.classes]]`), and which
+//!   audiences a verifier (`[verifier] callers`) may learn of.
 //! - [`lease`]: begin / renew / complete, and the reaper that expires leases.
 //! - [`credentials`]: minting JWTs (ring: EdDSA, ES256) and opaque tokens.
 //! - [`store`]: the [`store::LeaseStore`] trait, Redis and in-memory.
@@ -30,7 +31,10 @@
 //!
 //! ## Security defaults
 //!
-//! - Fail closed: an unreadable store answers UNAVAILABLE, never "active".
+//! - Fail closed: an unreadable store answers UNAVAILABLE, never "active"; an
+//!   identity no actor class matches is denied, and so is everyone without classes.
+//! - Tenants are isolated: no call of one tenant reads, renews, completes,
+//!   introspects or hears revoked another tenant's tasks and credentials.
 //! - No secret is stored or logged in the clear: the store keeps SHA-256 hashes,
 //!   logs carry credential ids.
 //! - No credential outlives its lease, and no lease outlives its max lifetime.

@@ -295,6 +295,8 @@ mod tests {
             ended_at_ms: None,
             outcome: None,
             binding: Default::default(),
+            class: String::new(),
+            tenant: String::new(),
         }
     }
 

@@ -117,16 +117,20 @@ async fn main() -> ExitCode {
             }
         },
         Command::Templates {
-            command: TemplatesCommand::Check { dir },
-        } => match leash_broker::templates::check_dir(&dir) {
+            command: TemplatesCommand::Check { dir, config },
+        } => match cli::templates::check(&dir, config.as_deref()) {
             Ok(set) => {
                 println!("{}: {} template(s) OK", dir.display(), set.len());
                 ExitCode::SUCCESS
             }
-            Err(e) => {
+            Err(cli::templates::CheckError::Templates(e)) => {
                 eprintln!("{e}");
                 eprintln!("{}: {} problem(s)", dir.display(), e.0.len());
                 ExitCode::from(EX_DATAERR)
+            }
+            Err(e) => {
+                eprintln!("leash templates check: --config: {e}");
+                ExitCode::from(EX_USAGE)
             }
         },
         Command::Task { command } => print_json(cli::task::run_task(command).await),

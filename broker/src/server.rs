@@ -109,8 +109,13 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
         }
     };
     let templates = Arc::new(
-        TemplateCatalog::new(config.templates.dir.clone())
-            .map_err(|e| setup("templates", format!("{} problem(s):\n{e}", e.0.len())))?,
+        TemplateCatalog::with_check(
+            config.templates.dir.clone(),
+            Some(crate::policy::actors::template_check(
+                config.actor_classes(),
+            )),
+        )
+        .map_err(|e| setup("templates", format!("{} problem(s):\n{e}", e.0.len())))?,
     );
     let keys = config
         .signing
@@ -243,8 +248,14 @@ async fn run<S: LeaseStore>(
             clock.clone(),
             config.verifier_callers(),
         )
-        .with_binding_rule(config.task_binding_rule()),
+        .with_binding_rule(config.task_binding_rule())
+        .with_actors(config.actor_classes()),
     );
+    if config.actors.classes.is_empty() {
+        tracing::warn!(
+            "no [[actors.classes]] configured: every identity is denied (fail closed); see examples/leash.toml"
+        );
+    }
     let feed = RevocationFeed::new(store.clone(), clock.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);

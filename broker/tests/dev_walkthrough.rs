@@ -254,3 +254,73 @@ fn serve_rejects_a_bad_config_listing_every_problem() {
         assert!(err.contains(want), "{want} not reported:\n{err}");
     }
 }
+
+#[test]
+fn templates_check_with_a_config_checks_tenants_and_classes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Config loading checks that these files exist, not what they hold.
+    for f in ["cert.pem", "key.pem", "bundle.pem", "signing.pem"] {
+        std::fs::write(tmp.path().join(f), "x").unwrap();
+    }
+    let tpl = tmp.path().join("templates");
+    std::fs::create_dir(&tpl).unwrap();
+    let cfg = tmp.path().join("leash.toml");
+    std::fs::write(
+        &cfg,
+        r#"[listen]
+agent = "127.0.0.1:1"
+ops = "127.0.0.1:2"
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+bundles = { "acme.test" = "bundle.pem" }
+[templates]
+dir = "templates"
+[signing]
+issuer = "https://leash.acme.test"
+keys = [{ kid = "k1", path = "signing.pem" }]
+[[actors.classes]]
+name = "agent"
+tenant = "acme"
+owner = "platform@acme.test"
+identities = ["spiffe://acme.test/agent/*"]
+"#,
+    )
+    .unwrap();
+    let template = |classes: &str| {
+        format!(
+            "name: t\nversion: 1\nowner: o@x\ntenant: acme\nclasses: [{classes}]\nidentities: [\"spiffe://acme.test/agent/*\"]\nlease: {{ ttl: 1m, max_ttl: 1m, max_lifetime: 1h }}\ngrants: [{{ name: g, kind: opaque, audience: a, scopes: [s], ttl: 1m }}]\n"
+        )
+    };
+    let check = || {
+        Command::new(LEASH)
+            .args(["templates", "check"])
+            .arg(&tpl)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    std::fs::write(tpl.join("t.yaml"), template("agent")).unwrap();
+    let ok = check();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::write(tpl.join("t.yaml"), template("agent, ci")).unwrap();
+    let out = check();
+    assert_eq!(out.status.code(), Some(65));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("t.yaml: template \"t\": `classes`: \"ci\" is not an actor class"),
+        "{err}"
+    );
+    // Without --config the classes cannot be checked, and the file is fine.
+    let alone = Command::new(LEASH)
+        .args(["templates", "check"])
+        .arg(&tpl)
+        .output()
+        .unwrap();
+    assert!(alone.status.success());
+}

@@ -95,6 +95,11 @@ const VERIFIER_TOML: &str = r#"
 callers = [
   { identity = "spiffe://acme.test/resource/*", audiences = ["https://api.fault.test", "postgres://db.fault.test/app"] },
 ]
+[[actors.classes]]
+name = "any"
+tenant = "default"
+owner = "platform@acme.test"
+identities = ["spiffe://acme.test/*"]
 "#;
 const ISSUER: &str = "https://leash.acme.test";
 const AUDIENCE: &str = "https://api.fault.test";

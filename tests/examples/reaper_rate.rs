@@ -46,6 +46,7 @@ fn task(n: u32, now: u64) -> (TaskRecord, Vec<CredentialRecord>) {
             issuer: "https://leash.bench".into(),
             template: "bench".into(),
             cnf_x5t_s256: None,
+            tenant: String::new(),
             issued_at_ms: now,
             expires_at_ms: now + 60_000,
         })
@@ -67,6 +68,8 @@ fn task(n: u32, now: u64) -> (TaskRecord, Vec<CredentialRecord>) {
         ended_at_ms: None,
         outcome: None,
         binding: Default::default(),
+        class: String::new(),
+        tenant: String::new(),
     };
     (t, creds)
 }

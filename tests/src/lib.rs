@@ -382,6 +382,15 @@ pub const DEFAULT_VERIFIER_TOML: &str = r#"callers = [
   ] },
 ]"#;
 
+/// The `[actors]` section of a test broker unless [`BrokerOptions::actors_toml`]
+/// replaces it: every `spiffe://acme.test/*` identity is of class `any` in
+/// tenant `default` (the tenant of templates without `tenant:`), with no limits.
+pub const DEFAULT_ACTORS_TOML: &str = r#"[[actors.classes]]
+name = "any"
+tenant = "default"
+owner = "platform@acme.test"
+identities = ["spiffe://acme.test/*"]"#;
+
 /// Which store a test broker uses.
 #[derive(Debug, Clone)]
 pub enum StoreChoice {
@@ -407,6 +416,8 @@ pub struct BrokerOptions {
     pub store_toml: String,
     /// Replaces the body of `[verifier]` (default: [`DEFAULT_VERIFIER_TOML`]).
     pub verifier_toml: Option<String>,
+    /// Replaces the `[[actors.classes]]` tables (default: [`DEFAULT_ACTORS_TOML`]).
+    pub actors_toml: Option<String>,
 }
 
 /// A clock off real time by a fixed amount, like a replica without NTP.
@@ -441,6 +452,7 @@ impl BrokerOptions {
             clock_skew_ms: 0,
             store_toml: String::new(),
             verifier_toml: None,
+            actors_toml: None,
         }
     }
 }
@@ -506,6 +518,7 @@ interval = "{reaper}"
 [reload]
 interval = "{reload}"
 {extra}
+{actors}
 "#,
             tls = options.tls_toml.clone().unwrap_or_else(|| format!(
                 r#"cert = "{pki}/broker.pem"
@@ -522,6 +535,10 @@ bundles = {{ "acme.test" = "{pki}/bundle.pem" }}"#,
                 .verifier_toml
                 .as_deref()
                 .unwrap_or(DEFAULT_VERIFIER_TOML),
+            actors = options
+                .actors_toml
+                .as_deref()
+                .unwrap_or(DEFAULT_ACTORS_TOML),
         );
         let config = Config::from_toml(&toml, std::iter::empty(), config_dir.path())
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
@@ -689,6 +706,24 @@ pub async fn read_until_caught_up(
             return (all, b.cursor);
         }
     }
+}
+
+/// The `retry-after-ms` a RESOURCE_EXHAUSTED status carries; panics without one.
+pub fn retry_after_ms(status: &tonic::Status) -> u64 {
+    status
+        .metadata()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no retry-after-ms in {status:?}"))
+}
+
+/// Everything in the Redis server as sorted lines of [`RedisServer::dump_all`],
+/// for "nothing changed" checks that must not depend on key order.
+pub fn store_lines(redis: &RedisServer) -> Vec<String> {
+    let mut lines: Vec<String> = redis.dump_all().lines().map(str::to_owned).collect();
+    lines.sort();
+    lines
 }
 
 /// Polls `f` every 20 ms until it is true or `within` passes; returns the time it took.

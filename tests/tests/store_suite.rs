@@ -22,9 +22,9 @@ use std::{
 use leash_broker::{
     credentials::{opaque, value_digest},
     store::{
-        BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, LeaseStore, MemoryStore,
-        RedisStore, RedisStoreOptions, RenewOutcome, Renewal, SHARDS, StoreError, StoredKind,
-        TaskId, TaskRecord, TaskState,
+        BeginOutcome, BeginQuota, Bucket, CompleteOutcome, CredentialId, CredentialRecord,
+        LeaseStore, MemoryStore, QuotaKind, RedisStore, RedisStoreOptions, RenewOutcome, Renewal,
+        SHARDS, StoreError, StoredKind, TaskId, TaskRecord, TaskState,
     },
 };
 use leash_e2e::{RedisServer, eventually};
@@ -64,6 +64,8 @@ fn task(id: &TaskId, deadline: u64, max: u64) -> TaskRecord {
         ended_at_ms: None,
         outcome: None,
         binding: Default::default(),
+        class: String::new(),
+        tenant: String::new(),
     }
 }
 
@@ -89,6 +91,7 @@ fn cred_with_digest(task: &TaskId, n: u8, expires: u64, digest: String) -> Crede
         issuer: "https://leash.acme.test".into(),
         template: "review".into(),
         cnf_x5t_s256: Some("thumbprint".into()),
+        tenant: String::new(),
         issued_at_ms: T0,
         expires_at_ms: expires,
     }
@@ -653,6 +656,149 @@ async fn case_renewals_are_rate_limited<S: LeaseStore>(store: &S) {
     ));
 }
 
+/// A task of `owner` in class `agent`, begun at `at`: 2 s lease, 60 s max lifetime.
+fn quota_task(shard: u8, n: u8, owner: &str, at: u64) -> TaskRecord {
+    let mut t = task(&task_id(shard, n), at + 2_000, at + 60_000);
+    t.owner = format!("spiffe://acme.test/agent/{owner}");
+    t.class = "agent".into();
+    t.tenant = "acme".into();
+    t.created_at_ms = at;
+    t
+}
+
+async fn begin_quota<S: LeaseStore>(store: &S, t: &TaskRecord, q: BeginQuota) -> BeginOutcome {
+    store.begin_with_quota(t, &[], q).await.unwrap()
+}
+
+fn created(o: &BeginOutcome) -> bool {
+    matches!(o, BeginOutcome::Created(_))
+}
+
+fn exhausted(o: &BeginOutcome) -> Option<(QuotaKind, u64)> {
+    match o {
+        BeginOutcome::Exhausted {
+            quota,
+            retry_after_ms,
+        } => Some((*quota, *retry_after_ms)),
+        _ => None,
+    }
+}
+
+/// Live tasks per identity and per class: a refusal writes nothing, and ending
+/// a task by completion or by expiry frees its slot; a task never removed
+/// (a lost decrement) frees it at its max lifetime.
+async fn case_live_task_quotas<S: LeaseStore>(store: &S) {
+    let q = BeginQuota {
+        identity_max_live: Some(2),
+        class_max_live: Some(3),
+        ..BeginQuota::default()
+    };
+    let a1 = quota_task(1, 1, "a", T0);
+    let a2 = quota_task(2, 2, "a", T0);
+    let a3 = quota_task(3, 3, "a", T0);
+    assert!(created(&begin_quota(store, &a1, q).await));
+    assert!(created(&begin_quota(store, &a2, q).await));
+    let refused = begin_quota(store, &a3, q).await;
+    assert_eq!(
+        exhausted(&refused).map(|e| e.0),
+        Some(QuotaKind::IdentityTasks),
+        "{refused:?}"
+    );
+    assert!(exhausted(&refused).unwrap().1 > 0, "a retry-after hint");
+    assert!(
+        store.task(&a3.id).await.unwrap().is_none(),
+        "nothing written"
+    );
+    // A replay of a task that exists is answered whatever the quotas.
+    assert!(matches!(
+        begin_quota(store, &a1, q).await,
+        BeginOutcome::Existing(_)
+    ));
+    // Another identity is unaffected by a's limit, until the class is full.
+    let b1 = quota_task(4, 4, "b", T0);
+    let b2 = quota_task(5, 5, "b", T0);
+    assert!(created(&begin_quota(store, &b1, q).await));
+    assert_eq!(
+        exhausted(&begin_quota(store, &b2, q).await).map(|e| e.0),
+        Some(QuotaKind::ClassTasks)
+    );
+    // Completion frees a slot.
+    assert!(matches!(
+        store.complete(&a1.id, T0 + 100, "succeeded").await.unwrap(),
+        CompleteOutcome::Ended { .. }
+    ));
+    let a4 = quota_task(6, 6, "a", T0 + 100);
+    assert!(created(&begin_quota(store, &a4, q).await));
+    // Expiry (the reaper) frees one too: a2 and b1 lapse at T0 + 2 s.
+    for shard in 0..SHARDS {
+        store.reap(shard, T0 + 2_050, 100).await.unwrap();
+    }
+    let a5 = quota_task(7, 7, "a", T0 + 2_060);
+    assert!(created(&begin_quota(store, &a5, q).await));
+    let b3 = quota_task(8, 8, "b", T0 + 2_060);
+    assert!(created(&begin_quota(store, &b3, q).await));
+    let b4 = quota_task(11, 11, "b", T0 + 2_060);
+    assert_eq!(
+        exhausted(&begin_quota(store, &b4, q).await).map(|e| e.0),
+        Some(QuotaKind::ClassTasks),
+        "a4, a5 and b3 are live"
+    );
+    // Nothing ends a4, a5 and b3 (say their removal was lost): past their max
+    // lifetime they count no more.
+    let late = T0 + 62_100;
+    let a6 = quota_task(9, 9, "a", late);
+    let a7 = quota_task(10, 10, "a", late);
+    assert!(created(&begin_quota(store, &a6, q).await));
+    assert!(created(&begin_quota(store, &a7, q).await));
+}
+
+/// Begin rates per identity and per class: token buckets that refill over
+/// time; a refusal spends nothing and says how long to wait.
+async fn case_begin_rate_buckets<S: LeaseStore>(store: &S) {
+    let q = BeginQuota {
+        identity_rate: Some(Bucket {
+            burst: 2,
+            refill_ms: 30_000.0,
+        }),
+        class_rate: Some(Bucket {
+            burst: 3,
+            refill_ms: 10_000.0,
+        }),
+        ..BeginQuota::default()
+    };
+    assert!(created(
+        &begin_quota(store, &quota_task(1, 1, "a", T0), q).await
+    ));
+    assert!(created(
+        &begin_quota(store, &quota_task(2, 2, "a", T0 + 1_000), q).await
+    ));
+    // a's bucket is empty: the next token comes 30 s after the first was spent
+    // (refilling continuously: 1/30 of a token per second since T0).
+    let refused = begin_quota(store, &quota_task(3, 3, "a", T0 + 1_000), q).await;
+    let (kind, wait) = exhausted(&refused).expect("identity rate");
+    assert_eq!(kind, QuotaKind::IdentityRate);
+    assert!((28_000..=30_000).contains(&wait), "retry after {wait} ms");
+    assert!(store.task(&task_id(3, 3)).await.unwrap().is_none());
+    // b at the same moment: its own bucket is full; the class's has one left.
+    assert!(created(
+        &begin_quota(store, &quota_task(4, 4, "b", T0 + 1_000), q).await
+    ));
+    let refused = begin_quota(store, &quota_task(5, 5, "c", T0 + 1_000), q).await;
+    assert_eq!(exhausted(&refused).map(|e| e.0), Some(QuotaKind::ClassRate));
+    // The refusal of c spent none of c's own tokens, and time refills: by
+    // T0 + 31 s a has a token again, and the class has refilled too.
+    let later = T0 + 31_000;
+    assert!(created(
+        &begin_quota(store, &quota_task(6, 6, "a", later), q).await
+    ));
+    assert!(created(
+        &begin_quota(store, &quota_task(7, 7, "c", later), q).await
+    ));
+    assert!(created(
+        &begin_quota(store, &quota_task(8, 8, "c", later), q).await
+    ));
+}
+
 async fn case_ping<S: LeaseStore>(store: &S) {
     store.ping().await.unwrap();
 }
@@ -977,6 +1123,8 @@ store_suite!(
     case_concurrent_reapers_disjoint,
     case_credentials_per_grant_are_capped,
     case_renewals_are_rate_limited,
+    case_live_task_quotas,
+    case_begin_rate_buckets,
     case_ping,
     case_revocations_are_logged_and_read,
     case_cursor_ahead_of_the_log_is_a_gap,

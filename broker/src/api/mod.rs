@@ -40,7 +40,8 @@ pub fn status(err: LeaseError) -> Status {
                 "outcome unknown: {m}; retry the same call (BeginTask with the same idempotency_key; RenewLease and CompleteTask are safe to repeat)"
             ))
         }
-        LeaseError::TooSoon { retry_after_ms } => {
+        LeaseError::TooSoon { retry_after_ms }
+        | LeaseError::QuotaExceeded { retry_after_ms, .. } => {
             let mut status = Status::resource_exhausted(err.to_string());
             if let Ok(v) = retry_after_ms.to_string().parse() {
                 status.metadata_mut().insert("retry-after-ms", v);

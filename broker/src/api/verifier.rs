@@ -100,9 +100,9 @@ impl<S: LeaseStore> Verifier for VerifierApi<S> {
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
         let who = caller(&request)?;
-        let audiences = self
+        let (audiences, actor) = self
             .service
-            .authorize_verifier(&who, "watch revocations")
+            .verifier_scope(&who, "watch revocations")
             .map_err(status)?;
         let raw = request.into_inner().cursor;
         let cursor = if raw.is_empty() {
@@ -115,8 +115,12 @@ impl<S: LeaseStore> Verifier for VerifierApi<S> {
                 ))
             })?)
         };
-        let stream = ReceiverStream::new(self.feed.watch(cursor, audiences))
-            .map(|item| item.map(batch).map_err(|e| status(LeaseError::from(e))));
+        let stream = ReceiverStream::new(self.feed.watch_tenant(
+            cursor,
+            audiences,
+            Some(actor.tenant),
+        ))
+        .map(|item| item.map(batch).map_err(|e| status(LeaseError::from(e))));
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -4,7 +4,9 @@
 //! an `event` field (`task.begun`, `credential.issued`, `lease.renewed`,
 //! `task.denied`, `task.completed`, `lease.expired`, `credential.revoked`).
 //! Events name credentials by id and never carry a credential value or digest;
-//! filter on the target to ship them to a separate sink.
+//! filter on the target to ship them to a separate sink. Every event carries
+//! the actor `class` and `tenant` (empty only in a denial of a caller no actor
+//! class matches, and for tasks stored before classes existed).
 
 use crate::store::{CredentialId, CredentialRecord, EndReason, TaskRecord};
 
@@ -17,6 +19,8 @@ pub fn task_begun(task: &TaskRecord, replayed: bool) {
         target: TARGET,
         event = "task.begun",
         task_id = %task.id,
+        class = %task.class,
+        tenant = %task.tenant,
         identity = %task.owner,
         template = %task.template,
         template_version = %task.template_version,
@@ -33,6 +37,8 @@ pub fn credential_issued(task: &TaskRecord, credential: &CredentialRecord) {
         target: TARGET,
         event = "credential.issued",
         task_id = %task.id,
+        class = %task.class,
+        tenant = %task.tenant,
         credential_id = %credential.id,
         identity = %credential.subject,
         grant = %credential.grant,
@@ -49,6 +55,8 @@ pub fn lease_renewed(task: &TaskRecord) {
         target: TARGET,
         event = "lease.renewed",
         task_id = %task.id,
+        class = %task.class,
+        tenant = %task.tenant,
         identity = %task.owner,
         lease_deadline_ms = task.lease_deadline_ms,
     );
@@ -62,15 +70,31 @@ pub fn credentials_rotated(task: &TaskRecord, rotated: &[CredentialId]) {
             target: TARGET,
             event = "credential.revoked",
             task_id = %task.id,
+            class = %task.class,
+            tenant = %task.tenant,
             credential_id = %id,
             reason = EndReason::Rotation.as_str(),
         );
     }
 }
 
-/// A request was refused by policy or ownership.
+/// A request was refused by policy or ownership, before (or without) the
+/// caller's actor class being known.
 pub fn denied(identity: &str, action: &str, reason: &str) {
-    tracing::warn!(target: TARGET, event = "task.denied", identity, action, reason);
+    denied_as(identity, "", "", action, reason);
+}
+
+/// A request of an identity of actor class `class` in `tenant` was refused.
+pub fn denied_as(identity: &str, class: &str, tenant: &str, action: &str, reason: &str) {
+    tracing::warn!(
+        target: TARGET,
+        event = "task.denied",
+        identity,
+        class,
+        tenant,
+        action,
+        reason
+    );
 }
 
 /// A task ended, by completion or expiry, revoking `revoked` credentials.
@@ -84,6 +108,8 @@ pub fn task_ended(task: &TaskRecord, reason: EndReason, revoked: &[CredentialId]
         target: TARGET,
         event,
         task_id = %task.id,
+        class = %task.class,
+        tenant = %task.tenant,
         identity = %task.owner,
         state = task.state.as_str(),
         outcome = task.outcome.as_deref().unwrap_or(""),
@@ -95,6 +121,8 @@ pub fn task_ended(task: &TaskRecord, reason: EndReason, revoked: &[CredentialId]
             target: TARGET,
             event = "credential.revoked",
             task_id = %task.id,
+            class = %task.class,
+            tenant = %task.tenant,
             credential_id = %id,
             reason = reason.as_str(),
         );

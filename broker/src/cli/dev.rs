@@ -211,6 +211,21 @@ durability = "none"
 callers = [
   {{ identity = "spiffe://{td}/resource/*", audiences = ["https://api.github.example", "postgres://db.example/app"] }},
 ]
+
+# Who is which actor class, of which tenant (first match wins; an identity no
+# class matches is denied). The dev identities are all of tenant "default",
+# the tenant of templates without `tenant:`.
+[[actors.classes]]
+name = "agent"
+tenant = "default"
+owner = "you@localhost"
+identities = ["spiffe://{td}/agent/*"]
+
+[[actors.classes]]
+name = "service"
+tenant = "default"
+owner = "you@localhost"
+identities = ["spiffe://{td}/*"]
 "#,
         agent_addr = args.agent_addr,
         ops_addr = args.ops_addr,

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod client;
 pub mod dev;
 pub mod task;
+pub mod templates;
 
 use std::path::PathBuf;
 
@@ -84,6 +85,10 @@ pub enum TemplatesCommand {
     Check {
         /// Directory of *.yaml templates.
         dir: PathBuf,
+        /// Also check each template's `tenant:` and `classes:` against the
+        /// actor classes of this config file, as the broker does at load.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 

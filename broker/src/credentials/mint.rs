@@ -102,6 +102,8 @@ impl Minter {
             cnf_x5t_s256: req.cnf_x5t_s256.map(str::to_owned),
             issued_at_ms: req.now_ms,
             expires_at_ms,
+            // The lease service sets the task's tenant.
+            tenant: String::new(),
         };
         self.check(req, &record, &value)?;
         Ok(Minted { record, value })

@@ -768,6 +768,8 @@ pub fn config(data: &[u8]) -> Outcome {
                 c.verifier_callers().entries().len(),
                 c.verifier.callers.len()
             );
+            // A config that loads has every class it lists, valid.
+            assert_eq!(c.actor_classes().classes().len(), c.actors.classes.len());
             let url = &c.store.url;
             if let (Some(s), Some(at)) = (url.find("://"), url.rfind('@'))
                 && at > s

@@ -141,6 +141,8 @@ mod tests {
             ended_at_ms: None,
             outcome: None,
             binding: binding_of(&caller(Some((1, 2)))),
+            class: String::new(),
+            tenant: String::new(),
         };
         let mut json = serde_json::to_value(&task).expect("json");
         assert_eq!(json["binding"]["kind"], "certificate");

@@ -41,6 +41,15 @@ pub enum LeaseError {
         /// How long until a renewal is accepted.
         retry_after_ms: u64,
     },
+    /// A quota of the caller's identity or actor class is used up (live tasks
+    /// or begin rate); other identities are unaffected.
+    #[error("{message}; retry in {retry_after_ms} ms")]
+    QuotaExceeded {
+        /// Which quota, in words.
+        message: String,
+        /// How long until a begin can succeed (a hint for live-task limits).
+        retry_after_ms: u64,
+    },
     /// An internal fault; the detail is logged, not returned.
     #[error("internal error: {0}")]
     Internal(String),

@@ -13,11 +13,12 @@ use crate::{
     clock::Clock,
     credentials::{self, CredentialError, MintRequest, Minted, Minter, jwt, opaque},
     identity::Identity,
-    policy::{self, Decision, VerifierCallers},
+    policy::{self, Actor, ActorClasses, Decision, VerifierCallers},
     revocation::Audiences,
     store::{
-        BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, EndReason, LeaseStore,
-        RenewOutcome, Renewal, StoredKind, TaskId, TaskRecord, TaskState,
+        BeginOutcome, BeginQuota, Bucket, CompleteOutcome, CredentialId, CredentialRecord,
+        EndReason, LeaseStore, QuotaKind, RenewOutcome, Renewal, StoredKind, TaskId, TaskRecord,
+        TaskState,
     },
     templates::TemplateCatalog,
 };
@@ -69,6 +70,7 @@ pub struct LeaseService<S> {
     clock: Arc<dyn Clock>,
     verifier_callers: VerifierCallers,
     binding_rule: BindingRule,
+    actors: ActorClasses,
 }
 
 fn digest(parts: &[&str]) -> ring::digest::Digest {
@@ -89,15 +91,78 @@ fn digest_hex(parts: &[&str]) -> String {
         .collect()
 }
 
-/// The store records of freshly minted credentials.
-fn records_of(minted: &[Minted]) -> Vec<CredentialRecord> {
-    minted.iter().map(|m| m.record.clone()).collect()
+/// The store records of freshly minted credentials of a task of `tenant`.
+fn records_of(minted: &[Minted], tenant: &str) -> Vec<CredentialRecord> {
+    minted
+        .iter()
+        .map(|m| CredentialRecord {
+            tenant: tenant.to_owned(),
+            ..m.record.clone()
+        })
+        .collect()
 }
 
 /// One `credential.issued` audit event per credential.
 fn audit_issued(task: &TaskRecord, records: &[CredentialRecord]) {
     for r in records {
         audit::credential_issued(task, r);
+    }
+}
+
+/// Caps a decision's lease TTL at the class's `max_ttl` (a template default
+/// above it; an explicit request above it was refused before).
+fn cap_to_class(decision: &mut Decision, actor: &Actor, now_ms: u64) {
+    if let Some(max) = actor.limits.max_ttl {
+        let max_ms = crate::clock::duration_ms(max);
+        if decision.lease_ttl_ms > max_ms {
+            decision.lease_ttl_ms = max_ms;
+            decision.lease_deadline_ms =
+                now_ms.saturating_add(max_ms).min(decision.max_deadline_ms);
+        }
+    }
+}
+
+/// The store quota of an actor's limits.
+fn quota_of(actor: &Actor) -> BeginQuota {
+    let bucket = |r: Option<policy::Rate>| {
+        r.map(|r| Bucket {
+            burst: r.burst,
+            refill_ms: r.refill_ms(),
+        })
+    };
+    BeginQuota {
+        identity_max_live: actor.limits.max_concurrent_tasks_per_identity,
+        class_max_live: actor.limits.max_concurrent_tasks,
+        identity_rate: bucket(actor.limits.begin_rate_per_identity),
+        class_rate: bucket(actor.limits.begin_rate),
+    }
+}
+
+/// What a refusal by `quota` says.
+fn quota_message(quota: QuotaKind, actor: &Actor, owner: &str) -> String {
+    let l = &actor.limits;
+    let rate = |r: Option<policy::Rate>| {
+        r.map(|r| format!("{}/{}", r.burst, humantime::format_duration(r.per)))
+            .unwrap_or_default()
+    };
+    let class = &actor.class;
+    match quota {
+        QuotaKind::IdentityTasks => format!(
+            "{owner} has {} live tasks, the most actor class {class:?} allows one identity (max_concurrent_tasks_per_identity); complete one first",
+            l.max_concurrent_tasks_per_identity.unwrap_or_default()
+        ),
+        QuotaKind::ClassTasks => format!(
+            "actor class {class:?} has {} live tasks, its max_concurrent_tasks; retry when one ends",
+            l.max_concurrent_tasks.unwrap_or_default()
+        ),
+        QuotaKind::IdentityRate => format!(
+            "{owner} begins tasks faster than actor class {class:?} allows one identity (begin_rate_per_identity {})",
+            rate(l.begin_rate_per_identity)
+        ),
+        QuotaKind::ClassRate => format!(
+            "actor class {class:?} begins tasks faster than its begin_rate {} allows",
+            rate(l.begin_rate)
+        ),
     }
 }
 
@@ -131,6 +196,7 @@ impl<S: LeaseStore> LeaseService<S> {
             clock,
             verifier_callers,
             binding_rule: BindingRule::SpiffeId,
+            actors: ActorClasses::default(),
         }
     }
 
@@ -187,10 +253,25 @@ impl<S: LeaseStore> LeaseService<S> {
     /// issue a credential inside it), `Unavailable`, `Internal`.
     pub async fn begin(&self, caller: &Identity, req: BeginTask) -> Result<IssuedTask, LeaseError> {
         req.check_shape().map_err(LeaseError::InvalidArgument)?;
+        let actor = self.actor(caller, "begin")?;
         let now_ms = self.now_ms();
         let owner = caller.spiffe_id.as_str();
         let templates = self.templates.current();
-        let decision = policy::decide(
+        self.admit_class(&templates, &actor, caller, &req.template, "begin")?;
+        if let (Some(t), Some(max)) = (req.requested_ttl, actor.limits.max_ttl)
+            && t > max
+        {
+            return Err(LeaseError::invalid(
+                "requested_ttl",
+                format!(
+                    "{} exceeds the max_ttl of actor class {:?}, {}",
+                    humantime::format_duration(t),
+                    actor.class,
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
+        let mut decision = policy::decide(
             &templates,
             &caller.spiffe_id,
             &req.template,
@@ -200,9 +281,10 @@ impl<S: LeaseStore> LeaseService<S> {
         )
         .inspect_err(|e| {
             if matches!(e, policy::PolicyError::NotAllowed { .. }) {
-                audit::denied(owner, "begin", &e.to_string());
+                audit::denied_as(owner, &actor.class, &actor.tenant, "begin", &e.to_string());
             }
         })?;
+        cap_to_class(&mut decision, &actor, now_ms);
         let params: Vec<String> = decision
             .parameters
             .iter()
@@ -244,10 +326,27 @@ impl<S: LeaseStore> LeaseService<S> {
             ended_at_ms: None,
             outcome: None,
             binding: binding::binding_of(caller),
+            class: actor.class.clone(),
+            tenant: actor.tenant.clone(),
         };
         let minted = self.mint_all(caller, &task_id, &decision, now_ms, task.lease_deadline_ms)?;
-        let records = records_of(&minted);
-        match self.store.begin(&task, &records).await? {
+        let records = records_of(&minted, &task.tenant);
+        match self
+            .store
+            .begin_with_quota(&task, &records, quota_of(&actor))
+            .await?
+        {
+            BeginOutcome::Exhausted {
+                quota,
+                retry_after_ms,
+            } => {
+                let message = quota_message(quota, &actor, owner);
+                audit::denied_as(owner, &actor.class, &actor.tenant, "begin", &message);
+                Err(LeaseError::QuotaExceeded {
+                    message,
+                    retry_after_ms,
+                })
+            }
             BeginOutcome::Created(stored) => {
                 // The store's clock decided the deadlines; answer with those.
                 let task = *stored;
@@ -295,7 +394,7 @@ impl<S: LeaseStore> LeaseService<S> {
             now_ms,
             existing.lease_deadline_ms,
         )?;
-        let records = records_of(&minted);
+        let records = records_of(&minted, &existing.tenant);
         let replay = Renewal {
             now_ms,
             extend_by_ms: 0,
@@ -345,9 +444,27 @@ impl<S: LeaseStore> LeaseService<S> {
             .task(task_id)
             .await?
             .ok_or_else(|| LeaseError::TaskNotFound(task_id.to_string()))?;
+        let actor = self.actor(caller, action)?;
+        if task.tenant != actor.tenant {
+            // Answered like an unknown task: a tenant learns nothing of another's.
+            audit::denied_as(
+                caller.spiffe_id.as_str(),
+                &actor.class,
+                &actor.tenant,
+                action,
+                &format!("task {task_id} belongs to another tenant"),
+            );
+            return Err(LeaseError::TaskNotFound(task_id.to_string()));
+        }
         if task.owner != caller.spiffe_id.as_str() {
             let reason = format!("task {task_id} belongs to another identity");
-            audit::denied(caller.spiffe_id.as_str(), action, &reason);
+            audit::denied_as(
+                caller.spiffe_id.as_str(),
+                &actor.class,
+                &actor.tenant,
+                action,
+                &reason,
+            );
             return Err(LeaseError::PermissionDenied(reason));
         }
         self.check_binding(&task, caller, action)?;
@@ -373,9 +490,14 @@ impl<S: LeaseStore> LeaseService<S> {
         if task.state != TaskState::Active {
             return Err(LeaseError::FailedPrecondition(ended_message(&task, now_ms)));
         }
+        let actor = self.actor(caller, "renew")?;
+        // A class whose TTL ceiling was lowered since the begin caps renewals too.
+        let lease_ttl_ms = actor.limits.max_ttl.map_or(task.lease_ttl_ms, |max| {
+            task.lease_ttl_ms.min(crate::clock::duration_ms(max))
+        });
         let deadline = policy::renewed_deadline(
             now_ms,
-            task.lease_ttl_ms,
+            lease_ttl_ms,
             task.lease_deadline_ms,
             task.max_deadline_ms,
         )
@@ -385,6 +507,13 @@ impl<S: LeaseStore> LeaseService<S> {
             ))
         })?;
         let templates = self.templates.current();
+        self.admit_class(&templates, &actor, caller, &task.template, "renew")
+            .map_err(|e| match e {
+                LeaseError::TemplateNotFound(t) => LeaseError::FailedPrecondition(format!(
+                    "template {t:?} no longer accepts this task: it is gone or belongs to another tenant"
+                )),
+                other => other,
+            })?;
         let decision = policy::decide(
             &templates,
             &caller.spiffe_id,
@@ -416,10 +545,10 @@ impl<S: LeaseStore> LeaseService<S> {
                 }
                 other => LeaseError::from(other),
             })?;
-        let records = records_of(&minted);
+        let records = records_of(&minted, &task.tenant);
         let renewal = Renewal {
             now_ms,
-            extend_by_ms: task.lease_ttl_ms,
+            extend_by_ms: lease_ttl_ms,
             min_interval_ms: Some(crate::clock::duration_ms(
                 decision.template.lease.min_renew_interval,
             )),
@@ -505,7 +634,8 @@ impl<S: LeaseStore> LeaseService<S> {
         caller: &Identity,
         token: &str,
     ) -> Result<Introspection, LeaseError> {
-        let audiences = self.authorize_verifier(caller, "introspect")?;
+        let (audiences, verifier) = self.verifier_scope(caller, "introspect")?;
+        let tenant = &verifier.tenant;
         if token.is_empty() {
             return Err(LeaseError::invalid("token", "required"));
         }
@@ -543,10 +673,26 @@ impl<S: LeaseStore> LeaseService<S> {
         let c = &view.credential;
         let genuine = c.kind == kind
             && credentials::digests_match(&credentials::value_digest(token), &c.value_sha256);
+        if genuine && (view.task.tenant != *tenant || c.tenant != *tenant) {
+            // Answered like an unknown token; only the audit trail hears of it.
+            audit::denied_as(
+                caller.spiffe_id.as_str(),
+                &verifier.class,
+                tenant,
+                "introspect",
+                &format!(
+                    "credential {} belongs to another tenant than this verifier's ({tenant:?})",
+                    c.id
+                ),
+            );
+            return Ok(Introspection::inactive());
+        }
         if genuine && !audiences.admits(&c.audience) {
             // Answered like an unknown token; only the audit trail hears of it.
-            audit::denied(
+            audit::denied_as(
                 caller.spiffe_id.as_str(),
+                &verifier.class,
+                tenant,
                 "introspect",
                 &format!(
                     "credential {} is for audience {:?}, which this verifier does not serve",
@@ -591,6 +737,81 @@ impl<S: LeaseStore> LeaseService<S> {
             "{} may not {action}: no verifier.callers entry matches it",
             caller.spiffe_id
         )))
+    }
+
+    /// The audiences and the actor (its tenant) whose credentials `caller` may learn of as
+    /// a verifier: [`LeaseService::authorize_verifier`], and the caller's actor
+    /// class must place it in a tenant.
+    ///
+    /// # Errors
+    /// `PermissionDenied` (audited) when no `verifier.callers` entry or no
+    /// actor class matches `caller`.
+    pub fn verifier_scope(
+        &self,
+        caller: &Identity,
+        action: &str,
+    ) -> Result<(Audiences, Actor), LeaseError> {
+        let audiences = self.authorize_verifier(caller, action)?;
+        let actor = self.actor(caller, action)?;
+        Ok((audiences, actor))
+    }
+
+    /// Sets the actor classes callers are classified by (default: none, so
+    /// every call that reads or changes a task or credential is denied).
+    #[must_use]
+    pub fn with_actors(mut self, actors: ActorClasses) -> Self {
+        self.actors = actors;
+        self
+    }
+
+    /// The class of `caller`.
+    ///
+    /// # Errors
+    /// `PermissionDenied` (audited) when no actor class matches it.
+    fn actor(&self, caller: &Identity, action: &str) -> Result<Actor, LeaseError> {
+        self.actors
+            .classify(&caller.spiffe_id)
+            .cloned()
+            .map_err(|e| {
+                audit::denied(caller.spiffe_id.as_str(), action, &e.to_string());
+                LeaseError::PermissionDenied(e.to_string())
+            })
+    }
+
+    /// Refuses a template of another tenant as if it did not exist, and one
+    /// of the caller's tenant that does not list its class; both audited.
+    fn admit_class(
+        &self,
+        templates: &crate::templates::TemplateSet,
+        actor: &Actor,
+        caller: &Identity,
+        template: &str,
+        action: &str,
+    ) -> Result<(), LeaseError> {
+        let Some(t) = templates.get(template) else {
+            return Ok(()); // decide() answers an unknown template
+        };
+        if t.admits_class(&actor.class, &actor.tenant) {
+            return Ok(());
+        }
+        let who = caller.spiffe_id.as_str();
+        if t.tenant != actor.tenant {
+            audit::denied_as(
+                who,
+                &actor.class,
+                &actor.tenant,
+                action,
+                &format!("template {template:?} belongs to another tenant"),
+            );
+            return Err(LeaseError::TemplateNotFound(template.to_owned()));
+        }
+        let reason = format!(
+            "actor class {:?} may not use template {template:?} (its classes: {})",
+            actor.class,
+            t.classes.join(", ")
+        );
+        audit::denied_as(who, &actor.class, &actor.tenant, action, &reason);
+        Err(LeaseError::PermissionDenied(format!("{who}: {reason}")))
     }
 
     /// The JWK Set of the signing keys.

@@ -64,6 +64,19 @@ fn fixture() -> Fixture {
             ],
         )
         .expect("callers"),
+    )
+    .with_actors(
+        crate::policy::ActorClasses::parse(
+            "actors.classes",
+            [crate::policy::ClassSpec {
+                name: "any",
+                tenant: "default",
+                owner: "platform@acme.test",
+                identities: vec!["spiffe://acme.test/*"],
+                ..crate::policy::ClassSpec::default()
+            }],
+        )
+        .expect("classes"),
     );
     Fixture {
         _dir: tmp,
@@ -347,4 +360,154 @@ async fn no_room_for_a_jwt_in_the_lease_is_a_failed_precondition_not_internal() 
         wrong.push(format!("short begin: {e:?}"));
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// The fixture with classes: `agent/*` (tenant `default`, the template's) with
+/// a 5 s TTL ceiling and one begin per identity per minute; `partner/*` in
+/// tenant `partner`; nothing else classified.
+fn fixture_with_classes() -> Fixture {
+    let mut f = fixture();
+    let classes = crate::policy::ActorClasses::parse(
+        "actors.classes",
+        [
+            crate::policy::ClassSpec {
+                name: "agent",
+                tenant: "default",
+                owner: "platform@acme.test",
+                identities: vec!["spiffe://acme.test/agent/*"],
+                max_ttl: Some(Duration::from_secs(5)),
+                begin_rate_per_identity: Some("1/1m"),
+                ..crate::policy::ClassSpec::default()
+            },
+            crate::policy::ClassSpec {
+                name: "partner",
+                tenant: "partner",
+                owner: "partner@partner.test",
+                identities: vec!["spiffe://acme.test/partner/*"],
+                ..crate::policy::ClassSpec::default()
+            },
+        ],
+    )
+    .expect("classes");
+    f.service = f.service.with_actors(classes);
+    f
+}
+
+#[tokio::test]
+async fn an_unclassified_identity_is_denied_before_anything_else() {
+    let f = fixture_with_classes();
+    let mut bad = request();
+    bad.template = "no-such-template".into();
+    for req in [request(), bad] {
+        let err = f
+            .service
+            .begin(&who("ops/x"), req)
+            .await
+            .expect_err("denied");
+        assert!(
+            matches!(&err, LeaseError::PermissionDenied(m) if m.contains("no actor class matches")),
+            "{err:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn another_tenants_template_is_answered_like_an_unknown_one() {
+    let f = fixture_with_classes();
+    let err = f
+        .service
+        .begin(&who("partner/p"), request())
+        .await
+        .expect_err("foreign");
+    let mut unknown = request();
+    unknown.template = "nope".into();
+    let want = f
+        .service
+        .begin(&who("partner/p"), unknown)
+        .await
+        .expect_err("unknown");
+    assert!(matches!(err, LeaseError::TemplateNotFound(_)), "{err:?}");
+    assert_eq!(
+        err.to_string().replace("review", "X"),
+        want.to_string().replace("nope", "X")
+    );
+    // And the owner's task is not found for the partner either.
+    let task = f
+        .service
+        .begin(&who("agent/a"), request())
+        .await
+        .expect("begin")
+        .task;
+    for res in [
+        f.service
+            .renew(&who("partner/p"), task.id.as_str())
+            .await
+            .map(|_| ()),
+        f.service
+            .complete(&who("partner/p"), task.id.as_str(), "succeeded", "")
+            .await
+            .map(|_| ()),
+    ] {
+        assert!(matches!(res, Err(LeaseError::TaskNotFound(_))), "{res:?}");
+    }
+    assert_eq!(task.class, "agent");
+    assert_eq!(task.tenant, "default");
+}
+
+#[tokio::test]
+async fn the_class_ceiling_refuses_longer_requests_and_caps_the_default() {
+    let f = fixture_with_classes();
+    let mut long = request();
+    long.requested_ttl = Some(Duration::from_secs(6));
+    match f.service.begin(&who("agent/a"), long).await {
+        Err(LeaseError::InvalidArgument(ps)) => {
+            assert_eq!(ps.len(), 1);
+            assert_eq!(ps[0].field, "requested_ttl");
+            assert!(
+                ps[0].reason.contains("max_ttl of actor class \"agent\""),
+                "{ps:?}"
+            );
+        }
+        other => panic!("want requested_ttl refused: {other:?}"),
+    }
+    // The template's 10 s default is capped at 5 s; the refusal spent no token.
+    let task = f
+        .service
+        .begin(&who("agent/a"), request())
+        .await
+        .expect("begin")
+        .task;
+    assert_eq!(task.lease_ttl_ms, 5_000);
+    assert_eq!(task.lease_deadline_ms, T0 + 5_000);
+}
+
+#[tokio::test]
+async fn a_begin_rate_holds_back_only_its_identity_until_it_refills() {
+    let f = fixture_with_classes();
+    f.service
+        .begin(&who("agent/a"), request())
+        .await
+        .expect("first");
+    match f.service.begin(&who("agent/a"), request()).await {
+        Err(LeaseError::QuotaExceeded {
+            message,
+            retry_after_ms,
+        }) => {
+            assert_eq!(retry_after_ms, 60_000);
+            assert!(
+                message.contains("begin_rate_per_identity 1/1m"),
+                "{message}"
+            );
+        }
+        other => panic!("want the rate refused: {other:?}"),
+    }
+    f.service
+        .begin(&who("agent/b"), request())
+        .await
+        .expect("other identity");
+    f.clock.advance(Duration::from_secs(60));
+    f.service
+        .begin(&who("agent/a"), request())
+        .await
+        .expect("refilled");
 }

@@ -5,6 +5,7 @@
 //! `identity` module's job). A decision is a pure function of the template set,
 //! the caller, the request and the time, so it is tested without a server.
 
+pub mod actors;
 pub mod verifiers;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
@@ -15,6 +16,7 @@ use crate::{
     templates::{GrantSpec, Template, TemplateSet},
 };
 
+pub use actors::{Actor, ActorClasses, ClassLimits, ClassSpec, Rate, Unclassified};
 pub use verifiers::{VerifierCaller, VerifierCallers};
 
 /// A field of a request and why it was refused.

@@ -209,6 +209,17 @@ impl<S: LeaseStore> RevocationFeed<S> {
         cursor: Option<RevocationCursor>,
         audiences: Audiences,
     ) -> mpsc::Receiver<Result<RevocationBatch, StoreError>> {
+        self.watch_tenant(cursor, audiences, None)
+    }
+
+    /// [`RevocationFeed::watch`], told only of credentials of `tenant` (every
+    /// tenant when `None`) among its audiences'.
+    pub fn watch_tenant(
+        self: &Arc<Self>,
+        cursor: Option<RevocationCursor>,
+        audiences: Audiences,
+        tenant: Option<String>,
+    ) -> mpsc::Receiver<Result<RevocationBatch, StoreError>> {
         // Subscribe before reading the store, so nothing logged in between is lost.
         let rx = self.tx.subscribe();
         let (out, out_rx) = mpsc::channel(16);
@@ -218,6 +229,7 @@ impl<S: LeaseStore> RevocationFeed<S> {
                 feed,
                 out,
                 audiences,
+                tenant,
             };
             if let Err(e) = watcher.serve(cursor, rx).await {
                 let _ = watcher.out.send(Err(e)).await;
@@ -231,6 +243,8 @@ struct Watcher<S> {
     feed: Arc<RevocationFeed<S>>,
     out: mpsc::Sender<Result<RevocationBatch, StoreError>>,
     audiences: Audiences,
+    /// Only this tenant's credentials (`None`: every tenant's).
+    tenant: Option<String>,
 }
 
 /// The watcher has gone away; stop quietly.
@@ -243,9 +257,14 @@ impl From<Gone> for StoreError {
 }
 
 impl<S: LeaseStore> Watcher<S> {
-    /// Sends `batch` with only the records of this watcher's audiences.
+    /// Whether `r` is this watcher's business: one of its audiences, its tenant.
+    fn admits(&self, r: &RevocationRecord) -> bool {
+        self.audiences.admits(&r.audience) && self.tenant.as_ref().is_none_or(|t| *t == r.tenant)
+    }
+
+    /// Sends `batch` with only the records of this watcher's audiences and tenant.
     async fn send(&self, mut batch: RevocationBatch) -> Result<(), Gone> {
-        batch.records.retain(|r| self.audiences.admits(&r.audience));
+        batch.records.retain(|r| self.admits(r));
         self.out.send(Ok(batch)).await.map_err(|_| Gone)
     }
 
@@ -305,11 +324,8 @@ impl<S: LeaseStore> Watcher<S> {
     /// `snapshot_complete`, one batch if it is small) and returns its cursor.
     async fn snapshot(&self) -> Result<RevocationCursor, StoreError> {
         let snapshot = self.feed.shared_snapshot().await?;
-        let mine: Vec<&RevocationRecord> = snapshot
-            .records
-            .iter()
-            .filter(|r| self.audiences.admits(&r.audience))
-            .collect();
+        let mine: Vec<&RevocationRecord> =
+            snapshot.records.iter().filter(|r| self.admits(r)).collect();
         let chunks: Vec<&[&RevocationRecord]> = mine.chunks(BATCH).collect();
         let batches = chunks.len().max(1);
         for i in 0..batches {

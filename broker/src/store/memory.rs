@@ -10,11 +10,11 @@ use std::{
 use tokio::sync::Notify;
 
 use super::{
-    BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, CredentialView, EndReason,
-    ExpiredTask, LeaseStore, LogId, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE, PagePosition,
-    REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RenewOutcome, Renewal, RevocationCursor,
-    RevocationRead, RevocationRecord, RevokedPage, SHARDS, StoreError, TaskId, TaskRecord,
-    TaskState,
+    BeginOutcome, BeginQuota, Bucket, CONCURRENCY_RETRY_MS, CompleteOutcome, CredentialId,
+    CredentialRecord, CredentialView, EndReason, ExpiredTask, LeaseStore, LogId,
+    MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE, PagePosition, QuotaKind, REVOCATION_GRACE_MS,
+    REVOCATION_LOG_MAX, Reaped, RenewOutcome, Renewal, RevocationCursor, RevocationRead,
+    RevocationRecord, RevokedPage, SHARDS, StoreError, TaskId, TaskRecord, TaskState,
 };
 
 /// One shard's revocation log.
@@ -38,7 +38,33 @@ struct Inner {
     logs: Vec<Log>,
     /// Revoked credentials, kept until [`REVOCATION_GRACE_MS`] past their
     /// expiry: expiry → id → audience (ordered like Redis's revoked sets, for paging).
-    revoked: BTreeMap<u64, BTreeMap<CredentialId, String>>,
+    revoked: BTreeMap<u64, BTreeMap<CredentialId, (String, String)>>,
+    /// Live tasks per quota key (`id:<owner>`, `class:<class>`): task id → max
+    /// deadline, exactly like the Redis sorted sets.
+    live: HashMap<String, BTreeMap<TaskId, u64>>,
+    /// Token buckets per quota key: (tokens, last update ms).
+    buckets: HashMap<String, (f64, u64)>,
+}
+
+/// The quota keys of a task's owner and class, `id:<owner>` and
+/// `class:<class>` (the Redis store names its keys with them too).
+pub fn quota_keys(task: &TaskRecord) -> (String, String) {
+    (
+        format!("id:{}", task.owner),
+        format!("class:{}", task.class),
+    )
+}
+
+/// The tokens of a bucket at `now_ms` after refilling from `(tokens, at)`.
+fn refilled(state: Option<(f64, u64)>, bucket: Bucket, now_ms: u64) -> f64 {
+    let burst = bucket.burst as f64;
+    match state {
+        None => burst,
+        Some((tokens, at)) => {
+            let elapsed = now_ms.saturating_sub(at) as f64;
+            (tokens + elapsed / bucket.refill_ms).min(burst)
+        }
+    }
 }
 
 /// A [`LeaseStore`] held in this process's memory.
@@ -114,6 +140,7 @@ impl Inner {
             revoked_at_ms: now_ms,
             reason,
             audience: c.audience.clone(),
+            tenant: c.tenant.clone(),
             position: (shard, log.last),
         });
         if log.entries.len() > REVOCATION_LOG_MAX
@@ -124,7 +151,7 @@ impl Inner {
         self.revoked
             .entry(c.expires_at_ms)
             .or_default()
-            .insert(c.id.clone(), c.audience.clone());
+            .insert(c.id.clone(), (c.audience.clone(), c.tenant.clone()));
     }
 
     /// Adds credentials to a live task; a grant past the cap loses its oldest,
@@ -170,7 +197,81 @@ impl Inner {
     fn end(&mut self, task: &TaskRecord, now_ms: u64, reason: EndReason) -> Vec<CredentialId> {
         self.deadlines
             .remove(&(task.lease_deadline_ms, task.id.clone()));
+        self.unlive(task);
         self.log_revocations(&task.id, now_ms, reason)
+    }
+
+    /// Drops `task` from its owner's and class's live sets.
+    fn unlive(&mut self, task: &TaskRecord) {
+        let (id_key, class_key) = quota_keys(task);
+        for key in [id_key, class_key] {
+            if let Some(set) = self.live.get_mut(&key) {
+                set.remove(&task.id);
+                if set.is_empty() {
+                    self.live.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The live tasks under `key` at `now_ms`, after dropping those past their
+    /// max lifetime.
+    fn live_count(&mut self, key: &str, now_ms: u64) -> u64 {
+        let Some(set) = self.live.get_mut(key) else {
+            return 0;
+        };
+        set.retain(|_, max| *max > now_ms);
+        set.len() as u64
+    }
+
+    /// Checks every limit of `quota` for `task` at `now_ms`; spends the
+    /// tokens and records the task only when all pass.
+    fn admit(
+        &mut self,
+        task: &TaskRecord,
+        quota: BeginQuota,
+        now_ms: u64,
+    ) -> Option<(QuotaKind, u64)> {
+        let (id_key, class_key) = quota_keys(task);
+        for (key, max, kind) in [
+            (&id_key, quota.identity_max_live, QuotaKind::IdentityTasks),
+            (&class_key, quota.class_max_live, QuotaKind::ClassTasks),
+        ] {
+            if let Some(max) = max
+                && self.live_count(key, now_ms) >= max
+            {
+                return Some((kind, CONCURRENCY_RETRY_MS));
+            }
+        }
+        let mut spend = Vec::new();
+        for (key, bucket, kind) in [
+            (&id_key, quota.identity_rate, QuotaKind::IdentityRate),
+            (&class_key, quota.class_rate, QuotaKind::ClassRate),
+        ] {
+            let Some(bucket) = bucket else { continue };
+            let tokens = refilled(self.buckets.get(key).copied(), bucket, now_ms);
+            if tokens < 1.0 {
+                let wait = ((1.0 - tokens) * bucket.refill_ms).ceil().max(1.0) as u64;
+                return Some((kind, wait));
+            }
+            spend.push((key.clone(), tokens - 1.0));
+        }
+        for (key, tokens) in spend {
+            self.buckets.insert(key, (tokens, now_ms));
+        }
+        // Like the Redis script: only a limited count is kept.
+        for (key, max) in [
+            (id_key, quota.identity_max_live),
+            (class_key, quota.class_max_live),
+        ] {
+            if max.is_some() {
+                self.live
+                    .entry(key)
+                    .or_default()
+                    .insert(task.id.clone(), task.max_deadline_ms);
+            }
+        }
+        None
     }
 
     /// Forgets tasks past their retention: ended ones `retention_ms` after they
@@ -190,6 +291,7 @@ impl Inner {
         for id in old {
             if let Some(t) = self.tasks.remove(&id) {
                 self.deadlines.remove(&(t.lease_deadline_ms, id.clone()));
+                self.unlive(&t);
             }
             self.credentials.remove(&id);
             self.grants.remove(&id);
@@ -199,15 +301,22 @@ impl Inner {
 }
 
 impl LeaseStore for MemoryStore {
-    async fn begin(
+    async fn begin_with_quota(
         &self,
         task: &TaskRecord,
         credentials: &[CredentialRecord],
+        quota: BeginQuota,
     ) -> Result<BeginOutcome, StoreError> {
         let mut guard = self.lock()?;
         let inner = &mut *guard;
         if let Some(existing) = inner.tasks.get(&task.id) {
             return Ok(BeginOutcome::Existing(Box::new(existing.clone())));
+        }
+        if let Some((quota, retry_after_ms)) = inner.admit(task, quota, task.created_at_ms) {
+            return Ok(BeginOutcome::Exhausted {
+                quota,
+                retry_after_ms,
+            });
         }
         inner.tasks.insert(task.id.clone(), task.clone());
         inner
@@ -415,7 +524,7 @@ impl LeaseStore for MemoryStore {
                 0
             };
             // Entries of every shard share the map: the position counts this shard's only.
-            for (id, audience) in ids
+            for (id, (audience, tenant)) in ids
                 .iter()
                 .filter(|(id, _)| id.task_id().shard() == shard)
                 .skip(skip)
@@ -430,6 +539,7 @@ impl LeaseStore for MemoryStore {
                     revoked_at_ms: 0,
                     reason: EndReason::Completion,
                     audience: audience.clone(),
+                    tenant: tenant.clone(),
                     position: (shard, LogId::default()),
                 });
             }

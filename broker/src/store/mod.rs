@@ -31,6 +31,7 @@ mod redis;
 use std::{future::Future, time::Duration};
 
 pub use memory::MemoryStore;
+pub use memory::quota_keys;
 pub use model::{
     CredentialId, CredentialRecord, EndReason, LogId, MAX_CURSOR_LEN, PagePosition,
     RevocationCursor, RevocationRead, RevocationRecord, RevokedPage, StoredKind, TaskBinding,
@@ -103,9 +104,88 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// A token bucket: `burst` begins, one coming back every `refill_ms`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bucket {
+    /// The bucket's size.
+    pub burst: u64,
+    /// Milliseconds per token (at least 1).
+    pub refill_ms: f64,
+}
+
+/// The quotas a begin is checked against in the same atomic step as the
+/// create (`None`: no such limit). Live tasks are counted per owner (the
+/// task's `owner`) and per class (its `class`); rates are token buckets
+/// shared by every replica. A refused begin changes nothing (no token spent).
+///
+/// Counting cannot drift: the live tasks of an owner or class are a set of
+/// task ids scored by their max lifetime, from which ending a task (complete,
+/// expiry) removes it and from which every begin first drops what is past its
+/// max lifetime, so a lost removal frees its slot at the latest then.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BeginQuota {
+    /// Most live tasks of the owner.
+    pub identity_max_live: Option<u64>,
+    /// Most live tasks of the class.
+    pub class_max_live: Option<u64>,
+    /// Begin rate of the owner.
+    pub identity_rate: Option<Bucket>,
+    /// Begin rate of the class.
+    pub class_rate: Option<Bucket>,
+}
+
+/// Which quota refused a begin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaKind {
+    /// The owner's live tasks.
+    IdentityTasks,
+    /// The class's live tasks.
+    ClassTasks,
+    /// The owner's begin rate.
+    IdentityRate,
+    /// The class's begin rate.
+    ClassRate,
+}
+
+impl QuotaKind {
+    /// The name used in the store's replies and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IdentityTasks => "identity_tasks",
+            Self::ClassTasks => "class_tasks",
+            Self::IdentityRate => "identity_rate",
+            Self::ClassRate => "class_rate",
+        }
+    }
+
+    /// Parses [`QuotaKind::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::IdentityTasks,
+            Self::ClassTasks,
+            Self::IdentityRate,
+            Self::ClassRate,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// Most a concurrency refusal asks a caller to wait: a slot frees as soon as
+/// one of the tasks ends, which the store cannot foresee.
+pub const CONCURRENCY_RETRY_MS: u64 = 1000;
+
 /// What [`LeaseStore::begin`] did.
 #[derive(Debug, Clone)]
 pub enum BeginOutcome {
+    /// A [`BeginQuota`] limit was reached; nothing was written.
+    Exhausted {
+        /// Which limit.
+        quota: QuotaKind,
+        /// How long until a begin can succeed (rates), or a hint (live tasks,
+        /// at most [`CONCURRENCY_RETRY_MS`]).
+        retry_after_ms: u64,
+    },
     /// The task was created with its lease and credentials; this is the task as
     /// stored, with the deadlines the store's clock decided.
     Created(Box<TaskRecord>),
@@ -218,6 +298,21 @@ pub trait LeaseStore: Send + Sync + 'static {
         &self,
         task: &TaskRecord,
         credentials: &[CredentialRecord],
+    ) -> impl Future<Output = Result<BeginOutcome, StoreError>> + Send {
+        self.begin_with_quota(task, credentials, BeginQuota::default())
+    }
+
+    /// [`LeaseStore::begin`], unless a task with the same id exists (answered
+    /// `Existing` whatever the quotas) or a `quota` limit is reached
+    /// (`Exhausted`, nothing written): all decided in the same atomic step.
+    ///
+    /// # Errors
+    /// As [`LeaseStore::begin`].
+    fn begin_with_quota(
+        &self,
+        task: &TaskRecord,
+        credentials: &[CredentialRecord],
+        quota: BeginQuota,
     ) -> impl Future<Output = Result<BeginOutcome, StoreError>> + Send;
 
     /// Reads a task.

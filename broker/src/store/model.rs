@@ -216,6 +216,15 @@ pub struct TaskRecord {
     /// [`TaskBinding::Unrecorded`].
     #[serde(default)]
     pub binding: TaskBinding,
+    /// The actor class of the owner at begin (its quotas count this task).
+    /// Empty in records written before classes existed.
+    #[serde(default)]
+    pub class: String,
+    /// The owner's tenant at begin: no caller of another tenant can read,
+    /// renew, complete or introspect the task. Empty in records written before
+    /// tenants existed, which then match no tenant at all (fail closed).
+    #[serde(default)]
+    pub tenant: String,
 }
 
 /// The proof a task's owner gave at begin, which renew and complete must match.
@@ -285,6 +294,9 @@ pub struct CredentialRecord {
     pub issued_at_ms: u64,
     /// Expires at; never after the lease deadline at issue time.
     pub expires_at_ms: u64,
+    /// The tenant of the task: only that tenant's verifiers learn of it.
+    #[serde(default)]
+    pub tenant: String,
 }
 
 impl fmt::Debug for CredentialRecord {
@@ -442,6 +454,8 @@ pub struct RevocationRecord {
     pub reason: EndReason,
     /// The credential's audience: watchers are told only of their audiences' credentials.
     pub audience: String,
+    /// The credential's tenant: watchers are told only of their tenant's credentials.
+    pub tenant: String,
     /// Its shard and position in that shard's log (0-0 in a snapshot).
     pub position: (u8, LogId),
 }

@@ -10,7 +10,14 @@
 //! | `{P:s}:cgr:ID` | hash | grant → its live credential ids, oldest first (the per-grant cap) |
 //! | `{P:s}:deadlines` | zset | task id by lease deadline: the reaper's work list |
 //! | `{P:s}:revlog` | stream | one entry per revocation, for watchers |
-//! | `{P:s}:revoked` | zset | `<credential id> <audience>` by expiry, for snapshots |
+//! | `{P:s}:revoked` | zset | `<credential id> <audience> <tenant>` by expiry, for snapshots |
+//! | `P:q:id:<owner>`, `P:q:class:<class>` | zset | live task ids by max lifetime (concurrency quotas) |
+//! | `P:q:rate:id:<owner>`, `P:q:rate:class:<class>` | hash | token bucket `t` (tokens), `ts` (ms) |
+//!
+//! The quota keys (`P:q:…`) are per identity and per class, so they carry no
+//! shard hash tag: the begin, complete and reap scripts touch them beside the
+//! task's slot, which one Redis node allows; Redis Cluster (issue 11) needs
+//! them moved.
 //!
 //! Deadlines are decided with Redis's own `TIME` inside each script
 //! ([`StoreClock::Store`]), so replicas whose clocks differ agree. Every script
@@ -37,11 +44,11 @@ use std::{
 use redis::{Client, Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
 
 use super::{
-    BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, CredentialView, EndReason,
-    ExpiredTask, LeaseStore, LogId, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE, PagePosition,
-    REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RenewOutcome, Renewal, RevocationCursor,
-    RevocationRead, RevocationRecord, RevokedPage, SHARDS, StoreClock, StoreError, TaskId,
-    TaskRecord, TaskState,
+    BeginOutcome, BeginQuota, CompleteOutcome, CredentialId, CredentialRecord, CredentialView,
+    EndReason, ExpiredTask, LeaseStore, LogId, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE,
+    PagePosition, QuotaKind, REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RenewOutcome,
+    Renewal, RevocationCursor, RevocationRead, RevocationRecord, RevokedPage, SHARDS, StoreClock,
+    StoreError, TaskId, TaskRecord, TaskState,
 };
 
 /// When a state change counts as acknowledged.
@@ -211,6 +218,7 @@ fn write_script(body: &str) -> Script {
     let prelude = PRELUDE
         .replace("__GRACE__", &REVOCATION_GRACE_MS.to_string())
         .replace("__PAGE__", &PRUNE_PAGE.to_string());
+    let body = body.replace("__CONC__", &super::CONCURRENCY_RETRY_MS.to_string());
     Script::new(&format!("{prelude}\n{body}"))
 }
 
@@ -516,6 +524,11 @@ impl RedisStore {
         ]
     }
 
+    /// The base of the quota keys (see the module docs).
+    fn quota_base(&self) -> String {
+        format!("{}:q:", self.prefix)
+    }
+
     fn revlog_key(&self, shard: u8) -> String {
         format!("{}:revlog", self.tag(shard))
     }
@@ -569,6 +582,7 @@ impl RedisStore {
                     revoked_at_ms: parse_score(&field("a")?)?,
                     reason: EndReason::parse(&field("r")?).ok_or_else(|| corrupt("reason"))?,
                     audience: field("u").unwrap_or_default(),
+                    tenant: field("t").unwrap_or_default(),
                     position: (shard, pos),
                 });
                 cursor.advance(shard, pos);
@@ -734,16 +748,23 @@ fn reaped_entry(value: &redis::Value, out: &mut Reaped) -> Result<(), StoreError
 }
 
 impl LeaseStore for RedisStore {
-    async fn begin(
+    async fn begin_with_quota(
         &self,
         task: &TaskRecord,
         credentials: &[CredentialRecord],
+        quota: BeginQuota,
     ) -> Result<BeginOutcome, StoreError> {
         let keys = self.task_keys(&task.id);
         let mut inv = self.scripts.begin.prepare_invoke();
         for k in &keys {
             inv.key(k);
         }
+        let base = self.quota_base();
+        let (id_key, class_key) = super::memory::quota_keys(task);
+        inv.key(format!("{base}{id_key}"))
+            .key(format!("{base}{class_key}"))
+            .key(format!("{base}rate:{id_key}"))
+            .key(format!("{base}rate:{class_key}"));
         inv.arg(self.now_arg(task.created_at_ms))
             .arg(to_json(task)?)
             .arg(task.lease_deadline_ms.saturating_sub(task.created_at_ms))
@@ -752,8 +773,29 @@ impl LeaseStore for RedisStore {
             .arg(task.id.as_str())
             .arg(MAX_LIVE_CREDENTIALS_PER_GRANT)
             .arg(REVOCATION_LOG_MAX);
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+        inv.arg(opt(quota.identity_max_live))
+            .arg(opt(quota.class_max_live));
+        for bucket in [quota.identity_rate, quota.class_rate] {
+            match bucket {
+                Some(b) => inv.arg(b.burst).arg(format!("{:.3}", b.refill_ms.max(1.0))),
+                None => inv.arg("").arg(""),
+            };
+        }
         push_credentials(&mut inv, credentials)?;
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        if reply.first().and_then(Option::as_deref) == Some("exhausted") {
+            let field = |i: usize| reply.get(i).and_then(Option::as_deref);
+            if let Some(t) = field(3).and_then(|t| parse_score(t).ok()) {
+                self.observe(t);
+            }
+            return Ok(BeginOutcome::Exhausted {
+                quota: field(1)
+                    .and_then(QuotaKind::parse)
+                    .ok_or_else(|| corrupt("begin quota reply"))?,
+                retry_after_ms: field(2).map_or(Ok(0), parse_score)?,
+            });
+        }
         self.decided(&reply);
         let stored = Box::new(task_from_fields(task_part(&reply)?)?);
         match reply.first().and_then(Option::as_deref) {
@@ -836,7 +878,8 @@ impl LeaseStore for RedisStore {
             .arg(outcome)
             .arg(task_id.as_str())
             .arg(REVOCATION_LOG_MAX)
-            .arg(self.retention_ms.max(1));
+            .arg(self.retention_ms.max(1))
+            .arg(self.quota_base());
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
         self.decided(&reply);
         match reply.first().and_then(Option::as_deref) {
@@ -897,7 +940,8 @@ impl LeaseStore for RedisStore {
             .arg(limit.max(1))
             .arg(REVOCATION_LOG_MAX)
             .arg(self.retention_ms.max(1))
-            .arg(format!("{tag}:"));
+            .arg(format!("{tag}:"))
+            .arg(self.quota_base());
         let reply: Vec<redis::Value> = self.run_write(&mut inv).await?;
         let mut out = Reaped {
             more: reply
@@ -960,7 +1004,10 @@ impl LeaseStore for RedisStore {
             let [member, exp] = pair else {
                 return Err(corrupt("revoked set"));
             };
-            let (id, audience) = member.split_once(' ').unwrap_or((member, ""));
+            let mut parts = member.splitn(3, ' ');
+            let id = parts.next().unwrap_or_default();
+            let audience = parts.next().unwrap_or_default();
+            let tenant = parts.next().unwrap_or_default();
             let exp = parse_score(exp)?;
             expiries.push(exp);
             records.push(RevocationRecord {
@@ -969,6 +1016,7 @@ impl LeaseStore for RedisStore {
                 revoked_at_ms: 0,
                 reason: EndReason::Completion,
                 audience: audience.to_owned(),
+                tenant: tenant.to_owned(),
                 position: (shard, LogId::default()),
             });
         }

@@ -5,13 +5,12 @@ use std::{
     sync::{Arc, Mutex, PoisonError, RwLock},
 };
 
-use super::TemplateErrors;
 use super::load::{Fingerprint, build, snapshot};
 use super::model::TemplateSet;
+use super::{SetCheck, TemplateErrors};
 
 /// The broker's current templates. Readers always see one complete, valid set: a
 /// reload either installs a whole new set or leaves the last good one in place.
-#[derive(Debug)]
 pub struct TemplateCatalog {
     dir: PathBuf,
     current: RwLock<Arc<TemplateSet>>,
@@ -19,6 +18,28 @@ pub struct TemplateCatalog {
     /// this lock for the whole reload also serializes concurrent reloads, so an older
     /// read can never overwrite a newer one.
     seen: Mutex<Fingerprint>,
+    /// Checked on every set before it is installed (start and reload).
+    check: Option<SetCheck>,
+}
+
+impl std::fmt::Debug for TemplateCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemplateCatalog")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses `snap` and applies `check`.
+fn build_checked(
+    snap: &super::load::Snapshot,
+    check: Option<&SetCheck>,
+) -> Result<TemplateSet, TemplateErrors> {
+    let set = build(snap)?;
+    match check.map(|c| c(&set)) {
+        Some(issues) if !issues.is_empty() => Err(TemplateErrors(issues)),
+        _ => Ok(set),
+    }
 }
 
 impl TemplateCatalog {
@@ -28,13 +49,24 @@ impl TemplateCatalog {
     ///
     /// Every problem in the directory; the broker must not start without a valid set.
     pub fn new(dir: PathBuf) -> Result<Self, TemplateErrors> {
+        Self::with_check(dir, None)
+    }
+
+    /// Loads `dir`; this set and every reloaded one must also pass `check`
+    /// (a reload that fails it keeps the last good set, like a parse error).
+    ///
+    /// # Errors
+    ///
+    /// Every problem in the directory, then every issue `check` reports.
+    pub fn with_check(dir: PathBuf, check: Option<SetCheck>) -> Result<Self, TemplateErrors> {
         let snap = snapshot(&dir);
-        let set = build(&snap)?;
+        let set = build_checked(&snap, check.as_ref())?;
         tracing::info!(dir = %dir.display(), templates = set.len(), "templates loaded");
         Ok(Self {
             seen: Mutex::new(snap.fingerprint().clone()),
             current: RwLock::new(Arc::new(set)),
             dir,
+            check,
         })
     }
 
@@ -69,7 +101,7 @@ impl TemplateCatalog {
         // Remember this state even if it is bad, so an unchanged broken directory is
         // reported once rather than on every poll.
         *seen = snap.fingerprint().clone();
-        match build(&snap) {
+        match build_checked(&snap, self.check.as_ref()) {
             Ok(set) => {
                 let count = set.len();
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);

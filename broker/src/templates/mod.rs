@@ -79,6 +79,13 @@ pub use model::{
 };
 pub use parameters::ParameterProblem;
 
+/// The tenant of a template without `tenant:`.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// A check of a whole parsed set against what lives outside the template
+/// files (the config's actor classes); its issues reject the set like parse errors.
+pub type SetCheck = Box<dyn Fn(&TemplateSet) -> Vec<TemplateIssue> + Send + Sync>;
+
 /// One problem in a template directory, located.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TemplateIssue {

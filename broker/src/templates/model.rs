@@ -141,6 +141,12 @@ pub struct Template {
     pub parameters: Vec<Parameter>,
     /// The file the template was loaded from.
     pub source: PathBuf,
+    /// The tenant the template belongs to (`tenant:`, default
+    /// [`super::DEFAULT_TENANT`]): only that tenant's identities reach it.
+    pub tenant: String,
+    /// The actor classes that may use it (`classes:`); empty: every class of
+    /// its tenant. Checked against the config's classes when loaded.
+    pub classes: Vec<String>,
 }
 
 impl Template {
@@ -148,6 +154,13 @@ impl Template {
     /// patterns allows nobody.
     pub fn allows(&self, id: &SpiffeId) -> bool {
         self.identities.iter().any(|p| p.matches(id))
+    }
+
+    /// Whether an actor of `class` in `tenant` may use the template: the
+    /// tenant is the template's and the class is listed (or none is).
+    pub fn admits_class(&self, class: &str, tenant: &str) -> bool {
+        self.tenant == tenant
+            && (self.classes.is_empty() || self.classes.iter().any(|c| c == class))
     }
 
     /// The declared parameter called `name`, if any.

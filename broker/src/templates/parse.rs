@@ -362,6 +362,8 @@ const TEMPLATE_KEYS: &[&str] = &[
     "parameters",
     "lease",
     "grants",
+    "tenant",
+    "classes",
 ];
 const PARAMETER_KEYS: &[&str] = &[
     "type",
@@ -421,6 +423,7 @@ fn template(
     let identities = map
         .required("identities", report)
         .and_then(|node| identities(node, report));
+    let (tenant, classes) = tenancy(map.optional("tenant"), map.optional("classes"), report);
     let declared = match map.optional("parameters") {
         None => Some(Vec::new()),
         Some(node) => parameters(node, report),
@@ -446,6 +449,8 @@ fn template(
         lease,
         grants,
         declared,
+        tenant,
+        classes,
     ) {
         (
             Some((name, _)),
@@ -456,6 +461,8 @@ fn template(
             Some(lease),
             Some(grants),
             Some(Some(parameters)),
+            Some(tenant),
+            Some(classes),
         ) => Some(Template {
             name: name.clone(),
             version,
@@ -466,10 +473,78 @@ fn template(
             grants,
             parameters,
             source: file.to_owned(),
+            tenant,
+            classes,
         }),
         _ => None,
     };
     (name, template)
+}
+
+/// Most classes a template may list.
+const MAX_CLASSES: usize = 64;
+
+/// `tenant` (default [`super::DEFAULT_TENANT`]) and `classes` (default: none
+/// listed, so any class of the tenant). Whether the classes exist, and belong
+/// to the tenant, is checked against the config when the broker loads the set.
+fn tenancy(
+    tenant: Option<&Node>,
+    classes: Option<&Node>,
+    report: &mut Report,
+) -> (Option<String>, Option<Vec<String>>) {
+    let rule = "use 1 to 63 characters `[a-z0-9][a-z0-9-_.]*`";
+    let tenant = match tenant {
+        None => Some(super::DEFAULT_TENANT.to_owned()),
+        Some(node) => string(node, "tenant", report).and_then(|t| {
+            if crate::policy::actors::is_name(t) {
+                Some(t.to_owned())
+            } else {
+                report.at(
+                    node.line,
+                    format!("`tenant`: {t:?} is not a tenant name; {rule}"),
+                );
+                None
+            }
+        }),
+    };
+    let classes = match classes {
+        None => Some(Vec::new()),
+        Some(node) => sequence(node, "classes", report).and_then(|items| {
+            if items.is_empty() {
+                report.at(
+                    node.line,
+                    "`classes`: must list at least one actor class; leave it out for every class of the tenant",
+                );
+                return None;
+            }
+            if items.len() > MAX_CLASSES {
+                report.at(
+                    node.line,
+                    format!("`classes`: {} entries; at most {MAX_CLASSES} allowed", items.len()),
+                );
+                return None;
+            }
+            let mut out: Vec<String> = Vec::new();
+            let mut ok = true;
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("classes[{i}]");
+                match string(item, &path, report) {
+                    Some(c) if !crate::policy::actors::is_name(c) => {
+                        report.at(item.line, format!("`{path}`: {c:?} is not a class name; {rule}"));
+                        ok = false;
+                    }
+                    Some(c) if out.iter().any(|o| o == c) => {
+                        report.at(item.line, format!("`{path}`: {c:?} is listed twice"));
+                        ok = false;
+                    }
+                    Some(c) => out.push(c.to_owned()),
+                    None => ok = false,
+                }
+            }
+            ok.then_some(out)
+        }),
+    };
+    (tenant, classes)
 }
 
 fn version(node: &Node, report: &mut Report) -> Option<String> {

@@ -128,6 +128,14 @@ fn examples_load() {
         vec!["db-readonly", "github-pr-review"]
     );
     let db = set.get("db-readonly").unwrap();
+    assert_eq!(db.tenant, "acme");
+    assert_eq!(db.classes, ["agent"]);
+    let gh = set.get("github-pr-review").unwrap();
+    assert_eq!(gh.tenant, crate::templates::DEFAULT_TENANT, "no `tenant:`");
+    assert!(
+        gh.classes.is_empty(),
+        "no `classes:`: every class of the tenant"
+    );
     assert_eq!(db.version, "1", "an integer version is kept as text");
     assert_eq!(db.grants[0].kind, CredentialKind::Opaque);
     let gh = set.get("github-pr-review").unwrap();

@@ -757,6 +757,21 @@ grants:
                 "spiffe://acme.test/*/agent",
             ),
             ("no-tab-indent", "  repo:", "\trepo:"),
+            (
+                "ok-tenant-classes",
+                "description: A demo.\n",
+                "description: A demo.\ntenant: acme\nclasses: [agent, ci]\n",
+            ),
+            (
+                "no-classes-empty",
+                "description: A demo.\n",
+                "description: A demo.\nclasses: []\n",
+            ),
+            (
+                "no-bad-tenant",
+                "description: A demo.\n",
+                "description: A demo.\ntenant: Acme Corp\n",
+            ),
         ];
         for (name, from, to) in edits {
             let text = base.replacen(from, to, 1);
@@ -895,6 +910,29 @@ callers = [
             self.seed(t, name, with_verifier(body))?;
         }
         self.seed(t, "ok-verifier-none", with_verifier(""))?;
+        // `[[actors.classes]]`: a good list, and each rule an entry must keep.
+        let class = |body: &str| {
+            format!(
+                "{small}\n[[actors.classes]]\nname = \"agent\"\ntenant = \"acme\"\nowner = \"o\"\n{body}\n"
+            )
+        };
+        for (name, body) in [
+            (
+                "ok-actors",
+                "identities = [\"spiffe://acme.test/agent/*\"]\nmax_ttl = \"5m\"\nmax_concurrent_tasks = 10\nmax_concurrent_tasks_per_identity = 2\nbegin_rate = \"60/1m\"\nbegin_rate_per_identity = \"1/1m\"",
+            ),
+            ("no-actors-no-identities", "identities = []"),
+            (
+                "no-actors-bad-rate",
+                "identities = [\"spiffe://acme.test/agent/*\"]\nbegin_rate = \"0/1m\"",
+            ),
+            (
+                "no-actors-shadowed",
+                "identities = [\"spiffe://acme.test/*\", \"spiffe://acme.test/agent/x\"]",
+            ),
+        ] {
+            self.seed(t, name, class(body))?;
+        }
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
 -- KEYS: task creds cexp cgr deadlines revlog revoked
--- ARGV: now outcome task_id maxlen retention
+-- ARGV: now outcome task_id maxlen retention qbase (quota key base, see unlive)
 local now = clock()
 local f = fields(KEYS[1])
 if not f[1] then return {'missing'} end
@@ -8,6 +8,7 @@ local state, outcome, reason = 'completed', ARGV[2], 'completion'
 if tonumber(f[3]) <= now then state = 'expired'; outcome = ''; reason = 'expiry' end
 redis.call('HSET', KEYS[1], 'state', state, 'ended', n(now), 'outcome', outcome)
 redis.call('ZREM', KEYS[5], ARGV[3])
+unlive(ARGV[6], f[1], ARGV[3])
 f[2] = state; f[4] = n(now); f[5] = outcome
 local out = reply('done', f, now)
 end_task(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], now, reason, ARGV[4], out)

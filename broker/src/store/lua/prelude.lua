@@ -19,17 +19,34 @@ end
 local GRACE = __GRACE__
 local PAGE = __PAGE__
 -- Logs one revoked credential for watchers: a stream entry and a revoked-set
--- member `<id> <audience>` scored by its expiry.
+-- member `<id> <audience> <tenant>` scored by its expiry (neither audience nor
+-- tenant holds whitespace; members written before tenants have two parts).
 local function log_one(creds, revlog, revoked, id, exp, now, reason, maxlen)
-  local aud = ''
+  local aud, tenant = '', ''
   local cj = redis.call('HGET', creds, id)
   if cj then
     -- A damaged record must not abort the step that revokes it.
     local ok, c = pcall(cjson.decode, cj)
-    if ok and type(c) == 'table' and type(c.audience) == 'string' then aud = c.audience end
+    if ok and type(c) == 'table' then
+      if type(c.audience) == 'string' then aud = c.audience end
+      if type(c.tenant) == 'string' then tenant = c.tenant end
+    end
   end
-  redis.call('XADD', revlog, 'MAXLEN', '~', maxlen, '*', 'c', id, 'e', exp, 'a', n(now), 'r', reason, 'u', aud)
-  redis.call('ZADD', revoked, exp, id .. ' ' .. aud)
+  redis.call('XADD', revlog, 'MAXLEN', '~', maxlen, '*', 'c', id, 'e', exp, 'a', n(now), 'r', reason, 'u', aud, 't', tenant)
+  redis.call('ZADD', revoked, exp, id .. ' ' .. aud .. ' ' .. tenant)
+end
+-- Drops an ending task from its owner's and class's live-task sets (quotas).
+-- The set keys are named from `qbase` and carry no hash tag: fine on one Redis
+-- node, but Redis Cluster (issue 11) needs them moved to a slot of their own
+-- and declared in KEYS. A task whose record cannot be read stays in the sets
+-- until its max lifetime, when the next begin drops it: nothing can lock an
+-- identity out for longer.
+local function unlive(qbase, rec, task_id)
+  if not rec or qbase == nil or qbase == '' then return end
+  local ok, t = pcall(cjson.decode, rec)
+  if not ok or type(t) ~= 'table' then return end
+  if type(t.owner) == 'string' then redis.call('ZREM', qbase .. 'id:' .. t.owner, task_id) end
+  if type(t.class) == 'string' then redis.call('ZREM', qbase .. 'class:' .. t.class, task_id) end
 end
 -- Drops revoked-set entries past their expiry plus the grace, a page at a time.
 local function prune_revoked(revoked, now)

@@ -1,4 +1,4 @@
--- KEYS: deadlines revlog revoked (one shard); ARGV: now limit maxlen retention key_base
+-- KEYS: deadlines revlog revoked (one shard); ARGV: now limit maxlen retention key_base qbase
 -- The task keys are named from key_base (`{prefix:shard}:`): they share the
 -- shard's hash tag, so every key touched lies in this script's one slot.
 local now = clock()
@@ -24,6 +24,7 @@ for _, id in ipairs(due) do
     redis.call('ZADD', KEYS[1], f[3], id)
   else
     redis.call('HSET', tk, 'state', 'expired', 'ended', n(now), 'outcome', '')
+    unlive(ARGV[6], f[1], id)
     f[2] = 'expired'; f[4] = n(now); f[5] = ''
     local entry = reply('expired', f, now)
     -- Every credential ends with the lease: all are reported (for the audit
