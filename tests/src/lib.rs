@@ -708,14 +708,24 @@ pub async fn read_until_caught_up(
     }
 }
 
-/// The `retry-after-ms` a RESOURCE_EXHAUSTED status carries; panics without one.
+/// The retry delay a RESOURCE_EXHAUSTED status carries, in ms: the
+/// `google.rpc.RetryInfo` in its details, which must agree with the
+/// `retry-after-ms` header; panics without either.
 pub fn retry_after_ms(status: &tonic::Status) -> u64 {
-    status
+    use tonic_types::StatusExt as _;
+    let header: u64 = status
         .metadata()
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no retry-after-ms in {status:?}"))
+        .unwrap_or_else(|| panic!("no retry-after-ms in {status:?}"));
+    let detail = status
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .unwrap_or_else(|| panic!("no RetryInfo in the details of {status:?}"));
+    let detail_ms = u64::try_from(detail.as_millis()).unwrap();
+    assert_eq!(detail_ms, header, "RetryInfo and retry-after-ms disagree");
+    header
 }
 
 /// Everything in the Redis server as sorted lines of [`RedisServer::dump_all`],

@@ -12,7 +12,10 @@ mod convert;
 mod peer;
 mod verifier;
 
+use std::time::Duration;
+
 use tonic::{Request, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 pub use bearer::BearerAuth;
 pub use broker::BrokerApi;
@@ -42,7 +45,13 @@ pub fn status(err: LeaseError) -> Status {
         }
         LeaseError::TooSoon { retry_after_ms }
         | LeaseError::QuotaExceeded { retry_after_ms, .. } => {
-            let mut status = Status::resource_exhausted(err.to_string());
+            // The standard place first (google.rpc.RetryInfo in the status
+            // details, for any gRPC client), and a plain header beside it.
+            let mut status = Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                err.to_string(),
+                ErrorDetails::with_retry_info(Some(Duration::from_millis(retry_after_ms))),
+            );
             if let Ok(v) = retry_after_ms.to_string().parse() {
                 status.metadata_mut().insert("retry-after-ms", v);
             }
