@@ -355,12 +355,12 @@ grants:
   - name: github
     kind: jwt
     audience: https://api.github.test
-    scopes: ["repo:{repo}:read"]
+    scopes: [{scope: "repo:{repo}:read", class: read}]
     ttl: 60s
   - name: db
     kind: opaque
     audience: postgres://db.acme.test/app
-    scopes: ["db:app:select"]
+    scopes: [{scope: "db:app:select", class: read}]
     ttl: 60s
 "#;
 

@@ -83,12 +83,12 @@ grants:
   - name: github
     kind: jwt
     audience: https://api.github.example
-    scopes: ["repo:{repo}:read", "pulls:{repo}:comment"]
+    scopes: [{scope: "repo:{repo}:read", class: read}, {scope: "pulls:{repo}:comment", class: write}]
     ttl: 60s
   - name: db
     kind: opaque
     audience: postgres://db.example/app
-    scopes: ["db:app:select"]
+    scopes: [{scope: "db:app:select", class: read}]
     ttl: 30s
 "#;
 

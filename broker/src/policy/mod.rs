@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use crate::{
     clock::duration_ms,
     identity::SpiffeId,
-    templates::{GrantSpec, Template, TemplateSet},
+    templates::{GrantSpec, ScopeClass, Template, TemplateSet},
 };
 
 pub use verifiers::{VerifierCaller, VerifierCallers};
@@ -69,8 +69,9 @@ pub struct Decision {
     pub lease_deadline_ms: u64,
     /// The max lifetime bound.
     pub max_deadline_ms: u64,
-    /// Each grant with its substituted scopes, in template order.
-    pub grants: Vec<(GrantSpec, Vec<String>)>,
+    /// Each grant with its substituted scopes and their declared classes, in
+    /// template order.
+    pub grants: Vec<(GrantSpec, Vec<(String, ScopeClass)>)>,
 }
 
 /// Decides whether `identity` may begin a task of `template` with `parameters`
@@ -133,7 +134,7 @@ pub fn decide(
     let grants = tpl
         .grants
         .iter()
-        .map(|g| (g.clone(), tpl.scopes_for(g, &bound)))
+        .map(|g| (g.clone(), tpl.classified_scopes_for(g, &bound)))
         .collect();
     Ok(Decision {
         template: tpl,

@@ -712,7 +712,7 @@ grants:
   - name: api
     kind: jwt
     audience: https://api.acme.test
-    scopes: ["read:{repo}", "n:{count}"]
+    scopes: [{scope: "read:{repo}", class: read}, {scope: "n:{count}", class: read}]
     ttl: 60s
 "#;
         self.seed(t, "ok-base", base)?;
@@ -721,7 +721,7 @@ grants:
             "ok-flow-style",
             "{name: flow, version: 2, owner: o, identities: [spiffe://a.test/x], \
              lease: {ttl: 1s, max_ttl: 1s, max_lifetime: 1s}, \
-             grants: [{name: g, kind: opaque, audience: aud, scopes: [s], ttl: 1s}]}\n",
+             grants: [{name: g, kind: opaque, audience: aud, scopes: [{scope: s, class: read}], ttl: 1s}]}\n",
         )?;
         let edits: &[(&str, &str, &str)] = &[
             (
@@ -736,8 +736,18 @@ grants:
             ),
             (
                 "no-optional-in-scope",
+                "\"n:{count}\", class: read}]",
+                "\"n:{count}\", class: read}, {scope: \"f:{flag}\", class: read}]",
+            ),
+            (
+                "no-unclassified-scope",
+                "{scope: \"n:{count}\", class: read}]",
                 "\"n:{count}\"]",
-                "\"n:{count}\", \"f:{flag}\"]",
+            ),
+            (
+                "no-unknown-scope-class",
+                "class: read}]",
+                "class: delete}]",
             ),
             ("no-unconstrained-string", "    pattern: \"[a-z]+\"\n", ""),
             (
