@@ -36,6 +36,9 @@ pub struct Config {
     pub tls: Tls,
     /// Task-scope templates.
     pub templates: Templates,
+    /// Cedar policies decided at BeginTask (off without a `dir`).
+    #[serde(default)]
+    pub policy: PolicyConfig,
     /// JWT issuer and signing keys.
     pub signing: Signing,
     /// Where leases live.
@@ -193,6 +196,27 @@ fn default_workload_api_timeout() -> Duration {
 pub struct Templates {
     /// Directory of `*.yaml` templates.
     pub dir: PathBuf,
+}
+
+/// `[policy]`: Cedar policies decided at every BeginTask, after the template rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct PolicyConfig {
+    /// Directory of `*.cedar` files, validated against the shipped schema and
+    /// reloaded like templates. Unset (the default): no policies, the template
+    /// rules alone decide. Set: default deny as soon as it holds a policy.
+    pub dir: Option<PathBuf>,
+    /// IANA time zone of `context.time` (hour, weekday). Default `UTC`.
+    pub time_zone: String,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            time_zone: "UTC".into(),
+        }
+    }
 }
 
 /// `[signing]`.
@@ -563,6 +587,7 @@ impl Config {
         self.tls.key.iter_mut().for_each(abs);
         self.tls.bundles.values_mut().for_each(abs);
         abs(&mut self.templates.dir);
+        self.policy.dir.iter_mut().for_each(abs);
         if let Some(j) = &mut self.jwt_svid {
             j.bundles.values_mut().for_each(abs);
         }
@@ -646,6 +671,14 @@ impl Config {
                 "templates.dir: {} is not a directory",
                 self.templates.dir.display()
             ));
+        }
+        if let Some(dir) = &self.policy.dir
+            && !dir.is_dir()
+        {
+            p.push(format!("policy.dir: {} is not a directory", dir.display()));
+        }
+        if let Err(e) = crate::policy::cedar::time_zone(&self.policy.time_zone) {
+            p.push(format!("policy.time_zone: {e}"));
         }
         if self.signing.issuer.trim().is_empty() {
             p.push("signing.issuer: required".into());

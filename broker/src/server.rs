@@ -29,6 +29,7 @@ use crate::{
     reload::Reloader,
     revocation::RevocationFeed,
     store::{LeaseStore, MemoryStore, RedisStore, RedisStoreOptions},
+    policy::cedar::PolicyCatalog,
     templates::TemplateCatalog,
 };
 
@@ -66,6 +67,8 @@ struct Parts {
     bundles: Arc<TrustBundleSource>,
     cert: Arc<ServingCert>,
     templates: Arc<TemplateCatalog>,
+    // Cedar policies, when `[policy] dir` is set.
+    policies: Option<Arc<PolicyCatalog>>,
     minter: Minter,
     // Followed until shutdown when the identity comes from the Workload API.
     workload: Option<WorkloadIdentity>,
@@ -112,6 +115,13 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
         TemplateCatalog::new(config.templates.dir.clone())
             .map_err(|e| setup("templates", format!("{} problem(s):\n{e}", e.0.len())))?,
     );
+    let policies = match &config.policy.dir {
+        Some(dir) => Some(Arc::new(
+            PolicyCatalog::new(dir.clone(), &config.policy.time_zone)
+                .map_err(|e| setup("policy", format!("{} problem(s):\n{e}", e.0.len())))?,
+        )),
+        None => None,
+    };
     let keys = config
         .signing
         .keys
@@ -137,6 +147,7 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
         bundles,
         cert,
         templates,
+        policies,
         minter,
         workload,
         jwt_svid,
@@ -243,7 +254,8 @@ async fn run<S: LeaseStore>(
             clock.clone(),
             config.verifier_callers(),
         )
-        .with_binding_rule(config.task_binding_rule()),
+        .with_binding_rule(config.task_binding_rule())
+        .with_policies(parts.policies.clone()),
     );
     let feed = RevocationFeed::new(store.clone(), clock.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -391,6 +403,7 @@ async fn run<S: LeaseStore>(
         cert: parts.cert,
         jwt_bundles: parts.jwt_bundles,
         templates: parts.templates,
+        policies: parts.policies,
         interval: config.reload.interval,
     };
     let rx = stop_rx.clone();

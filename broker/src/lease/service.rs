@@ -13,7 +13,7 @@ use crate::{
     clock::Clock,
     credentials::{self, CredentialError, MintRequest, Minted, Minter, jwt, opaque},
     identity::Identity,
-    policy::{self, Decision, VerifierCallers},
+    policy::{self, Decision, VerifierCallers, cedar::PolicyCatalog},
     revocation::Audiences,
     store::{
         BeginOutcome, CompleteOutcome, CredentialId, CredentialRecord, EndReason, LeaseStore,
@@ -69,6 +69,7 @@ pub struct LeaseService<S> {
     clock: Arc<dyn Clock>,
     verifier_callers: VerifierCallers,
     binding_rule: BindingRule,
+    policies: Option<Arc<PolicyCatalog>>,
 }
 
 fn digest(parts: &[&str]) -> ring::digest::Digest {
@@ -131,6 +132,7 @@ impl<S: LeaseStore> LeaseService<S> {
             clock,
             verifier_callers,
             binding_rule: BindingRule::SpiffeId,
+            policies: None,
         }
     }
 
@@ -204,6 +206,15 @@ impl<S: LeaseStore> LeaseService<S> {
                 audit::denied(owner, "begin", &e.to_string());
             }
         })?;
+        if let Some(policies) = &self.policies {
+            let (class, tenant) = policy::class_and_tenant(caller);
+            policy::authorize(&policies.current(), caller, &class, &tenant, &decision, now_ms)
+                .inspect_err(|e| {
+                    if let policy::PolicyError::Forbidden { policies, message } = e {
+                        audit::policy_denied(owner, "begin", &class, &tenant, policies, message);
+                    }
+                })?;
+        }
         let params: Vec<String> = decision
             .parameters
             .iter()
@@ -597,6 +608,14 @@ impl<S: LeaseStore> LeaseService<S> {
     /// The JWK Set of the signing keys.
     pub fn jwks(&self) -> Value {
         self.minter.keys().jwks()
+    }
+
+    /// Decides every BeginTask with these Cedar policies too, after the template
+    /// rules (`None`, the default: template rules only).
+    #[must_use]
+    pub fn with_policies(mut self, policies: Option<Arc<PolicyCatalog>>) -> Self {
+        self.policies = policies;
+        self
     }
 
     /// Sets how a task begun over mTLS is tied to the key that began it
