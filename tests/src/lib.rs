@@ -407,6 +407,11 @@ pub struct BrokerOptions {
     pub store_toml: String,
     /// Replaces the body of `[verifier]` (default: [`DEFAULT_VERIFIER_TOML`]).
     pub verifier_toml: Option<String>,
+    /// Cedar policy files (name, text): when not empty, written to `policies/`
+    /// beside the templates and configured as `[policy] dir`.
+    pub policies: Vec<(String, String)>,
+    /// `[policy] time_zone` when `policies` is not empty.
+    pub policy_time_zone: &'static str,
 }
 
 /// A clock off real time by a fixed amount, like a replica without NTP.
@@ -441,6 +446,8 @@ impl BrokerOptions {
             clock_skew_ms: 0,
             store_toml: String::new(),
             verifier_toml: None,
+            policies: Vec::new(),
+            policy_time_zone: "UTC",
         }
     }
 }
@@ -470,6 +477,19 @@ impl TestBroker {
         for (i, t) in options.templates.iter().enumerate() {
             std::fs::write(tpl_dir.join(format!("t{i}.yaml")), t).unwrap();
         }
+        let policy_toml = if options.policies.is_empty() {
+            String::new()
+        } else {
+            let dir = config_dir.path().join("policies");
+            std::fs::create_dir(&dir).unwrap();
+            for (name, text) in &options.policies {
+                std::fs::write(dir.join(name), text).unwrap();
+            }
+            format!(
+                "[policy]\ndir = \"policies\"\ntime_zone = \"{}\"\n",
+                options.policy_time_zone
+            )
+        };
         let (_, signing) =
             leash_broker::credentials::SigningKey::generate("test-1", options.signing_alg).unwrap();
         std::fs::write(config_dir.path().join("signing.pem"), signing).unwrap();
@@ -490,6 +510,7 @@ ops = "{ops_addr}"
 {tls}
 [templates]
 dir = "templates"
+{policy_toml}
 [signing]
 issuer = "https://leash.acme.test"
 keys = [{{ kid = "test-1", alg = "{alg}", path = "signing.pem" }}]
@@ -538,6 +559,11 @@ bundles = {{ "acme.test" = "{pki}/bundle.pem" }}"#,
             stop: Some(tx),
             handle: Some(handle),
         }
+    }
+
+    /// The policies directory (edit files here to test reloads).
+    pub fn policies_dir(&self) -> PathBuf {
+        self.config_dir.path().join("policies")
     }
 
     /// The templates directory (edit files here to test reloads).

@@ -208,7 +208,17 @@ impl<S: LeaseStore> LeaseService<S> {
         })?;
         if let Some(policies) = &self.policies {
             let (class, tenant) = policy::class_and_tenant(caller);
-            policy::authorize(&policies.current(), caller, &class, &tenant, &decision, now_ms)
+            // `context.time` is this replica's own (injectable) clock: policy
+            // windows are minutes wide, and the store's clock offset is for deadlines.
+            let policy_now_ms = self.clock.now_ms();
+            policy::authorize(
+                &policies.current(),
+                caller,
+                &class,
+                &tenant,
+                &decision,
+                policy_now_ms,
+            )
                 .inspect_err(|e| {
                     if let policy::PolicyError::Forbidden { policies, message } = e {
                         audit::policy_denied(owner, "begin", &class, &tenant, policies, message);

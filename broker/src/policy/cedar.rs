@@ -828,3 +828,7 @@ impl PolicyCatalog {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "cedar_tests.rs"]
+mod tests;
