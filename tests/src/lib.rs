@@ -364,6 +364,28 @@ grants:
     ttl: 60s
 "#;
 
+/// The text of a file under the repository's `examples/` (e.g. `templates/repo-cleanup.yaml`).
+pub fn example_file(path: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("examples/{path}: {e}"))
+}
+
+/// Every `examples/policies/*.cedar` file as (name, text), for [`BrokerOptions::policies`].
+pub fn example_policies() -> Vec<(String, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 /// The `[verifier]` body of a test broker unless [`BrokerOptions::verifier_toml`]
 /// replaces it: every `spiffe://acme.test/resource/*` may introspect and watch
 /// the credentials of every audience a harness template grants —
