@@ -70,10 +70,9 @@ impl Reloader {
         }
         if let Some(policies) = &self.policies {
             match policies.reload() {
-                Ok(true) => tracing::info!(
-                    policies = policies.current().len(),
-                    "policies reloaded"
-                ),
+                Ok(true) => {
+                    tracing::info!(policies = policies.current().len(), "policies reloaded")
+                }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(
                     problems = e.0.len(),

@@ -26,10 +26,10 @@ use crate::{
         workload::WorkloadIdentity,
     },
     lease::{LeaseService, Reaper, ReaperSettings},
+    policy::cedar::PolicyCatalog,
     reload::Reloader,
     revocation::RevocationFeed,
     store::{LeaseStore, MemoryStore, RedisStore, RedisStoreOptions},
-    policy::cedar::PolicyCatalog,
     templates::TemplateCatalog,
 };
 

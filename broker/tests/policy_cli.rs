@@ -56,7 +56,10 @@ fn policy_check_accepts_the_examples_and_reports_file_line_for_each_problem() {
     let syntax = tmp.path().join("syntax.cedar");
     let schema = tmp.path().join("schema.cedar");
     assert!(
-        stderr.contains(&format!("{}:6:27: syntax: unexpected token", syntax.display())),
+        stderr.contains(&format!(
+            "{}:6:27: syntax: unexpected token",
+            syntax.display()
+        )),
         "{stderr}"
     );
     assert!(
@@ -97,7 +100,10 @@ fn policy_explain_prints_the_decision_and_the_policies_that_applied() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.starts_with("decision: ALLOW\n"), "{stdout}");
-    assert!(stdout.contains("pulls:acme/widgets:write (write)"), "{stdout}");
+    assert!(
+        stdout.contains("pulls:acme/widgets:write (write)"),
+        "{stdout}"
+    );
     assert!(stdout.contains("baseline-permit (permit at"), "{stdout}");
 
     // Saturday: the time window forbids it; exit status 2.
@@ -127,7 +133,10 @@ fn policy_explain_prints_the_decision_and_the_policies_that_applied() {
     let (stdout, _) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{stdout}");
     assert!(stdout.contains("destructive-low-short (forbid"), "{stdout}");
-    assert!(stdout.contains("jwt-svid-no-destructive (forbid"), "{stdout}");
+    assert!(
+        stdout.contains("jwt-svid-no-destructive (forbid"),
+        "{stdout}"
+    );
 
     // The template rules decide first.
     let out = explain(&["--template", "db-readonly", "--param", "database=sales"]);

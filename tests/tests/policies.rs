@@ -38,8 +38,12 @@ async fn broker_at(redis: &RedisServer, at: i64, prefix: &str) -> TestBroker {
     options.policies = example_policies();
     options.policy_time_zone = "Europe/Berlin";
     options.clock_skew_ms = at - now_ms();
-    TestBroker::start_with_pki(options, std::sync::Arc::new(leash_e2e::TestPki::new()), prefix)
-        .await
+    TestBroker::start_with_pki(
+        options,
+        std::sync::Arc::new(leash_e2e::TestPki::new()),
+        prefix,
+    )
+    .await
 }
 
 fn pr_review() -> pb::BeginTaskRequest {
@@ -68,7 +72,9 @@ fn cleanup(ttl_s: Option<i64>) -> pb::BeginTaskRequest {
 fn denied_by(status: &tonic::Status, policy: &str) {
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(
-        status.message().contains(&format!("denied by policy \"{policy}\"")),
+        status
+            .message()
+            .contains(&format!("denied by policy \"{policy}\"")),
         "{status:?}"
     );
 }
@@ -127,11 +133,17 @@ async fn destructive_scopes_need_a_short_lease_and_a_denial_changes_nothing() {
         .into_inner();
     assert!(answer.active);
     assert_eq!(
-        answer.scope_classes.get("branch:sandbox/demo:stale:delete").map(String::as_str),
+        answer
+            .scope_classes
+            .get("branch:sandbox/demo:stale:delete")
+            .map(String::as_str),
         Some("destructive")
     );
     assert_eq!(
-        answer.scope_classes.get("repo:sandbox/demo:read").map(String::as_str),
+        answer
+            .scope_classes
+            .get("repo:sandbox/demo:read")
+            .map(String::as_str),
         Some("read")
     );
 
@@ -165,13 +177,20 @@ async fn a_bad_policy_edit_keeps_the_last_good_set() {
 
     // A broken forbid-everything edit: refused and logged; the old set serves.
     let path = broker.policies_dir().join("00-baseline.cedar");
-    std::fs::write(&path, "@id(\"baseline-permit\")\nforbid (principal, action,\n").unwrap();
+    std::fs::write(
+        &path,
+        "@id(\"baseline-permit\")\nforbid (principal, action,\n",
+    )
+    .unwrap();
     let reported = eventually(Duration::from_secs(5), || async {
         leash_e2e::logs().contains("policies not reloaded")
     })
     .await;
     assert!(reported.is_some(), "bad edit not reported");
-    assert!(leash_e2e::logs().contains("00-baseline.cedar:2"), "no file:line in the log");
+    assert!(
+        leash_e2e::logs().contains("00-baseline.cedar:2"),
+        "no file:line in the log"
+    );
     agent.begin_task(pr_review()).await.expect("last good set");
 
     // A good edit that drops the permit: default deny, naming no policy.

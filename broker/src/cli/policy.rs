@@ -118,8 +118,7 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, String> {
         Some(dir) => Some(cedar::load_dir(dir, &zone).map_err(|e| e.to_string())?),
         None => None,
     };
-    let spiffe_id =
-        SpiffeId::parse(&args.identity).map_err(|e| format!("--identity: {e}"))?;
+    let spiffe_id = SpiffeId::parse(&args.identity).map_err(|e| format!("--identity: {e}"))?;
     let mtls = match args.connection.as_str() {
         "mtls" => true,
         "jwt_svid" => false,
@@ -204,11 +203,17 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, String> {
     }
     let allowed = match &policies {
         None => {
-            let _ = writeln!(out, "policies: none configured: template rules alone decide");
+            let _ = writeln!(
+                out,
+                "policies: none configured: template rules alone decide"
+            );
             true
         }
         Some(p) if p.is_empty() => {
-            let _ = writeln!(out, "policies: no policy files: template rules alone decide");
+            let _ = writeln!(
+                out,
+                "policies: no policy files: template rules alone decide"
+            );
             true
         }
         Some(p) => {
@@ -259,7 +264,11 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, String> {
             verdict.allowed
         }
     };
-    let head = if allowed { "decision: ALLOW" } else { "decision: DENY" };
+    let head = if allowed {
+        "decision: ALLOW"
+    } else {
+        "decision: DENY"
+    };
     Ok(Explanation {
         allowed,
         report: format!("{head}\n{out}"),

@@ -119,10 +119,11 @@ impl Minter {
         claims.insert("scope".into(), json!(req.scopes.join(" ")));
         // `scope_classes`: each scope → `read` | `write` | `destructive`, so a
         // resource server can separate them without parsing scope names.
-        let classes: Map<String, Value> = crate::store::scope_class_map(&req.scopes, &req.scope_classes)
-            .into_iter()
-            .map(|(scope, class)| (scope, json!(class.as_str())))
-            .collect();
+        let classes: Map<String, Value> =
+            crate::store::scope_class_map(&req.scopes, &req.scope_classes)
+                .into_iter()
+                .map(|(scope, class)| (scope, json!(class.as_str())))
+                .collect();
         claims.insert("scope_classes".into(), Value::Object(classes));
         claims.insert("client_id".into(), json!(req.subject));
         claims.insert("iat".into(), json!(iat));

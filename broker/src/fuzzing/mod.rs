@@ -645,7 +645,11 @@ fn check_template(t: &Template) {
         assert!(grant_names.insert(&g.name), "duplicate grant {:?}", g.name);
         assert!(!g.audience.is_empty() && !g.audience.chars().any(char::is_whitespace));
         assert!((1..=MAX_SCOPES_PER_GRANT).contains(&g.scopes.len()));
-        assert_eq!(g.scope_classes.len(), g.scopes.len(), "a scope without its class");
+        assert_eq!(
+            g.scope_classes.len(),
+            g.scopes.len(),
+            "a scope without its class"
+        );
         assert!(g.ttl >= MIN_DURATION);
     }
     let mut parameter_names = std::collections::BTreeSet::new();

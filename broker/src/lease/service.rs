@@ -219,11 +219,11 @@ impl<S: LeaseStore> LeaseService<S> {
                 &decision,
                 policy_now_ms,
             )
-                .inspect_err(|e| {
-                    if let policy::PolicyError::Forbidden { policies, message } = e {
-                        audit::policy_denied(owner, "begin", &class, &tenant, policies, message);
-                    }
-                })?;
+            .inspect_err(|e| {
+                if let policy::PolicyError::Forbidden { policies, message } = e {
+                    audit::policy_denied(owner, "begin", &class, &tenant, policies, message);
+                }
+            })?;
         }
         let params: Vec<String> = decision
             .parameters

@@ -235,8 +235,8 @@ impl Policies {
         }
         let (entities, principal, resource) = self.entities(req)?;
         let context = self.context(req)?;
-        let action = EntityUid::from_str(BEGIN_TASK)
-            .map_err(|e| EvaluationError::Request(e.to_string()))?;
+        let action =
+            EntityUid::from_str(BEGIN_TASK).map_err(|e| EvaluationError::Request(e.to_string()))?;
         let request =
             cedar_policy::Request::new(principal, action, resource, context, Some(&self.schema))
                 .map_err(|e| EvaluationError::Request(e.to_string()))?;
@@ -281,8 +281,8 @@ impl Policies {
         }
         let (entities, principal, resource) = self.entities(req)?;
         let context = self.context(req)?;
-        let action = EntityUid::from_str(BEGIN_TASK)
-            .map_err(|e| EvaluationError::Request(e.to_string()))?;
+        let action =
+            EntityUid::from_str(BEGIN_TASK).map_err(|e| EvaluationError::Request(e.to_string()))?;
         let request =
             cedar_policy::Request::new(principal, action, resource, context, Some(&self.schema))
                 .map_err(|e| EvaluationError::Request(e.to_string()))?;
@@ -309,10 +309,12 @@ impl Policies {
         let named: Vec<String> = verdict
             .determining
             .iter()
-            .map(|id| match self.origins.get(id).and_then(|o| o.reason.as_deref()) {
-                Some(reason) => format!("{id:?} ({reason})"),
-                None => format!("{id:?}"),
-            })
+            .map(
+                |id| match self.origins.get(id).and_then(|o| o.reason.as_deref()) {
+                    Some(reason) => format!("{id:?} ({reason})"),
+                    None => format!("{id:?}"),
+                },
+            )
             .collect();
         let failed = if verdict.errors.is_empty() {
             ""
@@ -322,7 +324,10 @@ impl Policies {
         format!("denied by policy {}{failed}", named.join(", "))
     }
 
-    fn entities(&self, req: &Request<'_>) -> Result<(Entities, EntityUid, EntityUid), EvaluationError> {
+    fn entities(
+        &self,
+        req: &Request<'_>,
+    ) -> Result<(Entities, EntityUid, EntityUid), EvaluationError> {
         let bad = |e: &dyn fmt::Display| EvaluationError::Request(e.to_string());
         let tenant = uid("Leash::Tenant", &req.tenant);
         let class = uid("Leash::Class", &req.class);
@@ -340,7 +345,10 @@ impl Policies {
                 principal.clone(),
                 HashMap::from([
                     ("spiffe_id".to_owned(), string(req.identity.as_str())),
-                    ("trust_domain".to_owned(), string(req.identity.trust_domain())),
+                    (
+                        "trust_domain".to_owned(),
+                        string(req.identity.trust_domain()),
+                    ),
                     ("path".to_owned(), string(req.identity.path())),
                 ]),
                 HashSet::from([class]),
@@ -365,7 +373,10 @@ impl Policies {
             let classes: BTreeSet<&str> = scopes.iter().map(|(_, c)| c.as_str()).collect();
             list.push(
                 Entity::new(
-                    uid("Leash::Grant", &format!("{}/{}", req.template.name, grant.name)),
+                    uid(
+                        "Leash::Grant",
+                        &format!("{}/{}", req.template.name, grant.name),
+                    ),
                     HashMap::from([
                         ("name".to_owned(), string(&grant.name)),
                         ("audience".to_owned(), string(&grant.audience)),
@@ -413,7 +424,10 @@ impl Policies {
                 set_of(req.grants.iter().map(|(g, _)| string(&g.name))),
             ),
             ("scopes".into(), set_of(scopes)),
-            ("scope_classes".into(), set_of(classes.into_iter().map(string))),
+            (
+                "scope_classes".into(),
+                set_of(classes.into_iter().map(string)),
+            ),
             ("ttl_seconds".into(), long(req.ttl_ms.div_ceil(1000))),
             (
                 "delegation_depth".into(),
@@ -445,7 +459,10 @@ impl Policies {
             jiff::civil::Weekday::Sunday => "sunday",
         };
         record([
-            ("hour", RestrictedExpression::new_long(i64::from(zoned.hour()))),
+            (
+                "hour",
+                RestrictedExpression::new_long(i64::from(zoned.hour())),
+            ),
             (
                 "minute",
                 RestrictedExpression::new_long(i64::from(zoned.minute())),
@@ -484,11 +501,7 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(src.len());
     let before = src.get(..offset).unwrap_or(src);
     let line = before.matches('\n').count() + 1;
-    let column = before
-        .rsplit('\n')
-        .next()
-        .map_or(0, |l| l.chars().count())
-        + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
 }
 

@@ -2,7 +2,10 @@
 //! allowing and denying, file:line:col for bad files, and reload keeping the last
 //! good set.
 
-#![expect(clippy::unwrap_used, reason = "a test should panic on an unexpected value")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test should panic on an unexpected value"
+)]
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
@@ -119,16 +122,37 @@ fn write_scopes_only_on_weekdays_in_office_hours_of_the_zone() {
         assert!(!denied.allowed);
         assert_eq!(denied.determining, vec!["write-office-hours"], "at {at}");
         assert!(
-            p.denial_message(&denied)
-                .contains("\"write-office-hours\" (write scopes are issued only on weekdays 09-18)")
+            p.denial_message(&denied).contains(
+                "\"write-office-hours\" (write scopes are issued only on weekdays 09-18)"
+            )
         );
     }
     // Reads are not bound to the window.
-    assert!(verdict(&p, &t, &Case { at: SAT_0900Z, ..BASE }).allowed);
+    assert!(
+        verdict(
+            &p,
+            &t,
+            &Case {
+                at: SAT_0900Z,
+                ..BASE
+            }
+        )
+        .allowed
+    );
     // The window is in the configured zone: 17:30Z is 17:30 in UTC, inside it.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies");
     let utc = load_dir(&root, "UTC").unwrap();
-    assert!(verdict(&utc, &t, &Case { at: WED_1730Z, ..write }).allowed);
+    assert!(
+        verdict(
+            &utc,
+            &t,
+            &Case {
+                at: WED_1730Z,
+                ..write
+            }
+        )
+        .allowed
+    );
 }
 
 #[test]
@@ -139,8 +163,25 @@ fn destructive_scopes_need_low_sensitivity_and_a_short_lease() {
         ..BASE
     };
     assert!(verdict(&p, &t, &cleanup).allowed, "30 s default TTL, low");
-    assert!(verdict(&p, &t, &Case { ttl: Some(60), ..cleanup }).allowed);
-    let long = verdict(&p, &t, &Case { ttl: Some(61), ..cleanup });
+    assert!(
+        verdict(
+            &p,
+            &t,
+            &Case {
+                ttl: Some(60),
+                ..cleanup
+            }
+        )
+        .allowed
+    );
+    let long = verdict(
+        &p,
+        &t,
+        &Case {
+            ttl: Some(61),
+            ..cleanup
+        },
+    );
     assert_eq!(long.determining, vec!["destructive-low-short"]);
     assert!(!long.allowed);
     // The same template at another sensitivity.
@@ -150,7 +191,9 @@ fn destructive_scopes_need_low_sensitivity_and_a_short_lease() {
     d.template = std::sync::Arc::new(medium);
     let who = caller(true);
     let v = p
-        .evaluate(&policy::policy_request(&who, "agent", "default", &d, WED_0900Z))
+        .evaluate(&policy::policy_request(
+            &who, "agent", "default", &d, WED_0900Z,
+        ))
         .unwrap();
     assert_eq!(v.determining, vec!["destructive-low-short"]);
 }
@@ -167,8 +210,28 @@ fn partner_classes_never_get_destructive_scopes() {
     assert!(!v.allowed);
     assert_eq!(v.determining, vec!["partner-no-destructive"]);
     // A partner may still read; a class merely containing "partner" is no partner.
-    assert!(verdict(&p, &t, &Case { template: "db-readonly", ..cleanup }).allowed);
-    assert!(verdict(&p, &t, &Case { class: "agent-partnered", ..cleanup }).allowed);
+    assert!(
+        verdict(
+            &p,
+            &t,
+            &Case {
+                template: "db-readonly",
+                ..cleanup
+            }
+        )
+        .allowed
+    );
+    assert!(
+        verdict(
+            &p,
+            &t,
+            &Case {
+                class: "agent-partnered",
+                ..cleanup
+            }
+        )
+        .allowed
+    );
 }
 
 #[test]
@@ -182,8 +245,28 @@ fn jwt_svid_callers_never_get_destructive_scopes() {
     let v = verdict(&p, &t, &cleanup);
     assert_eq!(v.determining, vec!["jwt-svid-no-destructive"]);
     assert!(!v.allowed);
-    assert!(verdict(&p, &t, &Case { template: "db-readonly", ..cleanup }).allowed);
-    assert!(verdict(&p, &t, &Case { mtls: true, ..cleanup }).allowed);
+    assert!(
+        verdict(
+            &p,
+            &t,
+            &Case {
+                template: "db-readonly",
+                ..cleanup
+            }
+        )
+        .allowed
+    );
+    assert!(
+        verdict(
+            &p,
+            &t,
+            &Case {
+                mtls: true,
+                ..cleanup
+            }
+        )
+        .allowed
+    );
 }
 
 #[test]
@@ -197,7 +280,10 @@ fn every_applying_policy_is_listed_and_forbid_wins() {
         ..BASE
     };
     let v = verdict(&p, &t, &case);
-    assert!(!v.allowed, "the permit applies, but every forbid wins over it");
+    assert!(
+        !v.allowed,
+        "the permit applies, but every forbid wins over it"
+    );
     assert_eq!(
         v.determining,
         vec![
@@ -209,7 +295,13 @@ fn every_applying_policy_is_listed_and_forbid_wins() {
     let d = decision(&t, "repo-cleanup", Some(120), WED_0900Z);
     let who = caller(false);
     let applied = p
-        .applied(&policy::policy_request(&who, "partner-x", "default", &d, WED_0900Z))
+        .applied(&policy::policy_request(
+            &who,
+            "partner-x",
+            "default",
+            &d,
+            WED_0900Z,
+        ))
         .unwrap();
     assert_eq!(applied.first().map(String::as_str), Some("baseline-permit"));
     assert_eq!(applied.len(), 4);
@@ -248,7 +340,18 @@ fn no_policy_files_means_template_rules_alone() {
     let dir = dir_with(&[("README.md", "not a policy"), (".hidden.cedar", "garbage")]);
     let p = load_dir(dir.path(), "UTC").unwrap();
     assert!(p.is_empty());
-    assert!(verdict(&p, &t, &Case { template: "repo-cleanup", ttl: Some(300), ..BASE }).allowed);
+    assert!(
+        verdict(
+            &p,
+            &t,
+            &Case {
+                template: "repo-cleanup",
+                ttl: Some(300),
+                ..BASE
+            }
+        )
+        .allowed
+    );
 }
 
 #[test]
@@ -263,7 +366,11 @@ fn a_syntax_error_is_reported_with_file_line_and_column() {
     assert!(issue.file.ends_with("bad.cedar"));
     assert_eq!((issue.line, issue.column), (5, 27), "{e}");
     assert!(issue.message.starts_with("syntax: "), "{e}");
-    assert!(e.to_string().contains("bad.cedar:5:27: syntax: unexpected token"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("bad.cedar:5:27: syntax: unexpected token"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -292,33 +399,57 @@ fn a_schema_violation_is_reported_with_file_and_line() {
 #[test]
 fn duplicate_ids_and_unknown_zones_are_refused() {
     let dir = dir_with(&[
-        ("a.cedar", "@id(\"x\")\npermit (principal, action, resource);\n"),
-        ("b.cedar", "\n@id(\"x\")\npermit (principal, action, resource);\n"),
+        (
+            "a.cedar",
+            "@id(\"x\")\npermit (principal, action, resource);\n",
+        ),
+        (
+            "b.cedar",
+            "\n@id(\"x\")\npermit (principal, action, resource);\n",
+        ),
     ]);
     let e = load_dir(dir.path(), "UTC").unwrap_err();
     assert!(
-        e.to_string().contains("b.cedar:2:1: duplicate policy id \"x\" (first in"),
+        e.to_string()
+            .contains("b.cedar:2:1: duplicate policy id \"x\" (first in"),
         "{e}"
     );
     let dir = dir_with(&[("a.cedar", "permit (principal, action, resource);\n")]);
     let e = load_dir(dir.path(), "Mars/Olympus").unwrap_err();
-    assert!(e.to_string().contains("unknown time zone \"Mars/Olympus\""), "{e}");
+    assert!(
+        e.to_string().contains("unknown time zone \"Mars/Olympus\""),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_bad_edit_at_reload_keeps_the_last_good_set() {
     let (t, _) = examples();
-    let dir = dir_with(&[("p.cedar", "@id(\"all\")\npermit (principal, action, resource);\n")]);
+    let dir = dir_with(&[(
+        "p.cedar",
+        "@id(\"all\")\npermit (principal, action, resource);\n",
+    )]);
     let catalog = PolicyCatalog::new(dir.path().to_owned(), "UTC").unwrap();
     assert!(!catalog.reload().unwrap(), "nothing changed");
     assert!(verdict(&catalog.current(), &t, &BASE).allowed);
 
     // A broken edit: refused with its line; the permit stays in force.
-    std::fs::write(dir.path().join("p.cedar"), "@id(\"all\")\npermit (principal, action,\n").unwrap();
+    std::fs::write(
+        dir.path().join("p.cedar"),
+        "@id(\"all\")\npermit (principal, action,\n",
+    )
+    .unwrap();
     let e = catalog.reload().unwrap_err();
-    assert!(e.to_string().contains("p.cedar:2:27: syntax: unexpected end of input"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("p.cedar:2:27: syntax: unexpected end of input"),
+        "{e}"
+    );
     assert!(verdict(&catalog.current(), &t, &BASE).allowed);
-    assert!(!catalog.reload().unwrap(), "the same bad state is reported once");
+    assert!(
+        !catalog.reload().unwrap(),
+        "the same bad state is reported once"
+    );
 
     // A schema violation is refused the same way.
     std::fs::write(
@@ -336,5 +467,8 @@ fn a_bad_edit_at_reload_keeps_the_last_good_set() {
     )
     .unwrap();
     assert!(catalog.reload().unwrap());
-    assert_eq!(verdict(&catalog.current(), &t, &BASE).determining, vec!["no-reads"]);
+    assert_eq!(
+        verdict(&catalog.current(), &t, &BASE).determining,
+        vec!["no-reads"]
+    );
 }

@@ -725,7 +725,9 @@ fn rule_cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "duplicate grant name",
-            format!("{BASE}  - {{name: api, kind: opaque, audience: a, scopes: [{{scope: s, class: read}}], ttl: 1s}}\n"),
+            format!(
+                "{BASE}  - {{name: api, kind: opaque, audience: a, scopes: [{{scope: s, class: read}}], ttl: 1s}}\n"
+            ),
             29,
             "duplicate grant name \"api\" (first at line 24)",
         ),
@@ -783,7 +785,9 @@ fn rule_cases() -> Vec<(&'static str, String, usize, &'static str)> {
                 "    scopes: [{scope: \"read:{repo}\", class: read}, {scope: \"n:{count}\", class: read}]",
                 &format!(
                     "    scopes: [{}]",
-                    many(MAX_SCOPES_PER_GRANT + 1, &|i| format!("{{scope: s{i}, class: read}},"))
+                    many(MAX_SCOPES_PER_GRANT + 1, &|i| format!(
+                        "{{scope: s{i}, class: read}},"
+                    ))
                 ),
             ),
             27,
@@ -815,19 +819,28 @@ fn rule_cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "scope class missing",
-            edit("{scope: \"read:{repo}\", class: read}", "{scope: \"read:{repo}\"}"),
+            edit(
+                "{scope: \"read:{repo}\", class: read}",
+                "{scope: \"read:{repo}\"}",
+            ),
             27,
             "`grants[0].scopes[0]`: missing required key `class`",
         ),
         (
             "scope class unknown",
-            edit("{scope: \"read:{repo}\", class: read}", "{scope: \"read:{repo}\", class: delete}"),
+            edit(
+                "{scope: \"read:{repo}\", class: read}",
+                "{scope: \"read:{repo}\", class: delete}",
+            ),
             27,
             "`grants[0].scopes[0].class`: \"delete\" is not a scope class; use read, write or destructive",
         ),
         (
             "scope entry unknown key",
-            edit("{scope: \"read:{repo}\", class: read}", "{scope: \"read:{repo}\", class: read, destructive: true}"),
+            edit(
+                "{scope: \"read:{repo}\", class: read}",
+                "{scope: \"read:{repo}\", class: read, destructive: true}",
+            ),
             27,
             "unknown key `destructive`; expected one of: scope, class",
         ),
@@ -1664,7 +1677,11 @@ fn min_renew_interval_is_bounded_and_can_be_turned_off() {
 #[test]
 fn scope_classes_and_sensitivity_are_loaded() {
     let t = base_template();
-    assert_eq!(t.sensitivity, super::Sensitivity::High, "undeclared is high");
+    assert_eq!(
+        t.sensitivity,
+        super::Sensitivity::High,
+        "undeclared is high"
+    );
     assert_eq!(
         t.grants[0].scope_classes,
         vec![super::ScopeClass::Read, super::ScopeClass::Read]
