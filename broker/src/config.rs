@@ -803,6 +803,36 @@ callers = [
     }
 
     #[test]
+    fn the_policy_section_is_optional_and_checked() {
+        let d = dir_with_files();
+        let c = Config::from_toml(GOOD, std::iter::empty(), d.path()).expect("config");
+        assert_eq!(c.policy.dir, None, "no policies unless configured");
+        assert_eq!(c.policy.time_zone, "UTC");
+        std::fs::create_dir(d.path().join("policies")).expect("mkdir");
+        let with = GOOD.replace(
+            "[signing]",
+            "[policy]\ndir = \"policies\"\ntime_zone = \"Europe/Berlin\"\n[signing]",
+        );
+        let c = Config::from_toml(&with, std::iter::empty(), d.path()).expect("config");
+        assert_eq!(c.policy.dir, Some(d.path().join("policies")));
+        assert_eq!(c.policy.time_zone, "Europe/Berlin");
+        let bad = GOOD.replace(
+            "[signing]",
+            "[policy]\ndir = \"nowhere\"\ntime_zone = \"Mars/Olympus\"\nzone = 1\n[signing]",
+        );
+        let all = Config::from_toml(&bad, std::iter::empty(), d.path())
+            .expect_err("bad")
+            .to_string();
+        for want in [
+            "policy.dir:",
+            "policy.time_zone: unknown time zone \"Mars/Olympus\"",
+            "unknown key `policy.zone`",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once() {
         let d = dir_with_files();
         let text = GOOD

@@ -4,6 +4,11 @@
 //! Runs after the caller's SVID has been verified (authentication is the
 //! `identity` module's job). A decision is a pure function of the template set,
 //! the caller, the request and the time, so it is tested without a server.
+//!
+//! Two steps, in this order, both before anything is issued: [`decide`] (the
+//! template rules: identity patterns, parameters, TTL bounds), then [`authorize`]
+//! (the Cedar policies of [`cedar`], when configured; default deny once any
+//! policy is loaded, `forbid` wins).
 
 pub mod cedar;
 pub mod verifiers;
