@@ -164,6 +164,7 @@ pub struct Policies {
     origins: BTreeMap<String, PolicyOrigin>,
     time_zone: jiff::tz::TimeZone,
     zone_name: String,
+    action: EntityUid,
 }
 
 fn uid(kind: &str, id: &str) -> EntityUid {
@@ -235,8 +236,7 @@ impl Policies {
         }
         let (entities, principal, resource) = self.entities(req)?;
         let context = self.context(req)?;
-        let action =
-            EntityUid::from_str(BEGIN_TASK).map_err(|e| EvaluationError::Request(e.to_string()))?;
+        let action = self.action.clone();
         let request =
             cedar_policy::Request::new(principal, action, resource, context, Some(&self.schema))
                 .map_err(|e| EvaluationError::Request(e.to_string()))?;
@@ -281,8 +281,7 @@ impl Policies {
         }
         let (entities, principal, resource) = self.entities(req)?;
         let context = self.context(req)?;
-        let action =
-            EntityUid::from_str(BEGIN_TASK).map_err(|e| EvaluationError::Request(e.to_string()))?;
+        let action = self.action.clone();
         let request =
             cedar_policy::Request::new(principal, action, resource, context, Some(&self.schema))
                 .map_err(|e| EvaluationError::Request(e.to_string()))?;
@@ -391,7 +390,11 @@ impl Policies {
                 .map_err(|e| bad(&e))?,
             );
         }
-        let entities = Entities::from_entities(list, Some(&self.schema)).map_err(|e| bad(&e))?;
+        // The action entity, which a schema would add; the entities themselves are
+        // built here from typed values, so they are not re-checked against the
+        // schema on every request (the request and its context are, below).
+        list.push(Entity::new_no_attrs(self.action.clone(), HashSet::new()));
+        let entities = Entities::from_entities(list, None).map_err(|e| bad(&e))?;
         Ok((entities, principal, resource))
     }
 
@@ -716,7 +719,16 @@ fn build(
     if !issues.is_empty() {
         return Err(PolicyErrors(issues));
     }
+    let action = EntityUid::from_str(BEGIN_TASK).map_err(|e| {
+        PolicyErrors(vec![PolicyIssue {
+            file: PathBuf::from("leash.cedarschema"),
+            line: 0,
+            column: 0,
+            message: e.to_string(),
+        }])
+    })?;
     Ok(Policies {
+        action,
         schema: Arc::clone(schema),
         set,
         origins,

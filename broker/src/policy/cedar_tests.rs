@@ -472,3 +472,28 @@ fn a_bad_edit_at_reload_keeps_the_last_good_set() {
         vec!["no-reads"]
     );
 }
+
+#[test]
+fn identities_are_in_their_class_and_tenant_and_grants_in_their_template() {
+    let (t, _) = examples();
+    let dir = dir_with(&[(
+        "h.cedar",
+        "@id(\"all\")\npermit (principal, action, resource);\n\
+         @id(\"tenant\")\nforbid (principal in Leash::Tenant::\"acme\", action, resource);\n\
+         @id(\"class\")\nforbid (principal in Leash::Class::\"ci\", action, resource == Leash::Template::\"db-readonly\");\n\
+         @id(\"attrs\")\nforbid (principal, action, resource)\n  when { principal.trust_domain == \"acme.test\" && principal.path == \"/agent/reporting\" && resource.sensitivity == \"low\" };\n",
+    )]);
+    let p = load_dir(dir.path(), "UTC").unwrap();
+    let d = decision(&t, "db-readonly", None, WED_0900Z);
+    let who = caller(true);
+    let judge = |class: &str, tenant: &str, d: &Decision| {
+        p.evaluate(&policy::policy_request(&who, class, tenant, d, WED_0900Z))
+            .unwrap()
+            .determining
+    };
+    assert_eq!(judge("agent", "default", &d), vec!["all"]);
+    assert_eq!(judge("agent", "acme", &d), vec!["tenant"]);
+    assert_eq!(judge("ci", "default", &d), vec!["class"]);
+    let low = decision(&t, "repo-cleanup", None, WED_0900Z);
+    assert_eq!(judge("agent", "default", &low), vec!["attrs"]);
+}
