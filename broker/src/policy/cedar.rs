@@ -755,6 +755,23 @@ pub fn load_dir(dir: &Path, zone: &str) -> Result<Policies, PolicyErrors> {
     build(&read_files(dir)?, &schema, zone)
 }
 
+/// Parses and validates one policy file's text `src`, named `file` in messages
+/// (what `leash policy check` does per file; the fuzz target's entry point).
+///
+/// # Errors
+/// Every problem in the text, with file:line:col.
+pub fn parse_str(file: &Path, src: &str, zone: &str) -> Result<Policies, PolicyErrors> {
+    let schema = Arc::new(schema().map_err(|message| {
+        PolicyErrors(vec![PolicyIssue {
+            file: PathBuf::from("leash.cedarschema"),
+            line: 0,
+            column: 0,
+            message,
+        }])
+    })?);
+    build(&[(file.to_owned(), src.to_owned())], &schema, zone)
+}
+
 /// The broker's current policies. Readers always see one complete, validated set:
 /// a reload either installs a whole new set or leaves the last good one in place.
 #[derive(Debug)]

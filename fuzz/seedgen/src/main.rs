@@ -63,6 +63,7 @@ fn main() -> Result<()> {
     g.spiffe_id()?;
     g.store_ids()?;
     g.template()?;
+    g.policy()?;
     g.config()?;
     println!("seeds written under {}", root.join("fuzz/corpus").display());
     Ok(())
@@ -672,6 +673,38 @@ impl Gen {
                 format!("v1:{}", cursor[..15].join(",")),
             ),
             ("no-cursor-v2", format!("v2:{}", cursor.join(","))),
+        ] {
+            self.seed(t, name, text)?;
+        }
+        Ok(())
+    }
+
+    fn policy(&self) -> Result<()> {
+        let t = "policy";
+        for entry in fs::read_dir(self.root.join("examples/policies"))? {
+            let path = entry?.path();
+            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                self.seed(t, &format!("ok-example-{stem}"), fs::read(&path)?)?;
+            }
+        }
+        for (name, text) in [
+            ("ok-bare-permit", "permit (principal, action, resource);\n"),
+            (
+                "no-syntax",
+                "@id(\"broken\")\nforbid (principal, action, resource)\n  when { context.class == };\n",
+            ),
+            (
+                "no-schema-attribute",
+                "@id(\"typo\")\nforbid (principal, action, resource)\n  when { context.scope_class.contains(\"write\") };\n",
+            ),
+            (
+                "no-duplicate-id",
+                "@id(\"x\")\npermit (principal, action, resource);\n@id(\"x\")\nforbid (principal, action, resource);\n",
+            ),
+            (
+                "no-template-slot",
+                "permit (principal == ?principal, action, resource);\n",
+            ),
         ] {
             self.seed(t, name, text)?;
         }
