@@ -29,7 +29,12 @@ use leash_broker::clock::Clock as _;
 /// A broker on `redis` with the example templates and policies, whose clock
 /// reads `at` (Unix ms) now, deciding `context.time` in Europe/Berlin.
 async fn broker_at(redis: &RedisServer, at: i64, prefix: &str) -> TestBroker {
+    broker_with(redis, at, prefix, String::new()).await
+}
+
+async fn broker_with(redis: &RedisServer, at: i64, prefix: &str, extra: String) -> TestBroker {
     let mut options = BrokerOptions::redis(redis);
+    options.extra_toml = extra;
     options.templates = vec![
         REVIEW_TEMPLATE.to_owned(),
         example_file("templates/github-pr-review.yaml"),
@@ -202,5 +207,34 @@ async fn a_bad_policy_edit_keeps_the_last_good_set() {
     })
     .await;
     assert!(denied.is_some(), "the new set was not installed");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svid_callers_never_get_destructive_scopes() {
+    const AUDIENCE: &str = "spiffe://acme.test/leash";
+    let redis = RedisServer::start();
+    let authority = leash_e2e::JwtSvidAuthority::new();
+    let bundles = tempfile::tempdir().unwrap();
+    let port = leash_e2e::free_port();
+    let section = authority.section(bundles.path(), port, AUDIENCE);
+    let broker = broker_with(&redis, SAT_1000_BERLIN, "leash", section).await;
+    let mut jwt = pb::broker_client::BrokerClient::new(broker.jwt_svid_channel(port).await);
+    let bearer = |body: pb::BeginTaskRequest| {
+        let mut request = tonic::Request::new(body);
+        let token = authority.token("agent/cleaner", AUDIENCE);
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    let e = jwt.begin_task(bearer(cleanup(None))).await.unwrap_err();
+    denied_by(&e, "jwt-svid-no-destructive");
+    // The same caller may read over a JWT-SVID; over mTLS the cleanup is allowed.
+    jwt.begin_task(bearer(review_request()))
+        .await
+        .expect("read-only over a JWT-SVID");
+    let mut mtls = broker.broker("agent/cleaner").await;
+    mtls.begin_task(cleanup(None)).await.expect("over mTLS");
     broker.stop().await;
 }
