@@ -19,8 +19,8 @@ owner: platform@acme.test
 identities: ["spiffe://acme.test/agent/*"]
 lease: { ttl: 1s, max_ttl: 2s, max_lifetime: 1m }
 grants:
-  - { name: github, kind: jwt, audience: "https://api.github.test", scopes: ["repo:read"], ttl: 60s }
-  - { name: db-main, kind: opaque, audience: "postgres://db.acme.test/app", scopes: ["db:app:select"], ttl: 60s }
+  - { name: github, kind: jwt, audience: "https://api.github.test", scopes: [{scope: "repo:read", class: read}], ttl: 60s }
+  - { name: db-main, kind: opaque, audience: "postgres://db.acme.test/app", scopes: [{scope: "db:app:select", class: read}], ttl: 60s }
 "#;
 
 /// 1 s leases that cannot be renewed past 2 s.
@@ -31,7 +31,7 @@ owner: platform@acme.test
 identities: ["spiffe://acme.test/agent/*"]
 lease: { ttl: 1s, max_ttl: 1s, max_lifetime: 2s }
 grants:
-  - { name: db-main, kind: opaque, audience: "postgres://db.acme.test/app", scopes: ["db:app:select"], ttl: 60s }
+  - { name: db-main, kind: opaque, audience: "postgres://db.acme.test/app", scopes: [{scope: "db:app:select", class: read}], ttl: 60s }
 "#;
 
 struct Harness {

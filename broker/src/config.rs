@@ -40,6 +40,9 @@ pub struct Config {
     pub tls: Tls,
     /// Task-scope templates.
     pub templates: Templates,
+    /// Cedar policies decided at BeginTask (off without a `dir`).
+    #[serde(default)]
+    pub policy: PolicyConfig,
     /// JWT issuer and signing keys.
     pub signing: Signing,
     /// Where leases live.
@@ -200,6 +203,27 @@ fn default_workload_api_timeout() -> Duration {
 pub struct Templates {
     /// Directory of `*.yaml` templates.
     pub dir: PathBuf,
+}
+
+/// `[policy]`: Cedar policies decided at every BeginTask, after the template rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct PolicyConfig {
+    /// Directory of `*.cedar` files, validated against the shipped schema and
+    /// reloaded like templates. Unset (the default): no policies, the template
+    /// rules alone decide. Set: default deny as soon as it holds a policy.
+    pub dir: Option<PathBuf>,
+    /// IANA time zone of `context.time` (hour, weekday). Default `UTC`.
+    pub time_zone: String,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            time_zone: "UTC".into(),
+        }
+    }
 }
 
 /// `[signing]`.
@@ -625,6 +649,7 @@ impl Config {
         self.tls.key.iter_mut().for_each(abs);
         self.tls.bundles.values_mut().for_each(abs);
         abs(&mut self.templates.dir);
+        self.policy.dir.iter_mut().for_each(abs);
         if let Some(j) = &mut self.jwt_svid {
             j.bundles.values_mut().for_each(abs);
         }
@@ -708,6 +733,14 @@ impl Config {
                 "templates.dir: {} is not a directory",
                 self.templates.dir.display()
             ));
+        }
+        if let Some(dir) = &self.policy.dir
+            && !dir.is_dir()
+        {
+            p.push(format!("policy.dir: {} is not a directory", dir.display()));
+        }
+        if let Err(e) = crate::policy::cedar::time_zone(&self.policy.time_zone) {
+            p.push(format!("policy.time_zone: {e}"));
         }
         if self.signing.issuer.trim().is_empty() {
             p.push("signing.issuer: required".into());
@@ -859,6 +892,36 @@ callers = [
         assert_eq!(c.reaper.interval, Duration::from_millis(250));
         assert_eq!(c.signing.keys[0].alg, Algorithm::EdDSA);
         assert!(c.tls.cert.as_ref().expect("cert").is_absolute());
+    }
+
+    #[test]
+    fn the_policy_section_is_optional_and_checked() {
+        let d = dir_with_files();
+        let c = Config::from_toml(GOOD, std::iter::empty(), d.path()).expect("config");
+        assert_eq!(c.policy.dir, None, "no policies unless configured");
+        assert_eq!(c.policy.time_zone, "UTC");
+        std::fs::create_dir(d.path().join("policies")).expect("mkdir");
+        let with = GOOD.replace(
+            "[signing]",
+            "[policy]\ndir = \"policies\"\ntime_zone = \"Europe/Berlin\"\n[signing]",
+        );
+        let c = Config::from_toml(&with, std::iter::empty(), d.path()).expect("config");
+        assert_eq!(c.policy.dir, Some(d.path().join("policies")));
+        assert_eq!(c.policy.time_zone, "Europe/Berlin");
+        let bad = GOOD.replace(
+            "[signing]",
+            "[policy]\ndir = \"nowhere\"\ntime_zone = \"Mars/Olympus\"\nzone = 1\n[signing]",
+        );
+        let all = Config::from_toml(&bad, std::iter::empty(), d.path())
+            .expect_err("bad")
+            .to_string();
+        for want in [
+            "policy.dir:",
+            "policy.time_zone: unknown time zone \"Mars/Olympus\"",
+            "unknown key `policy.zone`",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
     }
 
     #[test]

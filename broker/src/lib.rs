@@ -16,9 +16,10 @@
 //!
 //! - [`identity`]: SPIFFE IDs, X509-SVID rules, trust bundles, serving cert.
 //! - [`templates`]: task-scope templates from YAML, validated and reloaded.
-//! - [`policy`]: decides whether an identity may declare a task, and with what TTLs,
-//!   which actor class and tenant a caller is (`[[actors.classes]]`), and which
-//!   audiences a verifier (`[verifier] callers`) may learn of.
+//! - [`policy`]: decides whether an identity may declare a task, and with what TTLs
+//!   (template rules, then Cedar policies at request time), which actor class
+//!   and tenant a caller is (`[[actors.classes]]`), and which audiences a
+//!   verifier (`[verifier] callers`) may learn of.
 //! - [`lease`]: begin / renew / complete, and the reaper that expires leases.
 //! - [`credentials`]: minting JWTs (ring: EdDSA, ES256) and opaque tokens.
 //! - [`store`]: the [`store::LeaseStore`] trait, Redis and in-memory.

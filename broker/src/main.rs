@@ -1,7 +1,8 @@
 //! The `leash` binary: parses the command line, sets up logging, runs one command.
 //!
 //! Exit codes: 0 success; 1 failure; 64 configuration or usage error (every
-//! problem is printed); 65 `templates check` found problems.
+//! problem is printed); 65 `templates check` or `policy check` found problems;
+//! 2 `policy explain` decided deny.
 
 use std::process::ExitCode;
 
@@ -130,6 +131,35 @@ async fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("leash templates check: --config: {e}");
+                ExitCode::from(EX_USAGE)
+            }
+        },
+        Command::Policy {
+            command: cli::policy::PolicyCommand::Check { dir, time_zone },
+        } => match cli::policy::check(&dir, &time_zone) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!("{}: {} problem(s)", dir.display(), e.0.len());
+                ExitCode::from(EX_DATAERR)
+            }
+        },
+        Command::Policy {
+            command: cli::policy::PolicyCommand::Explain(args),
+        } => match cli::policy::explain(&args) {
+            Ok(explanation) => {
+                print!("{}", explanation.report);
+                if explanation.allowed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(cli::policy::EXIT_DENIED)
+                }
+            }
+            Err(e) => {
+                eprintln!("leash policy explain: {e}");
                 ExitCode::from(EX_USAGE)
             }
         },

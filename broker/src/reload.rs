@@ -1,4 +1,4 @@
-//! Reloads certificate, trust-bundle and template files when they change.
+//! Reloads certificate, trust-bundle, template and policy files when they change.
 //!
 //! Polling (not inotify) so that Kubernetes ConfigMap and Secret updates, which
 //! swap symlinks, are seen like any edit. A bad file keeps the last good
@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::{
     identity::{ServingCert, TrustBundleSource, jwt_svid::JwtBundleSource},
+    policy::cedar::PolicyCatalog,
     templates::TemplateCatalog,
 };
 
@@ -24,6 +25,8 @@ pub struct Reloader {
     pub jwt_bundles: Option<Arc<JwtBundleSource>>,
     /// The templates.
     pub templates: Arc<TemplateCatalog>,
+    /// The Cedar policies, when configured.
+    pub policies: Option<Arc<PolicyCatalog>>,
     /// How often to look.
     pub interval: Duration,
 }
@@ -64,6 +67,18 @@ impl Reloader {
                 problems = e.0.len(),
                 "templates not reloaded; keeping the last good set:\n{e}"
             ),
+        }
+        if let Some(policies) = &self.policies {
+            match policies.reload() {
+                Ok(true) => {
+                    tracing::info!(policies = policies.current().len(), "policies reloaded")
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    problems = e.0.len(),
+                    "policies not reloaded; keeping the last good set:\n{e}"
+                ),
+            }
         }
     }
 

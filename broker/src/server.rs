@@ -26,6 +26,7 @@ use crate::{
         workload::WorkloadIdentity,
     },
     lease::{LeaseService, Reaper, ReaperSettings},
+    policy::cedar::PolicyCatalog,
     reload::Reloader,
     revocation::RevocationFeed,
     store::{LeaseStore, MemoryStore, RedisStore, RedisStoreOptions},
@@ -66,6 +67,8 @@ struct Parts {
     bundles: Arc<TrustBundleSource>,
     cert: Arc<ServingCert>,
     templates: Arc<TemplateCatalog>,
+    // Cedar policies, when `[policy] dir` is set.
+    policies: Option<Arc<PolicyCatalog>>,
     minter: Minter,
     // Followed until shutdown when the identity comes from the Workload API.
     workload: Option<WorkloadIdentity>,
@@ -117,6 +120,13 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
         )
         .map_err(|e| setup("templates", format!("{} problem(s):\n{e}", e.0.len())))?,
     );
+    let policies = match &config.policy.dir {
+        Some(dir) => Some(Arc::new(
+            PolicyCatalog::new(dir.clone(), &config.policy.time_zone)
+                .map_err(|e| setup("policy", format!("{} problem(s):\n{e}", e.0.len())))?,
+        )),
+        None => None,
+    };
     let keys = config
         .signing
         .keys
@@ -142,6 +152,7 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
         bundles,
         cert,
         templates,
+        policies,
         minter,
         workload,
         jwt_svid,
@@ -249,7 +260,8 @@ async fn run<S: LeaseStore>(
             config.verifier_callers(),
         )
         .with_binding_rule(config.task_binding_rule())
-        .with_actors(config.actor_classes()),
+        .with_actors(config.actor_classes())
+        .with_policies(parts.policies.clone()),
     );
     if config.actors.classes.is_empty() {
         tracing::warn!(
@@ -402,6 +414,7 @@ async fn run<S: LeaseStore>(
         cert: parts.cert,
         jwt_bundles: parts.jwt_bundles,
         templates: parts.templates,
+        policies: parts.policies,
         interval: config.reload.interval,
     };
     let rx = stop_rx.clone();

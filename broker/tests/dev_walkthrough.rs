@@ -289,7 +289,7 @@ identities = ["spiffe://acme.test/agent/*"]
     .unwrap();
     let template = |classes: &str| {
         format!(
-            "name: t\nversion: 1\nowner: o@x\ntenant: acme\nclasses: [{classes}]\nidentities: [\"spiffe://acme.test/agent/*\"]\nlease: {{ ttl: 1m, max_ttl: 1m, max_lifetime: 1h }}\ngrants: [{{ name: g, kind: opaque, audience: a, scopes: [s], ttl: 1m }}]\n"
+            "name: t\nversion: 1\nowner: o@x\ntenant: acme\nclasses: [{classes}]\nidentities: [\"spiffe://acme.test/agent/*\"]\nlease: {{ ttl: 1m, max_ttl: 1m, max_lifetime: 1h }}\ngrants: [{{ name: g, kind: opaque, audience: a, scopes: [{{scope: s, class: read}}], ttl: 1m }}]\n"
         )
     };
     let check = || {

@@ -117,8 +117,8 @@ lease:
   max_lifetime: 1m
   min_renew_interval: 0s
 grants:
-  - { name: api, kind: jwt, audience: "https://api.fault.test", scopes: ["repo:{repo}:read"], ttl: 60s }
-  - { name: db, kind: opaque, audience: "postgres://db.fault.test/app", scopes: ["db:app:select"], ttl: 60s }
+  - { name: api, kind: jwt, audience: "https://api.fault.test", scopes: [{scope: "repo:{repo}:read", class: read}], ttl: 60s }
+  - { name: db, kind: opaque, audience: "postgres://db.fault.test/app", scopes: [{scope: "db:app:select", class: read}], ttl: 60s }
 "#;
 
 const AGENTS: usize = 4;

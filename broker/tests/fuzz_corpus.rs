@@ -26,6 +26,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("config", fuzzing::config),
     ("credential", fuzzing::credential),
     ("store_ids", fuzzing::store_ids),
+    ("policy", fuzzing::policy),
 ];
 
 fn fuzz_dir() -> PathBuf {

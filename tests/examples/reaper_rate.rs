@@ -41,6 +41,7 @@ fn task(n: u32, now: u64) -> (TaskRecord, Vec<CredentialRecord>) {
             kind: StoredKind::Opaque,
             audience: "https://api.example".into(),
             scopes: vec!["read".into()],
+            scope_classes: vec![leash_broker::templates::ScopeClass::Read],
             value_sha256: value_digest("not-a-secret"),
             subject: "spiffe://bench.test/agent".into(),
             issuer: "https://leash.bench".into(),

@@ -355,14 +355,106 @@ grants:
   - name: github
     kind: jwt
     audience: https://api.github.test
-    scopes: ["repo:{repo}:read"]
+    scopes: [{scope: "repo:{repo}:read", class: read}]
     ttl: 60s
   - name: db
     kind: opaque
     audience: postgres://db.acme.test/app
-    scopes: ["db:app:select"]
+    scopes: [{scope: "db:app:select", class: read}]
     ttl: 60s
 "#;
+
+/// A JWT-SVID authority of `acme.test`: a P-256 key (`kid` `k1`) whose JWT bundle
+/// a broker's `[jwt_svid]` section trusts, and the JWT-SVIDs it signs.
+pub struct JwtSvidAuthority {
+    key: ring::signature::EcdsaKeyPair,
+}
+
+impl Default for JwtSvidAuthority {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl JwtSvidAuthority {
+    pub fn new() -> Self {
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        Self { key }
+    }
+
+    /// The JWT bundle (a JWK Set, `use: jwt-svid`).
+    pub fn jwks(&self) -> String {
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+        use ring::signature::KeyPair as _;
+        let point = self.key.public_key().as_ref();
+        serde_json::json!({ "keys": [{
+            "kty": "EC", "crv": "P-256", "use": "jwt-svid", "kid": "k1",
+            "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+            "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+        }]})
+        .to_string()
+    }
+
+    /// A JWT-SVID for `spiffe://acme.test/<path>` and `audience`, valid for two minutes.
+    pub fn token(&self, path: &str, audience: &str) -> String {
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let header = serde_json::json!({ "alg": "ES256", "kid": "k1", "typ": "JWT" });
+        let claims = serde_json::json!({
+            "sub": format!("spiffe://acme.test/{path}"), "aud": audience, "exp": now + 120,
+        });
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let sig = self
+            .key
+            .sign(&ring::rand::SystemRandom::new(), input.as_bytes())
+            .unwrap();
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    }
+
+    /// The `[jwt_svid]` section of a broker listening on `port` for `audience`,
+    /// trusting this authority (its bundle is written into `dir`).
+    pub fn section(&self, dir: &Path, port: u16, audience: &str) -> String {
+        let bundle = dir.join("acme.jwks.json");
+        std::fs::write(&bundle, self.jwks()).unwrap();
+        format!(
+            "[jwt_svid]\nlisten = \"127.0.0.1:{port}\"\naudience = \"{audience}\"\nbundles = {{ \"acme.test\" = \"{}\" }}\n",
+            bundle.display()
+        )
+    }
+}
+
+/// The text of a file under the repository's `examples/` (e.g. `templates/repo-cleanup.yaml`).
+pub fn example_file(path: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("examples/{path}: {e}"))
+}
+
+/// Every `examples/policies/*.cedar` file as (name, text), for [`BrokerOptions::policies`].
+pub fn example_policies() -> Vec<(String, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
 
 /// The `[verifier]` body of a test broker unless [`BrokerOptions::verifier_toml`]
 /// replaces it: every `spiffe://acme.test/resource/*` may introspect and watch
@@ -418,6 +510,11 @@ pub struct BrokerOptions {
     pub verifier_toml: Option<String>,
     /// Replaces the `[[actors.classes]]` tables (default: [`DEFAULT_ACTORS_TOML`]).
     pub actors_toml: Option<String>,
+    /// Cedar policy files (name, text): when not empty, written to `policies/`
+    /// beside the templates and configured as `[policy] dir`.
+    pub policies: Vec<(String, String)>,
+    /// `[policy] time_zone` when `policies` is not empty.
+    pub policy_time_zone: &'static str,
 }
 
 /// A clock off real time by a fixed amount, like a replica without NTP.
@@ -453,6 +550,8 @@ impl BrokerOptions {
             store_toml: String::new(),
             verifier_toml: None,
             actors_toml: None,
+            policies: Vec::new(),
+            policy_time_zone: "UTC",
         }
     }
 }
@@ -482,6 +581,19 @@ impl TestBroker {
         for (i, t) in options.templates.iter().enumerate() {
             std::fs::write(tpl_dir.join(format!("t{i}.yaml")), t).unwrap();
         }
+        let policy_toml = if options.policies.is_empty() {
+            String::new()
+        } else {
+            let dir = config_dir.path().join("policies");
+            std::fs::create_dir(&dir).unwrap();
+            for (name, text) in &options.policies {
+                std::fs::write(dir.join(name), text).unwrap();
+            }
+            format!(
+                "[policy]\ndir = \"policies\"\ntime_zone = \"{}\"\n",
+                options.policy_time_zone
+            )
+        };
         let (_, signing) =
             leash_broker::credentials::SigningKey::generate("test-1", options.signing_alg).unwrap();
         std::fs::write(config_dir.path().join("signing.pem"), signing).unwrap();
@@ -502,6 +614,7 @@ ops = "{ops_addr}"
 {tls}
 [templates]
 dir = "templates"
+{policy_toml}
 [signing]
 issuer = "https://leash.acme.test"
 keys = [{{ kid = "test-1", alg = "{alg}", path = "signing.pem" }}]
@@ -555,6 +668,44 @@ bundles = {{ "acme.test" = "{pki}/bundle.pem" }}"#,
             stop: Some(tx),
             handle: Some(handle),
         }
+    }
+
+    /// A channel to this broker's JWT-SVID listener on `port` (server-authenticated
+    /// TLS only), once it accepts connections.
+    pub async fn jwt_svid_channel(&self, port: u16) -> Channel {
+        use rustls::pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(self.pki.bundle()).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let config = Arc::new(config);
+        let url = format!("https://localhost:{port}");
+        let channel = Mutex::new(None);
+        let up = eventually(Duration::from_secs(5), || async {
+            match client::connect_with(&url, Arc::clone(&config)).await {
+                Ok(c) => {
+                    *channel.lock().unwrap() = Some(c);
+                    true
+                }
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(up.is_some(), "the JWT-SVID listener never came up");
+        channel.into_inner().unwrap().unwrap()
+    }
+
+    /// The policies directory (edit files here to test reloads).
+    pub fn policies_dir(&self) -> PathBuf {
+        self.config_dir.path().join("policies")
     }
 
     /// The templates directory (edit files here to test reloads).

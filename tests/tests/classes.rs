@@ -83,12 +83,12 @@ grants:
   - name: github
     kind: jwt
     audience: https://api.github.test
-    scopes: ["repo:read"]
+    scopes: [{{scope: "repo:read", class: read}}]
     ttl: 5m
   - name: db
     kind: opaque
     audience: postgres://db.acme.test/app
-    scopes: ["db:select"]
+    scopes: [{{scope: "db:select", class: read}}]
     ttl: 5m
 "#
     )

@@ -27,7 +27,7 @@ owner: platform@acme.test
 identities: [spiffe://acme.test/agent/*]
 lease: { ttl: 30s, max_ttl: 30s, max_lifetime: 5m }
 grants:
-  - { name: api, kind: opaque, audience: https://api.acme.test, scopes: ["read"], ttl: 30s }
+  - { name: api, kind: opaque, audience: https://api.acme.test, scopes: [{scope: "read", class: read}], ttl: 30s }
 "#;
 
 async fn broker_with_limits(limits: &str) -> TestBroker {

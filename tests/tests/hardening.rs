@@ -208,7 +208,7 @@ parameters:
   repo: { type: string, pattern: "[a-z0-9-]+/[a-z0-9-]+", required: true }
 lease: { ttl: 2s, max_ttl: 2s, max_lifetime: 1m, min_renew_interval: 0s }
 grants:
-  - { name: github, kind: jwt, audience: https://api.github.test, scopes: ["repo:{repo}:read"], ttl: 2s }
+  - { name: github, kind: jwt, audience: https://api.github.test, scopes: [{scope: "repo:{repo}:read", class: read}], ttl: 2s }
 "#;
 
 fn short_request() -> pb::BeginTaskRequest {
@@ -307,9 +307,9 @@ parameters:
   repo: { type: string, pattern: "[a-z0-9-]+/[a-z0-9-]+", required: true }
 lease: { ttl: 30s, max_ttl: 30s, max_lifetime: 10m, min_renew_interval: 0s }
 grants:
-  - { name: a, kind: jwt, audience: https://a.test, scopes: ["repo:{repo}:read"], ttl: 30s }
-  - { name: b, kind: opaque, audience: https://b.test, scopes: ["read"], ttl: 30s }
-  - { name: c, kind: jwt, audience: https://c.test, scopes: ["read"], ttl: 30s }
+  - { name: a, kind: jwt, audience: https://a.test, scopes: [{scope: "repo:{repo}:read", class: read}], ttl: 30s }
+  - { name: b, kind: opaque, audience: https://b.test, scopes: [{scope: "read", class: read}], ttl: 30s }
+  - { name: c, kind: jwt, audience: https://c.test, scopes: [{scope: "read", class: read}], ttl: 30s }
 "#;
 
 const LIMITED: &str = r#"
@@ -322,7 +322,7 @@ parameters:
   repo: { type: string, pattern: "[a-z0-9-]+/[a-z0-9-]+", required: true }
 lease: { ttl: 8s, max_ttl: 8s, max_lifetime: 10m }
 grants:
-  - { name: a, kind: jwt, audience: https://a.test, scopes: ["read"], ttl: 8s }
+  - { name: a, kind: jwt, audience: https://a.test, scopes: [{scope: "read", class: read}], ttl: 8s }
 "#;
 
 /// A renewal loop cannot pile up credentials: each grant keeps at most 4 live

@@ -18,7 +18,7 @@ parameters:
   note: { type: string, pattern: ".*", required: false }
 lease: { ttl: 5s, max_ttl: 5s, max_lifetime: 1m }
 grants:
-  - { name: api, kind: opaque, audience: https://api.acme.test, scopes: ["read"], ttl: 5s }
+  - { name: api, kind: opaque, audience: https://api.acme.test, scopes: [{scope: "read", class: read}], ttl: 5s }
 "#;
 
 /// Each character class the rule covers, once.

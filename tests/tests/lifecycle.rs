@@ -192,7 +192,7 @@ parameters:
   repo: { type: string, pattern: "[a-z0-9-]+/[a-z0-9-]+", required: true }
 lease: { ttl: 2s, max_ttl: 2s, max_lifetime: 3s }
 grants:
-  - { name: github, kind: jwt, audience: https://api.github.test, scopes: ["repo:{repo}:read"], ttl: 10s }
+  - { name: github, kind: jwt, audience: https://api.github.test, scopes: [{scope: "repo:{repo}:read", class: read}], ttl: 10s }
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

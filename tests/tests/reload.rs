@@ -15,7 +15,7 @@ description: Added while the broker runs.
 identities: [spiffe://acme.test/agent/*]
 lease: { ttl: 5s, max_ttl: 5s, max_lifetime: 1m }
 grants:
-  - { name: api, kind: opaque, audience: https://api.acme.test, scopes: ["read"], ttl: 5s }
+  - { name: api, kind: opaque, audience: https://api.acme.test, scopes: [{scope: "read", class: read}], ttl: 5s }
 "#;
 
 fn fresh_request() -> pb::BeginTaskRequest {

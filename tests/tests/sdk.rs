@@ -16,8 +16,8 @@ parameters:
   repo: { type: string, pattern: "[a-z0-9-]+/[a-z0-9-]+" }
 lease: { ttl: 1s, max_ttl: 2s, max_lifetime: 1m }
 grants:
-  - { name: github, kind: jwt, audience: "https://api.github.test", scopes: ["repo:{repo}:read"], ttl: 60s }
-  - { name: db, kind: opaque, audience: "postgres://db.acme.test/app", scopes: ["db:app:select"], ttl: 60s }
+  - { name: github, kind: jwt, audience: "https://api.github.test", scopes: [{scope: "repo:{repo}:read", class: read}], ttl: 60s }
+  - { name: db, kind: opaque, audience: "postgres://db.acme.test/app", scopes: [{scope: "db:app:select", class: read}], ttl: 60s }
 "#;
 
 /// 1 s leases that cannot be renewed past 2 s.
@@ -28,7 +28,7 @@ owner: platform@acme.test
 identities: ["spiffe://acme.test/agent/*"]
 lease: { ttl: 1s, max_ttl: 1s, max_lifetime: 2s }
 grants:
-  - { name: github, kind: jwt, audience: "https://api.github.test", scopes: ["repo:read"], ttl: 60s }
+  - { name: github, kind: jwt, audience: "https://api.github.test", scopes: [{scope: "repo:read", class: read}], ttl: 60s }
 "#;
 
 fn options(mut o: BrokerOptions) -> BrokerOptions {

@@ -86,6 +86,7 @@ fn cred_with_digest(task: &TaskId, n: u8, expires: u64, digest: String) -> Crede
         kind: StoredKind::Jwt,
         audience: "https://api.github.test".into(),
         scopes: vec!["repo:acme/widgets:read".into()],
+        scope_classes: vec![leash_broker::templates::ScopeClass::Read],
         value_sha256: digest,
         subject: "spiffe://acme.test/agent/reviewer".into(),
         issuer: "https://leash.acme.test".into(),

@@ -23,7 +23,7 @@ owner: platform@acme.test
 identities: ["spiffe://acme.test/agent/*"]
 lease: { ttl: 1s, max_ttl: 2s, max_lifetime: 1m }
 grants:
-  - { name: github, kind: jwt, audience: "https://api.github.test", scopes: ["repo:read"], ttl: 60s }
+  - { name: github, kind: jwt, audience: "https://api.github.test", scopes: [{scope: "repo:read", class: read}], ttl: 60s }
 "#;
 
 fn workload_api_tls(endpoint: &str) -> String {

@@ -73,8 +73,14 @@ impl<S: LeaseStore> Verifier for VerifierApi<S> {
         let Some(r) = answer.record.filter(|_| answer.active) else {
             return Ok(Response::new(pb::IntrospectResponse::default()));
         };
+        let scope_classes = r
+            .scope_class_map()
+            .into_iter()
+            .map(|(scope, class)| (scope, class.as_str().to_owned()))
+            .collect();
         Ok(Response::new(pb::IntrospectResponse {
             active: true,
+            scope_classes,
             scope: r.scopes.join(" "),
             sub: r.subject,
             aud: r.audience,

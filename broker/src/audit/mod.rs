@@ -97,6 +97,28 @@ pub fn denied_as(identity: &str, class: &str, tenant: &str, action: &str, reason
     );
 }
 
+/// A Cedar policy denied `action` for `identity`: the deciding policy ids (empty
+/// when no policy permits it) and the caller's message.
+pub fn policy_denied(
+    identity: &str,
+    action: &str,
+    class: &str,
+    tenant: &str,
+    policies: &[String],
+    reason: &str,
+) {
+    tracing::warn!(
+        target: TARGET,
+        event = "task.denied",
+        identity,
+        action,
+        class,
+        tenant,
+        policies = %policies.join(","),
+        reason
+    );
+}
+
 /// A task ended, by completion or expiry, revoking `revoked` credentials.
 pub fn task_ended(task: &TaskRecord, reason: EndReason, revoked: &[CredentialId]) {
     let event = match reason {

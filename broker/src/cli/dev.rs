@@ -39,6 +39,10 @@ pub struct DevArgs {
     /// Trust domain of the generated SVIDs.
     #[arg(long, default_value = "leash.dev")]
     pub trust_domain: String,
+    /// Decide every BeginTask with the Cedar policies in this directory too
+    /// (`[policy] dir`; e.g. examples/policies). Default: template rules only.
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
 }
 
 /// Why the dev environment could not be prepared.
@@ -83,12 +87,14 @@ grants:
   - name: github
     kind: jwt
     audience: https://api.github.example
-    scopes: ["repo:{repo}:read", "pulls:{repo}:comment"]
+    scopes:
+      - { scope: "repo:{repo}:read", class: read }       # read | write | destructive
+      - { scope: "pulls:{repo}:comment", class: write }
     ttl: 60s
   - name: db
     kind: opaque
     audience: postgres://db.example/app
-    scopes: ["db:app:select"]
+    scopes: [{ scope: "db:app:select", class: read }]
     ttl: 30s
 "#;
 
@@ -192,7 +198,7 @@ bundles = {{ "{td}" = "bundle.pem" }}
 
 [templates]
 dir = "templates"
-
+{policy}
 [signing]
 issuer = "https://leash.dev"
 keys = [{{ kid = "dev-1", alg = "EdDSA", path = "signing-key.pem" }}]
@@ -229,6 +235,17 @@ identities = ["spiffe://{td}/*"]
 "#,
         agent_addr = args.agent_addr,
         ops_addr = args.ops_addr,
+        policy = match &args.policies {
+            // Absolute, so the config in the dev directory finds it.
+            Some(p) => format!(
+                "\n[policy]\ndir = {:?}\n",
+                std::path::absolute(p)
+                    .unwrap_or_else(|_| p.clone())
+                    .display()
+                    .to_string()
+            ),
+            None => String::new(),
+        },
     );
     write(dir, "leash.toml", &toml, false)?;
     Ok(Config::from_toml(&toml, std::iter::empty(), dir)?)

@@ -1,4 +1,4 @@
-//! The `leash` command line: `serve`, `dev`, `templates check`, the small client
+//! The `leash` command line: `serve`, `dev`, `templates check`, `policy check|explain`, the small client
 //! (`task begin|renew|complete`, `token introspect`, `jwks`) and `bench`.
 //!
 //! Client commands find their SVID, key and bundle from flags, then
@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod client;
 pub mod dev;
+pub mod policy;
 pub mod task;
 pub mod templates;
 
@@ -55,6 +56,12 @@ pub enum Command {
         /// What to do with templates.
         #[command(subcommand)]
         command: TemplatesCommand,
+    },
+    /// Check Cedar policies, and explain how a BeginTask would be decided.
+    Policy {
+        /// What to do with policies.
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
     },
     /// Begin, renew and complete tasks (as an agent).
     Task {

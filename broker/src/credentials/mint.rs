@@ -12,7 +12,7 @@ use super::{CredentialError, KeySet, Secret, jwt, opaque, random_bytes, value_di
 use crate::{
     clock::duration_ms,
     store::{CredentialId, CredentialRecord, StoredKind, TaskId},
-    templates::{CredentialKind, GrantSpec},
+    templates::{CredentialKind, GrantSpec, ScopeClass},
 };
 
 /// What one credential is minted for.
@@ -26,6 +26,8 @@ pub struct MintRequest<'a> {
     pub grant: &'a GrantSpec,
     /// The grant's scopes with parameters substituted.
     pub scopes: Vec<String>,
+    /// The declared class of each scope, index for index with `scopes`.
+    pub scope_classes: Vec<ScopeClass>,
     /// SPIFFE ID of the agent.
     pub subject: &'a str,
     /// base64url SHA-256 of the agent's SVID, to bind the credential to (RFC 8705).
@@ -95,6 +97,7 @@ impl Minter {
             kind,
             audience: req.grant.audience.clone(),
             scopes: req.scopes.clone(),
+            scope_classes: req.scope_classes.clone(),
             value_sha256: value_digest(value.expose()),
             subject: req.subject.to_owned(),
             issuer: self.issuer.clone(),
@@ -116,6 +119,14 @@ impl Minter {
         claims.insert("sub".into(), json!(req.subject));
         claims.insert("aud".into(), json!(req.grant.audience));
         claims.insert("scope".into(), json!(req.scopes.join(" ")));
+        // `scope_classes`: each scope → `read` | `write` | `destructive`, so a
+        // resource server can separate them without parsing scope names.
+        let classes: Map<String, Value> =
+            crate::store::scope_class_map(&req.scopes, &req.scope_classes)
+                .into_iter()
+                .map(|(scope, class)| (scope, json!(class.as_str())))
+                .collect();
+        claims.insert("scope_classes".into(), Value::Object(classes));
         claims.insert("client_id".into(), json!(req.subject));
         claims.insert("iat".into(), json!(iat));
         claims.insert("nbf".into(), json!(iat));

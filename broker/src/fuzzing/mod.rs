@@ -598,6 +598,87 @@ fn hex_bytes<const N: usize>(hex: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+// ---- Policies ------------------------------------------------------------------------
+
+/// A template every accepted policy is evaluated against: one read, one write and
+/// one destructive scope, low sensitivity.
+static POLICY_TEMPLATE: LazyLock<Option<Template>> = LazyLock::new(|| {
+    templates::parse_str(
+        Path::new("fuzz.yaml"),
+        "name: fuzz\nversion: 1\nowner: o@x\nsensitivity: low\nidentities: [spiffe://acme.test/agent/*]\n\
+         parameters: { repo: { type: string, enum: [a/b] } }\n\
+         lease: { ttl: 30s, max_ttl: 1m, max_lifetime: 1h }\n\
+         grants: [{name: g, kind: jwt, audience: aud, ttl: 30s, scopes: [\
+         {scope: \"r:{repo}\", class: read}, {scope: w, class: write}, {scope: d, class: destructive}]}]\n",
+    )
+    .ok()
+});
+
+/// The Cedar policy loader ([`crate::policy::cedar::parse_str`]: parse, ids and
+/// lines, schema validation), then one evaluation of what loads.
+///
+/// Checks: an accepted file names every policy with a line inside the file; a
+/// refused one has at least one issue, each inside the file (line 0 only for a
+/// problem without a position); evaluating an accepted set never fails on a
+/// request the broker builds, and a deny always has a message.
+pub fn policy(data: &[u8]) -> Outcome {
+    use crate::policy::cedar;
+    let Ok(src) = std::str::from_utf8(data) else {
+        return Outcome::Rejected;
+    };
+    let lines = src.lines().count().max(1) + 1;
+    match cedar::parse_str(Path::new("fuzz.cedar"), src, "UTC") {
+        Ok(policies) => {
+            for id in policies.ids() {
+                let origin = policies.origin(id).expect("every id has an origin");
+                assert!(
+                    (1..=lines).contains(&origin.line),
+                    "{id} at line {}",
+                    origin.line
+                );
+            }
+            let Some(template) = POLICY_TEMPLATE.as_ref() else {
+                panic!("the fixed policy template must load");
+            };
+            let spiffe_id = SpiffeId::parse("spiffe://acme.test/agent/fuzz").expect("id");
+            let parameters = BTreeMap::from([("repo".to_owned(), "a/b".to_owned())]);
+            let grants: Vec<_> = template
+                .grants
+                .iter()
+                .map(|g| (g.clone(), template.classified_scopes_for(g, &parameters)))
+                .collect();
+            for connection in [cedar::Connection::Mtls, cedar::Connection::JwtSvid] {
+                let request = cedar::Request {
+                    identity: &spiffe_id,
+                    connection,
+                    class: "partner-fuzz".into(),
+                    tenant: "default".into(),
+                    template,
+                    parameters: &parameters,
+                    grants: &grants,
+                    ttl_ms: 30_000,
+                    delegation_depth: 0,
+                    now_ms: 1_796_806_800_000,
+                };
+                let verdict = policies
+                    .evaluate(&request)
+                    .expect("a broker-built request fits");
+                if !verdict.allowed {
+                    assert!(!policies.denial_message(&verdict).is_empty());
+                }
+            }
+            Outcome::Accepted
+        }
+        Err(e) => {
+            assert!(!e.0.is_empty(), "refused without an issue");
+            for issue in &e.0 {
+                assert!(issue.line <= lines, "issue past the end: {issue}");
+            }
+            Outcome::Rejected
+        }
+    }
+}
+
 // ---- Templates -----------------------------------------------------------------------
 
 /// Values tried for string parameters with a pattern (the first that matches is bound).
@@ -645,6 +726,11 @@ fn check_template(t: &Template) {
         assert!(grant_names.insert(&g.name), "duplicate grant {:?}", g.name);
         assert!(!g.audience.is_empty() && !g.audience.chars().any(char::is_whitespace));
         assert!((1..=MAX_SCOPES_PER_GRANT).contains(&g.scopes.len()));
+        assert_eq!(
+            g.scope_classes.len(),
+            g.scopes.len(),
+            "a scope without its class"
+        );
         assert!(g.ttl >= MIN_DURATION);
     }
     let mut parameter_names = std::collections::BTreeSet::new();

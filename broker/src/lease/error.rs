@@ -88,6 +88,8 @@ impl From<PolicyError> for LeaseError {
             PolicyError::UnknownTemplate(t) => Self::TemplateNotFound(t),
             e @ PolicyError::NotAllowed { .. } => Self::PermissionDenied(e.to_string()),
             PolicyError::Invalid(ps) => Self::InvalidArgument(ps),
+            e @ PolicyError::Forbidden { .. } => Self::PermissionDenied(e.to_string()),
+            e @ PolicyError::Evaluation(_) => Self::Internal(e.to_string()),
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::{
     clock::Clock,
     credentials::{self, CredentialError, MintRequest, Minted, Minter, jwt, opaque},
     identity::Identity,
-    policy::{self, Actor, ActorClasses, Decision, VerifierCallers},
+    policy::{self, Actor, ActorClasses, Decision, VerifierCallers, cedar::PolicyCatalog},
     revocation::Audiences,
     store::{
         BeginOutcome, BeginQuota, Bucket, CompleteOutcome, CredentialId, CredentialRecord,
@@ -71,6 +71,7 @@ pub struct LeaseService<S> {
     verifier_callers: VerifierCallers,
     binding_rule: BindingRule,
     actors: ActorClasses,
+    policies: Option<Arc<PolicyCatalog>>,
 }
 
 fn digest(parts: &[&str]) -> ring::digest::Digest {
@@ -197,6 +198,7 @@ impl<S: LeaseStore> LeaseService<S> {
             verifier_callers,
             binding_rule: BindingRule::SpiffeId,
             actors: ActorClasses::default(),
+            policies: None,
         }
     }
 
@@ -234,7 +236,8 @@ impl<S: LeaseStore> LeaseService<S> {
                     task_id,
                     template: &decision.template.name,
                     grant,
-                    scopes: scopes.clone(),
+                    scopes: scopes.iter().map(|(s, _)| s.clone()).collect(),
+                    scope_classes: scopes.iter().map(|(_, c)| *c).collect(),
                     subject: caller.spiffe_id.as_str(),
                     cnf_x5t_s256: cnf.as_deref(),
                     now_ms,
@@ -285,6 +288,31 @@ impl<S: LeaseStore> LeaseService<S> {
             }
         })?;
         cap_to_class(&mut decision, &actor, now_ms);
+        if let Some(policies) = &self.policies {
+            // `context.time` is this replica's own (injectable) clock: policy
+            // windows are minutes wide, and the store's clock offset is for deadlines.
+            let policy_now_ms = self.clock.now_ms();
+            policy::authorize(
+                &policies.current(),
+                caller,
+                &actor.class,
+                &actor.tenant,
+                &decision,
+                policy_now_ms,
+            )
+            .inspect_err(|e| {
+                if let policy::PolicyError::Forbidden { policies, message } = e {
+                    audit::policy_denied(
+                        owner,
+                        "begin",
+                        &actor.class,
+                        &actor.tenant,
+                        policies,
+                        message,
+                    );
+                }
+            })?;
+        }
         let params: Vec<String> = decision
             .parameters
             .iter()
@@ -817,6 +845,14 @@ impl<S: LeaseStore> LeaseService<S> {
     /// The JWK Set of the signing keys.
     pub fn jwks(&self) -> Value {
         self.minter.keys().jwks()
+    }
+
+    /// Decides every BeginTask with these Cedar policies too, after the template
+    /// rules (`None`, the default: template rules only).
+    #[must_use]
+    pub fn with_policies(mut self, policies: Option<Arc<PolicyCatalog>>) -> Self {
+        self.policies = policies;
+        self
     }
 
     /// Sets how a task begun over mTLS is tied to the key that began it

@@ -25,8 +25,8 @@ parameters:
   repo: { type: string, pattern: "[a-z0-9-]+/[a-z0-9-]+", required: true }
 lease: { ttl: 10s, max_ttl: 20s, max_lifetime: 25s }
 grants:
-  - { name: github, kind: jwt, audience: https://api.github.test, scopes: ["repo:{repo}:read"], ttl: 60s }
-  - { name: db, kind: opaque, audience: postgres://db/app, scopes: ["db:select"], ttl: 4s }
+  - { name: github, kind: jwt, audience: https://api.github.test, scopes: [{scope: "repo:{repo}:read", class: read}], ttl: 60s }
+  - { name: db, kind: opaque, audience: postgres://db/app, scopes: [{scope: "db:select", class: read}], ttl: 4s }
 "#;
 
 struct Fixture {

@@ -4,16 +4,22 @@
 //! Runs after the caller's SVID has been verified (authentication is the
 //! `identity` module's job). A decision is a pure function of the template set,
 //! the caller, the request and the time, so it is tested without a server.
+//!
+//! Two steps, in this order, both before anything is issued: [`decide`] (the
+//! template rules: identity patterns, parameters, TTL bounds), then [`authorize`]
+//! (the Cedar policies of [`cedar`], when configured; default deny once any
+//! policy is loaded, `forbid` wins).
 
 pub mod actors;
+pub mod cedar;
 pub mod verifiers;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use crate::{
     clock::duration_ms,
-    identity::SpiffeId,
-    templates::{GrantSpec, Template, TemplateSet},
+    identity::{Identity, SpiffeId},
+    templates::{GrantSpec, ScopeClass, Template, TemplateSet},
 };
 
 pub use actors::{Actor, ActorClasses, ClassLimits, ClassSpec, Rate, Unclassified};
@@ -56,6 +62,17 @@ pub enum PolicyError {
     /// Parameters or TTL do not fit the template.
     #[error("invalid request")]
     Invalid(Vec<FieldProblem>),
+    /// A Cedar policy forbids the request, or no policy permits it.
+    #[error("{message}")]
+    Forbidden {
+        /// The ids of the deciding policies (empty: no policy permits it).
+        policies: Vec<String>,
+        /// The message for the caller, naming those policies.
+        message: String,
+    },
+    /// The policy request could not be built (a bug); denied.
+    #[error("policy evaluation failed: {0}")]
+    Evaluation(String),
 }
 
 /// The terms a task begins on.
@@ -71,8 +88,9 @@ pub struct Decision {
     pub lease_deadline_ms: u64,
     /// The max lifetime bound.
     pub max_deadline_ms: u64,
-    /// Each grant with its substituted scopes, in template order.
-    pub grants: Vec<(GrantSpec, Vec<String>)>,
+    /// Each grant with its substituted scopes and their declared classes, in
+    /// template order.
+    pub grants: Vec<(GrantSpec, Vec<(String, ScopeClass)>)>,
 }
 
 /// Decides whether `identity` may begin a task of `template` with `parameters`
@@ -135,7 +153,7 @@ pub fn decide(
     let grants = tpl
         .grants
         .iter()
-        .map(|g| (g.clone(), tpl.scopes_for(g, &bound)))
+        .map(|g| (g.clone(), tpl.classified_scopes_for(g, &bound)))
         .collect();
     Ok(Decision {
         template: tpl,
@@ -144,6 +162,68 @@ pub fn decide(
         lease_deadline_ms,
         max_deadline_ms,
         grants,
+    })
+}
+
+/// How `caller` authenticated, as policies see it.
+pub fn connection_of(caller: &Identity) -> cedar::Connection {
+    match caller.thumbprint_s256 {
+        Some(_) => cedar::Connection::Mtls,
+        None => cedar::Connection::JwtSvid,
+    }
+}
+
+/// The policy request for a task the template rules accepted.
+pub fn policy_request<'a>(
+    caller: &'a Identity,
+    class: &str,
+    tenant: &str,
+    decision: &'a Decision,
+    now_ms: u64,
+) -> cedar::Request<'a> {
+    cedar::Request {
+        identity: &caller.spiffe_id,
+        connection: connection_of(caller),
+        class: class.to_owned(),
+        tenant: tenant.to_owned(),
+        template: &decision.template,
+        parameters: &decision.parameters,
+        grants: &decision.grants,
+        ttl_ms: decision.lease_ttl_ms,
+        delegation_depth: 0,
+        now_ms,
+    }
+}
+
+/// Decides a task the template rules accepted ([`decide`]) with the Cedar
+/// `policies`: the one hook between the template decision and issuing. With no
+/// policy loaded, everything the template rules accepted is allowed.
+///
+/// # Errors
+/// [`PolicyError::Forbidden`] naming the deciding policies (a `forbid` that
+/// applied, one that failed to evaluate, or none when no `permit` applied);
+/// [`PolicyError::Evaluation`] if the request could not be built.
+pub fn authorize(
+    policies: &cedar::Policies,
+    caller: &Identity,
+    class: &str,
+    tenant: &str,
+    decision: &Decision,
+    now_ms: u64,
+) -> Result<(), PolicyError> {
+    if policies.is_empty() {
+        return Ok(());
+    }
+    let request = policy_request(caller, class, tenant, decision, now_ms);
+    let verdict = policies
+        .evaluate(&request)
+        .map_err(|e| PolicyError::Evaluation(e.to_string()))?;
+    if verdict.allowed {
+        return Ok(());
+    }
+    Err(PolicyError::Forbidden {
+        message: policies.denial_message(&verdict),
+        policies: verdict.determining,
     })
 }
 

@@ -35,7 +35,7 @@ pub use memory::quota_keys;
 pub use model::{
     CredentialId, CredentialRecord, EndReason, LogId, MAX_CURSOR_LEN, PagePosition,
     RevocationCursor, RevocationRead, RevocationRecord, RevokedPage, StoredKind, TaskBinding,
-    TaskId, TaskRecord, TaskState,
+    TaskId, TaskRecord, TaskState, scope_class_map,
 };
 pub use redis::{Durability, RedisStore, RedisStoreOptions, ServerFacts};
 

@@ -280,6 +280,10 @@ pub struct CredentialRecord {
     pub audience: String,
     /// Scopes, parameters substituted.
     pub scopes: Vec<String>,
+    /// The declared class of each scope, index for index with `scopes`; empty in
+    /// records written before scope classes existed (their classes are unknown).
+    #[serde(default)]
+    pub scope_classes: Vec<crate::templates::ScopeClass>,
     /// Lower-case hex SHA-256 of the credential value.
     pub value_sha256: String,
     /// SPIFFE ID of the agent it was issued to.
@@ -297,6 +301,28 @@ pub struct CredentialRecord {
     /// The tenant of the task: only that tenant's verifiers learn of it.
     #[serde(default)]
     pub tenant: String,
+}
+
+impl CredentialRecord {
+    /// Each scope with its declared class; see [`scope_class_map`].
+    pub fn scope_class_map(&self) -> BTreeMap<String, crate::templates::ScopeClass> {
+        scope_class_map(&self.scopes, &self.scope_classes)
+    }
+}
+
+/// Each scope → its declared class. A scope that appears twice (two template
+/// scopes rendering alike) keeps the stricter class; a scope without a class
+/// (a record from before scope classes) is left out rather than guessed.
+pub fn scope_class_map(
+    scopes: &[String],
+    classes: &[crate::templates::ScopeClass],
+) -> BTreeMap<String, crate::templates::ScopeClass> {
+    let mut map = BTreeMap::new();
+    for (scope, class) in scopes.iter().zip(classes.iter().copied()) {
+        let entry = map.entry(scope.clone()).or_insert(class);
+        *entry = (*entry).max(class);
+    }
+    map
 }
 
 impl fmt::Debug for CredentialRecord {

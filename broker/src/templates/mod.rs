@@ -44,7 +44,8 @@
 //!   - name: github                  # unique in the template; [a-z0-9][a-z0-9_-]{0,31}
 //!     kind: jwt                     # jwt | opaque
 //!     audience: https://api.github.test   # non-empty, no whitespace
-//!     scopes: ["repo:{repo}:read"]  # 1 to 32; `{param}` must name a REQUIRED parameter
+//!     scopes:                       # 1 to 32; `{param}` must name a REQUIRED parameter
+//!       - { scope: "repo:{repo}:read", class: read }  # class: read | write | destructive
 //!     ttl: 60s                      # >= 1s; capped by the lease at mint time
 //! ```
 //!
@@ -75,7 +76,7 @@ pub use catalog::TemplateCatalog;
 pub use limits::*;
 pub use model::{
     CredentialKind, GrantSpec, LeasePolicy, Parameter, ParameterConstraint, ParameterKind,
-    Template, TemplateSet,
+    ScopeClass, Sensitivity, Template, TemplateSet,
 };
 pub use parameters::ParameterProblem;
 

@@ -26,6 +26,74 @@ impl CredentialKind {
     }
 }
 
+/// What a scope lets its holder do, declared per scope in the template (never
+/// inferred from the scope's text). Ordered: `Read < Write < Destructive`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ScopeClass {
+    /// Reads data; changes nothing.
+    Read,
+    /// Creates or changes data.
+    Write,
+    /// Deletes data or does what cannot be undone; always declared explicitly.
+    Destructive,
+}
+
+impl ScopeClass {
+    /// Every class, in order.
+    pub const ALL: [Self; 3] = [Self::Read, Self::Write, Self::Destructive];
+
+    /// The spelling used in template files, JWT claims and policies
+    /// (`read`, `write`, `destructive`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Destructive => "destructive",
+        }
+    }
+
+    /// The class spelled `s`, if any (exact, lower case).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// How sensitive the data a template reaches is, declared by the template
+/// (`sensitivity:`); policies read it. A template that does not declare it is
+/// [`Sensitivity::High`], so an omission never loosens a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Sensitivity {
+    /// Public or throwaway data.
+    Low,
+    /// Internal data.
+    Medium,
+    /// Customer, financial or secret data; the default.
+    #[default]
+    High,
+}
+
+impl Sensitivity {
+    /// Every level, in order.
+    pub const ALL: [Self; 3] = [Self::Low, Self::Medium, Self::High];
+
+    /// The spelling used in template files and policies (`low`, `medium`, `high`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Medium => "medium",
+            Self::High => "high",
+        }
+    }
+
+    /// The level spelled `s`, if any (exact, lower case).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
 /// Lease bounds of a template. Loaded templates guarantee
 /// `1s <= ttl <= max_ttl <= max_lifetime`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +123,8 @@ pub struct GrantSpec {
     pub audience: String,
     /// Scopes as written, with `{param}` placeholders; see [`Template::scopes_for`].
     pub scopes: Vec<String>,
+    /// The class of each scope, index for index: a loaded grant has exactly one per scope.
+    pub scope_classes: Vec<ScopeClass>,
     /// Credential TTL; the lease caps it further at mint time.
     pub ttl: Duration,
 }
@@ -139,6 +209,8 @@ pub struct Template {
     pub grants: Vec<GrantSpec>,
     /// Declared parameters, in file order.
     pub parameters: Vec<Parameter>,
+    /// Declared data sensitivity; [`Sensitivity::High`] when not declared.
+    pub sensitivity: Sensitivity,
     /// The file the template was loaded from.
     pub source: PathBuf,
     /// The tenant the template belongs to (`tenant:`, default

@@ -3,7 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::limits::{MAX_PARAMETERS, MAX_VALUE_BYTES};
-use super::model::{GrantSpec, Parameter, ParameterConstraint, ParameterKind, Template};
+use super::model::{
+    GrantSpec, Parameter, ParameterConstraint, ParameterKind, ScopeClass, Template,
+};
 
 /// One reason a BeginTask's parameters were refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,11 +165,26 @@ impl Template {
     /// never emitted half-rendered, because a credential with fewer scopes is safe and
     /// one with a literal `{repo}` might be read as a wildcard.
     pub fn scopes_for(&self, grant: &GrantSpec, bound: &BTreeMap<String, String>) -> Vec<String> {
+        self.classified_scopes_for(grant, bound)
+            .into_iter()
+            .map(|(scope, _)| scope)
+            .collect()
+    }
+
+    /// [`Template::scopes_for`], each rendered scope with its declared class. A scope
+    /// without a declared class (only possible with a hand-built grant) is dropped
+    /// like one that cannot render: a credential never carries an unclassified scope.
+    pub fn classified_scopes_for(
+        &self,
+        grant: &GrantSpec,
+        bound: &BTreeMap<String, String>,
+    ) -> Vec<(String, ScopeClass)> {
         grant
             .scopes
             .iter()
-            .filter_map(|scope| match render_scope(scope, bound) {
-                Ok(rendered) => Some(rendered),
+            .zip(grant.scope_classes.iter().copied())
+            .filter_map(|(scope, class)| match render_scope(scope, bound) {
+                Ok(rendered) => Some((rendered, class)),
                 Err(reason) => {
                     tracing::warn!(
                         template = %self.name,

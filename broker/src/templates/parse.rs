@@ -21,7 +21,8 @@ use super::limits::{
     MAX_VALUE_BYTES, MIN_DURATION,
 };
 use super::model::{
-    CredentialKind, GrantSpec, LeasePolicy, Parameter, ParameterConstraint, ParameterKind, Template,
+    CredentialKind, GrantSpec, LeasePolicy, Parameter, ParameterConstraint, ParameterKind,
+    ScopeClass, Sensitivity, Template,
 };
 use super::parameters::{ScopePiece, split_scope};
 use super::yaml::{self, Key, Node, ScalarType, Value, scalar_type};
@@ -364,6 +365,7 @@ const TEMPLATE_KEYS: &[&str] = &[
     "grants",
     "tenant",
     "classes",
+    "sensitivity",
 ];
 const PARAMETER_KEYS: &[&str] = &[
     "type",
@@ -376,6 +378,7 @@ const PARAMETER_KEYS: &[&str] = &[
 ];
 const LEASE_KEYS: &[&str] = &["ttl", "max_ttl", "max_lifetime", "min_renew_interval"];
 const GRANT_KEYS: &[&str] = &["name", "kind", "audience", "scopes", "ttl"];
+const SCOPE_KEYS: &[&str] = &["scope", "class"];
 
 fn template(
     root: &Node,
@@ -434,6 +437,19 @@ fn template(
     let grants = map
         .required("grants", report)
         .and_then(|node| grants(node, declared.as_deref().unwrap_or_default(), report));
+    let sensitivity = match map.optional("sensitivity") {
+        None => Some(Sensitivity::default()),
+        Some(node) => string(node, "sensitivity", report).and_then(|v| {
+            let level = Sensitivity::parse(v);
+            if level.is_none() {
+                report.at(
+                    node.line,
+                    format!("`sensitivity`: {v:?} is not a sensitivity; use low, medium or high"),
+                );
+            }
+            level
+        }),
+    };
     let declared = declared.map(|list| {
         list.into_iter()
             .map(|d| d.parameter)
@@ -451,6 +467,7 @@ fn template(
         declared,
         tenant,
         classes,
+        sensitivity,
     ) {
         (
             Some((name, _)),
@@ -463,6 +480,7 @@ fn template(
             Some(Some(parameters)),
             Some(tenant),
             Some(classes),
+            Some(sensitivity),
         ) => Some(Template {
             name: name.clone(),
             version,
@@ -472,6 +490,7 @@ fn template(
             lease,
             grants,
             parameters,
+            sensitivity,
             source: file.to_owned(),
             tenant,
             classes,
@@ -1079,11 +1098,13 @@ fn grant(
     let ttl = map
         .required("ttl", report)
         .and_then(|node| duration(node, &map.child("ttl"), report));
+    let (scopes, scope_classes) = scopes?.into_iter().unzip();
     Some(GrantSpec {
         name: name?,
         kind: kind?,
         audience: audience?,
-        scopes: scopes?,
+        scopes,
+        scope_classes,
         ttl: ttl?,
     })
 }
@@ -1094,7 +1115,7 @@ fn scopes(
     declared: &[Declared],
     in_scopes: &mut BTreeSet<String>,
     report: &mut Report,
-) -> Option<Vec<String>> {
+) -> Option<Vec<(String, ScopeClass)>> {
     let items = sequence(node, path, report)?;
     if items.is_empty() {
         report.at(node.line, format!("`{path}`: must list at least one scope"));
@@ -1114,12 +1135,54 @@ fn scopes(
     let mut ok = true;
     for (i, item) in items.iter().enumerate() {
         let item_path = format!("{path}[{i}]");
-        match scope(item, &item_path, declared, in_scopes, report) {
+        match classified_scope(item, &item_path, declared, in_scopes, report) {
             Some(s) => out.push(s),
             None => ok = false,
         }
     }
     ok.then_some(out)
+}
+
+/// One `{scope: "...", class: read|write|destructive}` entry. A plain string is
+/// refused: every scope declares its class, so `destructive` is never inferred and a
+/// forgotten class never passes as `read`.
+fn classified_scope(
+    node: &Node,
+    path: &str,
+    declared: &[Declared],
+    in_scopes: &mut BTreeSet<String>,
+    report: &mut Report,
+) -> Option<(String, ScopeClass)> {
+    if let Value::Scalar { text, .. } = &node.value {
+        report.at(
+            node.line,
+            format!(
+                "`{path}`: scope {text:?} declares no class; write \
+                 `{{scope: {text:?}, class: read}}` (class: read, write or destructive)"
+            ),
+        );
+        return None;
+    }
+    let map = mapping(node, path, SCOPE_KEYS, report)?;
+    let scope_path = map.child("scope");
+    let value = map
+        .required("scope", report)
+        .and_then(|n| scope(n, &scope_path, declared, in_scopes, report));
+    let class = map.required("class", report).and_then(|n| {
+        let class_path = map.child("class");
+        let v = string(n, &class_path, report)?;
+        let class = ScopeClass::parse(v);
+        if class.is_none() {
+            report.at(
+                n.line,
+                format!(
+                    "`{class_path}`: {v:?} is not a scope class; use read, write or destructive"
+                ),
+            );
+        }
+        class
+    });
+    Some((value?, class?))
 }
 
 fn scope(

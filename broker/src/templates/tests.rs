@@ -38,7 +38,7 @@ grants:
   - name: api
     kind: jwt
     audience: https://api.acme.test
-    scopes: ["read:{repo}", "n:{count}"]
+    scopes: [{scope: "read:{repo}", class: read}, {scope: "n:{count}", class: read}]
     ttl: 60s
 "#;
 
@@ -125,7 +125,13 @@ fn examples_load() {
     };
     assert_eq!(
         set.names().collect::<Vec<_>>(),
-        vec!["db-readonly", "github-pr-review"]
+        vec!["db-readonly", "github-pr-review", "repo-cleanup"]
+    );
+    let cleanup = set.get("repo-cleanup").unwrap();
+    assert_eq!(cleanup.sensitivity, super::Sensitivity::Low);
+    assert_eq!(
+        cleanup.grants[0].scope_classes,
+        vec![super::ScopeClass::Read, super::ScopeClass::Destructive]
     );
     let db = set.get("db-readonly").unwrap();
     assert_eq!(db.tenant, "acme");
@@ -181,8 +187,8 @@ fn format_variants_are_accepted() {
         ("integer without bounds", "    min: 1\n    max: 10\n", ""),
         (
             "flow mapping grant",
-            "  - name: api\n    kind: jwt\n    audience: https://api.acme.test\n    scopes: [\"read:{repo}\", \"n:{count}\"]\n    ttl: 60s\n",
-            "  - {name: api, kind: opaque, audience: x, scopes: [s], ttl: 1s}\n",
+            "  - name: api\n    kind: jwt\n    audience: https://api.acme.test\n    scopes: [{scope: \"read:{repo}\", class: read}, {scope: \"n:{count}\", class: read}]\n    ttl: 60s\n",
+            "  - {name: api, kind: opaque, audience: x, scopes: [{scope: s, class: read}], ttl: 1s}\n",
         ),
         (
             "equal ttl bounds",
@@ -675,7 +681,7 @@ fn rule_cases() -> Vec<(&'static str, String, usize, &'static str)> {
         (
             "no grants",
             edit(
-                "grants:\n  - name: api\n    kind: jwt\n    audience: https://api.acme.test\n    scopes: [\"read:{repo}\", \"n:{count}\"]\n    ttl: 60s\n",
+                "grants:\n  - name: api\n    kind: jwt\n    audience: https://api.acme.test\n    scopes: [{scope: \"read:{repo}\", class: read}, {scope: \"n:{count}\", class: read}]\n    ttl: 60s\n",
                 "grants: []\n",
             ),
             23,
@@ -684,7 +690,7 @@ fn rule_cases() -> Vec<(&'static str, String, usize, &'static str)> {
         (
             "grants not a list",
             edit(
-                "grants:\n  - name: api\n    kind: jwt\n    audience: https://api.acme.test\n    scopes: [\"read:{repo}\", \"n:{count}\"]\n    ttl: 60s\n",
+                "grants:\n  - name: api\n    kind: jwt\n    audience: https://api.acme.test\n    scopes: [{scope: \"read:{repo}\", class: read}, {scope: \"n:{count}\", class: read}]\n    ttl: 60s\n",
                 "grants: {}\n",
             ),
             23,
@@ -695,7 +701,7 @@ fn rule_cases() -> Vec<(&'static str, String, usize, &'static str)> {
             format!(
                 "{BASE}{}",
                 many(MAX_GRANTS, &|i| format!(
-                    "  - {{name: g{i}, kind: jwt, audience: a, scopes: [s], ttl: 1s}}\n"
+                    "  - {{name: g{i}, kind: jwt, audience: a, scopes: [{{scope: s, class: read}}], ttl: 1s}}\n"
                 ))
             ),
             23,
@@ -727,7 +733,9 @@ fn rule_cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "duplicate grant name",
-            format!("{BASE}  - {{name: api, kind: opaque, audience: a, scopes: [s], ttl: 1s}}\n"),
+            format!(
+                "{BASE}  - {{name: api, kind: opaque, audience: a, scopes: [{{scope: s, class: read}}], ttl: 1s}}\n"
+            ),
             29,
             "duplicate grant name \"api\" (first at line 24)",
         ),
@@ -764,7 +772,7 @@ fn rule_cases() -> Vec<(&'static str, String, usize, &'static str)> {
         (
             "scopes empty",
             edit(
-                "    scopes: [\"read:{repo}\", \"n:{count}\"]",
+                "    scopes: [{scope: \"read:{repo}\", class: read}, {scope: \"n:{count}\", class: read}]",
                 "    scopes: []",
             ),
             27,
@@ -773,7 +781,7 @@ fn rule_cases() -> Vec<(&'static str, String, usize, &'static str)> {
         (
             "scopes not a list",
             edit(
-                "    scopes: [\"read:{repo}\", \"n:{count}\"]",
+                "    scopes: [{scope: \"read:{repo}\", class: read}, {scope: \"n:{count}\", class: read}]",
                 "    scopes: read",
             ),
             27,
@@ -782,10 +790,12 @@ fn rule_cases() -> Vec<(&'static str, String, usize, &'static str)> {
         (
             "too many scopes",
             edit(
-                "    scopes: [\"read:{repo}\", \"n:{count}\"]",
+                "    scopes: [{scope: \"read:{repo}\", class: read}, {scope: \"n:{count}\", class: read}]",
                 &format!(
                     "    scopes: [{}]",
-                    many(MAX_SCOPES_PER_GRANT + 1, &|i| format!("s{i},"))
+                    many(MAX_SCOPES_PER_GRANT + 1, &|i| format!(
+                        "{{scope: s{i}, class: read}},"
+                    ))
                 ),
             ),
             27,
@@ -793,21 +803,60 @@ fn rule_cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "scope empty",
-            edit("\"n:{count}\"]", "\"\"]"),
+            edit("\"n:{count}\", class: read}]", "\"\", class: read}]"),
             27,
-            "`grants[0].scopes[1]`: must not be empty",
+            "`grants[0].scopes[1].scope`: must not be empty",
         ),
         (
             "scope with whitespace",
             edit("\"read:{repo}\"", "\"read: {repo}\""),
             27,
-            "`grants[0].scopes[0]`: \"read: {repo}\" must not contain whitespace",
+            "`grants[0].scopes[0].scope`: \"read: {repo}\" must not contain whitespace",
         ),
         (
             "scope not a string",
             edit("\"read:{repo}\"", "{a: b}"),
             27,
-            "`grants[0].scopes[0]`: expected a string",
+            "`grants[0].scopes[0].scope`: expected a string",
+        ),
+        (
+            "scope without a class",
+            edit("{scope: \"read:{repo}\", class: read}", "\"read:{repo}\""),
+            27,
+            "`grants[0].scopes[0]`: scope \"read:{repo}\" declares no class; write `{scope: \"read:{repo}\", class: read}`",
+        ),
+        (
+            "scope class missing",
+            edit(
+                "{scope: \"read:{repo}\", class: read}",
+                "{scope: \"read:{repo}\"}",
+            ),
+            27,
+            "`grants[0].scopes[0]`: missing required key `class`",
+        ),
+        (
+            "scope class unknown",
+            edit(
+                "{scope: \"read:{repo}\", class: read}",
+                "{scope: \"read:{repo}\", class: delete}",
+            ),
+            27,
+            "`grants[0].scopes[0].class`: \"delete\" is not a scope class; use read, write or destructive",
+        ),
+        (
+            "scope entry unknown key",
+            edit(
+                "{scope: \"read:{repo}\", class: read}",
+                "{scope: \"read:{repo}\", class: read, destructive: true}",
+            ),
+            27,
+            "unknown key `destructive`; expected one of: scope, class",
+        ),
+        (
+            "sensitivity unknown",
+            edit("grants:\n", "sensitivity: secret\ngrants:\n"),
+            23,
+            "`sensitivity`: \"secret\" is not a sensitivity; use low, medium or high",
         ),
         (
             "placeholder undeclared",
@@ -1291,7 +1340,7 @@ version: 1
 owner: o
 identities: [spiffe://acme.test/a]
 lease: {ttl: 1s, max_ttl: 1s, max_lifetime: 1s}
-grants: [{name: g, kind: opaque, audience: a, scopes: [read], ttl: 1s}]
+grants: [{name: g, kind: opaque, audience: a, scopes: [{scope: read, class: read}], ttl: 1s}]
 "#;
     let dir = dir_with(&[("p.yaml", text)]);
     let t = load_dir(dir.path()).unwrap().get("plain").unwrap();
@@ -1350,7 +1399,10 @@ fn scopes_substitution() {
 
 #[test]
 fn scope_placeholders_repeat_and_abut() {
-    let text = edit("\"read:{repo}\", \"n:{count}\"", "\"{repo}{count}:{repo}\"");
+    let text = edit(
+        "{scope: \"read:{repo}\", class: read}, {scope: \"n:{count}\", class: read}",
+        "{scope: \"{repo}{count}:{repo}\", class: read}",
+    );
     let dir = dir_with(&[("t.yaml", &text)]);
     let t = load_dir(dir.path()).unwrap().get("demo").unwrap();
     let bound = t
@@ -1628,4 +1680,36 @@ fn min_renew_interval_is_bounded_and_can_be_turned_off() {
     // A short TTL gets a proportionally short default.
     let short = edit("  ttl: 60s", "  ttl: 2s");
     assert_eq!(load(&short).unwrap(), Duration::from_millis(500));
+}
+
+#[test]
+fn scope_classes_and_sensitivity_are_loaded() {
+    let t = base_template();
+    assert_eq!(
+        t.sensitivity,
+        super::Sensitivity::High,
+        "undeclared is high"
+    );
+    assert_eq!(
+        t.grants[0].scope_classes,
+        vec![super::ScopeClass::Read, super::ScopeClass::Read]
+    );
+    let text = edit(
+        "{scope: \"n:{count}\", class: read}",
+        "{scope: \"n:{count}\", class: destructive}",
+    )
+    .replace("grants:\n", "sensitivity: low\ngrants:\n");
+    let dir = dir_with(&[("t.yaml", &text)]);
+    let t = load_dir(dir.path()).unwrap().get("demo").unwrap();
+    assert_eq!(t.sensitivity, super::Sensitivity::Low);
+    let bound = t
+        .bind_parameters(&params(&[("repo", "ab"), ("count", "2")]))
+        .unwrap();
+    assert_eq!(
+        t.classified_scopes_for(&t.grants[0], &bound),
+        vec![
+            ("read:ab".to_owned(), super::ScopeClass::Read),
+            ("n:2".to_owned(), super::ScopeClass::Destructive)
+        ]
+    );
 }

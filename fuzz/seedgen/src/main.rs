@@ -63,6 +63,7 @@ fn main() -> Result<()> {
     g.spiffe_id()?;
     g.store_ids()?;
     g.template()?;
+    g.policy()?;
     g.config()?;
     println!("seeds written under {}", root.join("fuzz/corpus").display());
     Ok(())
@@ -678,6 +679,38 @@ impl Gen {
         Ok(())
     }
 
+    fn policy(&self) -> Result<()> {
+        let t = "policy";
+        for entry in fs::read_dir(self.root.join("examples/policies"))? {
+            let path = entry?.path();
+            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                self.seed(t, &format!("ok-example-{stem}"), fs::read(&path)?)?;
+            }
+        }
+        for (name, text) in [
+            ("ok-bare-permit", "permit (principal, action, resource);\n"),
+            (
+                "no-syntax",
+                "@id(\"broken\")\nforbid (principal, action, resource)\n  when { context.class == };\n",
+            ),
+            (
+                "no-schema-attribute",
+                "@id(\"typo\")\nforbid (principal, action, resource)\n  when { context.scope_class.contains(\"write\") };\n",
+            ),
+            (
+                "no-duplicate-id",
+                "@id(\"x\")\npermit (principal, action, resource);\n@id(\"x\")\nforbid (principal, action, resource);\n",
+            ),
+            (
+                "no-template-slot",
+                "permit (principal == ?principal, action, resource);\n",
+            ),
+        ] {
+            self.seed(t, name, text)?;
+        }
+        Ok(())
+    }
+
     fn template(&self) -> Result<()> {
         let t = "template";
         for entry in fs::read_dir(self.root.join("examples/templates"))? {
@@ -712,7 +745,7 @@ grants:
   - name: api
     kind: jwt
     audience: https://api.acme.test
-    scopes: ["read:{repo}", "n:{count}"]
+    scopes: [{scope: "read:{repo}", class: read}, {scope: "n:{count}", class: read}]
     ttl: 60s
 "#;
         self.seed(t, "ok-base", base)?;
@@ -721,7 +754,7 @@ grants:
             "ok-flow-style",
             "{name: flow, version: 2, owner: o, identities: [spiffe://a.test/x], \
              lease: {ttl: 1s, max_ttl: 1s, max_lifetime: 1s}, \
-             grants: [{name: g, kind: opaque, audience: aud, scopes: [s], ttl: 1s}]}\n",
+             grants: [{name: g, kind: opaque, audience: aud, scopes: [{scope: s, class: read}], ttl: 1s}]}\n",
         )?;
         let edits: &[(&str, &str, &str)] = &[
             (
@@ -736,8 +769,18 @@ grants:
             ),
             (
                 "no-optional-in-scope",
+                "\"n:{count}\", class: read}]",
+                "\"n:{count}\", class: read}, {scope: \"f:{flag}\", class: read}]",
+            ),
+            (
+                "no-unclassified-scope",
+                "{scope: \"n:{count}\", class: read}]",
                 "\"n:{count}\"]",
-                "\"n:{count}\", \"f:{flag}\"]",
+            ),
+            (
+                "no-unknown-scope-class",
+                "class: read}]",
+                "class: delete}]",
             ),
             ("no-unconstrained-string", "    pattern: \"[a-z]+\"\n", ""),
             (
