@@ -80,6 +80,11 @@ fn explain(extra: &[&str]) -> Output {
         .arg(examples("policies"))
         .args(["--time-zone", "Europe/Berlin"])
         .args(["--identity", "spiffe://acme.test/agent/reviewer"])
+        .args(if extra.contains(&"--class") {
+            &[][..]
+        } else {
+            &["--class", "agent", "--tenant", "acme"][..]
+        })
         .args(extra)
         .output()
         .unwrap()
@@ -137,6 +142,42 @@ fn policy_explain_prints_the_decision_and_the_policies_that_applied() {
         stdout.contains("jwt-svid-no-destructive (forbid"),
         "{stdout}"
     );
+
+    // A partner class (the explicit --class wins over the default) never gets destructive scopes.
+    let cleanup = [
+        "--template",
+        "repo-cleanup",
+        "--param",
+        "repo=sandbox/demo",
+        "--param",
+        "branch=stale",
+    ];
+    let out = explain(
+        &[
+            &cleanup[..],
+            &["--class", "partner-globex", "--tenant", "acme"],
+        ]
+        .concat(),
+    );
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains("class partner-globex, tenant acme"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("partner-no-destructive (forbid"),
+        "{stdout}"
+    );
+    // A class of another tenant does not reach the template at all.
+    let out = explain(&[&cleanup[..], &["--class", "agent", "--tenant", "globex"]].concat());
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains("may not use template \"repo-cleanup\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("policies: not reached"), "{stdout}");
 
     // The template rules decide first.
     let out = explain(&["--template", "db-readonly", "--param", "database=sales"]);

@@ -20,6 +20,14 @@ const SAT_1000_BERLIN: i64 = 1_797_066_000_000;
 /// Wednesday 2026-12-09 18:30 in Berlin (17:30Z: inside the window in UTC).
 const WED_1830_BERLIN: i64 = 1_796_837_400_000;
 
+/// The example templates belong to tenant `acme`: every test identity is an
+/// `agent` of it unless a test says otherwise.
+const ACME_AGENTS: &str = r#"[[actors.classes]]
+name = "agent"
+tenant = "acme"
+owner = "platform@acme.test"
+identities = ["spiffe://acme.test/*"]"#;
+
 fn now_ms() -> i64 {
     i64::try_from(leash_broker::clock::SystemClock.now_ms()).unwrap()
 }
@@ -36,13 +44,15 @@ async fn broker_with(redis: &RedisServer, at: i64, prefix: &str, extra: String) 
     let mut options = BrokerOptions::redis(redis);
     options.extra_toml = extra;
     options.templates = vec![
-        REVIEW_TEMPLATE.to_owned(),
+        // The harness's review template, moved into the examples' tenant.
+        REVIEW_TEMPLATE.replacen("\nidentities:", "\ntenant: acme\nidentities:", 1),
         example_file("templates/github-pr-review.yaml"),
         example_file("templates/repo-cleanup.yaml"),
     ];
     options.policies = example_policies();
     options.policy_time_zone = "Europe/Berlin";
     options.clock_skew_ms = at - now_ms();
+    options.actors_toml = Some(ACME_AGENTS.to_owned());
     TestBroker::start_with_pki(
         options,
         std::sync::Arc::new(leash_e2e::TestPki::new()),
@@ -236,5 +246,40 @@ async fn jwt_svid_callers_never_get_destructive_scopes() {
         .expect("read-only over a JWT-SVID");
     let mut mtls = broker.broker("agent/cleaner").await;
     mtls.begin_task(cleanup(None)).await.expect("over mTLS");
+    broker.stop().await;
+}
+
+/// Partner classes never get destructive scopes: the policy sees the class the
+/// caller's SPIFFE ID maps to (`[[actors.classes]]`), through the real edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partner_classes_never_get_destructive_scopes() {
+    let redis = RedisServer::start();
+    let mut options = BrokerOptions::redis(&redis);
+    options.templates = vec![example_file("templates/repo-cleanup.yaml")];
+    options.policies = example_policies();
+    options.policy_time_zone = "Europe/Berlin";
+    options.clock_skew_ms = SAT_1000_BERLIN - now_ms();
+    options.actors_toml = Some(format!(
+        r#"[[actors.classes]]
+name = "partner-globex"
+tenant = "acme"
+owner = "partners@acme.test"
+identities = ["spiffe://acme.test/agent/partner/*"]
+
+{}"#,
+        ACME_AGENTS
+    ));
+    let broker = TestBroker::start(options).await;
+    let mut partner = broker.broker("agent/partner/globex").await;
+    let before = redis.dump_all();
+    let e = partner.begin_task(cleanup(None)).await.unwrap_err();
+    denied_by(&e, "partner-no-destructive");
+    assert_eq!(redis.dump_all(), before, "a denied begin changed the store");
+    // The same request from an identity of another class is allowed.
+    let mut agent = broker.broker("agent/cleaner").await;
+    agent
+        .begin_task(cleanup(None))
+        .await
+        .expect("a non-partner class within the bounds");
     broker.stop().await;
 }

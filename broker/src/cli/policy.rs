@@ -189,7 +189,9 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, String> {
         // mapping identities to it.
         (_, Some(class)) => (
             class.clone(),
-            args.tenant.clone().unwrap_or_else(|| DEFAULT_TENANT.to_owned()),
+            args.tenant
+                .clone()
+                .unwrap_or_else(|| DEFAULT_TENANT.to_owned()),
         ),
         (Some(config), None) => match config.actor_classes().classify(&caller.spiffe_id) {
             Ok(actor) => (actor.class.clone(), actor.tenant.clone()),
