@@ -26,7 +26,7 @@ pub enum PolicyCommand {
         time_zone: String,
     },
     /// Decide one BeginTask as the broker would and say why, issuing nothing.
-    Explain(ExplainArgs),
+    Explain(Box<ExplainArgs>),
 }
 
 /// What `leash policy explain` decides.
