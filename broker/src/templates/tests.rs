@@ -78,6 +78,8 @@ fn base_is_valid() {
     assert_eq!(t.version, "1");
     assert_eq!(t.owner, "team@acme.test");
     assert_eq!(t.description, "A demo.");
+    assert_eq!(t.tenant, DEFAULT_TENANT, "no `tenant:`: the default tenant");
+    assert!(t.classes.is_empty(), "no `classes:`: every class of the tenant");
     assert_eq!(t.identities.len(), 1);
     assert_eq!(
         t.lease,
@@ -137,7 +139,7 @@ fn examples_load() {
     assert_eq!(db.tenant, "acme");
     assert_eq!(db.classes, ["agent"]);
     let gh = set.get("github-pr-review").unwrap();
-    assert_eq!(gh.tenant, crate::templates::DEFAULT_TENANT, "no `tenant:`");
+    assert_eq!(gh.tenant, "acme");
     assert!(
         gh.classes.is_empty(),
         "no `classes:`: every class of the tenant"
