@@ -79,7 +79,10 @@ fn base_is_valid() {
     assert_eq!(t.owner, "team@acme.test");
     assert_eq!(t.description, "A demo.");
     assert_eq!(t.tenant, DEFAULT_TENANT, "no `tenant:`: the default tenant");
-    assert!(t.classes.is_empty(), "no `classes:`: every class of the tenant");
+    assert!(
+        t.classes.is_empty(),
+        "no `classes:`: every class of the tenant"
+    );
     assert_eq!(t.identities.len(), 1);
     assert_eq!(
         t.lease,
