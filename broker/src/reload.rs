@@ -98,3 +98,35 @@ impl Reloader {
         }
     }
 }
+
+/// A value that reloads replace whole (a template set, a policy set): readers
+/// get an `Arc` of one complete version, which stays valid for them even after
+/// a reload installs a newer one.
+#[derive(Debug)]
+pub struct Current<T>(std::sync::RwLock<Arc<T>>);
+
+impl<T> Current<T> {
+    /// Holds `value` as the current version.
+    pub fn new(value: T) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(value)))
+    }
+
+    /// The current version.
+    pub fn get(&self) -> Arc<T> {
+        // The only write is one Arc assignment, so a poisoned value is still whole.
+        Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Installs `value` as the current version.
+    pub fn set(&self, value: T) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(value);
+    }
+}

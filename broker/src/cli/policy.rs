@@ -95,6 +95,14 @@ pub struct Explanation {
     pub report: String,
 }
 
+/// A denial decided before any policy was evaluated, and why.
+fn denied_before_policies(why: &str) -> Explanation {
+    Explanation {
+        allowed: false,
+        report: format!("decision: DENY\n{why}\npolicies: not reached\n"),
+    }
+}
+
 /// Runs `leash policy explain`.
 ///
 /// # Errors
@@ -175,13 +183,9 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, String> {
                     .join("; "),
                 other => other.to_string(),
             };
-            let _ = writeln!(out, "decision: DENY");
-            let _ = writeln!(out, "template rules: refused: {why}");
-            let _ = writeln!(out, "policies: not reached");
-            return Ok(Explanation {
-                allowed: false,
-                report: out,
-            });
+            return Ok(denied_before_policies(&format!(
+                "template rules: refused: {why}"
+            )));
         }
     };
     let (class, tenant) = match (&config, &args.class) {
@@ -195,15 +199,7 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, String> {
         ),
         (Some(config), None) => match config.actor_classes().classify(&caller.spiffe_id) {
             Ok(actor) => (actor.class.clone(), actor.tenant.clone()),
-            Err(e) => {
-                let _ = writeln!(out, "decision: DENY");
-                let _ = writeln!(out, "actor classes: {e}");
-                let _ = writeln!(out, "policies: not reached");
-                return Ok(Explanation {
-                    allowed: false,
-                    report: out,
-                });
-            }
+            Err(e) => return Ok(denied_before_policies(&format!("actor classes: {e}"))),
         },
         (None, None) => {
             return Err(
@@ -213,23 +209,15 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, String> {
         }
     };
     if !decision.template.admits_class(&class, &tenant) {
-        let _ = writeln!(out, "decision: DENY");
-        let _ = writeln!(
-            out,
-            "template rules: class {class:?} of tenant {tenant:?} may not use template {:?} (tenant {:?}, classes: {})",
-            decision.template.name,
-            decision.template.tenant,
-            if decision.template.classes.is_empty() {
-                "any of its tenant".to_owned()
-            } else {
-                decision.template.classes.join(", ")
-            }
-        );
-        let _ = writeln!(out, "policies: not reached");
-        return Ok(Explanation {
-            allowed: false,
-            report: out,
-        });
+        let classes = if decision.template.classes.is_empty() {
+            "any of its tenant".to_owned()
+        } else {
+            decision.template.classes.join(", ")
+        };
+        return Ok(denied_before_policies(&format!(
+            "template rules: class {class:?} of tenant {tenant:?} may not use template {:?} (tenant {:?}, classes: {classes})",
+            decision.template.name, decision.template.tenant,
+        )));
     }
     let request = policy::policy_request(&caller, &class, &tenant, &decision, now_ms);
     let _ = writeln!(

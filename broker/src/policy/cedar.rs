@@ -23,7 +23,7 @@ use std::{
     fmt,
     path::{Path, PathBuf},
     str::FromStr,
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use cedar_policy::{
@@ -779,7 +779,7 @@ pub struct PolicyCatalog {
     dir: PathBuf,
     zone: String,
     schema: Arc<Schema>,
-    current: RwLock<Arc<Policies>>,
+    current: crate::reload::Current<Policies>,
     /// The file contents last parsed, good or bad; the lock also serializes reloads.
     seen: Mutex<Vec<(PathBuf, String)>>,
 }
@@ -809,7 +809,7 @@ impl PolicyCatalog {
             dir,
             zone: zone.to_owned(),
             schema,
-            current: RwLock::new(Arc::new(policies)),
+            current: crate::reload::Current::new(policies),
             seen: Mutex::new(files),
         })
     }
@@ -823,7 +823,7 @@ impl PolicyCatalog {
     /// newer one meanwhile.
     pub fn current(&self) -> Arc<Policies> {
         // The only write is one Arc assignment, so a poisoned value is sound.
-        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+        self.current.get()
     }
 
     /// Re-reads the directory if any policy file was added, removed or changed.
@@ -851,7 +851,7 @@ impl PolicyCatalog {
         match result {
             Ok(policies) => {
                 let count = policies.len();
-                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(policies);
+                self.current.set(policies);
                 tracing::info!(dir = %self.dir.display(), policies = count, "policies reloaded");
                 Ok(true)
             }

@@ -2,7 +2,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use super::load::{Fingerprint, build, snapshot};
@@ -13,7 +13,7 @@ use super::{SetCheck, TemplateErrors};
 /// reload either installs a whole new set or leaves the last good one in place.
 pub struct TemplateCatalog {
     dir: PathBuf,
-    current: RwLock<Arc<TemplateSet>>,
+    current: crate::reload::Current<TemplateSet>,
     /// Fingerprint of the last directory state that was parsed, good or bad. Holding
     /// this lock for the whole reload also serializes concurrent reloads, so an older
     /// read can never overwrite a newer one.
@@ -64,7 +64,7 @@ impl TemplateCatalog {
         tracing::info!(dir = %dir.display(), templates = set.len(), "templates loaded");
         Ok(Self {
             seen: Mutex::new(snap.fingerprint().clone()),
-            current: RwLock::new(Arc::new(set)),
+            current: crate::reload::Current::new(set),
             dir,
             check,
         })
@@ -80,7 +80,7 @@ impl TemplateCatalog {
     pub fn current(&self) -> Arc<TemplateSet> {
         // A panic elsewhere while holding the lock cannot leave a half-written set:
         // the only write is a single Arc assignment, so the poisoned value is sound.
-        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+        self.current.get()
     }
 
     /// Re-reads the directory if any template file's name, size, mtime or content
@@ -104,7 +104,7 @@ impl TemplateCatalog {
         match build_checked(&snap, self.check.as_ref()) {
             Ok(set) => {
                 let count = set.len();
-                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+                self.current.set(set);
                 tracing::info!(dir = %self.dir.display(), templates = count, "templates reloaded");
                 Ok(true)
             }
