@@ -802,8 +802,8 @@ pub async fn is_active(broker: &TestBroker, token: &str) -> bool {
 }
 
 /// Begins a [`review_request`] task as `agent` and completes it at once; returns
-/// the credentials it was issued (all revoked now).
-pub async fn begin_and_complete(agent: &mut BrokerClient<Channel>) -> Vec<pb::Credential> {
+/// the begin answer (its credentials are all revoked now).
+pub async fn begin_and_complete_task(agent: &mut BrokerClient<Channel>) -> pb::BeginTaskResponse {
     let begun = agent
         .begin_task(review_request())
         .await
@@ -811,12 +811,17 @@ pub async fn begin_and_complete(agent: &mut BrokerClient<Channel>) -> Vec<pb::Cr
         .into_inner();
     agent
         .complete_task(pb::CompleteTaskRequest {
-            task_id: begun.task_id,
+            task_id: begun.task_id.clone(),
             ..Default::default()
         })
         .await
         .unwrap();
-    begun.credentials
+    begun
+}
+
+/// [`begin_and_complete_task`], keeping only the (revoked) credentials.
+pub async fn begin_and_complete(agent: &mut BrokerClient<Channel>) -> Vec<pb::Credential> {
+    begin_and_complete_task(agent).await.credentials
 }
 
 /// Starts `WatchRevocations` as `spiffe://acme.test/<path>`; an empty `cursor`
@@ -877,6 +882,35 @@ pub fn retry_after_ms(status: &tonic::Status) -> u64 {
     let detail_ms = u64::try_from(detail.as_millis()).unwrap();
     assert_eq!(detail_ms, header, "RetryInfo and retry-after-ms disagree");
     header
+}
+
+/// Renews `task_id`, waiting out a `RESOURCE_EXHAUSTED` "renewed too soon" answer
+/// (a template's minimum renew interval) as the broker's `retry-after-ms` asks (1 s
+/// without one), at most 5 times.
+pub async fn renew_when_allowed(
+    agent: &mut BrokerClient<Channel>,
+    task_id: &str,
+) -> Result<pb::RenewLeaseResponse, tonic::Status> {
+    let mut tries = 0;
+    loop {
+        let request = pb::RenewLeaseRequest {
+            task_id: task_id.to_owned(),
+        };
+        match agent.renew_lease(request).await {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && tries < 5 => {
+                tries += 1;
+                let wait_ms = s
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1000)
+                    .min(5000);
+                tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+            }
+            other => return other.map(tonic::Response::into_inner),
+        }
+    }
 }
 
 /// Everything in the Redis server as sorted lines of [`RedisServer::dump_all`],

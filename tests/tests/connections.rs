@@ -11,7 +11,7 @@ use std::{
 };
 
 use leash_broker::identity::client_tls_config;
-use leash_e2e::{BrokerOptions, TestBroker, eventually, pb, review_request};
+use leash_e2e::{BrokerOptions, TestBroker, eventually, pb, renew_when_allowed, review_request};
 use pb::broker_client::BrokerClient;
 use rustls::pki_types::ServerName;
 use tonic::{Code, transport::Channel};
@@ -75,34 +75,6 @@ fn closed_by_peer(s: &mut StdTcpStream) -> bool {
         Ok(_) => closed_by_peer(s),
         Err(e) if e.kind() == ErrorKind::WouldBlock => false,
         Err(_) => true,
-    }
-}
-
-/// Renews `task_id`, waiting out a `RESOURCE_EXHAUSTED` "renewed too soon" answer
-/// (a template's minimum renew interval) as the broker's `retry-after-ms` asks.
-async fn renew_when_allowed(
-    agent: &mut BrokerClient<Channel>,
-    task_id: &str,
-) -> Result<pb::RenewLeaseResponse, tonic::Status> {
-    let mut tries = 0;
-    loop {
-        let request = pb::RenewLeaseRequest {
-            task_id: task_id.to_owned(),
-        };
-        match agent.renew_lease(request).await {
-            Err(s) if s.code() == Code::ResourceExhausted && tries < 5 => {
-                tries += 1;
-                let wait_ms = s
-                    .metadata()
-                    .get("retry-after-ms")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(1000)
-                    .min(5000);
-                tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
-            }
-            other => return other.map(tonic::Response::into_inner),
-        }
     }
 }
 

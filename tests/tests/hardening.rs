@@ -10,7 +10,8 @@ use std::{
 };
 
 use leash_e2e::{
-    BrokerOptions, RedisServer, TestBroker, eventually, is_active, ms, review_request,
+    BrokerOptions, RedisServer, TestBroker, begin_and_complete_task, eventually, is_active, ms,
+    review_request,
 };
 use leash_proto::v1 as pb;
 use tonic::Code;
@@ -153,18 +154,7 @@ async fn an_acknowledged_completion_survives_a_redis_crash() {
     let mut redis = RedisServer::start();
     let broker = TestBroker::start(BrokerOptions::redis(&redis)).await;
     let mut agent = broker.broker("agent/reviewer").await;
-    let begun = agent
-        .begin_task(review_request())
-        .await
-        .unwrap()
-        .into_inner();
-    agent
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: begun.task_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let begun = begin_and_complete_task(&mut agent).await;
     redis.restart(); // SIGKILL, then start on the same data
     let answered = eventually(Duration::from_secs(15), || async {
         let mut v = broker.verifier("resource/api").await;
@@ -417,18 +407,7 @@ async fn an_ended_task_keeps_only_its_record_and_only_for_the_retention() {
     let redis = RedisServer::start();
     let broker = TestBroker::start(BrokerOptions::redis(&redis)).await;
     let mut agent = broker.broker("agent/reviewer").await;
-    let begun = agent
-        .begin_task(review_request())
-        .await
-        .unwrap()
-        .into_inner();
-    agent
-        .complete_task(pb::CompleteTaskRequest {
-            task_id: begun.task_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let begun = begin_and_complete_task(&mut agent).await;
     for part in ["creds", "cexp", "cgr"] {
         let exists = int(&redis.command(&format!("EXISTS {}", task_key(part, &begun.task_id))));
         assert_eq!(exists, 0, "{part} of an ended task is still stored");

@@ -3,9 +3,10 @@
 //! separators) in `intent`, `summary`, `template` or a parameter name or value are
 //! refused at the edge with INVALID_ARGUMENT naming the field, and change nothing.
 
-use leash_e2e::{BrokerOptions, REVIEW_TEMPLATE, TestBroker, pb, review_request};
-use pb::broker_client::BrokerClient;
-use tonic::{Code, transport::Channel};
+use leash_e2e::{
+    BrokerOptions, REVIEW_TEMPLATE, TestBroker, pb, renew_when_allowed, review_request,
+};
+use tonic::Code;
 
 /// A template with a free-text parameter, so only the control-character rule can
 /// refuse a value.
@@ -33,34 +34,6 @@ const FORBIDDEN: [(&str, char); 9] = [
     ("line separator", '\u{2028}'),
     ("paragraph separator", '\u{2029}'),
 ];
-
-/// Renews `task_id`, waiting out a `RESOURCE_EXHAUSTED` "renewed too soon" answer
-/// (a template's minimum renew interval) as the broker's `retry-after-ms` asks.
-async fn renew_when_allowed(
-    agent: &mut BrokerClient<Channel>,
-    task_id: &str,
-) -> Result<pb::RenewLeaseResponse, tonic::Status> {
-    let mut tries = 0;
-    loop {
-        let request = pb::RenewLeaseRequest {
-            task_id: task_id.to_owned(),
-        };
-        match agent.renew_lease(request).await {
-            Err(s) if s.code() == Code::ResourceExhausted && tries < 5 => {
-                tries += 1;
-                let wait_ms = s
-                    .metadata()
-                    .get("retry-after-ms")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(1000)
-                    .min(5000);
-                tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
-            }
-            other => return other.map(tonic::Response::into_inner),
-        }
-    }
-}
 
 fn note_request(note: &str) -> pb::BeginTaskRequest {
     pb::BeginTaskRequest {
