@@ -62,19 +62,24 @@ pub fn lease_renewed(task: &TaskRecord) {
     );
 }
 
+/// One `credential.revoked` event.
+fn credential_revoked(task: &TaskRecord, id: &CredentialId, reason: EndReason) {
+    tracing::info!(
+        target: TARGET,
+        event = "credential.revoked",
+        task_id = %task.id,
+        class = %task.class,
+        tenant = %task.tenant,
+        credential_id = %id,
+        reason = reason.as_str(),
+    );
+}
+
 /// Older credentials of a live task revoked because their grant went past the
 /// per-grant cap of live credentials.
 pub fn credentials_rotated(task: &TaskRecord, rotated: &[CredentialId]) {
     for id in rotated {
-        tracing::info!(
-            target: TARGET,
-            event = "credential.revoked",
-            task_id = %task.id,
-            class = %task.class,
-            tenant = %task.tenant,
-            credential_id = %id,
-            reason = EndReason::Rotation.as_str(),
-        );
+        credential_revoked(task, id, EndReason::Rotation);
     }
 }
 
@@ -139,14 +144,6 @@ pub fn task_ended(task: &TaskRecord, reason: EndReason, revoked: &[CredentialId]
         revoked = revoked.len(),
     );
     for id in revoked {
-        tracing::info!(
-            target: TARGET,
-            event = "credential.revoked",
-            task_id = %task.id,
-            class = %task.class,
-            tenant = %task.tenant,
-            credential_id = %id,
-            reason = reason.as_str(),
-        );
+        credential_revoked(task, id, reason);
     }
 }

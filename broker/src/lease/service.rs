@@ -701,31 +701,29 @@ impl<S: LeaseStore> LeaseService<S> {
         let c = &view.credential;
         let genuine = c.kind == kind
             && credentials::digests_match(&credentials::value_digest(token), &c.value_sha256);
-        if genuine && (view.task.tenant != *tenant || c.tenant != *tenant) {
+        let refused = if !genuine {
+            None
+        } else if view.task.tenant != *tenant || c.tenant != *tenant {
+            Some(format!(
+                "credential {} belongs to another tenant than this verifier's ({tenant:?})",
+                c.id
+            ))
+        } else if !audiences.admits(&c.audience) {
+            Some(format!(
+                "credential {} is for audience {:?}, which this verifier does not serve",
+                c.id, c.audience
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
             // Answered like an unknown token; only the audit trail hears of it.
             audit::denied_as(
                 caller.spiffe_id.as_str(),
                 &verifier.class,
                 tenant,
                 "introspect",
-                &format!(
-                    "credential {} belongs to another tenant than this verifier's ({tenant:?})",
-                    c.id
-                ),
-            );
-            return Ok(Introspection::inactive());
-        }
-        if genuine && !audiences.admits(&c.audience) {
-            // Answered like an unknown token; only the audit trail hears of it.
-            audit::denied_as(
-                caller.spiffe_id.as_str(),
-                &verifier.class,
-                tenant,
-                "introspect",
-                &format!(
-                    "credential {} is for audience {:?}, which this verifier does not serve",
-                    c.id, c.audience
-                ),
+                &reason,
             );
             return Ok(Introspection::inactive());
         }

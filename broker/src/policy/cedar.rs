@@ -737,6 +737,19 @@ fn build(
     })
 }
 
+/// The schema the project ships, shared by every set built from it; a problem
+/// in it is reported as an issue of `leash.cedarschema`.
+fn shipped_schema() -> Result<Arc<Schema>, PolicyErrors> {
+    schema().map(Arc::new).map_err(|message| {
+        PolicyErrors(vec![PolicyIssue {
+            file: PathBuf::from("leash.cedarschema"),
+            line: 0,
+            column: 0,
+            message,
+        }])
+    })
+}
+
 /// Loads and validates every `*.cedar` file directly in `dir`, computing
 /// `context.time` in `zone` (IANA name).
 ///
@@ -744,14 +757,7 @@ fn build(
 /// Every problem found, each with file:line:col where it has a position: syntax
 /// errors, schema violations, duplicate ids, unreadable or oversized files.
 pub fn load_dir(dir: &Path, zone: &str) -> Result<Policies, PolicyErrors> {
-    let schema = Arc::new(schema().map_err(|message| {
-        PolicyErrors(vec![PolicyIssue {
-            file: PathBuf::from("leash.cedarschema"),
-            line: 0,
-            column: 0,
-            message,
-        }])
-    })?);
+    let schema = shipped_schema()?;
     build(&read_files(dir)?, &schema, zone)
 }
 
@@ -761,14 +767,7 @@ pub fn load_dir(dir: &Path, zone: &str) -> Result<Policies, PolicyErrors> {
 /// # Errors
 /// Every problem in the text, with file:line:col.
 pub fn parse_str(file: &Path, src: &str, zone: &str) -> Result<Policies, PolicyErrors> {
-    let schema = Arc::new(schema().map_err(|message| {
-        PolicyErrors(vec![PolicyIssue {
-            file: PathBuf::from("leash.cedarschema"),
-            line: 0,
-            column: 0,
-            message,
-        }])
-    })?);
+    let schema = shipped_schema()?;
     build(&[(file.to_owned(), src.to_owned())], &schema, zone)
 }
 
@@ -790,14 +789,7 @@ impl PolicyCatalog {
     /// # Errors
     /// Every problem in the directory; the broker must not start without a valid set.
     pub fn new(dir: PathBuf, zone: &str) -> Result<Self, PolicyErrors> {
-        let schema = Arc::new(schema().map_err(|message| {
-            PolicyErrors(vec![PolicyIssue {
-                file: PathBuf::from("leash.cedarschema"),
-                line: 0,
-                column: 0,
-                message,
-            }])
-        })?);
+        let schema = shipped_schema()?;
         let files = read_files(&dir)?;
         let policies = build(&files, &schema, zone)?;
         if policies.is_empty() {
