@@ -57,6 +57,9 @@ pub struct Config {
     /// Actor classes and tenants (none: every identity is denied).
     #[serde(default)]
     pub actors: Actors,
+    /// Who may call the Admin service (none: nobody but template approvers).
+    #[serde(default)]
+    pub admin: Admin,
     /// File reloading.
     #[serde(default)]
     pub reload: Reload,
@@ -387,6 +390,16 @@ pub struct VerifierCallerConfig {
     /// The audiences served, matched exactly; `["*"]` alone means every audience.
     #[serde(default)]
     pub audiences: Vec<String>,
+}
+
+/// `[admin]`: who may call the Admin service (inventory, kill switches).
+/// Approve and Deny are open to a template's approvers instead.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct Admin {
+    /// Exact SPIFFE IDs or `spiffe://<trust domain>/<prefix>/*` patterns.
+    /// Empty (the default): nobody.
+    #[serde(default)]
+    pub callers: Vec<String>,
 }
 
 /// `[actors]`: which identities are which actor class, of which tenant, with
@@ -755,6 +768,9 @@ impl Config {
                     .map(|f| format!("{}: {}", f.field, f.reason)),
             );
         }
+        if let Err(problems) = self.parse_admin_callers() {
+            p.extend(problems);
+        }
         if let Err(problems) = self.parse_verifier_callers() {
             p.extend(
                 problems
@@ -800,6 +816,30 @@ impl Config {
     pub fn durability(&self) -> crate::store::Durability {
         crate::store::Durability::parse(&self.store.durability)
             .unwrap_or(crate::store::Durability::Fsync)
+    }
+
+    /// The admin callers (`admin.callers`), validated at load; should an
+    /// invalid list get here, nobody is an admin.
+    pub fn admin_callers(&self) -> Vec<crate::identity::IdentityPattern> {
+        self.parse_admin_callers().unwrap_or_default()
+    }
+
+    fn parse_admin_callers(&self) -> Result<Vec<crate::identity::IdentityPattern>, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut out = Vec::new();
+        for (i, c) in self.admin.callers.iter().enumerate() {
+            match crate::identity::IdentityPattern::parse(c) {
+                Ok(p) => out.push(p),
+                Err(e) => problems.push(format!(
+                    "admin.callers[{i}]: invalid identity pattern {c:?}: {e}"
+                )),
+            }
+        }
+        if problems.is_empty() {
+            Ok(out)
+        } else {
+            Err(problems)
+        }
     }
 
     /// The verifier callers (`verifier.callers`), validated at load; should an

@@ -50,6 +50,7 @@ impl<S: LeaseStore> Broker for BrokerApi<S> {
                 .map(convert::credential)
                 .collect(),
             replayed: issued.replayed,
+            ..Default::default()
         }))
     }
 
@@ -92,6 +93,30 @@ impl<S: LeaseStore> Broker for BrokerApi<S> {
             task_id: done.task.id.to_string(),
             state: convert::lease_state(done.task.state).into(),
             revoked_credentials: u32::try_from(done.revoked.len()).unwrap_or(u32::MAX),
+            revoked_descendants: 0,
         }))
+    }
+
+    async fn delegate_task(
+        &self,
+        _request: Request<pb::DelegateTaskRequest>,
+    ) -> Result<Response<pb::DelegateTaskResponse>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
+
+    async fn redeem_delegation(
+        &self,
+        _request: Request<pb::RedeemDelegationRequest>,
+    ) -> Result<Response<pb::BeginTaskResponse>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
+
+    type WatchTaskStream = tokio_stream::wrappers::ReceiverStream<Result<pb::TaskEvent, Status>>;
+
+    async fn watch_task(
+        &self,
+        _request: Request<pb::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        Err(Status::unimplemented("in progress"))
     }
 }

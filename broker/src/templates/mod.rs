@@ -75,8 +75,8 @@ use std::{fmt, path::Path, path::PathBuf};
 pub use catalog::TemplateCatalog;
 pub use limits::*;
 pub use model::{
-    CredentialKind, GrantSpec, LeasePolicy, Parameter, ParameterConstraint, ParameterKind,
-    ScopeClass, Sensitivity, Template, TemplateSet,
+    ApprovalGate, CredentialKind, DelegationPolicy, GrantSpec, LeasePolicy, MAX_DELEGATION_DEPTH,
+    Parameter, ParameterConstraint, ParameterKind, ScopeClass, Sensitivity, Template, TemplateSet,
 };
 pub use parameters::ParameterProblem;
 

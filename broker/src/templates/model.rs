@@ -219,6 +219,53 @@ pub struct Template {
     /// The actor classes that may use it (`classes:`); empty: every class of
     /// its tenant. Checked against the config's classes when loaded.
     pub classes: Vec<String>,
+    /// How tasks of it may be delegated to subagents (`delegation:`).
+    pub delegation: DelegationPolicy,
+    /// Grants that need a person's approval first (`approval:`); `None`: none do.
+    pub approval: Option<ApprovalGate>,
+}
+
+/// Most delegation levels any template may allow below a task.
+pub const MAX_DELEGATION_DEPTH: u32 = 4;
+
+/// How a template's tasks may be handed to subagents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelegationPolicy {
+    /// Most levels below a task begun directly (`max_depth`, default 2, at
+    /// most [`MAX_DELEGATION_DEPTH`]); 0 forbids delegation.
+    pub max_depth: u32,
+    /// Who may be handed a child task (`may_act`, SPIFFE ID patterns); empty:
+    /// any identity whose actor class may use the template. Checked again at
+    /// every level.
+    pub may_act: Vec<IdentityPattern>,
+}
+
+impl Default for DelegationPolicy {
+    fn default() -> Self {
+        Self {
+            max_depth: 2,
+            may_act: Vec::new(),
+        }
+    }
+}
+
+/// Grants a template gates behind a person's approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalGate {
+    /// The gated grants (`grants`, names of grants of the template; never empty).
+    pub grants: Vec<String>,
+    /// Who may approve, by SPIFFE ID pattern (`approvers.identities`).
+    pub approvers: Vec<IdentityPattern>,
+    /// Who may approve, by actor class of the template's tenant
+    /// (`approvers.classes`). At least one approver identity or class is given.
+    pub approver_classes: Vec<String>,
+    /// How long a request waits for a decision, and then how long an
+    /// approval waits to be used (`validity`, default 15 minutes, 1 s to 24 h).
+    pub validity: Duration,
+    /// Whether the grants that are not gated are issued while the approval is
+    /// pending (`while_pending: issue_others`, the default) or none is
+    /// (`while_pending: issue_none`).
+    pub issue_others: bool,
 }
 
 impl Template {

@@ -494,6 +494,8 @@ fn template(
             source: file.to_owned(),
             tenant,
             classes,
+            delegation: super::model::DelegationPolicy::default(),
+            approval: None,
         }),
         _ => None,
     };
