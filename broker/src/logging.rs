@@ -297,6 +297,12 @@ mod tests {
             binding: Default::default(),
             class: String::new(),
             tenant: String::new(),
+            parent: None,
+            root: None,
+            depth: 0,
+            actors: Vec::new(),
+            delegated: None,
+            approval: None,
         }
     }
 

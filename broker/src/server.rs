@@ -10,13 +10,15 @@ mod incoming;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
-use leash_proto::v1::{broker_server::BrokerServer, verifier_server::VerifierServer};
+use leash_proto::v1::{
+    admin_server::AdminServer, broker_server::BrokerServer, verifier_server::VerifierServer,
+};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::{
-    api::{BearerAuth, BrokerApi, SvidAuth, VerifierApi},
+    api::{AdminApi, BearerAuth, BrokerApi, SvidAuth, VerifierApi},
     clock::{Clock, SystemClock},
     config::{Config, Limits, StoreKind, TlsSource},
     credentials::{KeySet, Minter, SigningKey},
@@ -261,6 +263,7 @@ async fn run<S: LeaseStore>(
         )
         .with_binding_rule(config.task_binding_rule())
         .with_actors(config.actor_classes())
+        .with_admins(config.admin_callers())
         .with_policies(parts.policies.clone()),
     );
     if config.actors.classes.is_empty() {
@@ -282,6 +285,7 @@ async fn run<S: LeaseStore>(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<BrokerServer<BrokerApi<S>>>().await;
     health.set_serving::<VerifierServer<VerifierApi<S>>>().await;
+    health.set_serving::<AdminServer<AdminApi<S>>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(leash_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -313,6 +317,11 @@ async fn run<S: LeaseStore>(
         .add_service(InterceptedService::new(
             VerifierServer::new(VerifierApi::new(service.clone(), feed.clone()))
                 .max_decoding_message_size(max_message),
+            svid_auth.clone(),
+        ))
+        // Admin only on the mTLS port: operators prove themselves with an X509-SVID.
+        .add_service(InterceptedService::new(
+            AdminServer::new(AdminApi::new(service.clone())).max_decoding_message_size(max_message),
             svid_auth,
         ));
     let stop = wait_for(stop_rx.clone());

@@ -36,6 +36,7 @@ fn task(n: u32, now: u64) -> (TaskRecord, Vec<CredentialRecord>) {
     let id = TaskId::from_bytes(bytes);
     let creds = (0..2u8)
         .map(|g| CredentialRecord {
+            actors: Vec::new(),
             id: CredentialId::new(&id, [g; 8]),
             grant: format!("g{g}"),
             kind: StoredKind::Opaque,
@@ -71,6 +72,12 @@ fn task(n: u32, now: u64) -> (TaskRecord, Vec<CredentialRecord>) {
         binding: Default::default(),
         class: String::new(),
         tenant: String::new(),
+        parent: None,
+        root: None,
+        depth: 0,
+        actors: Vec::new(),
+        delegated: None,
+        approval: None,
     };
     (t, creds)
 }

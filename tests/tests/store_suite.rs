@@ -66,6 +66,12 @@ fn task(id: &TaskId, deadline: u64, max: u64) -> TaskRecord {
         binding: Default::default(),
         class: String::new(),
         tenant: String::new(),
+        parent: None,
+        root: None,
+        depth: 0,
+        actors: Vec::new(),
+        delegated: None,
+        approval: None,
     }
 }
 
@@ -81,6 +87,7 @@ fn cred(task: &TaskId, n: u8, expires: u64) -> CredentialRecord {
 
 fn cred_with_digest(task: &TaskId, n: u8, expires: u64, digest: String) -> CredentialRecord {
     CredentialRecord {
+        actors: Vec::new(),
         id: CredentialId::new(task, [n; 8]),
         grant: "github".into(),
         kind: StoredKind::Jwt,
@@ -134,6 +141,7 @@ async fn renew_to<S: LeaseStore>(
                 extend_by_ms: new_deadline.saturating_sub(now),
                 min_interval_ms: None,
                 credentials: creds,
+                redeems_approval: false,
             },
         )
         .await
@@ -354,7 +362,7 @@ async fn case_complete_before_deadline<S: LeaseStore>(store: &S) {
     .await;
 
     let ended = match store.complete(&id, now, "merged").await.unwrap() {
-        CompleteOutcome::Ended { task, revoked } => {
+        CompleteOutcome::Ended { task, revoked, .. } => {
             assert_eq!(set(revoked), ids(&[&live_a, &live_b]), "revoked");
             task
         }
@@ -394,7 +402,7 @@ async fn case_complete_after_deadline<S: LeaseStore>(store: &S) {
     )
     .await;
     match store.complete(&id, T0 + 1_000, "merged").await.unwrap() {
-        CompleteOutcome::Ended { task, revoked } => {
+        CompleteOutcome::Ended { task, revoked, .. } => {
             assert_eq!(task.state, TaskState::Expired);
             assert_eq!(task.outcome, None);
             assert_eq!(task.ended_at_ms, Some(T0 + 1_000));
@@ -628,6 +636,7 @@ async fn case_renewals_are_rate_limited<S: LeaseStore>(store: &S) {
         extend_by_ms: 5_000,
         min_interval_ms: Some(1_000),
         credentials: creds,
+        redeems_approval: false,
     };
     match store.renew(&id, limited(T0 + 400, &[])).await.unwrap() {
         RenewOutcome::TooSoon { retry_after_ms } => assert_eq!(retry_after_ms, 600),

@@ -8,8 +8,8 @@ use prost_types::Timestamp;
 use crate::{
     clock::to_system_time,
     credentials::Minted,
-    lease::LeaseError,
-    store::{StoredKind, TaskState},
+    lease::{IssuedTask, LeaseError, ListedState},
+    store::{Approval, ApprovalState, KillSwitch, StoredKind, TaskRecord, TaskState},
 };
 
 /// Unix milliseconds to a protobuf timestamp.
@@ -56,6 +56,7 @@ pub(super) fn lease_state(s: TaskState) -> pb::LeaseState {
         TaskState::Active => pb::LeaseState::Active,
         TaskState::Completed => pb::LeaseState::Completed,
         TaskState::Expired => pb::LeaseState::Expired,
+        TaskState::Revoked => pb::LeaseState::Revoked,
     }
 }
 
@@ -69,5 +70,108 @@ pub(super) fn outcome(raw: i32) -> Result<&'static str, LeaseError> {
             "outcome",
             format!("unknown outcome value {raw}"),
         )),
+    }
+}
+
+/// The listed state of a task at `now_ms` (PENDING_APPROVAL for a live task
+/// whose approval waits).
+pub(super) fn listed_state(task: &TaskRecord, now_ms: u64) -> pb::LeaseState {
+    match ListedState::of(task, now_ms) {
+        ListedState::Active => pb::LeaseState::Active,
+        ListedState::PendingApproval => pb::LeaseState::PendingApproval,
+        ListedState::Completed => pb::LeaseState::Completed,
+        ListedState::Expired => pb::LeaseState::Expired,
+        ListedState::Revoked => pb::LeaseState::Revoked,
+    }
+}
+
+/// A protobuf state filter to the domain's; UNSPECIFIED is no filter.
+pub(super) fn state_filter(raw: i32) -> Result<Option<ListedState>, LeaseError> {
+    Ok(match pb::LeaseState::try_from(raw) {
+        Ok(pb::LeaseState::Unspecified) => None,
+        Ok(pb::LeaseState::Active) => Some(ListedState::Active),
+        Ok(pb::LeaseState::PendingApproval) => Some(ListedState::PendingApproval),
+        Ok(pb::LeaseState::Completed) => Some(ListedState::Completed),
+        Ok(pb::LeaseState::Expired) => Some(ListedState::Expired),
+        Ok(pb::LeaseState::Revoked) => Some(ListedState::Revoked),
+        Err(_) => {
+            return Err(LeaseError::invalid(
+                "state",
+                format!("unknown state value {raw}"),
+            ));
+        }
+    })
+}
+
+/// A task's approval as the proto says it, at `now_ms`.
+pub(super) fn approval(a: &Approval, now_ms: u64) -> pb::Approval {
+    let state = match a.state_at(now_ms) {
+        ApprovalState::Pending => pb::ApprovalState::Pending,
+        ApprovalState::Approved => pb::ApprovalState::Approved,
+        ApprovalState::Denied => pb::ApprovalState::Denied,
+        ApprovalState::Expired => pb::ApprovalState::Expired,
+        ApprovalState::Redeemed => pb::ApprovalState::Redeemed,
+    };
+    pb::Approval {
+        state: state.into(),
+        grants: a.grants.clone(),
+        expires_at: Some(timestamp(a.status.deadline_ms)),
+        decided_by: a.status.decided_by.clone().unwrap_or_default(),
+        reason: a.status.reason.clone().unwrap_or_default(),
+        decided_at: a.status.decided_at_ms.map(timestamp),
+    }
+}
+
+/// What the broker knows of a task, at `now_ms`.
+pub(super) fn task_info(t: &TaskRecord, now_ms: u64) -> pb::TaskInfo {
+    pb::TaskInfo {
+        task_id: t.id.to_string(),
+        owner: t.owner.clone(),
+        template: t.template.clone(),
+        template_version: t.template_version.clone(),
+        class: t.class.clone(),
+        tenant: t.tenant.clone(),
+        intent: t.intent.clone(),
+        state: listed_state(t, now_ms).into(),
+        created_at: Some(timestamp(t.created_at_ms)),
+        lease_expires_at: Some(timestamp(t.lease_deadline_ms)),
+        max_lifetime_at: Some(timestamp(t.max_deadline_ms)),
+        ended_at: t.ended_at_ms.map(timestamp),
+        outcome: t.outcome.clone().unwrap_or_default(),
+        parent_task_id: t
+            .parent
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        depth: t.depth,
+        actors: t.actors.clone(),
+        approval: t.approval.as_ref().map(|a| approval(a, now_ms)),
+        parameters: t.parameters.clone().into_iter().collect(),
+    }
+}
+
+/// The answer to BeginTask or RedeemDelegation.
+pub(super) fn begin_response(issued: IssuedTask, now_ms: u64) -> pb::BeginTaskResponse {
+    let t = &issued.task;
+    pb::BeginTaskResponse {
+        task_id: t.id.to_string(),
+        lease_expires_at: Some(timestamp(t.lease_deadline_ms)),
+        max_lifetime_at: Some(timestamp(t.max_deadline_ms)),
+        state: listed_state(t, now_ms).into(),
+        approval: t.approval.as_ref().map(|a| approval(a, now_ms)),
+        actors: t.actors.clone(),
+        replayed: issued.replayed,
+        credentials: issued.credentials.into_iter().map(credential).collect(),
+    }
+}
+
+/// A kill switch as the proto says it.
+pub(super) fn kill_switch(k: &KillSwitch) -> pb::KillSwitch {
+    pb::KillSwitch {
+        kind: k.kind.clone(),
+        value: k.value.clone(),
+        reason: k.reason.clone(),
+        set_by: k.set_by.clone(),
+        set_at: Some(timestamp(k.set_at_ms)),
     }
 }

@@ -6,6 +6,7 @@
 //! place a domain error becomes a status; an internal error becomes `INTERNAL`
 //! with a generic message and a log line carrying the detail.
 
+mod admin;
 mod bearer;
 mod broker;
 mod convert;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use tonic::{Request, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
+pub use admin::AdminApi;
 pub use bearer::BearerAuth;
 pub use broker::BrokerApi;
 pub use peer::SvidAuth;

@@ -78,8 +78,15 @@ impl<S: LeaseStore> Verifier for VerifierApi<S> {
             .into_iter()
             .map(|(scope, class)| (scope, class.as_str().to_owned()))
             .collect();
+        // The chain without its root, who is `sub`.
+        let actors = r
+            .actors
+            .split_last()
+            .map(|(_, acting)| acting.to_vec())
+            .unwrap_or_default();
         Ok(Response::new(pb::IntrospectResponse {
             active: true,
+            actors,
             scope_classes,
             scope: r.scopes.join(" "),
             sub: r.subject,

@@ -2,13 +2,16 @@
 //!
 //! Each event is one structured `tracing` event with target `leash::audit` and
 //! an `event` field (`task.begun`, `credential.issued`, `lease.renewed`,
-//! `task.denied`, `task.completed`, `lease.expired`, `credential.revoked`).
+//! `task.denied`, `task.completed`, `lease.expired`, `credential.revoked`,
+//! `task.delegated`, `delegation.redeemed`, `task.cascaded`, `task.revoked`,
+//! `approval.requested`, `approval.approved`, `approval.denied`,
+//! `kill_switch.set`, `kill_switch.lifted`).
 //! Events name credentials by id and never carry a credential value or digest;
 //! filter on the target to ship them to a separate sink. Every event carries
 //! the actor `class` and `tenant` (empty only in a denial of a caller no actor
 //! class matches, and for tasks stored before classes existed).
 
-use crate::store::{CredentialId, CredentialRecord, EndReason, TaskRecord};
+use crate::store::{Approval, CredentialId, CredentialRecord, EndReason, KillSwitch, TaskRecord};
 
 /// The `tracing` target of audit events.
 pub const TARGET: &str = "leash::audit";
@@ -130,6 +133,8 @@ pub fn task_ended(task: &TaskRecord, reason: EndReason, revoked: &[CredentialId]
         EndReason::Completion => "task.completed",
         EndReason::Expiry => "lease.expired",
         EndReason::Rotation => "credential.rotated",
+        EndReason::Cascade => "task.cascaded",
+        EndReason::KillSwitch => "task.revoked",
     };
     tracing::info!(
         target: TARGET,
@@ -146,4 +151,97 @@ pub fn task_ended(task: &TaskRecord, reason: EndReason, revoked: &[CredentialId]
     for id in revoked {
         credential_revoked(task, id, reason);
     }
+}
+
+/// A task was delegated: `task` is the child, not yet redeemed.
+pub fn task_delegated(task: &TaskRecord, by: &str) {
+    tracing::info!(
+        target: TARGET,
+        event = "task.delegated",
+        task_id = %task.id,
+        parent_task_id = %task.parent.as_ref().map(ToString::to_string).unwrap_or_default(),
+        class = %task.class,
+        tenant = %task.tenant,
+        identity = %task.owner,
+        delegated_by = by,
+        depth = task.depth,
+        actors = %task.actors.join(","),
+        template = %task.template,
+        intent = %task.intent,
+        lease_deadline_ms = task.lease_deadline_ms,
+        max_deadline_ms = task.max_deadline_ms,
+    );
+}
+
+/// A subagent redeemed its delegation handle.
+pub fn delegation_redeemed(task: &TaskRecord) {
+    tracing::info!(
+        target: TARGET,
+        event = "delegation.redeemed",
+        task_id = %task.id,
+        class = %task.class,
+        tenant = %task.tenant,
+        identity = %task.owner,
+        depth = task.depth,
+    );
+}
+
+/// A begun task waits for an approval of its gated grants.
+pub fn approval_requested(task: &TaskRecord, approval: &Approval) {
+    tracing::info!(
+        target: TARGET,
+        event = "approval.requested",
+        task_id = %task.id,
+        class = %task.class,
+        tenant = %task.tenant,
+        identity = %task.owner,
+        grants = %approval.grants.join(","),
+        expires_at_ms = approval.status.deadline_ms,
+    );
+}
+
+/// An approver approved or denied a task's approval.
+pub fn approval_decided(task: &TaskRecord, approved: bool, by: &str, reason: &str) {
+    tracing::info!(
+        target: TARGET,
+        event = if approved { "approval.approved" } else { "approval.denied" },
+        task_id = %task.id,
+        class = %task.class,
+        tenant = %task.tenant,
+        identity = %task.owner,
+        approver = by,
+        reason,
+    );
+}
+
+/// An admin put a kill switch in force (or revoked one task: kind `task`).
+pub fn kill_switch_set(switch: &KillSwitch, tasks: usize, credentials: usize) {
+    tracing::warn!(
+        target: TARGET,
+        event = "kill_switch.set",
+        kind = %switch.kind,
+        value = %switch.value,
+        admin = %switch.set_by,
+        reason = %switch.reason,
+        revoked_tasks = tasks,
+        revoked_credentials = credentials,
+    );
+}
+
+/// An admin lifted a kill switch.
+pub fn kill_switch_lifted(kind: &str, value: &str, admin: &str, reason: &str, lifted: bool) {
+    tracing::warn!(
+        target: TARGET,
+        event = "kill_switch.lifted",
+        kind,
+        value,
+        admin,
+        reason,
+        lifted,
+    );
+}
+
+/// An admin call: who, what, with which result.
+pub fn admin_call(admin: &str, action: &str, detail: &str) {
+    tracing::info!(target: TARGET, event = "admin.call", admin, action, detail);
 }

@@ -28,14 +28,41 @@ pub struct MintRequest<'a> {
     pub scopes: Vec<String>,
     /// The declared class of each scope, index for index with `scopes`.
     pub scope_classes: Vec<ScopeClass>,
-    /// SPIFFE ID of the agent.
+    /// SPIFFE ID of the agent the credential is issued to (the current actor).
     pub subject: &'a str,
+    /// A delegated task's chain (the task's `actors`): the current actor
+    /// first, the root task's owner last. Then `sub` is the root's owner, and
+    /// `act` (RFC 8693 §4.1) nests the actors, the current one outermost.
+    /// Empty for a task begun directly: `sub` is `subject`, no `act`.
+    pub actors: &'a [String],
     /// base64url SHA-256 of the agent's SVID, to bind the credential to (RFC 8705).
     pub cnf_x5t_s256: Option<&'a str>,
     /// Now, in Unix milliseconds.
     pub now_ms: u64,
     /// The lease deadline the credential must not outlive.
     pub lease_deadline_ms: u64,
+}
+
+/// The `sub` and the RFC 8693 `act` claim of a credential: for a delegated
+/// task, `sub` is the root task's owner (on whose behalf the chain acts) and
+/// `act` is `{"sub": <current actor>, "act": {"sub": <previous actor>, ...}}`
+/// down to the first subagent; otherwise `sub` is the agent and no `act`.
+pub fn delegation_claims<'a>(req: &MintRequest<'a>) -> (&'a str, Option<Value>) {
+    match req.actors.split_last() {
+        Some((root, acting)) if !acting.is_empty() => {
+            let mut act: Option<Value> = None;
+            for actor in acting.iter().rev() {
+                let mut level = Map::new();
+                level.insert("sub".into(), json!(actor));
+                if let Some(inner) = act.take() {
+                    level.insert("act".into(), inner);
+                }
+                act = Some(Value::Object(level));
+            }
+            (root.as_str(), act)
+        }
+        _ => (req.subject, None),
+    }
 }
 
 /// A minted credential: its value for the agent, and its record for the store.
@@ -99,7 +126,8 @@ impl Minter {
             scopes: req.scopes.clone(),
             scope_classes: req.scope_classes.clone(),
             value_sha256: value_digest(value.expose()),
-            subject: req.subject.to_owned(),
+            subject: delegation_claims(req).0.to_owned(),
+            actors: req.actors.to_vec(),
             issuer: self.issuer.clone(),
             template: req.template.to_owned(),
             cnf_x5t_s256: req.cnf_x5t_s256.map(str::to_owned),
@@ -116,7 +144,11 @@ impl Minter {
         let iat = req.now_ms / 1000;
         let mut claims = Map::new();
         claims.insert("iss".into(), json!(self.issuer));
-        claims.insert("sub".into(), json!(req.subject));
+        let (sub, act) = delegation_claims(req);
+        claims.insert("sub".into(), json!(sub));
+        if let Some(act) = act {
+            claims.insert("act".into(), act);
+        }
         claims.insert("aud".into(), json!(req.grant.audience));
         claims.insert("scope".into(), json!(req.scopes.join(" ")));
         // `scope_classes`: each scope → `read` | `write` | `destructive`, so a

@@ -658,6 +658,7 @@ pub fn policy(data: &[u8]) -> Outcome {
                     grants: &grants,
                     ttl_ms: 30_000,
                     delegation_depth: 0,
+                    actors: &[],
                     now_ms: 1_796_806_800_000,
                 };
                 let verdict = policies

@@ -54,6 +54,9 @@ pub(super) fn check(
 ) -> Result<(), String> {
     let by_certificate = caller.thumbprint_s256.is_some();
     match binding {
+        TaskBinding::Delegated => Err(format!(
+            "task {task} is a delegated task not yet redeemed; its subagent must call RedeemDelegation with its delegation handle first"
+        )),
         TaskBinding::JwtSvid if by_certificate => Err(format!(
             "task {task} was begun with a JWT-SVID; renew and complete it with a JWT-SVID on the JWT-SVID listener"
         )),
@@ -143,6 +146,12 @@ mod tests {
             binding: binding_of(&caller(Some((1, 2)))),
             class: String::new(),
             tenant: String::new(),
+            parent: None,
+            root: None,
+            depth: 0,
+            actors: Vec::new(),
+            delegated: None,
+            approval: None,
         };
         let mut json = serde_json::to_value(&task).expect("json");
         assert_eq!(json["binding"]["kind"], "certificate");

@@ -5,13 +5,17 @@
 //! nothing of gRPC. [`Reaper`] runs on every replica; store claims keep two
 //! replicas from expiring the same lease.
 
+mod admin;
 mod binding;
+mod delegation;
 mod error;
 mod reaper;
 mod request;
 mod service;
 
+pub use admin::{KillReport, ListedState, TaskFilter, TaskListing};
 pub use binding::BindingRule;
+pub use delegation::{DelegateTask, Delegated, HANDLE_PREFIX};
 pub use error::LeaseError;
 pub use reaper::{Reaper, ReaperSettings};
 pub use request::{BeginTask, Limits};

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::{
     audit,
     clock::Clock,
-    store::{EndReason, LeaseStore, SHARDS, StoreError},
+    store::{LeaseStore, SHARDS, StoreError},
 };
 
 /// How the reaper paces itself.
@@ -116,7 +116,7 @@ impl<S: LeaseStore> Reaper<S> {
                     tracing::warn!(shard, task_id = %task_id, reason = %why, "reaper: skipped a deadline entry");
                 }
                 for e in &reaped.expired {
-                    audit::task_ended(&e.task, EndReason::Expiry, &e.revoked);
+                    audit::task_ended(&e.task, e.reason, &e.revoked);
                     let late_ms = e
                         .task
                         .ended_at_ms
@@ -168,6 +168,12 @@ mod tests {
             binding: Default::default(),
             class: String::new(),
             tenant: String::new(),
+            parent: None,
+            root: None,
+            depth: 0,
+            actors: Vec::new(),
+            delegated: None,
+            approval: None,
         }
     }
 

@@ -42,6 +42,27 @@ pub fn check_summary(summary: &str) -> Result<(), LeaseError> {
     }
 }
 
+/// Checks a required one-line text field (an intent or a reason): present, at
+/// most `max` bytes, no character that [`logging::is_unsafe_in_log`].
+///
+/// # Errors
+/// `InvalidArgument` naming `field`.
+pub fn check_required_text(field: &str, text: &str, max: usize) -> Result<(), LeaseError> {
+    if text.trim().is_empty() {
+        return Err(LeaseError::invalid(field, "required"));
+    }
+    if text.len() > max {
+        return Err(LeaseError::invalid(
+            field,
+            format!("{} bytes; at most {max} allowed", text.len()),
+        ));
+    }
+    match control_problem(field, text) {
+        Some(problem) => Err(LeaseError::InvalidArgument(vec![problem])),
+        None => Ok(()),
+    }
+}
+
 /// Named input limits. Every request field is bounded by one of these.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits;
@@ -61,6 +82,16 @@ impl Limits {
     pub const PARAMETER_NAME: usize = 64;
     /// Longest token accepted by introspection, in bytes.
     pub const TOKEN: usize = 8 * 1024;
+    /// Longest admin or approver reason, in bytes.
+    pub const REASON: usize = 1024;
+    /// Longest SPIFFE ID or prefix, in bytes (the SPIFFE-ID spec's 2048).
+    pub const SPIFFE_ID: usize = 2048;
+    /// Most grants one DelegateTask may name.
+    pub const DELEGATED_GRANTS: usize = 16;
+    /// Most scopes one DelegateTask may name per grant.
+    pub const DELEGATED_SCOPES: usize = 64;
+    /// Longest delegation handle accepted, in bytes.
+    pub const HANDLE: usize = 128;
 }
 
 /// A request to begin a task, as the domain sees it.

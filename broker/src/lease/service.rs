@@ -16,9 +16,9 @@ use crate::{
     policy::{self, Actor, ActorClasses, Decision, VerifierCallers, cedar::PolicyCatalog},
     revocation::Audiences,
     store::{
-        BeginOutcome, BeginQuota, Bucket, CompleteOutcome, CredentialId, CredentialRecord,
-        EndReason, LeaseStore, QuotaKind, RenewOutcome, Renewal, StoredKind, TaskId, TaskRecord,
-        TaskState,
+        Approval, ApprovalState, ApprovalStatus, BeginOutcome, BeginQuota, Bucket, CompleteOutcome,
+        CredentialId, CredentialRecord, EndReason, EndedTask, KillSwitch, LeaseStore, QuotaKind,
+        RenewOutcome, Renewal, StoredKind, TaskId, TaskRecord, TaskState,
     },
     templates::TemplateCatalog,
 };
@@ -39,8 +39,11 @@ pub struct IssuedTask {
 pub struct Completed {
     /// The task as stored after the call.
     pub task: TaskRecord,
-    /// Credentials this call revoked (empty on a repeated call).
+    /// Credentials of the task this call revoked (empty on a repeated call).
     pub revoked: Vec<CredentialId>,
+    /// Delegated descendants this call ended with the task, each with its
+    /// revoked credentials.
+    pub descendants: Vec<EndedTask>,
 }
 
 /// An introspection answer (RFC 7662): `record` only when active.
@@ -64,17 +67,18 @@ impl Introspection {
 /// Begins, renews and completes tasks, and answers introspection.
 #[derive(Debug)]
 pub struct LeaseService<S> {
-    store: Arc<S>,
-    templates: Arc<TemplateCatalog>,
-    minter: Minter,
-    clock: Arc<dyn Clock>,
-    verifier_callers: VerifierCallers,
-    binding_rule: BindingRule,
-    actors: ActorClasses,
-    policies: Option<Arc<PolicyCatalog>>,
+    pub(super) store: Arc<S>,
+    pub(super) templates: Arc<TemplateCatalog>,
+    pub(super) minter: Minter,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) verifier_callers: VerifierCallers,
+    pub(super) binding_rule: BindingRule,
+    pub(super) actors: ActorClasses,
+    pub(super) policies: Option<Arc<PolicyCatalog>>,
+    pub(super) admins: Vec<crate::identity::IdentityPattern>,
 }
 
-fn digest(parts: &[&str]) -> ring::digest::Digest {
+pub(super) fn digest(parts: &[&str]) -> ring::digest::Digest {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for p in parts {
         // Length-prefix each part so that ("ab","c") and ("a","bc") differ.
@@ -84,7 +88,7 @@ fn digest(parts: &[&str]) -> ring::digest::Digest {
     ctx.finish()
 }
 
-fn digest_hex(parts: &[&str]) -> String {
+pub(super) fn digest_hex(parts: &[&str]) -> String {
     digest(parts)
         .as_ref()
         .iter()
@@ -93,7 +97,7 @@ fn digest_hex(parts: &[&str]) -> String {
 }
 
 /// The store records of freshly minted credentials of a task of `tenant`.
-fn records_of(minted: &[Minted], tenant: &str) -> Vec<CredentialRecord> {
+pub(super) fn records_of(minted: &[Minted], tenant: &str) -> Vec<CredentialRecord> {
     minted
         .iter()
         .map(|m| CredentialRecord {
@@ -104,7 +108,7 @@ fn records_of(minted: &[Minted], tenant: &str) -> Vec<CredentialRecord> {
 }
 
 /// One `credential.issued` audit event per credential.
-fn audit_issued(task: &TaskRecord, records: &[CredentialRecord]) {
+pub(super) fn audit_issued(task: &TaskRecord, records: &[CredentialRecord]) {
     for r in records {
         audit::credential_issued(task, r);
     }
@@ -167,7 +171,51 @@ fn quota_message(quota: QuotaKind, actor: &Actor, owner: &str) -> String {
     }
 }
 
-fn ended_message(task: &TaskRecord, now_ms: u64) -> String {
+/// Narrows `decision` (the template's grants now) to what `task` may be
+/// issued at `now_ms`: a delegated task only its delegated grants and scopes,
+/// an approval-gated task its gated grants only once approved (and, if the
+/// template says so, nothing at all before). True when gated grants are
+/// included, so the store must see the approval usable.
+pub(super) fn narrow_grants(decision: &mut Decision, task: &TaskRecord, now_ms: u64) -> bool {
+    if let Some(held) = &task.delegated {
+        decision
+            .grants
+            .retain_mut(|(g, scopes)| match held.get(&g.name) {
+                Some(allowed) => {
+                    scopes.retain(|(s, _)| allowed.contains(s));
+                    !scopes.is_empty()
+                }
+                None => false,
+            });
+    }
+    let Some(approval) = &task.approval else {
+        return false;
+    };
+    if approval.grants_issued(now_ms) {
+        return decision
+            .grants
+            .iter()
+            .any(|(g, _)| approval.grants.contains(&g.name));
+    }
+    if approval.issue_others {
+        decision
+            .grants
+            .retain(|(g, _)| !approval.grants.contains(&g.name));
+    } else {
+        decision.grants.clear();
+    }
+    false
+}
+
+/// The answer to a renewal whose approval expired between read and write.
+fn approval_lapsed(task: &TaskRecord) -> LeaseError {
+    LeaseError::FailedPrecondition(format!(
+        "the approval of task {} expired before it was used; renew again to go on without the gated grants",
+        task.id
+    ))
+}
+
+pub(super) fn ended_message(task: &TaskRecord, now_ms: u64) -> String {
     match task.state {
         TaskState::Active if task.lease_deadline_ms <= now_ms => {
             format!(
@@ -199,13 +247,14 @@ impl<S: LeaseStore> LeaseService<S> {
             binding_rule: BindingRule::SpiffeId,
             actors: ActorClasses::default(),
             policies: None,
+            admins: Vec::new(),
         }
     }
 
     /// Now, on the store's clock as best this replica knows it: what credentials
     /// are minted with (`iat`, `nbf`, `exp`), so a replica whose clock is off
     /// still issues credentials whose times agree with the lease deadlines.
-    fn now_ms(&self) -> u64 {
+    pub(super) fn now_ms(&self) -> u64 {
         self.store.now_ms(self.clock.now_ms())
     }
 
@@ -219,14 +268,15 @@ impl<S: LeaseStore> LeaseService<S> {
         &self.minter
     }
 
-    fn mint_all(
+    pub(super) fn mint_all(
         &self,
         caller: &Identity,
-        task_id: &TaskId,
+        task: (&TaskId, &[String]),
         decision: &Decision,
         now_ms: u64,
         lease_deadline_ms: u64,
     ) -> Result<Vec<Minted>, CredentialError> {
+        let (task_id, actors) = task;
         let cnf = caller.thumbprint_b64url();
         decision
             .grants
@@ -239,6 +289,7 @@ impl<S: LeaseStore> LeaseService<S> {
                     scopes: scopes.iter().map(|(s, _)| s.clone()).collect(),
                     scope_classes: scopes.iter().map(|(_, c)| *c).collect(),
                     subject: caller.spiffe_id.as_str(),
+                    actors,
                     cnf_x5t_s256: cnf.as_deref(),
                     now_ms,
                     lease_deadline_ms,
@@ -356,8 +407,34 @@ impl<S: LeaseStore> LeaseService<S> {
             binding: binding::binding_of(caller),
             class: actor.class.clone(),
             tenant: actor.tenant.clone(),
+            parent: None,
+            root: None,
+            depth: 0,
+            actors: Vec::new(),
+            delegated: None,
+            approval: decision.template.approval.as_ref().map(|gate| Approval {
+                grants: gate.grants.clone(),
+                approvers: gate.approvers.iter().map(ToString::to_string).collect(),
+                approver_classes: gate.approver_classes.clone(),
+                validity_ms: crate::clock::duration_ms(gate.validity),
+                issue_others: gate.issue_others,
+                status: ApprovalStatus {
+                    state: ApprovalState::Pending,
+                    deadline_ms: now_ms.saturating_add(crate::clock::duration_ms(gate.validity)),
+                    ..ApprovalStatus::default()
+                },
+            }),
         };
-        let minted = self.mint_all(caller, &task_id, &decision, now_ms, task.lease_deadline_ms)?;
+        // Policies decided the whole task; what is issued now may be less.
+        let mut issued = decision.clone();
+        narrow_grants(&mut issued, &task, now_ms);
+        let minted = self.mint_all(
+            caller,
+            (&task_id, &task.actors),
+            &issued,
+            now_ms,
+            task.lease_deadline_ms,
+        )?;
         let records = records_of(&minted, &task.tenant);
         match self
             .store
@@ -375,10 +452,14 @@ impl<S: LeaseStore> LeaseService<S> {
                     retry_after_ms,
                 })
             }
+            BeginOutcome::Killed(switch) => Err(self.killed(owner, &actor, "begin", &switch)),
             BeginOutcome::Created(stored) => {
                 // The store's clock decided the deadlines; answer with those.
                 let task = *stored;
                 audit::task_begun(&task, false);
+                if let Some(a) = &task.approval {
+                    audit::approval_requested(&task, a);
+                }
                 audit_issued(&task, &records);
                 Ok(IssuedTask {
                     task,
@@ -415,10 +496,12 @@ impl<S: LeaseStore> LeaseService<S> {
                 ended_message(&existing, now_ms)
             )));
         }
+        let mut issued = decision.clone();
+        let redeems_approval = narrow_grants(&mut issued, &existing, now_ms);
         let minted = self.mint_all(
             caller,
-            &existing.id,
-            decision,
+            (&existing.id, &existing.actors),
+            &issued,
             now_ms,
             existing.lease_deadline_ms,
         )?;
@@ -428,6 +511,7 @@ impl<S: LeaseStore> LeaseService<S> {
             extend_by_ms: 0,
             min_interval_ms: None,
             credentials: &records,
+            redeems_approval,
         };
         match self.store.renew(&existing.id, replay).await? {
             RenewOutcome::Renewed { task, rotated } => {
@@ -443,13 +527,14 @@ impl<S: LeaseStore> LeaseService<S> {
             RenewOutcome::NotActive(task) => {
                 Err(LeaseError::FailedPrecondition(ended_message(&task, now_ms)))
             }
+            RenewOutcome::ApprovalLapsed(task) => Err(approval_lapsed(&task)),
             // A replay is never rate-limited; the store does not answer this for one.
             RenewOutcome::TooSoon { retry_after_ms } => Err(LeaseError::TooSoon { retry_after_ms }),
             RenewOutcome::NotFound => Err(LeaseError::TaskNotFound(existing.id.to_string())),
         }
     }
 
-    fn parse_task_id(task_id: &str) -> Result<TaskId, LeaseError> {
+    pub(super) fn parse_task_id(task_id: &str) -> Result<TaskId, LeaseError> {
         if task_id.is_empty() {
             return Err(LeaseError::invalid("task_id", "required"));
         }
@@ -461,7 +546,20 @@ impl<S: LeaseStore> LeaseService<S> {
         })
     }
 
-    async fn owned_task(
+    pub(super) async fn owned_task(
+        &self,
+        caller: &Identity,
+        task_id: &TaskId,
+        action: &str,
+    ) -> Result<TaskRecord, LeaseError> {
+        let task = self.owned_task_any_binding(caller, task_id, action).await?;
+        self.check_binding(&task, caller, action)?;
+        Ok(task)
+    }
+
+    /// The task, if `caller` (of its tenant) owns it; the proof-of-key binding
+    /// is not checked (watching a task changes nothing).
+    pub(super) async fn owned_task_any_binding(
         &self,
         caller: &Identity,
         task_id: &TaskId,
@@ -495,7 +593,6 @@ impl<S: LeaseStore> LeaseService<S> {
             );
             return Err(LeaseError::PermissionDenied(reason));
         }
-        self.check_binding(&task, caller, action)?;
         Ok(task)
     }
 
@@ -542,9 +639,13 @@ impl<S: LeaseStore> LeaseService<S> {
                 )),
                 other => other,
             })?;
-        let decision = policy::decide(
+        let principal = self.principal_of(&task, caller)?;
+        if task.parent.is_some() {
+            self.check_may_act(&templates, &task, "renew")?;
+        }
+        let mut decision = policy::decide(
             &templates,
-            &caller.spiffe_id,
+            &principal,
             &task.template,
             &task.parameters,
             None,
@@ -561,8 +662,15 @@ impl<S: LeaseStore> LeaseService<S> {
                 LeaseError::from(other)
             )),
         })?;
+        let redeems_approval = narrow_grants(&mut decision, &task, now_ms);
+        // An approval just granted is used at once, whatever the renewal
+        // interval: the agent is waiting for it.
+        let first_use = task
+            .approval
+            .as_ref()
+            .is_some_and(|a| a.status.state == ApprovalState::Approved);
         let minted = self
-            .mint_all(caller, &task_id, &decision, now_ms, deadline)
+            .mint_all(caller, (&task_id, &task.actors), &decision, now_ms, deadline)
             .map_err(|e| match e {
                 // The renewal was capped at the max lifetime and what is left of it
                 // holds no whole-second JWT: the task is at its end, say so.
@@ -577,10 +685,10 @@ impl<S: LeaseStore> LeaseService<S> {
         let renewal = Renewal {
             now_ms,
             extend_by_ms: lease_ttl_ms,
-            min_interval_ms: Some(crate::clock::duration_ms(
-                decision.template.lease.min_renew_interval,
-            )),
+            min_interval_ms: (!(first_use && redeems_approval))
+                .then(|| crate::clock::duration_ms(decision.template.lease.min_renew_interval)),
             credentials: &records,
+            redeems_approval,
         };
         match self.store.renew(&task_id, renewal).await? {
             RenewOutcome::Renewed { task, rotated } => {
@@ -596,6 +704,7 @@ impl<S: LeaseStore> LeaseService<S> {
             RenewOutcome::NotActive(task) => {
                 Err(LeaseError::FailedPrecondition(ended_message(&task, now_ms)))
             }
+            RenewOutcome::ApprovalLapsed(task) => Err(approval_lapsed(&task)),
             RenewOutcome::TooSoon { retry_after_ms } => {
                 audit::denied(
                     caller.spiffe_id.as_str(),
@@ -628,21 +737,33 @@ impl<S: LeaseStore> LeaseService<S> {
         self.owned_task(caller, &task_id, "complete").await?;
         let now_ms = self.now_ms();
         match self.store.complete(&task_id, now_ms, outcome).await? {
-            CompleteOutcome::Ended { task, revoked } => {
+            CompleteOutcome::Ended {
+                task,
+                revoked,
+                descendants,
+            } => {
                 let reason = if task.state == TaskState::Expired {
                     EndReason::Expiry
                 } else {
                     EndReason::Completion
                 };
                 audit::task_ended(&task, reason, &revoked);
+                for d in &descendants {
+                    audit::task_ended(&d.task, d.reason, &d.revoked);
+                }
                 if !summary.is_empty() {
                     tracing::info!(target: audit::TARGET, event = "task.summary", task_id = %task.id, summary);
                 }
-                Ok(Completed { task, revoked })
+                Ok(Completed {
+                    task,
+                    revoked,
+                    descendants,
+                })
             }
             CompleteOutcome::AlreadyEnded(task) => Ok(Completed {
                 task,
                 revoked: Vec::new(),
+                descendants: Vec::new(),
             }),
             CompleteOutcome::NotFound => Err(LeaseError::TaskNotFound(task_id.to_string())),
         }
@@ -794,7 +915,7 @@ impl<S: LeaseStore> LeaseService<S> {
     ///
     /// # Errors
     /// `PermissionDenied` (audited) when no actor class matches it.
-    fn actor(&self, caller: &Identity, action: &str) -> Result<Actor, LeaseError> {
+    pub(super) fn actor(&self, caller: &Identity, action: &str) -> Result<Actor, LeaseError> {
         self.actors
             .classify(&caller.spiffe_id)
             .cloned()
@@ -806,7 +927,7 @@ impl<S: LeaseStore> LeaseService<S> {
 
     /// Refuses a template of another tenant as if it did not exist, and one
     /// of the caller's tenant that does not list its class; both audited.
-    fn admit_class(
+    pub(super) fn admit_class(
         &self,
         templates: &crate::templates::TemplateSet,
         actor: &Actor,
@@ -840,6 +961,47 @@ impl<S: LeaseStore> LeaseService<S> {
         Err(LeaseError::PermissionDenied(format!("{who}: {reason}")))
     }
 
+    /// A begin or delegation refused by `switch`: audited, PERMISSION_DENIED.
+    pub(super) fn killed(
+        &self,
+        who: &str,
+        actor: &Actor,
+        action: &str,
+        switch: &KillSwitch,
+    ) -> LeaseError {
+        let reason = format!(
+            "refused by the kill switch on {} {:?} (set by {}: {}); an admin must lift it first",
+            switch.kind.replace('_', " "),
+            switch.value,
+            switch.set_by,
+            switch.reason
+        );
+        audit::denied_as(who, &actor.class, &actor.tenant, action, &reason);
+        LeaseError::PermissionDenied(reason)
+    }
+
+    /// The identity the template rules judge a task by: its owner for a task
+    /// begun directly, the root task's owner for a delegated one (a subagent
+    /// is judged by `delegation.may_act` instead).
+    pub(super) fn principal_of(
+        &self,
+        task: &TaskRecord,
+        caller: &Identity,
+    ) -> Result<crate::identity::SpiffeId, LeaseError> {
+        match task.actors.last() {
+            Some(root) if task.parent.is_some() => crate::identity::SpiffeId::parse(root)
+                .map_err(|e| LeaseError::Internal(format!("task {}: root owner: {e}", task.id))),
+            _ => Ok(caller.spiffe_id.clone()),
+        }
+    }
+
+    /// Sets who may call the Admin service (`admin.callers`).
+    #[must_use]
+    pub fn with_admins(mut self, admins: Vec<crate::identity::IdentityPattern>) -> Self {
+        self.admins = admins;
+        self
+    }
+
     /// The JWK Set of the signing keys.
     pub fn jwks(&self) -> Value {
         self.minter.keys().jwks()
@@ -863,7 +1025,7 @@ impl<S: LeaseStore> LeaseService<S> {
 
     /// Refuses `caller` unless it proves itself as `task`'s owner did at begin
     /// (the rule is in `lease/binding.rs`); a refusal is audited.
-    fn check_binding(
+    pub(super) fn check_binding(
         &self,
         task: &TaskRecord,
         caller: &Identity,

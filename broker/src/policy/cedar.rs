@@ -117,6 +117,8 @@ pub struct Request<'a> {
     pub ttl_ms: u64,
     /// 0 for a task declared directly.
     pub delegation_depth: u32,
+    /// The delegation chain, subagent first (empty for a task declared directly).
+    pub actors: &'a [String],
     /// Now, Unix milliseconds (the broker's injectable clock).
     pub now_ms: u64,
 }
@@ -435,6 +437,10 @@ impl Policies {
             (
                 "delegation_depth".into(),
                 long(u64::from(req.delegation_depth)),
+            ),
+            (
+                "actors".into(),
+                set_of(req.actors.iter().map(|a| string(a))),
             ),
             (
                 "sensitivity".into(),

@@ -91,6 +91,11 @@ pub struct Decision {
     /// Each grant with its substituted scopes and their declared classes, in
     /// template order.
     pub grants: Vec<(GrantSpec, Vec<(String, ScopeClass)>)>,
+    /// 0 for a task declared directly; a delegated task's depth.
+    pub delegation_depth: u32,
+    /// A delegated task's chain: the subagent first, then each delegating
+    /// owner up to the root's (empty for a task declared directly).
+    pub actors: Vec<String>,
 }
 
 /// Decides whether `identity` may begin a task of `template` with `parameters`
@@ -162,6 +167,8 @@ pub fn decide(
         lease_deadline_ms,
         max_deadline_ms,
         grants,
+        delegation_depth: 0,
+        actors: Vec::new(),
     })
 }
 
@@ -190,7 +197,8 @@ pub fn policy_request<'a>(
         parameters: &decision.parameters,
         grants: &decision.grants,
         ttl_ms: decision.lease_ttl_ms,
-        delegation_depth: 0,
+        delegation_depth: decision.delegation_depth,
+        actors: &decision.actors,
         now_ms,
     }
 }

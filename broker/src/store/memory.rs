@@ -10,11 +10,13 @@ use std::{
 use tokio::sync::Notify;
 
 use super::{
-    BeginOutcome, BeginQuota, Bucket, CONCURRENCY_RETRY_MS, CompleteOutcome, CredentialId,
-    CredentialRecord, CredentialView, EndReason, ExpiredTask, LeaseStore, LogId,
-    MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE, PagePosition, QuotaKind, REVOCATION_GRACE_MS,
-    REVOCATION_LOG_MAX, Reaped, RenewOutcome, Renewal, RevocationCursor, RevocationRead,
-    RevocationRecord, RevokedPage, SHARDS, StoreError, TaskId, TaskRecord, TaskState,
+    ApprovalDecision, ApprovalOutcome, ApprovalState, BeginOutcome, BeginQuota, Bucket,
+    CONCURRENCY_RETRY_MS, CompleteOutcome, CredentialId, CredentialRecord, CredentialView,
+    DelegateOutcome, EndReason, EndedTask, KillSwitch, KillTarget, LeaseStore, LiveTaskPage, LogId,
+    MAX_CHILDREN, MAX_DESCENDANTS, MAX_KILL_SWITCHES, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE,
+    PagePosition, QuotaKind, REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RedeemOutcome,
+    RenewOutcome, Renewal, RevocationCursor, RevocationRead, RevocationRecord, RevokedPage, SHARDS,
+    StoreError, TaskId, TaskPage, TaskRecord, TaskState,
 };
 
 /// One shard's revocation log.
@@ -44,6 +46,14 @@ struct Inner {
     live: HashMap<String, BTreeMap<TaskId, u64>>,
     /// Token buckets per quota key: (tokens, last update ms).
     buckets: HashMap<String, (f64, u64)>,
+    /// Per task: the children delegated from it.
+    kids: HashMap<TaskId, BTreeSet<TaskId>>,
+    /// Per root task: its live delegated descendants.
+    descendants: HashMap<TaskId, u64>,
+    /// Per unredeemed delegated task: the SHA-256 of its handle.
+    handles: HashMap<TaskId, String>,
+    /// The kill switches in force, by (kind, value).
+    kills: BTreeMap<(String, String), KillSwitch>,
 }
 
 /// The quota keys of a task's owner and class, `id:<owner>` and
@@ -198,7 +208,50 @@ impl Inner {
         self.deadlines
             .remove(&(task.lease_deadline_ms, task.id.clone()));
         self.unlive(task);
+        self.handles.remove(&task.id);
+        if let Some(root) = &task.root
+            && let Some(n) = self.descendants.get_mut(root)
+        {
+            *n = n.saturating_sub(1);
+        }
         self.log_revocations(&task.id, now_ms, reason)
+    }
+
+    /// Ends every active delegated descendant of `id`, breadth first (state
+    /// `Revoked`, reason `cascade`), like `end_descendants` in the Lua prelude.
+    fn end_descendants(&mut self, id: &TaskId, now_ms: u64) -> Vec<EndedTask> {
+        let mut out = Vec::new();
+        let mut queue = VecDeque::from([id.clone()]);
+        while let Some(parent) = queue.pop_front() {
+            for kid in self.kids.remove(&parent).unwrap_or_default() {
+                let Some(task) = self.tasks.get_mut(&kid) else {
+                    continue;
+                };
+                if task.state != TaskState::Active {
+                    continue;
+                }
+                task.state = TaskState::Revoked;
+                task.ended_at_ms = Some(now_ms);
+                task.outcome = Some(format!("cascade: ancestor {id} ended"));
+                let ended = task.clone();
+                let revoked = self.end(&ended, now_ms, EndReason::Cascade);
+                out.push(EndedTask {
+                    task: ended,
+                    revoked,
+                    reason: EndReason::Cascade,
+                });
+                queue.push_back(kid);
+            }
+        }
+        out
+    }
+
+    /// The kill switch refusing a begin or delegation of `task`, if any.
+    fn killed(&self, task: &TaskRecord) -> Option<KillSwitch> {
+        self.kills
+            .values()
+            .find(|k| k.target().is_some_and(|t| t.refuses(task)))
+            .cloned()
     }
 
     /// Drops `task` from its owner's and class's live sets.
@@ -312,11 +365,22 @@ impl LeaseStore for MemoryStore {
         if let Some(existing) = inner.tasks.get(&task.id) {
             return Ok(BeginOutcome::Existing(Box::new(existing.clone())));
         }
+        if let Some(k) = inner.killed(task) {
+            return Ok(BeginOutcome::Killed(k));
+        }
         if let Some((quota, retry_after_ms)) = inner.admit(task, quota, task.created_at_ms) {
             return Ok(BeginOutcome::Exhausted {
                 quota,
                 retry_after_ms,
             });
+        }
+        let mut task = task.clone();
+        if let Some(a) = &mut task.approval {
+            a.status = super::ApprovalStatus {
+                state: ApprovalState::Pending,
+                deadline_ms: task.created_at_ms.saturating_add(a.validity_ms),
+                ..Default::default()
+            };
         }
         inner.tasks.insert(task.id.clone(), task.clone());
         inner
@@ -328,7 +392,7 @@ impl LeaseStore for MemoryStore {
         if !rotated.is_empty() {
             self.logged.notify_waiters();
         }
-        Ok(BeginOutcome::Created(Box::new(task.clone())))
+        Ok(BeginOutcome::Created(Box::new(task)))
     }
 
     async fn task(&self, task_id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
@@ -349,6 +413,15 @@ impl LeaseStore for MemoryStore {
         if !task.is_live(now_ms) {
             return Ok(RenewOutcome::NotActive(task.clone()));
         }
+        if renewal.redeems_approval {
+            let usable = task.approval.as_ref().is_some_and(|a| {
+                a.status.state == ApprovalState::Redeemed
+                    || (a.status.state == ApprovalState::Approved && a.status.deadline_ms > now_ms)
+            });
+            if !usable {
+                return Ok(RenewOutcome::ApprovalLapsed(task.clone()));
+            }
+        }
         if let Some(min) = renewal.min_interval_ms {
             let last = inner.renewed.get(task_id).copied().unwrap_or(0);
             let wait = last.saturating_add(min).saturating_sub(now_ms);
@@ -368,6 +441,11 @@ impl LeaseStore for MemoryStore {
             .remove(&(task.lease_deadline_ms, task_id.clone()));
         inner.deadlines.insert((deadline, task_id.clone()));
         task.lease_deadline_ms = deadline;
+        if renewal.redeems_approval
+            && let Some(a) = &mut task.approval
+        {
+            a.status.state = ApprovalState::Redeemed;
+        }
         let renewed = task.clone();
         if let Some(creds) = inner.credentials.get_mut(task_id) {
             let expired: Vec<CredentialId> = creds
@@ -416,13 +494,15 @@ impl LeaseStore for MemoryStore {
         task.ended_at_ms = Some(now_ms);
         let ended = task.clone();
         let revoked = inner.end(&ended, now_ms, reason);
+        let descendants = inner.end_descendants(task_id, now_ms);
         drop(guard);
-        if !revoked.is_empty() {
+        if !revoked.is_empty() || !descendants.is_empty() {
             self.logged.notify_waiters();
         }
         Ok(CompleteOutcome::Ended {
             task: ended,
             revoked,
+            descendants,
         })
     }
 
@@ -487,10 +567,13 @@ impl LeaseStore for MemoryStore {
                 .map(|m| m.keys().cloned().collect())
                 .unwrap_or_default();
             inner.end(&ended, now_ms, EndReason::Expiry);
-            out.expired.push(ExpiredTask {
+            let id = ended.id.clone();
+            out.expired.push(EndedTask {
                 task: ended,
                 revoked,
+                reason: EndReason::Expiry,
             });
+            out.expired.extend(inner.end_descendants(&id, now_ms));
         }
         drop(guard);
         if !out.expired.is_empty() {
@@ -590,6 +673,248 @@ impl LeaseStore for MemoryStore {
                 return Ok(RevocationRead::Records(Vec::new(), after.clone()));
             }
         }
+    }
+
+    async fn delegate(
+        &self,
+        child: &TaskRecord,
+        handle_sha256: &str,
+    ) -> Result<DelegateOutcome, StoreError> {
+        let Some(parent_id) = child.parent.clone() else {
+            return Err(StoreError::Corrupt("delegated task without parent".into()));
+        };
+        let now_ms = child.created_at_ms;
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        let Some(parent) = inner.tasks.get(&parent_id).cloned() else {
+            return Ok(DelegateOutcome::ParentNotFound);
+        };
+        if !parent.is_live(now_ms) {
+            return Ok(DelegateOutcome::ParentNotActive(Box::new(parent)));
+        }
+        if let Some(k) = inner.killed(child) {
+            return Ok(DelegateOutcome::Killed(k));
+        }
+        let live_kids = inner.kids.get(&parent_id).map_or(0, |kids| {
+            kids.iter()
+                .filter(|k| {
+                    inner
+                        .tasks
+                        .get(*k)
+                        .is_some_and(|t| t.state == TaskState::Active)
+                })
+                .count() as u64
+        });
+        if live_kids >= MAX_CHILDREN {
+            return Ok(DelegateOutcome::TooMany { bound: "children" });
+        }
+        let root = child.root.clone().unwrap_or_else(|| parent_id.clone());
+        if inner.descendants.get(&root).copied().unwrap_or(0) >= MAX_DESCENDANTS {
+            return Ok(DelegateOutcome::TooMany {
+                bound: "descendants",
+            });
+        }
+        let mut task = child.clone();
+        task.max_deadline_ms = task.max_deadline_ms.min(parent.max_deadline_ms);
+        task.lease_deadline_ms = task
+            .lease_deadline_ms
+            .min(parent.lease_deadline_ms)
+            .min(task.max_deadline_ms);
+        inner.tasks.insert(task.id.clone(), task.clone());
+        inner
+            .deadlines
+            .insert((task.lease_deadline_ms, task.id.clone()));
+        inner.renewed.insert(task.id.clone(), now_ms);
+        inner
+            .handles
+            .insert(task.id.clone(), handle_sha256.to_owned());
+        inner
+            .kids
+            .entry(parent_id)
+            .or_default()
+            .insert(task.id.clone());
+        *inner.descendants.entry(root).or_default() += 1;
+        Ok(DelegateOutcome::Created(Box::new(task)))
+    }
+
+    async fn redeem(
+        &self,
+        record: &TaskRecord,
+        handle_sha256: &str,
+        now_ms: u64,
+        credentials: &[CredentialRecord],
+    ) -> Result<RedeemOutcome, StoreError> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        let Some(task) = inner.tasks.get_mut(&record.id) else {
+            return Ok(RedeemOutcome::NotFound);
+        };
+        if !task.is_live(now_ms) {
+            return Ok(RedeemOutcome::NotActive(Box::new(task.clone())));
+        }
+        if inner.handles.get(&record.id).map(String::as_str) != Some(handle_sha256) {
+            return Ok(RedeemOutcome::BadHandle);
+        }
+        inner.handles.remove(&record.id);
+        // Only the begin record changes (the binding); the state is the store's.
+        task.binding = record.binding.clone();
+        let redeemed = task.clone();
+        inner.renewed.insert(record.id.clone(), now_ms);
+        let rotated = inner.add_credentials(&record.id, credentials, now_ms);
+        drop(guard);
+        if !rotated.is_empty() {
+            self.logged.notify_waiters();
+        }
+        Ok(RedeemOutcome::Redeemed(Box::new(redeemed)))
+    }
+
+    async fn decide_approval(
+        &self,
+        task_id: &TaskId,
+        decision: &ApprovalDecision,
+        now_ms: u64,
+    ) -> Result<ApprovalOutcome, StoreError> {
+        let mut inner = self.lock()?;
+        let Some(task) = inner.tasks.get_mut(task_id) else {
+            return Ok(ApprovalOutcome::NotFound);
+        };
+        let live = task.is_live(now_ms);
+        let Some(a) = task.approval.as_mut().filter(|_| live) else {
+            return Ok(ApprovalOutcome::NotPending(Box::new(task.clone())));
+        };
+        if a.status.state != ApprovalState::Pending {
+            return Ok(ApprovalOutcome::NotPending(Box::new(task.clone())));
+        }
+        if a.status.deadline_ms <= now_ms {
+            a.status.state = ApprovalState::Expired;
+            return Ok(ApprovalOutcome::NotPending(Box::new(task.clone())));
+        }
+        a.status.state = if decision.approve {
+            a.status.deadline_ms = now_ms.saturating_add(a.validity_ms);
+            ApprovalState::Approved
+        } else {
+            ApprovalState::Denied
+        };
+        a.status.decided_by = Some(decision.by.clone());
+        a.status.reason = Some(decision.reason.clone());
+        a.status.decided_at_ms = Some(now_ms);
+        Ok(ApprovalOutcome::Decided(Box::new(task.clone())))
+    }
+
+    async fn set_kill_switch(&self, switch: &KillSwitch) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        let key = (switch.kind.clone(), switch.value.clone());
+        if !inner.kills.contains_key(&key) && inner.kills.len() >= MAX_KILL_SWITCHES {
+            return Err(StoreError::Unavailable(format!(
+                "{MAX_KILL_SWITCHES} kill switches are in force, the most allowed; lift one first"
+            )));
+        }
+        inner.kills.insert(key, switch.clone());
+        Ok(())
+    }
+
+    async fn lift_kill_switch(&self, kind: &str, value: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()?
+            .kills
+            .remove(&(kind.to_owned(), value.to_owned()))
+            .is_some())
+    }
+
+    async fn kill_switches(&self) -> Result<Vec<KillSwitch>, StoreError> {
+        Ok(self.lock()?.kills.values().cloned().collect())
+    }
+
+    async fn live_tasks(
+        &self,
+        shard: u8,
+        cursor: u64,
+        count: usize,
+    ) -> Result<LiveTaskPage, StoreError> {
+        let inner = self.lock()?;
+        // The cursor is an offset into the shard's live tasks by id: ids only
+        // leave or join, so a task live throughout is never skipped for long.
+        let mut live: Vec<&TaskId> = inner
+            .deadlines
+            .iter()
+            .map(|(_, id)| id)
+            .filter(|id| id.shard() == shard)
+            .collect();
+        live.sort();
+        let start = usize::try_from(cursor).unwrap_or(usize::MAX);
+        let ids: Vec<TaskId> = live
+            .iter()
+            .skip(start)
+            .take(count.max(1))
+            .map(|id| (*id).clone())
+            .collect();
+        let end = start.saturating_add(ids.len());
+        Ok(LiveTaskPage {
+            ids,
+            next: (end < live.len()).then_some(end as u64),
+        })
+    }
+
+    async fn revoke_tasks(
+        &self,
+        shard: u8,
+        ids: &[TaskId],
+        target: &KillTarget,
+        outcome: &str,
+        now_ms: u64,
+    ) -> Result<Vec<EndedTask>, StoreError> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        let mut out = Vec::new();
+        for id in ids.iter().filter(|id| id.shard() == shard) {
+            let Some(task) = inner.tasks.get_mut(id) else {
+                continue;
+            };
+            if task.state != TaskState::Active || !target.matches(task) {
+                continue;
+            }
+            task.state = TaskState::Revoked;
+            task.ended_at_ms = Some(now_ms);
+            task.outcome = Some(outcome.to_owned());
+            let ended = task.clone();
+            let revoked = inner.end(&ended, now_ms, EndReason::KillSwitch);
+            out.push(EndedTask {
+                task: ended,
+                revoked,
+                reason: EndReason::KillSwitch,
+            });
+            out.extend(inner.end_descendants(id, now_ms));
+        }
+        drop(guard);
+        if !out.is_empty() {
+            self.logged.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    async fn list_tasks(&self, token: Option<&str>, count: usize) -> Result<TaskPage, StoreError> {
+        let after = match token {
+            None => None,
+            Some(t) => Some(TaskId::parse(t).ok_or_else(|| {
+                StoreError::Corrupt("page token: not one this broker issued".into())
+            })?),
+        };
+        let inner = self.lock()?;
+        let mut ids: Vec<&TaskId> = inner
+            .tasks
+            .keys()
+            .filter(|id| after.as_ref().is_none_or(|a| *id > a))
+            .collect();
+        ids.sort();
+        let page: Vec<TaskRecord> = ids
+            .iter()
+            .take(count.max(1))
+            .filter_map(|id| inner.tasks.get(*id).cloned())
+            .collect();
+        let next = (ids.len() > page.len())
+            .then(|| page.last().map(|t| t.id.to_string()))
+            .flatten();
+        Ok(TaskPage { tasks: page, next })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -33,9 +33,10 @@ use std::{future::Future, time::Duration};
 pub use memory::MemoryStore;
 pub use memory::quota_keys;
 pub use model::{
-    CredentialId, CredentialRecord, EndReason, LogId, MAX_CURSOR_LEN, PagePosition,
-    RevocationCursor, RevocationRead, RevocationRecord, RevokedPage, StoredKind, TaskBinding,
-    TaskId, TaskRecord, TaskState, scope_class_map,
+    Approval, ApprovalDecision, ApprovalState, ApprovalStatus, CredentialId, CredentialRecord,
+    EndReason, KillSwitch, KillTarget, LogId, MAX_CURSOR_LEN, PagePosition, RevocationCursor,
+    RevocationRead, RevocationRecord, RevokedPage, StoredKind, TaskBinding, TaskId, TaskRecord,
+    TaskState, scope_class_map,
 };
 pub use redis::{Durability, RedisStore, RedisStoreOptions, ServerFacts};
 
@@ -79,6 +80,21 @@ pub const SNAPSHOT_PAGE: usize = 1000;
 /// Most entries kept in one shard's revocation log; a watcher further behind
 /// than this starts over from a snapshot.
 pub const REVOCATION_LOG_MAX: usize = 100_000;
+
+/// Most child tasks one task may have delegated and still live.
+pub const MAX_CHILDREN: u64 = 16;
+
+/// Most live delegated tasks under one root task: with
+/// [`crate::templates::MAX_DELEGATION_DEPTH`] this bounds the work of the one
+/// atomic step that ends a whole delegation tree.
+pub const MAX_DESCENDANTS: u64 = 256;
+
+/// Most kill switches in force at once (each begin checks them).
+pub const MAX_KILL_SWITCHES: usize = 1000;
+
+/// Most live tasks one kill-switch step examines (one script call): a kill
+/// switch over many tasks is many bounded steps, never one over every key.
+pub const KILL_PAGE: usize = 200;
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +207,71 @@ pub enum BeginOutcome {
     Created(Box<TaskRecord>),
     /// A task with this id already existed (an idempotent replay); nothing was written.
     Existing(Box<TaskRecord>),
+    /// A kill switch refuses the task; nothing was written.
+    Killed(KillSwitch),
+}
+
+/// What [`LeaseStore::delegate`] did.
+#[derive(Debug, Clone)]
+pub enum DelegateOutcome {
+    /// The child was created (no credentials yet); the deadlines are the
+    /// store's, clamped to the parent's.
+    Created(Box<TaskRecord>),
+    /// The parent has ended or its lease has lapsed; nothing was written.
+    ParentNotActive(Box<TaskRecord>),
+    /// No such parent.
+    ParentNotFound,
+    /// The parent has [`MAX_CHILDREN`] live children, or its tree
+    /// [`MAX_DESCENDANTS`] live tasks; nothing was written.
+    TooMany {
+        /// Which bound: `children` or `descendants`.
+        bound: &'static str,
+    },
+    /// A kill switch refuses the child; nothing was written.
+    Killed(KillSwitch),
+}
+
+/// What [`LeaseStore::redeem`] did.
+#[derive(Debug, Clone)]
+pub enum RedeemOutcome {
+    /// The handle was good and is now spent; the credentials were added.
+    Redeemed(Box<TaskRecord>),
+    /// Wrong handle, or already redeemed; nothing was written.
+    BadHandle,
+    /// The task has ended or its lease has lapsed; nothing was written.
+    NotActive(Box<TaskRecord>),
+    /// No such task.
+    NotFound,
+}
+
+/// What [`LeaseStore::decide_approval`] did.
+#[derive(Debug, Clone)]
+pub enum ApprovalOutcome {
+    /// The decision is recorded; the task as it is now.
+    Decided(Box<TaskRecord>),
+    /// The approval is not pending (decided before, expired, or the task has
+    /// none or has ended); nothing was written but a due expiry.
+    NotPending(Box<TaskRecord>),
+    /// No such task.
+    NotFound,
+}
+
+/// One page of [`LeaseStore::list_tasks`].
+#[derive(Debug, Clone, Default)]
+pub struct TaskPage {
+    /// The tasks (live, and ended ones within the retention).
+    pub tasks: Vec<TaskRecord>,
+    /// Where the next page starts; `None` after the last.
+    pub next: Option<String>,
+}
+
+/// One page of a shard's live tasks ([`LeaseStore::live_tasks`]).
+#[derive(Debug, Clone, Default)]
+pub struct LiveTaskPage {
+    /// Task ids.
+    pub ids: Vec<TaskId>,
+    /// Where the next page starts; `None` after the last.
+    pub next: Option<u64>,
 }
 
 /// What a [`LeaseStore::renew`] call asks for.
@@ -207,6 +288,9 @@ pub struct Renewal<'a> {
     pub min_interval_ms: Option<u64>,
     /// Fresh credentials to add.
     pub credentials: &'a [CredentialRecord],
+    /// The credentials include grants an approval gated: refused unless the
+    /// approval is approved and unexpired (it is then marked used) or used.
+    pub redeems_approval: bool,
 }
 
 /// What [`LeaseStore::renew`] did.
@@ -220,6 +304,9 @@ pub enum RenewOutcome {
         /// Credentials revoked because their grant went past the cap.
         rotated: Vec<CredentialId>,
     },
+    /// The renewal would issue approved grants, but the approval is no
+    /// longer usable (expired meanwhile); nothing was written.
+    ApprovalLapsed(TaskRecord),
     /// The last renewal was too recent; nothing was written.
     TooSoon {
         /// How long until a renewal is accepted.
@@ -240,6 +327,9 @@ pub enum CompleteOutcome {
         task: TaskRecord,
         /// The unexpired credentials this call revoked.
         revoked: Vec<CredentialId>,
+        /// Delegated descendants ended with it (state `Revoked`, reason
+        /// `cascade`), each with its revoked credentials.
+        descendants: Vec<EndedTask>,
     },
     /// The task had already ended; nothing was written.
     AlreadyEnded(TaskRecord),
@@ -247,21 +337,26 @@ pub enum CompleteOutcome {
     NotFound,
 }
 
-/// One lease the reaper expired.
+/// One task an atomic step ended: expired by the reaper, revoked by a kill
+/// switch, or ended with an ancestor (cascade).
 #[derive(Debug, Clone)]
-pub struct ExpiredTask {
-    /// The task as it is now (state `Expired`).
+pub struct EndedTask {
+    /// The task as it is now (state `Expired` or `Revoked`).
     pub task: TaskRecord,
-    /// Every credential of the task: each ends with the lease, and the audit
-    /// trail records each. The unexpired ones were also logged for watchers.
+    /// Its credentials that ended with it (for an expiry, every credential, as
+    /// the audit trail records each); the unexpired ones were also logged for
+    /// watchers.
     pub revoked: Vec<CredentialId>,
+    /// Why its credentials ended.
+    pub reason: EndReason,
 }
 
 /// What one [`LeaseStore::reap`] call did.
 #[derive(Debug, Clone, Default)]
 pub struct Reaped {
-    /// Leases expired by this call.
-    pub expired: Vec<ExpiredTask>,
+    /// Leases expired by this call, and the delegated descendants that ended
+    /// with them (reason `cascade`).
+    pub expired: Vec<EndedTask>,
     /// Deadline entries dropped without an expiry, each with why (task gone,
     /// already ended, or an unreadable record); logged, never fatal.
     pub skipped: Vec<(String, String)>,
@@ -456,6 +551,119 @@ pub trait LeaseStore: Send + Sync + 'static {
     fn now_ms(&self, local_now_ms: u64) -> u64 {
         local_now_ms
     }
+
+    /// Creates the delegated `child` of `parent` in one atomic step, unless
+    /// the parent is not live, has too many live children or descendants, or
+    /// a kill switch refuses the child. The child's lease deadline and max
+    /// lifetime are the store's now plus the offsets the record has from its
+    /// `created_at_ms`, never past the parent's. It holds no credential until
+    /// [`LeaseStore::redeem`] with the handle whose SHA-256 (hex) is
+    /// `handle_sha256`.
+    ///
+    /// # Errors
+    /// As [`LeaseStore::begin`].
+    fn delegate(
+        &self,
+        child: &TaskRecord,
+        handle_sha256: &str,
+    ) -> impl Future<Output = Result<DelegateOutcome, StoreError>> + Send;
+
+    /// Spends a delegation handle in one atomic step: if the task is live and
+    /// the handle's hash matches, the hash is deleted (the handle works once),
+    /// the record becomes `record` (with the subagent's binding) and the
+    /// credentials are added.
+    ///
+    /// # Errors
+    /// As [`LeaseStore::begin`].
+    fn redeem(
+        &self,
+        record: &TaskRecord,
+        handle_sha256: &str,
+        now_ms: u64,
+        credentials: &[CredentialRecord],
+    ) -> impl Future<Output = Result<RedeemOutcome, StoreError>> + Send;
+
+    /// Records an approver's decision in one atomic step, if the task is live
+    /// and its approval pending and unexpired. An approval gets
+    /// `validity_ms` from now to be used.
+    ///
+    /// # Errors
+    /// As [`LeaseStore::begin`].
+    fn decide_approval(
+        &self,
+        task_id: &TaskId,
+        decision: &ApprovalDecision,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<ApprovalOutcome, StoreError>> + Send;
+
+    /// Puts a kill switch in force (replacing one of the same kind and
+    /// value): from when this returns, every begin and delegation it matches
+    /// is refused. Durable like every state change, so it survives restarts.
+    ///
+    /// # Errors
+    /// As [`LeaseStore::begin`]; [`StoreError::Misconfigured`] never.
+    fn set_kill_switch(
+        &self,
+        switch: &KillSwitch,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Lifts a kill switch; true if one was in force.
+    ///
+    /// # Errors
+    /// As [`LeaseStore::begin`].
+    fn lift_kill_switch(
+        &self,
+        kind: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The kill switches in force, by kind then value.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached or read.
+    fn kill_switches(&self) -> impl Future<Output = Result<Vec<KillSwitch>, StoreError>> + Send;
+
+    /// A page of the ids of `shard`'s live tasks, from `cursor` (0 to start).
+    /// A full pass returns every task that was live throughout it (some
+    /// maybe twice).
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached.
+    fn live_tasks(
+        &self,
+        shard: u8,
+        cursor: u64,
+        count: usize,
+    ) -> impl Future<Output = Result<LiveTaskPage, StoreError>> + Send;
+
+    /// Ends, in one atomic step, each of `ids` (tasks of `shard`, at most
+    /// [`KILL_PAGE`]) that is still active and that `target` matches, with
+    /// every delegated descendant: state `Revoked`, outcome `outcome`, every
+    /// unexpired credential logged as revoked (reason `kill_switch`; the
+    /// descendants' `cascade`).
+    ///
+    /// # Errors
+    /// As [`LeaseStore::begin`].
+    fn revoke_tasks(
+        &self,
+        shard: u8,
+        ids: &[TaskId],
+        target: &KillTarget,
+        outcome: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Vec<EndedTask>, StoreError>> + Send;
+
+    /// A page of every task the store holds (live, and ended within the
+    /// retention), from `token` (`None` to start), about `count` of them.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached or read;
+    /// [`StoreError::Corrupt`] for a token it did not issue.
+    fn list_tasks(
+        &self,
+        token: Option<&str>,
+        count: usize,
+    ) -> impl Future<Output = Result<TaskPage, StoreError>> + Send;
 
     /// Checks that the store answers.
     ///

@@ -35,6 +35,15 @@ impl TaskId {
         Self(s)
     }
 
+    /// Builds a task id in `shard` (a delegated task shares its parent's
+    /// shard) from 16 random bytes.
+    pub fn in_shard(shard: u8, mut bytes: [u8; 16]) -> Self {
+        if let Some(first) = bytes.first_mut() {
+            *first = ((shard % SHARDS) << 4) | (*first & 0x0f);
+        }
+        Self::from_bytes(bytes)
+    }
+
     /// Parses a task id, returning `None` unless it has exactly the documented form.
     pub fn parse(s: &str) -> Option<Self> {
         let hex = s.strip_prefix(TASK_PREFIX)?;
@@ -144,6 +153,8 @@ pub enum TaskState {
     Completed,
     /// The lease lapsed without renewal.
     Expired,
+    /// A kill switch, or the end of an ancestor task, ended it.
+    Revoked,
 }
 
 impl TaskState {
@@ -153,6 +164,7 @@ impl TaskState {
             Self::Active => "active",
             Self::Completed => "completed",
             Self::Expired => "expired",
+            Self::Revoked => "revoked",
         }
     }
 
@@ -162,6 +174,7 @@ impl TaskState {
             "active" => Some(Self::Active),
             "completed" => Some(Self::Completed),
             "expired" => Some(Self::Expired),
+            "revoked" => Some(Self::Revoked),
             _ => None,
         }
     }
@@ -178,6 +191,10 @@ pub enum EndReason {
     /// The task is live, but the credential was the oldest of its grant when
     /// a renewal went past the per-grant cap of live credentials.
     Rotation,
+    /// An ancestor task (the one it was delegated from, or further up) ended.
+    Cascade,
+    /// An admin's kill switch (or RevokeTask) ended its task.
+    KillSwitch,
 }
 
 /// A declared task and its lease.
@@ -225,6 +242,241 @@ pub struct TaskRecord {
     /// tenants existed, which then match no tenant at all (fail closed).
     #[serde(default)]
     pub tenant: String,
+    /// The task this one was delegated from; `None` for a task begun directly.
+    /// A delegated task lives in its parent's shard, so a whole delegation
+    /// tree ends in one atomic step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<TaskId>,
+    /// The task at the top of its delegation tree (itself when begun directly:
+    /// `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<TaskId>,
+    /// Delegation depth: 0 for a task begun directly, the parent's plus one
+    /// for a delegated task.
+    #[serde(default)]
+    pub depth: u32,
+    /// The delegation chain: the owner (current actor) first, then the owner
+    /// of each ancestor up to the root's. Empty for a task begun directly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actors: Vec<String>,
+    /// The grants and scopes a delegated task holds (a subset of its
+    /// parent's live ones when delegated); `None` for a task begun directly,
+    /// which holds what its template renders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegated: Option<BTreeMap<String, Vec<String>>>,
+    /// The approval the template asked for at begin; `None` when it gates
+    /// nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+}
+
+/// Where a task's approval stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    /// Waiting for an approver until the deadline.
+    #[default]
+    Pending,
+    /// Approved; to be used by a renewal before the deadline.
+    Approved,
+    /// Denied: the gated grants are never issued.
+    Denied,
+    /// Not decided, or not used, before the deadline.
+    Expired,
+    /// Approved and used: the gated grants are issued with every renewal.
+    Redeemed,
+}
+
+impl ApprovalState {
+    /// The name as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+            Self::Expired => "expired",
+            Self::Redeemed => "redeemed",
+        }
+    }
+
+    /// Parses [`ApprovalState::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Approved,
+            Self::Denied,
+            Self::Expired,
+            Self::Redeemed,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
+    }
+}
+
+/// A task's approval: what the template gated at begin (kept with the task,
+/// so a later template edit changes no pending request) and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The gated grants, withheld until approved and used.
+    pub grants: Vec<String>,
+    /// Who may decide, by SPIFFE ID pattern.
+    pub approvers: Vec<String>,
+    /// Who may decide, by actor class (of the task's tenant).
+    pub approver_classes: Vec<String>,
+    /// How long a request waits for a decision, then an approval for its use.
+    pub validity_ms: u64,
+    /// Whether the other grants are issued while pending.
+    pub issue_others: bool,
+    /// Where it stands (kept apart from the begin record by the store).
+    #[serde(skip)]
+    pub status: ApprovalStatus,
+}
+
+/// The changing part of an [`Approval`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApprovalStatus {
+    /// The state as last written.
+    pub state: ApprovalState,
+    /// Pending: the request expires here; approved: the approval expires here unused.
+    pub deadline_ms: u64,
+    /// Who decided.
+    pub decided_by: Option<String>,
+    /// Why.
+    pub reason: Option<String>,
+    /// When.
+    pub decided_at_ms: Option<u64>,
+}
+
+impl Approval {
+    /// The state at `now_ms`: a pending or approved approval past its
+    /// deadline has expired, whether or not the store wrote so yet.
+    pub fn state_at(&self, now_ms: u64) -> ApprovalState {
+        match self.status.state {
+            ApprovalState::Pending | ApprovalState::Approved
+                if now_ms >= self.status.deadline_ms =>
+            {
+                ApprovalState::Expired
+            }
+            s => s,
+        }
+    }
+
+    /// Whether the gated grants are issued at `now_ms` (approved and not
+    /// expired, or already used).
+    pub fn grants_issued(&self, now_ms: u64) -> bool {
+        matches!(
+            self.state_at(now_ms),
+            ApprovalState::Approved | ApprovalState::Redeemed
+        )
+    }
+}
+
+/// What an approver decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalDecision {
+    /// Approved (true) or denied.
+    pub approve: bool,
+    /// SPIFFE ID of the approver.
+    pub by: String,
+    /// The approver's reason.
+    pub reason: String,
+}
+
+/// What an admin's kill switch or RevokeTask aims at.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KillTarget {
+    /// One task (and its descendants); sets no kill switch.
+    Task(TaskId),
+    /// Tasks owned by exactly this SPIFFE ID.
+    Identity(String),
+    /// Tasks owned by any SPIFFE ID starting with this.
+    IdentityPrefix(String),
+    /// Tasks of this template.
+    Template(String),
+    /// Tasks of owners of this actor class.
+    Class(String),
+    /// Tasks of this tenant.
+    Tenant(String),
+}
+
+impl KillTarget {
+    /// The kind's name (`task`, `identity`, `identity_prefix`, `template`, `class`, `tenant`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Task(_) => "task",
+            Self::Identity(_) => "identity",
+            Self::IdentityPrefix(_) => "identity_prefix",
+            Self::Template(_) => "template",
+            Self::Class(_) => "class",
+            Self::Tenant(_) => "tenant",
+        }
+    }
+
+    /// The value aimed at.
+    pub fn value(&self) -> &str {
+        match self {
+            Self::Task(id) => id.as_str(),
+            Self::Identity(v)
+            | Self::IdentityPrefix(v)
+            | Self::Template(v)
+            | Self::Class(v)
+            | Self::Tenant(v) => v,
+        }
+    }
+
+    /// Builds a target from [`KillTarget::kind`] and [`KillTarget::value`].
+    pub fn parse(kind: &str, value: &str) -> Option<Self> {
+        let v = value.to_owned();
+        Some(match kind {
+            "task" => Self::Task(TaskId::parse(value)?),
+            "identity" => Self::Identity(v),
+            "identity_prefix" => Self::IdentityPrefix(v),
+            "template" => Self::Template(v),
+            "class" => Self::Class(v),
+            "tenant" => Self::Tenant(v),
+            _ => return None,
+        })
+    }
+
+    /// Whether `task` is aimed at (its own fields; descendants go with it).
+    pub fn matches(&self, task: &TaskRecord) -> bool {
+        match self {
+            Self::Task(id) => task.id == *id,
+            Self::Identity(v) => task.owner == *v,
+            Self::IdentityPrefix(v) => task.owner.starts_with(v.as_str()),
+            Self::Template(v) => task.template == *v,
+            Self::Class(v) => task.class == *v,
+            Self::Tenant(v) => task.tenant == *v,
+        }
+    }
+
+    /// Whether a begin (or delegation) of `task` is refused by a kill switch
+    /// of this target.
+    pub fn refuses(&self, task: &TaskRecord) -> bool {
+        !matches!(self, Self::Task(_)) && self.matches(task)
+    }
+}
+
+/// A kill switch in force: begins matching it are refused until lifted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KillSwitch {
+    /// Kind ([`KillTarget::kind`], never `task`).
+    pub kind: String,
+    /// Value.
+    pub value: String,
+    /// Why it was set.
+    pub reason: String,
+    /// The admin who set it.
+    pub set_by: String,
+    /// When.
+    pub set_at_ms: u64,
+}
+
+impl KillSwitch {
+    /// The target it aims at.
+    pub fn target(&self) -> Option<KillTarget> {
+        KillTarget::parse(&self.kind, &self.value).filter(|t| !matches!(t, KillTarget::Task(_)))
+    }
 }
 
 /// The proof a task's owner gave at begin, which renew and complete must match.
@@ -248,6 +500,10 @@ pub enum TaskBinding {
     },
     /// Begun with a JWT-SVID (no certificate); its credentials are unbound.
     JwtSvid,
+    /// A delegated task its subagent has not redeemed yet: nobody may renew
+    /// or complete it until the subagent redeems the delegation handle, which
+    /// records the proof the subagent gave then.
+    Delegated,
 }
 
 impl TaskRecord {
@@ -286,8 +542,13 @@ pub struct CredentialRecord {
     pub scope_classes: Vec<crate::templates::ScopeClass>,
     /// Lower-case hex SHA-256 of the credential value.
     pub value_sha256: String,
-    /// SPIFFE ID of the agent it was issued to.
+    /// The JWT `sub`: SPIFFE ID of the agent it was issued to, or for a
+    /// delegated task the root task's owner (see `actors`).
     pub subject: String,
+    /// A delegated task's chain, current actor first (the holder), root
+    /// owner last; empty for a task begun directly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actors: Vec<String>,
     /// Issuer.
     pub issuer: String,
     /// Template name.
@@ -348,6 +609,9 @@ mod tests {
         assert_eq!(id.as_str().len(), 35);
         assert_eq!(TaskId::parse(id.as_str()), Some(id.clone()));
         assert_eq!(id.shard(), 0xa % SHARDS);
+        for shard in 0..SHARDS {
+            assert_eq!(TaskId::in_shard(shard, [0xff; 16]).shard(), shard);
+        }
         let cred = CredentialId::new(&id, [1; 8]);
         assert_eq!(cred.task_id(), id);
         assert_eq!(CredentialId::parse(cred.as_str()), Some(cred));
@@ -493,6 +757,8 @@ impl EndReason {
             Self::Completion => "completion",
             Self::Expiry => "expiry",
             Self::Rotation => "rotation",
+            Self::Cascade => "cascade",
+            Self::KillSwitch => "kill_switch",
         }
     }
 
@@ -502,6 +768,8 @@ impl EndReason {
             "completion" => Some(Self::Completion),
             "expiry" => Some(Self::Expiry),
             "rotation" => Some(Self::Rotation),
+            "cascade" => Some(Self::Cascade),
+            "kill_switch" => Some(Self::KillSwitch),
             _ => None,
         }
     }

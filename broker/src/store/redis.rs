@@ -44,11 +44,13 @@ use std::{
 use redis::{Client, Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
 
 use super::{
-    BeginOutcome, BeginQuota, CompleteOutcome, CredentialId, CredentialRecord, CredentialView,
-    EndReason, ExpiredTask, LeaseStore, LogId, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE,
-    PagePosition, QuotaKind, REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RenewOutcome,
+    ApprovalDecision, ApprovalOutcome, ApprovalState, BeginOutcome, BeginQuota, CompleteOutcome,
+    CredentialId, CredentialRecord, CredentialView, DelegateOutcome, EndReason, EndedTask,
+    KILL_PAGE, KillSwitch, KillTarget, LeaseStore, LiveTaskPage, LogId, MAX_CHILDREN,
+    MAX_DESCENDANTS, MAX_KILL_SWITCHES, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE, PagePosition,
+    QuotaKind, REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RedeemOutcome, RenewOutcome,
     Renewal, RevocationCursor, RevocationRead, RevocationRecord, RevokedPage, SHARDS, StoreClock,
-    StoreError, TaskId, TaskRecord, TaskState,
+    StoreError, TaskId, TaskPage, TaskRecord, TaskState,
 };
 
 /// When a state change counts as acknowledged.
@@ -209,6 +211,11 @@ struct Scripts {
     reap: Script,
     log_end: Script,
     read_log: Script,
+    delegate: Script,
+    redeem: Script,
+    approve: Script,
+    revoke: Script,
+    kill: Script,
 }
 
 const PRELUDE: &str = include_str!("lua/prelude.lua");
@@ -218,8 +225,12 @@ fn write_script(body: &str) -> Script {
     let prelude = PRELUDE
         .replace("__GRACE__", &REVOCATION_GRACE_MS.to_string())
         .replace("__PAGE__", &PRUNE_PAGE.to_string());
-    let body = body.replace("__CONC__", &super::CONCURRENCY_RETRY_MS.to_string());
-    Script::new(&format!("{prelude}\n{body}"))
+    let body = body
+        .replace("__CONC__", &super::CONCURRENCY_RETRY_MS.to_string())
+        .replace("__MAXKIDS__", &MAX_CHILDREN.to_string())
+        .replace("__MAXKILL__", &MAX_KILL_SWITCHES.to_string());
+    let script = format!("{prelude}\n{body}").replace("__MAXDESC__", &MAX_DESCENDANTS.to_string());
+    Script::new(&script)
 }
 
 impl Scripts {
@@ -232,6 +243,11 @@ impl Scripts {
             complete: write_script(include_str!("lua/complete.lua")),
             read_credential: write_script(include_str!("lua/read_credential.lua")),
             reap: write_script(include_str!("lua/reap.lua")),
+            delegate: write_script(include_str!("lua/delegate.lua")),
+            redeem: write_script(include_str!("lua/redeem.lua")),
+            approve: write_script(include_str!("lua/approve.lua")),
+            revoke: write_script(include_str!("lua/revoke.lua")),
+            kill: write_script(include_str!("lua/kill.lua")),
         }
     }
 }
@@ -282,10 +298,18 @@ fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(what.to_owned())
 }
 
-/// The task hash fields every script returns, in this order.
-const TASK_FIELDS: [&str; 6] = ["rec", "state", "deadline", "ended", "outcome", "max"];
+/// The task hash fields every script returns, in this order (`FIELDS` in
+/// `lua/prelude.lua`).
+const TASK_FIELDS: [&str; 11] = [
+    "rec", "state", "deadline", "ended", "outcome", "max", "appr", "appr_dl", "appr_by",
+    "appr_why", "appr_at",
+];
 
-/// Rebuilds a task record from the six stored fields (TASK_FIELDS order).
+/// Index of the time a script decided at in its reply (after the status and
+/// the task fields).
+const DECIDED_AT: usize = TASK_FIELDS.len() + 1;
+
+/// Rebuilds a task record from the stored fields (TASK_FIELDS order).
 fn task_from_fields(fields: &[Option<String>]) -> Result<TaskRecord, StoreError> {
     let field = |i: usize| fields.get(i).and_then(Option::as_deref);
     let rec = field(0).ok_or_else(|| corrupt("task without record"))?;
@@ -304,18 +328,30 @@ fn task_from_fields(fields: &[Option<String>]) -> Result<TaskRecord, StoreError>
     if let Some(max) = field(5).and_then(|s| s.parse().ok()) {
         task.max_deadline_ms = max;
     }
+    if let Some(approval) = &mut task.approval {
+        let status = &mut approval.status;
+        status.state = field(6)
+            .and_then(ApprovalState::parse)
+            .ok_or_else(|| corrupt("approval state"))?;
+        status.deadline_ms = field(7).and_then(|s| s.parse().ok()).unwrap_or(0);
+        status.decided_by = field(8).map(str::to_owned);
+        status.reason = field(9).map(str::to_owned);
+        status.decided_at_ms = field(10).and_then(|s| s.parse().ok());
+    }
     Ok(task)
 }
 
-/// The six task fields that follow the status word of a script reply.
+/// The task fields that follow the status word of a script reply.
 fn task_part(reply: &[Option<String>]) -> Result<&[Option<String>], StoreError> {
-    reply.get(1..7).ok_or_else(|| corrupt("short script reply"))
+    reply
+        .get(1..DECIDED_AT)
+        .ok_or_else(|| corrupt("short script reply"))
 }
 
 /// The time a script decided at (after the task fields).
 fn decided_at(reply: &[Option<String>]) -> Result<u64, StoreError> {
     reply
-        .get(7)
+        .get(DECIDED_AT)
         .and_then(Option::as_deref)
         .ok_or_else(|| corrupt("script reply without time"))
         .and_then(parse_score)
@@ -323,7 +359,37 @@ fn decided_at(reply: &[Option<String>]) -> Result<u64, StoreError> {
 
 /// What a reply carries after its time: credential ids.
 fn trailing_ids(reply: &[Option<String>]) -> Result<Vec<CredentialId>, StoreError> {
-    credential_ids(reply.get(8..).unwrap_or_default())
+    credential_ids(reply.get(DECIDED_AT + 1..).unwrap_or_default())
+}
+
+/// One ended-task entry of a reply (`expired`, `cascade` or `revoked`): the
+/// task fields, the time, the credential ids.
+fn ended_entry(value: &redis::Value) -> Result<Option<EndedTask>, StoreError> {
+    let entry: Vec<Option<String>> =
+        redis::from_redis_value_ref(value).map_err(|_| corrupt("ended task entry"))?;
+    let reason = match entry.first().and_then(Option::as_deref) {
+        Some("expired") => EndReason::Expiry,
+        Some("cascade") => EndReason::Cascade,
+        Some("revoked") => EndReason::KillSwitch,
+        _ => return Ok(None),
+    };
+    Ok(Some(EndedTask {
+        task: task_from_fields(task_part(&entry)?)?,
+        revoked: trailing_ids(&entry)?,
+        reason,
+    }))
+}
+
+/// A reply's leading strings (status, fields, time), from a mixed reply.
+fn strings_of(values: &[redis::Value]) -> Vec<Option<String>> {
+    values
+        .iter()
+        .map(|v| {
+            redis::from_redis_value_ref::<Option<String>>(v)
+                .ok()
+                .flatten()
+        })
+        .collect()
 }
 
 fn credential_ids(items: &[Option<String>]) -> Result<Vec<CredentialId>, StoreError> {
@@ -529,6 +595,46 @@ impl RedisStore {
         format!("{}:q:", self.prefix)
     }
 
+    /// The kill switches: a hash `"<kind> <value>"` → kill switch JSON, beside
+    /// the task slots like the quota keys (Redis Cluster, issue 11, must move it).
+    fn kill_key(&self) -> String {
+        format!("{}:kill", self.prefix)
+    }
+
+    /// The identity prefixes among the kill switches (a set, for the begin check).
+    fn kill_prefix_key(&self) -> String {
+        format!("{}:killpfx", self.prefix)
+    }
+
+    /// The owner, template, class and tenant a kill switch may refuse.
+    fn kill_args(&self, inv: &mut redis::ScriptInvocation<'_>, task: &TaskRecord) {
+        inv.arg(task.owner.as_str())
+            .arg(task.template.as_str())
+            .arg(task.class.as_str())
+            .arg(task.tenant.as_str());
+    }
+
+    /// The kill switch a `killed` reply names.
+    fn killed_reply(&self, reply: &[Option<String>]) -> Result<Option<KillSwitch>, StoreError> {
+        if reply.first().and_then(Option::as_deref) != Some("killed") {
+            return Ok(None);
+        }
+        let field = |i: usize| reply.get(i).and_then(Option::as_deref).unwrap_or_default();
+        if let Ok(t) = parse_score(field(3)) {
+            self.observe(t);
+        }
+        let mut switch: KillSwitch = serde_json::from_str(field(4)).unwrap_or(KillSwitch {
+            kind: String::new(),
+            value: String::new(),
+            reason: String::new(),
+            set_by: String::new(),
+            set_at_ms: 0,
+        });
+        switch.kind = field(1).to_owned();
+        switch.value = field(2).to_owned();
+        Ok(Some(switch))
+    }
+
     fn revlog_key(&self, shard: u8) -> String {
         format!("{}:revlog", self.tag(shard))
     }
@@ -697,6 +803,18 @@ impl RedisStore {
     }
 }
 
+/// `s` with the glob characters of a Redis MATCH pattern escaped.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Reads a sorted-set score or numeric field written from an integer.
 fn parse_score(s: &str) -> Result<u64, StoreError> {
     if let Ok(v) = s.parse::<u64>() {
@@ -737,13 +855,13 @@ fn reaped_entry(value: &redis::Value, out: &mut Reaped) -> Result<(), StoreError
             out.skipped.push((field(1), field(2)));
             Ok(())
         }
-        Some("expired") => {
-            let task = task_from_fields(task_part(&entry)?)?;
-            let revoked = trailing_ids(&entry)?;
-            out.expired.push(ExpiredTask { task, revoked });
-            Ok(())
-        }
-        _ => Err(corrupt("reap entry")),
+        _ => match ended_entry(value)? {
+            Some(ended) => {
+                out.expired.push(ended);
+                Ok(())
+            }
+            None => Err(corrupt("reap entry")),
+        },
     }
 }
 
@@ -764,7 +882,9 @@ impl LeaseStore for RedisStore {
         inv.key(format!("{base}{id_key}"))
             .key(format!("{base}{class_key}"))
             .key(format!("{base}rate:{id_key}"))
-            .key(format!("{base}rate:{class_key}"));
+            .key(format!("{base}rate:{class_key}"))
+            .key(self.kill_key())
+            .key(self.kill_prefix_key());
         inv.arg(self.now_arg(task.created_at_ms))
             .arg(to_json(task)?)
             .arg(task.lease_deadline_ms.saturating_sub(task.created_at_ms))
@@ -782,8 +902,18 @@ impl LeaseStore for RedisStore {
                 None => inv.arg("").arg(""),
             };
         }
+        inv.arg(
+            task.approval
+                .as_ref()
+                .map(|a| a.validity_ms.to_string())
+                .unwrap_or_default(),
+        );
+        self.kill_args(&mut inv, task);
         push_credentials(&mut inv, credentials)?;
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        if let Some(k) = self.killed_reply(&reply)? {
+            return Ok(BeginOutcome::Killed(k));
+        }
         if reply.first().and_then(Option::as_deref) == Some("exhausted") {
             let field = |i: usize| reply.get(i).and_then(Option::as_deref);
             if let Some(t) = field(3).and_then(|t| parse_score(t).ok()) {
@@ -840,7 +970,8 @@ impl LeaseStore for RedisStore {
             )
             .arg(MAX_LIVE_CREDENTIALS_PER_GRANT)
             .arg(REVOCATION_LOG_MAX)
-            .arg(task_id.as_str());
+            .arg(task_id.as_str())
+            .arg(if renewal.redeems_approval { "1" } else { "" });
         push_credentials(&mut inv, renewal.credentials)?;
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
         self.decided(&reply);
@@ -853,6 +984,9 @@ impl LeaseStore for RedisStore {
                     .map_or(Ok(0), parse_score)?,
             }),
             Some("inactive") => Ok(RenewOutcome::NotActive(task_from_fields(task_part(
+                &reply,
+            )?)?)),
+            Some("lapsed") => Ok(RenewOutcome::ApprovalLapsed(task_from_fields(task_part(
                 &reply,
             )?)?)),
             Some("renewed") => Ok(RenewOutcome::Renewed {
@@ -879,18 +1013,33 @@ impl LeaseStore for RedisStore {
             .arg(task_id.as_str())
             .arg(REVOCATION_LOG_MAX)
             .arg(self.retention_ms.max(1))
-            .arg(self.quota_base());
-        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
-        self.decided(&reply);
-        match reply.first().and_then(Option::as_deref) {
+            .arg(self.quota_base())
+            .arg(format!("{}:", self.tag(task_id.shard())));
+        let values: Vec<redis::Value> = self.run_write(&mut inv).await?;
+        let head = strings_of(values.get(..=DECIDED_AT).unwrap_or(&values));
+        self.decided(&head);
+        match head.first().and_then(Option::as_deref) {
             Some("missing") => Ok(CompleteOutcome::NotFound),
             Some("ended") => Ok(CompleteOutcome::AlreadyEnded(task_from_fields(task_part(
-                &reply,
+                &head,
             )?)?)),
-            Some("done") => Ok(CompleteOutcome::Ended {
-                task: task_from_fields(task_part(&reply)?)?,
-                revoked: trailing_ids(&reply)?,
-            }),
+            Some("done") => {
+                let ids: Vec<Option<String>> = values
+                    .get(DECIDED_AT + 1)
+                    .map(redis::from_redis_value_ref)
+                    .transpose()
+                    .map_err(|_| corrupt("complete reply ids"))?
+                    .unwrap_or_default();
+                let mut descendants = Vec::new();
+                for v in values.iter().skip(DECIDED_AT + 2) {
+                    descendants.extend(ended_entry(v)?);
+                }
+                Ok(CompleteOutcome::Ended {
+                    task: task_from_fields(task_part(&head)?)?,
+                    revoked: credential_ids(&ids)?,
+                    descendants,
+                })
+            }
             _ => Err(corrupt("complete reply")),
         }
     }
@@ -915,7 +1064,7 @@ impl LeaseStore for RedisStore {
                 let now_ms = decided_at(&reply)?;
                 self.observe(now_ms);
                 let json = reply
-                    .get(8)
+                    .get(DECIDED_AT + 1)
                     .and_then(Option::as_deref)
                     .ok_or_else(|| corrupt("credential reply"))?;
                 let credential = serde_json::from_str(json)
@@ -1061,6 +1210,296 @@ impl LeaseStore for RedisStore {
         let offset = self.offset_ms.load(Ordering::Relaxed);
         let adjusted = i128::from(local_now_ms) + i128::from(offset);
         u64::try_from(adjusted.max(0)).unwrap_or(local_now_ms)
+    }
+
+    async fn delegate(
+        &self,
+        child: &TaskRecord,
+        handle_sha256: &str,
+    ) -> Result<DelegateOutcome, StoreError> {
+        let Some(parent) = child.parent.as_ref() else {
+            return Err(corrupt("delegated task without parent"));
+        };
+        let root = child.root.as_ref().unwrap_or(parent);
+        let tag = self.tag(child.id.shard());
+        let mut inv = self.scripts.delegate.prepare_invoke();
+        inv.key(format!("{tag}:task:{parent}"))
+            .key(format!("{tag}:task:{}", child.id))
+            .key(format!("{tag}:kids:{parent}"))
+            .key(format!("{tag}:task:{root}"))
+            .key(format!("{tag}:deadlines"))
+            .key(self.kill_key())
+            .key(self.kill_prefix_key());
+        inv.arg(self.now_arg(child.created_at_ms))
+            .arg(to_json(child)?)
+            .arg(child.lease_deadline_ms.saturating_sub(child.created_at_ms))
+            .arg(child.max_deadline_ms.saturating_sub(child.created_at_ms))
+            .arg(self.retention_ms)
+            .arg(child.id.as_str())
+            .arg(handle_sha256);
+        self.kill_args(&mut inv, child);
+        inv.arg(parent.as_str());
+        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        if let Some(k) = self.killed_reply(&reply)? {
+            return Ok(DelegateOutcome::Killed(k));
+        }
+        match reply.first().and_then(Option::as_deref) {
+            Some("missing") => Ok(DelegateOutcome::ParentNotFound),
+            Some("toomany") => Ok(DelegateOutcome::TooMany {
+                bound: if reply.get(1).and_then(Option::as_deref) == Some("children") {
+                    "children"
+                } else {
+                    "descendants"
+                },
+            }),
+            Some("inactive") => {
+                self.decided(&reply);
+                Ok(DelegateOutcome::ParentNotActive(Box::new(
+                    task_from_fields(task_part(&reply)?)?,
+                )))
+            }
+            Some("created") => {
+                self.decided(&reply);
+                Ok(DelegateOutcome::Created(Box::new(task_from_fields(
+                    task_part(&reply)?,
+                )?)))
+            }
+            _ => Err(corrupt("delegate reply")),
+        }
+    }
+
+    async fn redeem(
+        &self,
+        record: &TaskRecord,
+        handle_sha256: &str,
+        now_ms: u64,
+        credentials: &[CredentialRecord],
+    ) -> Result<RedeemOutcome, StoreError> {
+        let keys = self.task_keys(&record.id);
+        let mut inv = self.scripts.redeem.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        inv.arg(self.now_arg(now_ms))
+            .arg(handle_sha256)
+            .arg(to_json(record)?)
+            .arg(MAX_LIVE_CREDENTIALS_PER_GRANT)
+            .arg(REVOCATION_LOG_MAX)
+            .arg(record.id.as_str());
+        push_credentials(&mut inv, credentials)?;
+        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        match reply.first().and_then(Option::as_deref) {
+            Some("missing") => Ok(RedeemOutcome::NotFound),
+            Some("badhandle") => Ok(RedeemOutcome::BadHandle),
+            Some("inactive") => {
+                self.decided(&reply);
+                Ok(RedeemOutcome::NotActive(Box::new(task_from_fields(
+                    task_part(&reply)?,
+                )?)))
+            }
+            Some("redeemed") => {
+                self.decided(&reply);
+                Ok(RedeemOutcome::Redeemed(Box::new(task_from_fields(
+                    task_part(&reply)?,
+                )?)))
+            }
+            _ => Err(corrupt("redeem reply")),
+        }
+    }
+
+    async fn decide_approval(
+        &self,
+        task_id: &TaskId,
+        decision: &ApprovalDecision,
+        now_ms: u64,
+    ) -> Result<ApprovalOutcome, StoreError> {
+        let [k_task, ..] = self.task_keys(task_id);
+        let Some(task) = self.task(task_id).await? else {
+            return Ok(ApprovalOutcome::NotFound);
+        };
+        let validity = task.approval.as_ref().map_or(0, |a| a.validity_ms);
+        let mut inv = self.scripts.approve.prepare_invoke();
+        inv.key(&k_task)
+            .arg(self.now_arg(now_ms))
+            .arg(if decision.approve {
+                ApprovalState::Approved.as_str()
+            } else {
+                ApprovalState::Denied.as_str()
+            })
+            .arg(decision.by.as_str())
+            .arg(decision.reason.as_str())
+            .arg(validity);
+        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        self.decided(&reply);
+        match reply.first().and_then(Option::as_deref) {
+            Some("missing") => Ok(ApprovalOutcome::NotFound),
+            Some("notpending") => Ok(ApprovalOutcome::NotPending(Box::new(task_from_fields(
+                task_part(&reply)?,
+            )?))),
+            Some("decided") => Ok(ApprovalOutcome::Decided(Box::new(task_from_fields(
+                task_part(&reply)?,
+            )?))),
+            _ => Err(corrupt("approval reply")),
+        }
+    }
+
+    async fn set_kill_switch(&self, switch: &KillSwitch) -> Result<(), StoreError> {
+        let mut inv = self.scripts.kill.prepare_invoke();
+        inv.key(self.kill_key())
+            .key(self.kill_prefix_key())
+            .arg("set")
+            .arg(switch.kind.as_str())
+            .arg(switch.value.as_str())
+            .arg(to_json(switch)?);
+        let reply: String = self.run_write(&mut inv).await?;
+        match reply.as_str() {
+            "set" => Ok(()),
+            "full" => Err(StoreError::Unavailable(format!(
+                "{MAX_KILL_SWITCHES} kill switches are in force, the most allowed; lift one first"
+            ))),
+            _ => Err(corrupt("kill switch reply")),
+        }
+    }
+
+    async fn lift_kill_switch(&self, kind: &str, value: &str) -> Result<bool, StoreError> {
+        let mut inv = self.scripts.kill.prepare_invoke();
+        inv.key(self.kill_key())
+            .key(self.kill_prefix_key())
+            .arg("lift")
+            .arg(kind)
+            .arg(value)
+            .arg("");
+        let reply: String = self.run_write(&mut inv).await?;
+        Ok(reply == "lifted")
+    }
+
+    async fn kill_switches(&self) -> Result<Vec<KillSwitch>, StoreError> {
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.kill_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut out = Vec::with_capacity(all.len());
+        for (field, json) in all {
+            let mut switch: KillSwitch = serde_json::from_str(&json)
+                .map_err(|e| corrupt(&format!("kill switch {field:?}: {e}")))?;
+            if let Some((kind, value)) = field.split_once(' ') {
+                switch.kind = kind.to_owned();
+                switch.value = value.to_owned();
+            }
+            out.push(switch);
+        }
+        out.sort_by(|a, b| (&a.kind, &a.value).cmp(&(&b.kind, &b.value)));
+        Ok(out)
+    }
+
+    async fn live_tasks(
+        &self,
+        shard: u8,
+        cursor: u64,
+        count: usize,
+    ) -> Result<LiveTaskPage, StoreError> {
+        let mut conn = self.conn.clone();
+        let (next, items): (u64, Vec<String>) = redis::cmd("ZSCAN")
+            .arg(format!("{}:deadlines", self.tag(shard)))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        // ZSCAN answers member, score, member, score, ...
+        let ids = items
+            .iter()
+            .step_by(2)
+            .filter_map(|m| TaskId::parse(m))
+            .collect();
+        Ok(LiveTaskPage {
+            ids,
+            next: (next != 0).then_some(next),
+        })
+    }
+
+    async fn revoke_tasks(
+        &self,
+        shard: u8,
+        ids: &[TaskId],
+        target: &KillTarget,
+        outcome: &str,
+        now_ms: u64,
+    ) -> Result<Vec<EndedTask>, StoreError> {
+        let tag = self.tag(shard);
+        let mut out = Vec::new();
+        for page in ids.chunks(KILL_PAGE) {
+            let mut inv = self.scripts.revoke.prepare_invoke();
+            inv.key(format!("{tag}:deadlines"))
+                .key(format!("{tag}:revlog"))
+                .key(format!("{tag}:revoked"))
+                .arg(self.now_arg(now_ms))
+                .arg(REVOCATION_LOG_MAX)
+                .arg(self.retention_ms.max(1))
+                .arg(format!("{tag}:"))
+                .arg(self.quota_base())
+                .arg(outcome)
+                .arg(target.kind())
+                .arg(target.value());
+            for id in page {
+                inv.arg(id.as_str());
+            }
+            let reply: Vec<redis::Value> = self.run_write(&mut inv).await?;
+            for v in reply.iter().skip(1) {
+                out.extend(ended_entry(v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_tasks(&self, token: Option<&str>, count: usize) -> Result<TaskPage, StoreError> {
+        let cursor: u64 = match token {
+            None => 0,
+            Some(t) => t
+                .parse()
+                .map_err(|_| corrupt("page token: not one this broker issued"))?,
+        };
+        let pattern = format!("{{{}:s?}}:task:*", glob_escape(&self.prefix));
+        let mut conn = self.conn.clone();
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("HMGET").arg(k).arg(&TASK_FIELDS);
+        }
+        let rows: Vec<Vec<Option<String>>> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn)
+                .await
+                .map_err(|e| unavailable(&e))?
+        };
+        let mut tasks = Vec::with_capacity(rows.len());
+        for (key, row) in keys.iter().zip(rows) {
+            if row.first().is_none_or(Option::is_none) {
+                continue; // expired between the scan and the read
+            }
+            match task_from_fields(&row) {
+                Ok(t) => tasks.push(t),
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "list tasks: skipped an unreadable task")
+                }
+            }
+        }
+        Ok(TaskPage {
+            tasks,
+            next: (next != 0).then(|| next.to_string()),
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

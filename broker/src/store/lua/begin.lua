@@ -1,8 +1,9 @@
 -- KEYS: task creds cexp cgr deadlines revlog revoked, then the quota keys:
---   live_id live_class rate_id rate_class
+--   live_id live_class rate_id rate_class, then kill killpfx
 -- ARGV: now rec ttl_offset max_offset retention task_id cap maxlen,
 --   id_max class_max id_burst id_refill_ms class_burst class_refill_ms ('' = no limit),
---   credentials from 15
+--   approval validity ms ('' = no approval), owner template class tenant,
+--   credentials from 20
 -- The quota keys are declared but carry no hash tag (they are per identity and
 -- per class, not per task): fine on one Redis node; Redis Cluster (issue 11)
 -- needs them in a slot of their own, so the quota step moves out of this script.
@@ -10,6 +11,8 @@ local now = clock()
 local f = fields(KEYS[1])
 -- A replay is answered whatever the quotas: it begins nothing.
 if f[1] then return reply('existing', f, now) end
+local k = killed(KEYS[12], KEYS[13], ARGV[16], ARGV[17], ARGV[18], ARGV[19])
+if k then return {'killed', k[1], k[2], n(now), k[3]} end
 local max = now + tonumber(ARGV[4])
 -- Live tasks: sets of task ids scored by max lifetime, pruned here, so a lost
 -- removal frees its slot at the latest at that task's max lifetime.
@@ -50,9 +53,14 @@ if ARGV[9] ~= '' then redis.call('ZADD', KEYS[8], n(max), ARGV[6]) end
 if ARGV[10] ~= '' then redis.call('ZADD', KEYS[9], n(max), ARGV[6]) end
 local deadline = math.min(now + tonumber(ARGV[3]), max)
 redis.call('HSET', KEYS[1], 'rec', ARGV[2], 'state', 'active', 'deadline', n(deadline), 'max', n(max), 'renewed', n(now))
+local appr, appr_dl = false, false
+if ARGV[15] ~= '' then
+  appr, appr_dl = 'pending', n(now + tonumber(ARGV[15]))
+  redis.call('HSET', KEYS[1], 'appr', appr, 'appr_dl', appr_dl)
+end
 local rotated = {}
-add_credentials(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], 15, tonumber(ARGV[7]), now, ARGV[8], rotated)
+add_credentials(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], 20, tonumber(ARGV[7]), now, ARGV[8], rotated)
 redis.call('ZADD', KEYS[5], n(deadline), ARGV[6])
 local at = n(max + tonumber(ARGV[5]))
 for k = 1, 4 do redis.call('PEXPIREAT', KEYS[k], at) end
-return reply('created', {ARGV[2], 'active', n(deadline), false, false, n(max)}, now)
+return reply('created', {ARGV[2], 'active', n(deadline), false, false, n(max), appr, appr_dl, false, false, false}, now)

@@ -7,13 +7,14 @@ local function clock()
 end
 -- Integers as plain decimal text (Lua would print large numbers as 1e+12).
 local function n(x) return string.format('%.0f', x) end
-local FIELDS = {'rec', 'state', 'deadline', 'ended', 'outcome', 'max'}
+local FIELDS = {'rec', 'state', 'deadline', 'ended', 'outcome', 'max', 'appr', 'appr_dl', 'appr_by', 'appr_why', 'appr_at'}
+local NF = #FIELDS
 local function fields(key) return redis.call('HMGET', key, unpack(FIELDS)) end
--- status, the six task fields, the time decided at, then extras.
+-- status, the task fields, the time decided at, then extras.
 local function reply(status, f, now)
   local out = {status}
-  for i = 1, 6 do out[i + 1] = f[i] end
-  out[8] = n(now)
+  for i = 1, NF do out[i + 1] = f[i] end
+  out[NF + 2] = n(now)
   return out
 end
 local GRACE = __GRACE__
@@ -90,5 +91,68 @@ local function add_credentials(creds, cexp, cgr, revlog, revoked, first, cap, no
       table.insert(rotated, old)
     end
     redis.call('HSET', cgr, grant, table.concat(kept, ' '))
+  end
+end
+
+-- Kill switches: KEYS `kill` (hash "<kind> <value>" -> JSON) and `killpfx`
+-- (set of identity prefixes). Answers the first kill switch refusing a task
+-- of (owner, template, class, tenant), as {kind, value, json}, or nil.
+local function killed(kill, killpfx, owner, template, class, tenant)
+  local exact = {{'identity', owner}, {'template', template}, {'class', class}, {'tenant', tenant}}
+  for _, e in ipairs(exact) do
+    local j = redis.call('HGET', kill, e[1] .. ' ' .. e[2])
+    if j then return {e[1], e[2], j} end
+  end
+  for _, p in ipairs(redis.call('SMEMBERS', killpfx)) do
+    if string.sub(owner, 1, #p) == p then
+      return {'identity_prefix', p, redis.call('HGET', kill, 'identity_prefix ' .. p) or '{}'}
+    end
+  end
+  return nil
+end
+-- A delegated task that ends no longer counts against its root's tree.
+local function forget_descendant(base, rec)
+  local ok, t = pcall(cjson.decode, rec or '')
+  if ok and type(t) == 'table' and type(t.root) == 'string' then
+    local rk = base .. 'task:' .. t.root
+    if redis.call('EXISTS', rk) == 1 and tonumber(redis.call('HGET', rk, 'desc') or '0') > 0 then
+      redis.call('HINCRBY', rk, 'desc', -1)
+    end
+  end
+end
+-- Ends one active task `id` of the shard at `base` (its fields in `f`): the
+-- new state, out of the deadline index and the quotas, every unexpired
+-- credential logged as revoked. Answers the entry {status, fields..., now,
+-- revoked ids...}.
+local function end_one(base, id, f, status, state, outcome, reason, now, ctx)
+  local tk = base .. 'task:' .. id
+  redis.call('HSET', tk, 'state', state, 'ended', n(now), 'outcome', outcome)
+  redis.call('ZREM', ctx.deadlines, id)
+  unlive(ctx.qbase, f[1], id)
+  forget_descendant(base, f[1])
+  f[2] = state; f[4] = n(now); f[5] = outcome
+  local entry = reply(status, f, now)
+  end_task(base .. 'creds:' .. id, base .. 'cexp:' .. id, base .. 'cgr:' .. id, ctx.revlog, ctx.revoked, now, reason, ctx.maxlen, entry)
+  redis.call('PEXPIRE', tk, ctx.retention)
+  return entry
+end
+-- Ends every active delegated descendant of `id` (all in this shard),
+-- breadth first, appending one 'cascade' entry each to `out`. Bounded: a tree
+-- holds at most MAX_DESCENDANTS live tasks.
+local function end_descendants(base, id, now, ctx, out)
+  local queue = {id}
+  local i = 1
+  while i <= #queue and i <= __MAXDESC__ + 1 do
+    local parent = queue[i]
+    local kk = base .. 'kids:' .. parent
+    for _, k in ipairs(redis.call('SMEMBERS', kk)) do
+      local kf = fields(base .. 'task:' .. k)
+      if kf[1] and kf[2] == 'active' then
+        table.insert(out, end_one(base, k, kf, 'cascade', 'revoked', 'cascade: ancestor ' .. id .. ' ended', 'cascade', now, ctx))
+        table.insert(queue, k)
+      end
+    end
+    redis.call('DEL', kk)
+    i = i + 1
   end
 end

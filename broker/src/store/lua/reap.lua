@@ -25,6 +25,7 @@ for _, id in ipairs(due) do
   else
     redis.call('HSET', tk, 'state', 'expired', 'ended', n(now), 'outcome', '')
     unlive(ARGV[6], f[1], id)
+    forget_descendant(base, f[1])
     f[2] = 'expired'; f[4] = n(now); f[5] = ''
     local entry = reply('expired', f, now)
     -- Every credential ends with the lease: all are reported (for the audit
@@ -34,6 +35,8 @@ for _, id in ipairs(due) do
     end_task(creds, base .. 'cexp:' .. id, base .. 'cgr:' .. id, KEYS[2], KEYS[3], now, 'expiry', ARGV[3], {})
     redis.call('PEXPIRE', tk, ARGV[4])
     table.insert(out, entry)
+    local ctx = {deadlines = KEYS[1], revlog = KEYS[2], revoked = KEYS[3], maxlen = ARGV[3], retention = ARGV[4], qbase = ARGV[6]}
+    end_descendants(base, id, now, ctx, out)
   end
 end
 return out

@@ -1,5 +1,6 @@
 -- KEYS: task creds cexp cgr deadlines revlog revoked
--- ARGV: now extend_by min_interval ('' for a begin replay) cap maxlen task_id, credentials from 7
+-- ARGV: now extend_by min_interval ('' for a begin replay) cap maxlen task_id
+--   redeem ('1': the credentials include approved grants), credentials from 8
 local now = clock()
 local f = fields(KEYS[1])
 if not f[1] then return {'missing'} end
@@ -8,6 +9,15 @@ if ARGV[3] ~= '' then
   local last = tonumber(redis.call('HGET', KEYS[1], 'renewed') or '0') or 0
   local wait = last + tonumber(ARGV[3]) - now
   if wait > 0 then return {'toosoon', n(wait)} end
+end
+if ARGV[7] == '1' then
+  local a = f[7]
+  if a == 'approved' and tonumber(f[8] or '0') > now then
+    redis.call('HSET', KEYS[1], 'appr', 'redeemed')
+    f[7] = 'redeemed'
+  elseif a ~= 'redeemed' then
+    return reply('lapsed', f, now)
+  end
 end
 local nd = math.min(math.max(now + tonumber(ARGV[2]), tonumber(f[3])), tonumber(f[6]))
 f[3] = n(nd)
@@ -20,7 +30,7 @@ for _, c in ipairs(old) do
   redis.call('ZREM', KEYS[3], c)
 end
 local rotated = {}
-add_credentials(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], 7, tonumber(ARGV[4]), now, ARGV[5], rotated)
+add_credentials(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], 8, tonumber(ARGV[4]), now, ARGV[5], rotated)
 -- Pruning may have emptied (deleted) the credential keys: give them the task's expiry again.
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then for k = 2, 4 do redis.call('PEXPIRE', KEYS[k], ttl) end end

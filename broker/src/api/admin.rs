@@ -1,0 +1,258 @@
+//! `leash.v1.Admin`: inventory, approvals and kill switches.
+
+use std::sync::Arc;
+
+use leash_proto::v1::{self as pb, admin_server::Admin};
+use tonic::{Request, Response, Status};
+
+use super::{caller, convert, status};
+use crate::{
+    lease::{KillReport, LeaseService, TaskFilter},
+    store::{KillTarget, LeaseStore, TaskId},
+};
+
+/// The Admin service over a [`LeaseService`].
+#[derive(Debug)]
+pub struct AdminApi<S> {
+    service: Arc<LeaseService<S>>,
+}
+
+impl<S> AdminApi<S> {
+    /// Serves `service`.
+    pub fn new(service: Arc<LeaseService<S>>) -> Self {
+        Self { service }
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn kill_response(r: &KillReport) -> pb::KillSwitchResponse {
+    pb::KillSwitchResponse {
+        kill_switch: r.switch.as_ref().map(convert::kill_switch),
+        revoked_tasks: count(r.tasks),
+        revoked_credentials: count(r.credentials),
+    }
+}
+
+fn filter(value: String) -> Option<String> {
+    Some(value).filter(|v| !v.is_empty())
+}
+
+impl<S: LeaseStore> AdminApi<S> {
+    async fn kill(
+        &self,
+        who: &crate::identity::Identity,
+        target: KillTarget,
+        reason: &str,
+    ) -> Result<Response<pb::KillSwitchResponse>, Status> {
+        let report = self
+            .service
+            .kill(who, target, reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(kill_response(&report)))
+    }
+
+    async fn decide(
+        &self,
+        request: Request<pb::DecideApprovalRequest>,
+        approve: bool,
+    ) -> Result<Response<pb::TaskInfo>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        let task = self
+            .service
+            .decide_approval(&who, &req.task_id, approve, &req.reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::task_info(
+            &task,
+            self.service.store_now_ms(),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl<S: LeaseStore> Admin for AdminApi<S> {
+    async fn list_templates(
+        &self,
+        request: Request<pb::ListTemplatesRequest>,
+    ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        let who = caller(&request)?;
+        let templates = self.service.list_templates(&who).map_err(status)?;
+        Ok(Response::new(pb::ListTemplatesResponse {
+            templates: templates
+                .iter()
+                .map(|t| pb::TemplateInfo {
+                    name: t.name.clone(),
+                    version: t.version.clone(),
+                    owner: t.owner.clone(),
+                    tenant: t.tenant.clone(),
+                    classes: t.classes.clone(),
+                    grants: t.grants.iter().map(|g| g.name.clone()).collect(),
+                    approval_grants: t
+                        .approval
+                        .as_ref()
+                        .map(|a| a.grants.clone())
+                        .unwrap_or_default(),
+                    max_delegation_depth: t.delegation.max_depth,
+                    sensitivity: t.sensitivity.as_str().to_owned(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        let wanted = TaskFilter {
+            identity: filter(req.identity),
+            class: filter(req.class),
+            tenant: filter(req.tenant),
+            template: filter(req.template),
+            state: convert::state_filter(req.state).map_err(status)?,
+        };
+        let page_size = usize::try_from(req.page_size).unwrap_or(usize::MAX);
+        let token = filter(req.page_token);
+        let listing = self
+            .service
+            .list_tasks(&who, &wanted, page_size, token.as_deref())
+            .await
+            .map_err(status)?;
+        let now_ms = self.service.store_now_ms();
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: listing
+                .tasks
+                .iter()
+                .map(|t| convert::task_info(t, now_ms))
+                .collect(),
+            next_page_token: listing.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::TaskInfo>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        let task = self
+            .service
+            .get_task(&who, &req.task_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::task_info(
+            &task,
+            self.service.store_now_ms(),
+        )))
+    }
+
+    async fn approve(
+        &self,
+        request: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<pb::TaskInfo>, Status> {
+        self.decide(request, true).await
+    }
+
+    async fn deny(
+        &self,
+        request: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<pb::TaskInfo>, Status> {
+        self.decide(request, false).await
+    }
+
+    async fn revoke_task(
+        &self,
+        request: Request<pb::RevokeTaskRequest>,
+    ) -> Result<Response<pb::KillSwitchResponse>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        // Admin first: a non-admin learns nothing, not even whether the id is well formed.
+        self.service
+            .authorize_admin(&who, "RevokeTask")
+            .map_err(status)?;
+        if req.task_id.is_empty() {
+            return Err(Status::invalid_argument("task_id: required"));
+        }
+        let id = TaskId::parse(&req.task_id).ok_or_else(|| {
+            Status::invalid_argument(
+                "task_id: not a task id (tk_ followed by 32 lower-case hex digits)",
+            )
+        })?;
+        self.kill(&who, KillTarget::Task(id), &req.reason).await
+    }
+
+    async fn revoke_identity(
+        &self,
+        request: Request<pb::RevokeIdentityRequest>,
+    ) -> Result<Response<pb::KillSwitchResponse>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        let target = if req.prefix {
+            KillTarget::IdentityPrefix(req.identity)
+        } else {
+            KillTarget::Identity(req.identity)
+        };
+        self.kill(&who, target, &req.reason).await
+    }
+
+    async fn revoke_template(
+        &self,
+        request: Request<pb::RevokeTemplateRequest>,
+    ) -> Result<Response<pb::KillSwitchResponse>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        self.kill(&who, KillTarget::Template(req.template), &req.reason)
+            .await
+    }
+
+    async fn revoke_class(
+        &self,
+        request: Request<pb::RevokeClassRequest>,
+    ) -> Result<Response<pb::KillSwitchResponse>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        self.kill(&who, KillTarget::Class(req.class), &req.reason)
+            .await
+    }
+
+    async fn revoke_tenant(
+        &self,
+        request: Request<pb::RevokeTenantRequest>,
+    ) -> Result<Response<pb::KillSwitchResponse>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        self.kill(&who, KillTarget::Tenant(req.tenant), &req.reason)
+            .await
+    }
+
+    async fn list_kill_switches(
+        &self,
+        request: Request<pb::ListKillSwitchesRequest>,
+    ) -> Result<Response<pb::ListKillSwitchesResponse>, Status> {
+        let who = caller(&request)?;
+        let all = self.service.kill_switches(&who).await.map_err(status)?;
+        Ok(Response::new(pb::ListKillSwitchesResponse {
+            kill_switches: all.iter().map(convert::kill_switch).collect(),
+        }))
+    }
+
+    async fn lift_kill_switch(
+        &self,
+        request: Request<pb::LiftKillSwitchRequest>,
+    ) -> Result<Response<pb::LiftKillSwitchResponse>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        let lifted = self
+            .service
+            .lift_kill_switch(&who, &req.kind, &req.value, &req.reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::LiftKillSwitchResponse { lifted }))
+    }
+}
