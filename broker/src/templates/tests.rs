@@ -147,6 +147,21 @@ fn examples_load() {
         gh.classes.is_empty(),
         "no `classes:`: every class of the tenant"
     );
+    assert_eq!(gh.delegation.max_depth, 2);
+    assert_eq!(
+        gh.delegation.may_act,
+        vec![IdentityPattern::parse("spiffe://acme.test/agent/*").unwrap()]
+    );
+    assert_eq!(gh.approval, None);
+    let gate = cleanup.approval.as_ref().unwrap();
+    assert_eq!(gate.grants, ["github"]);
+    assert_eq!(
+        gate.approvers,
+        vec![IdentityPattern::parse("spiffe://acme.test/human/*").unwrap()]
+    );
+    assert!(!gate.issue_others);
+    assert_eq!(gate.validity, Duration::from_secs(15 * 60));
+    assert_eq!(db.delegation, DelegationPolicy::default());
     assert_eq!(db.version, "1", "an integer version is kept as text");
     assert_eq!(db.grants[0].kind, CredentialKind::Opaque);
     let gh = set.get("github-pr-review").unwrap();
