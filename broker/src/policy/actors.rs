@@ -320,27 +320,33 @@ impl ActorClasses {
     }
 
     /// Problems of `templates` against these classes, as `(file, message)`:
-    /// a template listing a class that is not configured, or a class of another
-    /// tenant than the template's.
+    /// a template listing a class (in `classes:` or `approval.approvers.classes`)
+    /// that is not configured, or a class of another tenant than the template's.
     pub fn template_problems(
         &self,
         templates: &crate::templates::TemplateSet,
     ) -> Vec<(std::path::PathBuf, String)> {
         let mut out = Vec::new();
         for t in templates.iter() {
-            for class in &t.classes {
+            let approver_classes = t.approval.iter().flat_map(|a| &a.approver_classes);
+            let listed = t
+                .classes
+                .iter()
+                .map(|c| ("classes", c))
+                .chain(approver_classes.map(|c| ("approval.approvers.classes", c)));
+            for (key, class) in listed {
                 match self.class(class) {
                     None => out.push((
                         t.source.clone(),
                         format!(
-                            "template {:?}: `classes`: {class:?} is not an actor class of the config (actors.classes)",
+                            "template {:?}: `{key}`: {class:?} is not an actor class of the config (actors.classes)",
                             t.name
                         ),
                     )),
                     Some(a) if a.tenant != t.tenant => out.push((
                         t.source.clone(),
                         format!(
-                            "template {:?}: `classes`: {class:?} belongs to tenant {:?}, not the template's tenant {:?}",
+                            "template {:?}: `{key}`: {class:?} belongs to tenant {:?}, not the template's tenant {:?}",
                             t.name, a.tenant, t.tenant
                         ),
                     )),
@@ -353,7 +359,7 @@ impl ActorClasses {
 }
 
 /// The check a template catalog runs on every set it loads: the classes each
-/// template lists exist and belong to its tenant (see
+/// template lists (as users and as approvers) exist and belong to its tenant (see
 /// [`ActorClasses::template_problems`]). A set that fails it is refused at
 /// start and, at a reload, the last good set stays.
 pub fn template_check(classes: ActorClasses) -> crate::templates::SetCheck {

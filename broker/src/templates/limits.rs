@@ -31,3 +31,6 @@ pub const MAX_DESCRIPTION_BYTES: usize = 4096;
 pub const MAX_YAML_DEPTH: usize = 16;
 /// Shortest duration any TTL or lifetime may have.
 pub const MIN_DURATION: Duration = Duration::from_secs(1);
+/// Longest `approval.validity`: how long a request waits for a decision, and
+/// then an approval waits to be used (24 h).
+pub const MAX_APPROVAL_VALIDITY: Duration = Duration::from_secs(24 * 60 * 60);

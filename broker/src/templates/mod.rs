@@ -47,6 +47,16 @@
 //!     scopes:                       # 1 to 32; `{param}` must name a REQUIRED parameter
 //!       - { scope: "repo:{repo}:read", class: read }  # class: read | write | destructive
 //!     ttl: 60s                      # >= 1s; capped by the lease at mint time
+//! delegation:                       # optional
+//!   max_depth: 2                    # 0 (no delegation) to 4; default 2
+//!   may_act: [spiffe://acme.test/agent/*]  # optional; who may be handed a child task
+//! approval:                         # optional; grants that need a person's yes
+//!   grants: [github]                # required; grants of this template, each once
+//!   approvers:                      # required; at least one of:
+//!     identities: [spiffe://acme.test/human/*]
+//!     classes: [approvers]          # actor classes of the template's tenant
+//!   validity: 15m                   # 1s to 24h; default 15m
+//!   while_pending: issue_others     # or issue_none; default issue_others
 //! ```
 //!
 //! ## Security defaults

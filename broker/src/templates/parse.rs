@@ -16,13 +16,13 @@ use crate::identity::IdentityPattern;
 
 use super::TemplateIssue;
 use super::limits::{
-    MAX_DESCRIPTION_BYTES, MAX_ENUM_VALUES, MAX_GRANTS, MAX_IDENTITIES, MAX_PARAMETERS,
-    MAX_PATTERN_BYTES, MAX_PATTERN_COMPILED_BYTES, MAX_SCOPES_PER_GRANT, MAX_TEXT_BYTES,
-    MAX_VALUE_BYTES, MIN_DURATION,
+    MAX_APPROVAL_VALIDITY, MAX_DESCRIPTION_BYTES, MAX_ENUM_VALUES, MAX_GRANTS, MAX_IDENTITIES,
+    MAX_PARAMETERS, MAX_PATTERN_BYTES, MAX_PATTERN_COMPILED_BYTES, MAX_SCOPES_PER_GRANT,
+    MAX_TEXT_BYTES, MAX_VALUE_BYTES, MIN_DURATION,
 };
 use super::model::{
-    CredentialKind, GrantSpec, LeasePolicy, Parameter, ParameterConstraint, ParameterKind,
-    ScopeClass, Sensitivity, Template,
+    ApprovalGate, CredentialKind, DelegationPolicy, GrantSpec, LeasePolicy, MAX_DELEGATION_DEPTH,
+    Parameter, ParameterConstraint, ParameterKind, ScopeClass, Sensitivity, Template,
 };
 use super::parameters::{ScopePiece, split_scope};
 use super::yaml::{self, Key, Node, ScalarType, Value, scalar_type};
@@ -366,6 +366,8 @@ const TEMPLATE_KEYS: &[&str] = &[
     "tenant",
     "classes",
     "sensitivity",
+    "delegation",
+    "approval",
 ];
 const PARAMETER_KEYS: &[&str] = &[
     "type",
@@ -379,6 +381,13 @@ const PARAMETER_KEYS: &[&str] = &[
 const LEASE_KEYS: &[&str] = &["ttl", "max_ttl", "max_lifetime", "min_renew_interval"];
 const GRANT_KEYS: &[&str] = &["name", "kind", "audience", "scopes", "ttl"];
 const SCOPE_KEYS: &[&str] = &["scope", "class"];
+const DELEGATION_KEYS: &[&str] = &["max_depth", "may_act"];
+const APPROVAL_KEYS: &[&str] = &["grants", "approvers", "validity", "while_pending"];
+const APPROVER_KEYS: &[&str] = &["identities", "classes"];
+
+/// How long an approval request (and then an approval) lasts when the
+/// template does not say (`approval.validity`).
+const DEFAULT_APPROVAL_VALIDITY: Duration = Duration::from_secs(15 * 60);
 
 fn template(
     root: &Node,
@@ -450,6 +459,14 @@ fn template(
             level
         }),
     };
+    let delegation = match map.optional("delegation") {
+        None => Some(DelegationPolicy::default()),
+        Some(node) => delegation(node, report),
+    };
+    let approval = match map.optional("approval") {
+        None => Some(None),
+        Some(node) => approval(node, grants.as_deref(), report).map(Some),
+    };
     let declared = declared.map(|list| {
         list.into_iter()
             .map(|d| d.parameter)
@@ -468,6 +485,8 @@ fn template(
         tenant,
         classes,
         sensitivity,
+        delegation,
+        approval,
     ) {
         (
             Some((name, _)),
@@ -481,6 +500,8 @@ fn template(
             Some(tenant),
             Some(classes),
             Some(sensitivity),
+            Some(delegation),
+            Some(approval),
         ) => Some(Template {
             name: name.clone(),
             version,
@@ -494,8 +515,8 @@ fn template(
             source: file.to_owned(),
             tenant,
             classes,
-            delegation: super::model::DelegationPolicy::default(),
-            approval: None,
+            delegation,
+            approval,
         }),
         _ => None,
     };
@@ -530,42 +551,62 @@ fn tenancy(
     };
     let classes = match classes {
         None => Some(Vec::new()),
-        Some(node) => sequence(node, "classes", report).and_then(|items| {
-            if items.is_empty() {
-                report.at(
-                    node.line,
-                    "`classes`: must list at least one actor class; leave it out for every class of the tenant",
-                );
-                return None;
-            }
-            if items.len() > MAX_CLASSES {
-                report.at(
-                    node.line,
-                    format!("`classes`: {} entries; at most {MAX_CLASSES} allowed", items.len()),
-                );
-                return None;
-            }
-            let mut out: Vec<String> = Vec::new();
-            let mut ok = true;
-            for (i, item) in items.iter().enumerate() {
-                let path = format!("classes[{i}]");
-                match string(item, &path, report) {
-                    Some(c) if !crate::policy::actors::is_name(c) => {
-                        report.at(item.line, format!("`{path}`: {c:?} is not a class name; {rule}"));
-                        ok = false;
-                    }
-                    Some(c) if out.iter().any(|o| o == c) => {
-                        report.at(item.line, format!("`{path}`: {c:?} is listed twice"));
-                        ok = false;
-                    }
-                    Some(c) => out.push(c.to_owned()),
-                    None => ok = false,
-                }
-            }
-            ok.then_some(out)
-        }),
+        Some(node) => class_names(
+            node,
+            "classes",
+            "leave it out for every class of the tenant",
+            report,
+        ),
     };
     (tenant, classes)
+}
+
+/// A list of 1 to [`MAX_CLASSES`] distinct actor class names at `path`; `why`
+/// says what leaving the key out means, for an empty list. Whether the classes
+/// exist is checked against the config when the broker loads the set.
+fn class_names(node: &Node, path: &str, why: &str, report: &mut Report) -> Option<Vec<String>> {
+    let items = sequence(node, path, report)?;
+    if items.is_empty() {
+        report.at(
+            node.line,
+            format!("`{path}`: must list at least one actor class; {why}"),
+        );
+        return None;
+    }
+    if items.len() > MAX_CLASSES {
+        report.at(
+            node.line,
+            format!(
+                "`{path}`: {} entries; at most {MAX_CLASSES} allowed",
+                items.len()
+            ),
+        );
+        return None;
+    }
+    let mut out: Vec<String> = Vec::new();
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        let item_path = format!("{path}[{i}]");
+        match string(item, &item_path, report) {
+            Some(c) if !crate::policy::actors::is_name(c) => {
+                report.at(
+                    item.line,
+                    format!(
+                        "`{item_path}`: {c:?} is not a class name; use 1 to 63 characters \
+                         `[a-z0-9][a-z0-9-_.]*`"
+                    ),
+                );
+                ok = false;
+            }
+            Some(c) if out.iter().any(|o| o == c) => {
+                report.at(item.line, format!("`{item_path}`: {c:?} is listed twice"));
+                ok = false;
+            }
+            Some(c) => out.push(c.to_owned()),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
 }
 
 fn version(node: &Node, report: &mut Report) -> Option<String> {
@@ -586,12 +627,27 @@ fn version(node: &Node, report: &mut Report) -> Option<String> {
 }
 
 fn identities(node: &Node, report: &mut Report) -> Option<Vec<IdentityPattern>> {
-    let items = sequence(node, "identities", report)?;
+    patterns(
+        node,
+        "identities",
+        "an empty list would let nobody declare the template",
+        report,
+    )
+}
+
+/// A list of 1 to [`MAX_IDENTITIES`] SPIFFE IDs or patterns at `path`, in the
+/// syntax of `identities:`; `why` says why an empty list is refused.
+fn patterns(
+    node: &Node,
+    path: &str,
+    why: &str,
+    report: &mut Report,
+) -> Option<Vec<IdentityPattern>> {
+    let items = sequence(node, path, report)?;
     if items.is_empty() {
         report.at(
             node.line,
-            "`identities`: must list at least one SPIFFE ID or pattern; an empty list would \
-             let nobody declare the template",
+            format!("`{path}`: must list at least one SPIFFE ID or pattern; {why}"),
         );
         return None;
     }
@@ -599,7 +655,7 @@ fn identities(node: &Node, report: &mut Report) -> Option<Vec<IdentityPattern>> 
         report.at(
             node.line,
             format!(
-                "`identities`: {} entries; at most {MAX_IDENTITIES} allowed",
+                "`{path}`: {} entries; at most {MAX_IDENTITIES} allowed",
                 items.len()
             ),
         );
@@ -608,8 +664,8 @@ fn identities(node: &Node, report: &mut Report) -> Option<Vec<IdentityPattern>> 
     let mut patterns = Vec::with_capacity(items.len());
     let mut ok = true;
     for (i, item) in items.iter().enumerate() {
-        let path = format!("identities[{i}]");
-        let Some(value) = string(item, &path, report) else {
+        let item_path = format!("{path}[{i}]");
+        let Some(value) = string(item, &item_path, report) else {
             ok = false;
             continue;
         };
@@ -617,11 +673,212 @@ fn identities(node: &Node, report: &mut Report) -> Option<Vec<IdentityPattern>> 
             Ok(p) => patterns.push(p),
             Err(e) => {
                 ok = false;
-                report.at(item.line, format!("`{path}`: {value:?}: {e}"));
+                report.at(item.line, format!("`{item_path}`: {value:?}: {e}"));
             }
         }
     }
     ok.then_some(patterns)
+}
+
+/// `delegation:`: `max_depth` (0 to [`MAX_DELEGATION_DEPTH`], default 2) and
+/// `may_act` (optional patterns). Listing who may act while forbidding
+/// delegation is refused as the contradiction it is.
+fn delegation(node: &Node, report: &mut Report) -> Option<DelegationPolicy> {
+    let map = mapping(node, "delegation", DELEGATION_KEYS, report)?;
+    let max_depth = match map.optional("max_depth") {
+        None => Some(DelegationPolicy::default().max_depth),
+        Some(node) => integer(node, "delegation.max_depth", report).and_then(|depth| {
+            match u32::try_from(depth) {
+                Ok(d) if d <= MAX_DELEGATION_DEPTH => Some(d),
+                _ => {
+                    report.at(
+                        node.line,
+                        format!(
+                            "`delegation.max_depth`: {depth} is out of range; use 0 (no \
+                             delegation) to {MAX_DELEGATION_DEPTH}"
+                        ),
+                    );
+                    None
+                }
+            }
+        }),
+    };
+    let may_act = match map.optional("may_act") {
+        None => Some(Vec::new()),
+        Some(node) => patterns(
+            node,
+            "delegation.may_act",
+            "leave it out to let any identity whose actor class may use the template act",
+            report,
+        ),
+    };
+    if max_depth == Some(0) && may_act.as_ref().is_some_and(|m| !m.is_empty()) {
+        report.at(
+            map.key_line("may_act"),
+            "`delegation.may_act`: `delegation.max_depth` is 0, which forbids delegation, so \
+             nobody may act; leave `may_act` out or allow a depth of 1 or more",
+        );
+        return None;
+    }
+    Some(DelegationPolicy {
+        max_depth: max_depth?,
+        may_act: may_act?,
+    })
+}
+
+/// `approval:`. `grants` are the template's grant names, when its `grants:`
+/// section loaded; without them the names are not checked (that section's
+/// problems are already reported and the template fails anyway).
+fn approval(
+    node: &Node,
+    grants: Option<&[GrantSpec]>,
+    report: &mut Report,
+) -> Option<ApprovalGate> {
+    let map = mapping(node, "approval", APPROVAL_KEYS, report)?;
+    let gated = map
+        .required("grants", report)
+        .and_then(|node| gated_grants(node, grants, report));
+    let approvers = map
+        .required("approvers", report)
+        .and_then(|node| approvers(node, report));
+    let validity = match map.optional("validity") {
+        None => Some(DEFAULT_APPROVAL_VALIDITY),
+        Some(node) => duration(node, "approval.validity", report).and_then(|d| {
+            if d > MAX_APPROVAL_VALIDITY {
+                report.at(
+                    node.line,
+                    format!(
+                        "`approval.validity`: {} is longer than the maximum of {}",
+                        humantime::format_duration(d),
+                        humantime::format_duration(MAX_APPROVAL_VALIDITY)
+                    ),
+                );
+                None
+            } else {
+                Some(d)
+            }
+        }),
+    };
+    let issue_others = match map.optional("while_pending") {
+        None => Some(true),
+        Some(node) => match string(node, "approval.while_pending", report)? {
+            "issue_others" => Some(true),
+            "issue_none" => Some(false),
+            other => {
+                report.at(
+                    node.line,
+                    format!(
+                        "`approval.while_pending`: {other:?} is not a choice; use issue_others \
+                         (the grants that are not gated are issued at once) or issue_none"
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let (approvers, approver_classes) = approvers?;
+    Some(ApprovalGate {
+        grants: gated?,
+        approvers,
+        approver_classes,
+        validity: validity?,
+        issue_others: issue_others?,
+    })
+}
+
+/// `approval.grants`: 1 to [`MAX_GRANTS`] distinct names of grants of the template.
+fn gated_grants(
+    node: &Node,
+    grants: Option<&[GrantSpec]>,
+    report: &mut Report,
+) -> Option<Vec<String>> {
+    let path = "approval.grants";
+    let items = sequence(node, path, report)?;
+    if items.is_empty() {
+        report.at(
+            node.line,
+            format!(
+                "`{path}`: must list at least one grant; leave `approval` out when no grant \
+                 needs approval"
+            ),
+        );
+        return None;
+    }
+    if items.len() > MAX_GRANTS {
+        report.at(
+            node.line,
+            format!(
+                "`{path}`: {} entries; at most {MAX_GRANTS} allowed",
+                items.len()
+            ),
+        );
+        return None;
+    }
+    let mut out: Vec<String> = Vec::with_capacity(items.len());
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        let item_path = format!("{path}[{i}]");
+        let Some(name) = string(item, &item_path, report) else {
+            ok = false;
+            continue;
+        };
+        if let Some(grants) = grants
+            && !grants.iter().any(|g| g.name == name)
+        {
+            let known: Vec<&str> = grants.iter().map(|g| g.name.as_str()).collect();
+            report.at(
+                item.line,
+                format!(
+                    "`{item_path}`: {name:?} is not a grant of this template; grants: {}",
+                    known.join(", ")
+                ),
+            );
+            ok = false;
+        } else if out.iter().any(|o| o == name) {
+            report.at(
+                item.line,
+                format!("`{item_path}`: {name:?} is listed twice"),
+            );
+            ok = false;
+        } else {
+            out.push(name.to_owned());
+        }
+    }
+    ok.then_some(out)
+}
+
+/// `approval.approvers`: `identities` (patterns) and `classes` (actor class
+/// names), at least one of them.
+fn approvers(node: &Node, report: &mut Report) -> Option<(Vec<IdentityPattern>, Vec<String>)> {
+    let map = mapping(node, "approval.approvers", APPROVER_KEYS, report)?;
+    let identities = map.optional("identities").map(|node| {
+        patterns(
+            node,
+            "approval.approvers.identities",
+            "leave it out when `classes` names the approvers",
+            report,
+        )
+    });
+    let classes = map.optional("classes").map(|node| {
+        class_names(
+            node,
+            "approval.approvers.classes",
+            "leave it out when `identities` names the approvers",
+            report,
+        )
+    });
+    if identities.is_none() && classes.is_none() {
+        report.at(
+            map.line,
+            "`approval.approvers`: names nobody; list approver SPIFFE ID patterns under \
+             `identities`, actor classes under `classes`, or both",
+        );
+        return None;
+    }
+    Some((
+        identities.unwrap_or(Some(Vec::new()))?,
+        classes.unwrap_or(Some(Vec::new()))?,
+    ))
 }
 
 /// What the scope checks need to know about a declared parameter, even a broken one.

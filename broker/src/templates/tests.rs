@@ -147,6 +147,21 @@ fn examples_load() {
         gh.classes.is_empty(),
         "no `classes:`: every class of the tenant"
     );
+    assert_eq!(gh.delegation.max_depth, 2);
+    assert_eq!(
+        gh.delegation.may_act,
+        vec![IdentityPattern::parse("spiffe://acme.test/agent/*").unwrap()]
+    );
+    assert_eq!(gh.approval, None);
+    let gate = cleanup.approval.as_ref().unwrap();
+    assert_eq!(gate.grants, ["github"]);
+    assert_eq!(
+        gate.approvers,
+        vec![IdentityPattern::parse("spiffe://acme.test/human/*").unwrap()]
+    );
+    assert!(!gate.issue_others);
+    assert_eq!(gate.validity, Duration::from_secs(15 * 60));
+    assert_eq!(db.delegation, DelegationPolicy::default());
     assert_eq!(db.version, "1", "an integer version is kept as text");
     assert_eq!(db.grants[0].kind, CredentialKind::Opaque);
     let gh = set.get("github-pr-review").unwrap();
@@ -1716,5 +1731,422 @@ fn scope_classes_and_sensitivity_are_loaded() {
             ("read:ab".to_owned(), super::ScopeClass::Read),
             ("n:2".to_owned(), super::ScopeClass::Destructive)
         ]
+    );
+}
+
+/// `BASE` with `extra` appended; `extra`'s first line is line 29.
+fn with_sections(extra: &str) -> String {
+    assert_eq!(
+        BASE.lines().count(),
+        28,
+        "the line numbers below rely on BASE"
+    );
+    format!("{BASE}{extra}")
+}
+
+/// `BASE` with a second grant, `admin`, so a gate can name one of two.
+fn two_grants(extra: &str) -> String {
+    with_sections(&format!(
+        "  - {{name: admin, kind: opaque, audience: x, scopes: [{{scope: s, class: destructive}}], ttl: 30s}}\n{extra}"
+    ))
+}
+
+#[test]
+fn delegation_and_approval_are_loaded() {
+    let text = two_grants(
+        "delegation:
+  max_depth: 1
+  may_act:
+    - spiffe://acme.test/subagent/*
+    - spiffe://acme.test/agent/reviewer
+approval:
+  grants: [admin]
+  approvers:
+    identities: [spiffe://acme.test/human/*]
+    classes: [operators, oncall]
+  validity: 2h
+  while_pending: issue_none
+",
+    );
+    let dir = dir_with(&[("t.yaml", &text)]);
+    let t = load_dir(dir.path()).unwrap().get("demo").unwrap();
+    assert_eq!(
+        t.delegation,
+        DelegationPolicy {
+            max_depth: 1,
+            may_act: vec![
+                IdentityPattern::parse("spiffe://acme.test/subagent/*").unwrap(),
+                IdentityPattern::parse("spiffe://acme.test/agent/reviewer").unwrap(),
+            ],
+        }
+    );
+    assert_eq!(
+        t.approval,
+        Some(ApprovalGate {
+            grants: vec!["admin".to_owned()],
+            approvers: vec![IdentityPattern::parse("spiffe://acme.test/human/*").unwrap()],
+            approver_classes: vec!["operators".to_owned(), "oncall".to_owned()],
+            validity: Duration::from_secs(2 * 3600),
+            issue_others: false,
+        })
+    );
+}
+
+#[test]
+fn delegation_and_approval_defaults() {
+    let t = base_template();
+    assert_eq!(
+        t.delegation,
+        DelegationPolicy {
+            max_depth: 2,
+            may_act: Vec::new()
+        },
+        "no `delegation:`: two levels, anyone the template's classes admit"
+    );
+    assert_eq!(t.approval, None, "no `approval:`: nothing is gated");
+
+    let load = |text: &str| {
+        let dir = dir_with(&[("t.yaml", text)]);
+        match load_dir(dir.path()) {
+            Ok(set) => set.get("demo").unwrap(),
+            Err(e) => panic!("{text}\n{e}"),
+        }
+    };
+    let t = load(&with_sections("delegation: {}\n"));
+    assert_eq!(
+        t.delegation,
+        DelegationPolicy::default(),
+        "an empty section"
+    );
+    let t = load(&with_sections("delegation:\n  max_depth: 0\n"));
+    assert_eq!(t.delegation.max_depth, 0, "0 forbids delegation");
+    let t = load(&with_sections(&format!(
+        "delegation:\n  max_depth: {MAX_DELEGATION_DEPTH}\n"
+    )));
+    assert_eq!(t.delegation.max_depth, MAX_DELEGATION_DEPTH);
+
+    let t = load(&with_sections(
+        "approval:\n  grants: [api]\n  approvers:\n    classes: [operators]\n",
+    ));
+    assert_eq!(
+        t.approval,
+        Some(ApprovalGate {
+            grants: vec!["api".to_owned()],
+            approvers: Vec::new(),
+            approver_classes: vec!["operators".to_owned()],
+            validity: Duration::from_secs(15 * 60),
+            issue_others: true,
+        }),
+        "validity 15m and issue_others by default"
+    );
+    let t = load(&with_sections(
+        "approval:\n  grants: [api]\n  approvers:\n    identities: [spiffe://acme.test/human/*]\n  validity: 24h\n  while_pending: issue_others\n",
+    ));
+    let gate = t.approval.as_ref().unwrap();
+    assert!(gate.approver_classes.is_empty());
+    assert_eq!(gate.approvers.len(), 1);
+    assert_eq!(gate.validity, MAX_APPROVAL_VALIDITY, "24h is allowed");
+    assert!(gate.issue_others);
+    let t = load(&with_sections(
+        "approval:\n  grants: [api]\n  approvers: {classes: [a]}\n  validity: 1s\n",
+    ));
+    assert_eq!(
+        t.approval.as_ref().unwrap().validity,
+        Duration::from_secs(1)
+    );
+}
+
+/// (what, YAML appended to BASE (or to BASE with the `admin` grant), expected
+/// line, message fragment). The appended text starts at line 29.
+fn section_cases() -> Vec<(&'static str, String, usize, &'static str)> {
+    let gate = |rest: &str| {
+        with_sections(&format!(
+            "approval:\n  grants: [api]\n  approvers:\n    classes: [ops]\n{rest}"
+        ))
+    };
+    vec![
+        (
+            "delegation not a mapping",
+            with_sections("delegation: 2\n"),
+            29,
+            "delegation: expected a mapping",
+        ),
+        (
+            "delegation unknown key",
+            with_sections("delegation:\n  depth: 1\n"),
+            30,
+            "`delegation`: unknown key `depth`; expected one of: max_depth, may_act",
+        ),
+        (
+            "delegation duplicate key",
+            with_sections("delegation:\n  max_depth: 1\n  max_depth: 2\n"),
+            31,
+            "`delegation`: duplicate key `max_depth` (first at line 30)",
+        ),
+        (
+            "max_depth too deep",
+            with_sections("delegation:\n  max_depth: 5\n"),
+            30,
+            "`delegation.max_depth`: 5 is out of range; use 0 (no delegation) to 4",
+        ),
+        (
+            "max_depth negative",
+            with_sections("delegation:\n  max_depth: -1\n"),
+            30,
+            "`delegation.max_depth`: -1 is out of range",
+        ),
+        (
+            "max_depth not an integer",
+            with_sections("delegation:\n  max_depth: two\n"),
+            30,
+            "`delegation.max_depth`: expected an integer, found",
+        ),
+        (
+            "may_act not a list",
+            with_sections("delegation:\n  may_act: spiffe://acme.test/a\n"),
+            30,
+            "`delegation.may_act`: expected a list",
+        ),
+        (
+            "may_act empty",
+            with_sections("delegation:\n  may_act: []\n"),
+            30,
+            "`delegation.may_act`: must list at least one SPIFFE ID or pattern; leave it out",
+        ),
+        (
+            "may_act bad pattern",
+            with_sections(
+                "delegation:\n  may_act:\n    - spiffe://acme.test/a/*\n    - https://acme.test/b\n",
+            ),
+            32,
+            "`delegation.may_act[1]`: \"https://acme.test/b\"",
+        ),
+        (
+            "may_act with depth 0",
+            with_sections("delegation:\n  max_depth: 0\n  may_act: [spiffe://acme.test/a/*]\n"),
+            31,
+            "`delegation.may_act`: `delegation.max_depth` is 0, which forbids delegation",
+        ),
+        (
+            "approval not a mapping",
+            with_sections("approval: [api]\n"),
+            29,
+            "approval: expected a mapping",
+        ),
+        (
+            "approval unknown key",
+            gate("  approver: me\n"),
+            33,
+            "`approval`: unknown key `approver`; expected one of: grants, approvers, validity, while_pending",
+        ),
+        (
+            "approval without grants",
+            with_sections("approval:\n  approvers:\n    classes: [ops]\n"),
+            29,
+            "`approval`: missing required key `grants`",
+        ),
+        (
+            "approval without approvers",
+            with_sections("approval:\n  grants: [api]\n"),
+            29,
+            "`approval`: missing required key `approvers`",
+        ),
+        (
+            "approval grants empty",
+            with_sections("approval:\n  grants: []\n  approvers: {classes: [ops]}\n"),
+            30,
+            "`approval.grants`: must list at least one grant; leave `approval` out",
+        ),
+        (
+            "approval grants not a list",
+            with_sections("approval:\n  grants: api\n  approvers: {classes: [ops]}\n"),
+            30,
+            "`approval.grants`: expected a list, found",
+        ),
+        (
+            "approval grant unknown",
+            two_grants(
+                "approval:\n  grants:\n    - admin\n    - x\n  approvers: {classes: [ops]}\n",
+            ),
+            33,
+            "`approval.grants[1]`: \"x\" is not a grant of this template; grants: api, admin",
+        ),
+        (
+            "approval grant listed twice",
+            two_grants("approval:\n  grants: [admin, api, admin]\n  approvers: {classes: [ops]}\n"),
+            31,
+            "`approval.grants[2]`: \"admin\" is listed twice",
+        ),
+        (
+            "approval grant not a string",
+            with_sections("approval:\n  grants: [7]\n  approvers: {classes: [ops]}\n"),
+            30,
+            "`approval.grants[0]`: expected a string, found",
+        ),
+        (
+            "approvers name nobody",
+            with_sections("approval:\n  grants: [api]\n  approvers: {}\n"),
+            31,
+            "`approval.approvers`: names nobody",
+        ),
+        (
+            "approvers not a mapping",
+            with_sections("approval:\n  grants: [api]\n  approvers: [ops]\n"),
+            31,
+            "approval.approvers: expected a mapping",
+        ),
+        (
+            "approvers unknown key",
+            with_sections("approval:\n  grants: [api]\n  approvers:\n    people: [x]\n"),
+            32,
+            "`approval.approvers`: unknown key `people`; expected one of: identities, classes",
+        ),
+        (
+            "approver identities empty",
+            with_sections(
+                "approval:\n  grants: [api]\n  approvers:\n    identities: []\n    classes: [ops]\n",
+            ),
+            32,
+            "`approval.approvers.identities`: must list at least one SPIFFE ID or pattern",
+        ),
+        (
+            "approver identity bad",
+            with_sections(
+                "approval:\n  grants: [api]\n  approvers:\n    identities:\n      - not-an-id\n",
+            ),
+            33,
+            "`approval.approvers.identities[0]`: \"not-an-id\"",
+        ),
+        (
+            "approver classes empty",
+            with_sections("approval:\n  grants: [api]\n  approvers:\n    classes: []\n"),
+            32,
+            "`approval.approvers.classes`: must list at least one actor class",
+        ),
+        (
+            "approver class bad name",
+            with_sections("approval:\n  grants: [api]\n  approvers:\n    classes: [ops, Ops]\n"),
+            32,
+            "`approval.approvers.classes[1]`: \"Ops\" is not a class name",
+        ),
+        (
+            "approver class twice",
+            with_sections(
+                "approval:\n  grants: [api]\n  approvers:\n    classes:\n      - ops\n      - ops\n",
+            ),
+            34,
+            "`approval.approvers.classes[1]`: \"ops\" is listed twice",
+        ),
+        (
+            "validity too long",
+            gate("  validity: 25h\n"),
+            33,
+            "`approval.validity`: 1day 1h is longer than the maximum of 1day",
+        ),
+        (
+            "validity too short",
+            gate("  validity: 500ms\n"),
+            33,
+            "`approval.validity`: 500ms is shorter than the minimum of 1s",
+        ),
+        (
+            "validity not a duration",
+            gate("  validity: soon\n"),
+            33,
+            "`approval.validity`: \"soon\" is not a duration",
+        ),
+        (
+            "validity without unit",
+            gate("  validity: 60\n"),
+            33,
+            "`approval.validity`: expected a duration with a unit",
+        ),
+        (
+            "while_pending unknown",
+            gate("  while_pending: wait\n"),
+            33,
+            "`approval.while_pending`: \"wait\" is not a choice; use issue_others",
+        ),
+        (
+            "while_pending not a string",
+            gate("  while_pending: true\n"),
+            33,
+            "`approval.while_pending`: expected a string, found",
+        ),
+    ]
+}
+
+#[test]
+fn each_delegation_and_approval_rule_reports_line_and_reason() {
+    for (what, text, line, fragment) in section_cases() {
+        let issues = issues_of(&text);
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.line == line && i.message.contains(fragment)),
+            "{what}: expected line {line} with {fragment:?}, got:\n{}",
+            TemplateErrors(issues.clone())
+        );
+    }
+}
+
+#[test]
+fn bad_delegation_and_approval_are_all_reported_at_once() {
+    let issues = issues_of(&with_sections(
+        "delegation:\n  max_depth: 9\n  may_act: []\napproval:\n  grants: [nope]\n  approvers: {}\n  validity: 2d\n",
+    ));
+    let lines: Vec<usize> = issues.iter().map(|i| i.line).collect();
+    assert_eq!(lines, vec![30, 31, 33, 34, 35], "{issues:#?}");
+}
+
+#[test]
+fn approver_classes_must_be_configured_classes_of_the_template_tenant() {
+    use crate::policy::actors::{ActorClasses, ClassSpec};
+    let spec = |name, tenant, identity| ClassSpec {
+        name,
+        tenant,
+        owner: "platform@acme.test",
+        identities: vec![identity],
+        ..ClassSpec::default()
+    };
+    let classes = ActorClasses::parse(
+        "classes",
+        [
+            spec("agent", "acme", "spiffe://acme.test/agent/*"),
+            spec("approvers", "acme", "spiffe://acme.test/human/*"),
+            spec("partner-ops", "partner", "spiffe://partner.test/*"),
+        ],
+    )
+    .unwrap();
+    let with_approvers = |list: &str| {
+        edit(
+            "identities:\n",
+            &format!(
+                "tenant: acme\nclasses: [agent]\napproval:\n  grants: [api]\n  approvers:\n    classes: [{list}]\nidentities:\n"
+            ),
+        )
+    };
+    let problems = |text: &str| {
+        let dir = dir_with(&[("t.yaml", text)]);
+        let set = load_dir(dir.path()).unwrap();
+        crate::policy::actors::template_check(classes.clone())(&set)
+    };
+    assert_eq!(problems(&with_approvers("approvers")), Vec::new());
+    let issues = problems(&with_approvers("approvers, nobody, partner-ops"));
+    let messages: Vec<&str> = issues.iter().map(|i| i.message.as_str()).collect();
+    assert_eq!(
+        messages,
+        vec![
+            "template \"demo\": `approval.approvers.classes`: \"nobody\" is not an actor class of the config (actors.classes)",
+            "template \"demo\": `approval.approvers.classes`: \"partner-ops\" belongs to tenant \"partner\", not the template's tenant \"acme\"",
+        ]
+    );
+    assert!(issues.iter().all(|i| i.file.ends_with("t.yaml")));
+    // `classes:` is still checked, and reported before the approvers.
+    let issues = problems(&with_approvers("nobody").replace("classes: [agent]", "classes: [x]"));
+    assert_eq!(issues.len(), 2, "{issues:#?}");
+    assert!(
+        issues[0].message.contains("`classes`: \"x\""),
+        "{issues:#?}"
     );
 }
