@@ -227,8 +227,8 @@ fn dev_serves_and_the_cli_completes_a_cycle() {
     );
     for want in [
         "admin tasks",
-        "subagent.pem  spiffe://leash.dev/subagent/demo",
-        "admin.pem  spiffe://leash.dev/admin/demo",
+        "subagent.pem   spiffe://leash.dev/subagent/demo",
+        "admin.pem      spiffe://leash.dev/admin/demo",
     ] {
         assert!(
             stderr.contains(want),

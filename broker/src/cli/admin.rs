@@ -466,6 +466,11 @@ async fn revoke(target: RevokeTarget) -> Result<pb::KillSwitchResponse, CommandE
 /// proto documents).
 pub fn error_line(e: &CommandError) -> String {
     match e {
+        // A broker without the Admin service answers UNIMPLEMENTED with no
+        // message; say what that means rather than print nothing.
+        CommandError::Status(s) if s.code() == tonic::Code::Unimplemented && s.message().is_empty() => {
+            "error: UNIMPLEMENTED: the broker does not serve this call (is it older than this leash?)".to_owned()
+        }
         CommandError::Status(s) => {
             format!("error: {}: {}", code_name(s.code()), s.message())
         }
@@ -1185,7 +1190,14 @@ mod tests {
                 tonic::Status::failed_precondition("no approval pending"),
                 "error: FAILED_PRECONDITION: no approval pending",
             ),
-            (tonic::Status::unimplemented(""), "error: UNIMPLEMENTED: "),
+            (
+                tonic::Status::unimplemented(""),
+                "error: UNIMPLEMENTED: the broker does not serve this call (is it older than this leash?)",
+            ),
+            (
+                tonic::Status::unimplemented("in progress"),
+                "error: UNIMPLEMENTED: in progress",
+            ),
         ] {
             assert_eq!(error_line(&CommandError::Status(status)), want);
         }

@@ -325,7 +325,13 @@ pub fn next_steps(args: &DevArgs, program: &str) -> String {
     let td = &args.trust_domain;
     let svids = SVIDS
         .iter()
-        .map(|s| format!("  {}.pem  spiffe://{td}/{}\n", s.file, s.path))
+        .map(|s| {
+            format!(
+                "  {:<14} spiffe://{td}/{}\n",
+                format!("{}.pem", s.file),
+                s.path
+            )
+        })
         .collect::<String>();
     format!(
         "\nleash dev is serving on {broker} (ops/health on http://{ops}).\n\
