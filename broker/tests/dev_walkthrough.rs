@@ -85,21 +85,33 @@ fn dev_serves_and_the_cli_completes_a_cycle() {
         "agent.pem",
         "agent-key.pem",
         "resource.pem",
+        "subagent.pem",
+        "subagent-key.pem",
+        "admin.pem",
+        "admin-key.pem",
         "leash.toml",
         "templates/demo.yaml",
     ] {
         assert!(dir.join(f).is_file(), "{f} not written");
     }
     use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(dir.join("agent-key.pem"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(
-        mode & 0o077,
-        0,
-        "private keys must not be readable by others"
-    );
+    for key in [
+        "agent-key.pem",
+        "subagent-key.pem",
+        "resource-key.pem",
+        "admin-key.pem",
+    ] {
+        let mode = std::fs::metadata(dir.join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "private keys must not be readable by others: {key}"
+        );
+    }
+    the_written_config_classifies_the_dev_svids(&dir);
 
     let begun = json(&leash(
         &[
@@ -131,6 +143,34 @@ fn dev_serves_and_the_cli_completes_a_cycle() {
         assert_eq!(active["sub"], "spiffe://leash.dev/agent/demo");
         assert_eq!(active["aud"], c["audience"], "{c}");
     }
+
+    // The subagent SVID is picked with --cert/--key and may use the demo template.
+    let sub_cert = dir.join("subagent.pem");
+    let sub_key = dir.join("subagent-key.pem");
+    let as_subagent = [
+        "--cert",
+        sub_cert.to_str().unwrap(),
+        "--key",
+        sub_key.to_str().unwrap(),
+    ];
+    let mut args = vec![
+        "task",
+        "begin",
+        "--template",
+        "demo",
+        "--param",
+        "repo=acme/widgets",
+        "--intent",
+        "delegated review",
+    ];
+    args.extend(as_subagent);
+    let sub = json(&leash(&args, &dir, agent));
+    let sub_value = sub["credentials"][0]["value"].as_str().unwrap();
+    let seen = json(&leash(&["token", "introspect", sub_value], &dir, agent));
+    assert_eq!(seen["sub"], "spiffe://leash.dev/subagent/demo");
+    let mut args = vec!["task", "complete", sub["task_id"].as_str().unwrap()];
+    args.extend(as_subagent);
+    json(&leash(&args, &dir, agent));
 
     let renewed = json(&leash(&["task", "renew", &task_id], &dir, agent));
     assert_eq!(renewed["task_id"], task_id.as_str());
@@ -185,10 +225,73 @@ fn dev_serves_and_the_cli_completes_a_cycle() {
         stderr.contains("task begin --template demo"),
         "next steps not printed:\n{stderr}"
     );
+    for want in [
+        "admin tasks",
+        "subagent.pem   spiffe://leash.dev/subagent/demo",
+        "admin.pem      spiffe://leash.dev/admin/demo",
+    ] {
+        assert!(
+            stderr.contains(want),
+            "{want:?} not in next steps:\n{stderr}"
+        );
+    }
     assert!(
         !stderr.contains(&value),
         "a credential value reached the logs"
     );
+}
+
+/// The SPIFFE ID in the URI SAN of the SVID in `pem`.
+fn spiffe_id_of(pem: &Path) -> String {
+    let pem = std::fs::read(pem).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// The config `leash dev` wrote loads, its admin caller is the identity in
+/// admin.pem, and each SVID lands in its actor class of tenant `default`.
+fn the_written_config_classifies_the_dev_svids(dir: &Path) {
+    use leash_broker::{config::Config, identity::SpiffeId};
+    let config = Config::load(&dir.join("leash.toml")).unwrap();
+    let classes = config.actor_classes();
+    let admins = config.admin_callers();
+    for (file, id, class, admin) in [
+        ("agent.pem", "spiffe://leash.dev/agent/demo", "agent", false),
+        (
+            "subagent.pem",
+            "spiffe://leash.dev/subagent/demo",
+            "subagent",
+            false,
+        ),
+        (
+            "resource.pem",
+            "spiffe://leash.dev/resource/demo",
+            "service",
+            false,
+        ),
+        ("admin.pem", "spiffe://leash.dev/admin/demo", "admins", true),
+    ] {
+        assert_eq!(spiffe_id_of(&dir.join(file)), id, "{file}");
+        let id = SpiffeId::parse(id).unwrap();
+        let actor = classes.classify(&id).unwrap();
+        assert_eq!(
+            (actor.class.as_str(), actor.tenant.as_str()),
+            (class, "default")
+        );
+        assert_eq!(admins.iter().any(|p| p.matches(&id)), admin, "{id} admin?");
+    }
+    // The demo template lets the subagent's class use it.
+    let demo = std::fs::read_to_string(dir.join("templates/demo.yaml")).unwrap();
+    assert!(demo.contains("spiffe://leash.dev/subagent/*"), "{demo}");
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! `leash dev`: the whole product on one machine, no Redis needed.
 //!
-//! Writes a throwaway CA, a broker certificate, sample SVIDs for an agent and a
-//! resource server, a signing key, a sample template and a config into a
-//! directory, prints the commands to try next, and serves with the in-memory
+//! Writes a throwaway CA, a broker certificate, sample SVIDs (see [`SVIDS`]:
+//! an agent, a subagent, a resource server and an admin), a signing key, a
+//! sample template and a config into a directory, prints the commands to try next, and serves with the in-memory
 //! store (or Redis with `--redis`). Every run makes a fresh CA: nothing written
 //! here is meant to outlive the session. The CA key is never written to disk.
 
@@ -65,6 +65,43 @@ pub enum DevError {
     Config(#[from] ConfigError),
 }
 
+/// One sample SVID `leash dev` writes: `<file>.pem` and `<file>-key.pem`,
+/// for `spiffe://<trust domain>/<path>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevSvid {
+    /// The file stem in the dev directory; also the client role that picks it
+    /// by default ([`super::ConnectArgs::files`]).
+    pub file: &'static str,
+    /// The SPIFFE ID path under the trust domain.
+    pub path: &'static str,
+}
+
+/// The agent: the default SVID of `leash task ...` (class `agent`).
+pub const AGENT: DevSvid = DevSvid {
+    file: "agent",
+    path: "agent/demo",
+};
+/// A subagent, for delegated tasks (class `subagent`, same tenant as the
+/// agent; the demo template allows it). Pick it with `--cert`/`--key`.
+pub const SUBAGENT: DevSvid = DevSvid {
+    file: "subagent",
+    path: "subagent/demo",
+};
+/// The resource server: the default SVID of `leash token ...` and `leash jwks`.
+pub const RESOURCE: DevSvid = DevSvid {
+    file: "resource",
+    path: "resource/demo",
+};
+/// The operator: the default SVID of `leash admin ...`, the one `[admin]
+/// callers` entry, and the only member of class `admins` (so a template's
+/// `approval: { approvers: { classes: [admins] } }` makes it the approver).
+pub const ADMIN: DevSvid = DevSvid {
+    file: "admin",
+    path: "admin/demo",
+};
+/// Every sample SVID, in the order they are written.
+pub const SVIDS: [DevSvid; 4] = [AGENT, SUBAGENT, RESOURCE, ADMIN];
+
 /// The sample template `leash dev` writes.
 pub const DEMO_TEMPLATE: &str = r#"# A sample task-scope template written by `leash dev`.
 # Reference: docs/templates.md
@@ -74,6 +111,7 @@ owner: platform-team@example.com
 description: Read one repository and post one review comment.
 identities:
   - spiffe://{td}/agent/*
+  - spiffe://{td}/subagent/*     # subagents that are handed a delegated task
 parameters:
   repo:
     type: string
@@ -155,18 +193,17 @@ pub fn prepare(args: &DevArgs) -> Result<Config, DevError> {
         let id = SpiffeId::parse(&format!("spiffe://{td}/{path}")).map_err(|e| gen_err(&e))?;
         ca.issue_svid(&id, day).map_err(|e| gen_err(&e))
     };
-    let agent = svid("agent/demo")?;
-    let resource = svid("resource/demo")?;
     let (_, signing_pem) =
         SigningKey::generate("dev-1", Algorithm::EdDSA).map_err(|e| gen_err(&e))?;
 
     write(dir, "bundle.pem", ca.cert_pem(), false)?;
     write(dir, "broker.pem", &server.cert_pem, false)?;
     write(dir, "broker-key.pem", &server.key_pem, true)?;
-    write(dir, "agent.pem", &agent.cert_pem, false)?;
-    write(dir, "agent-key.pem", &agent.key_pem, true)?;
-    write(dir, "resource.pem", &resource.cert_pem, false)?;
-    write(dir, "resource-key.pem", &resource.key_pem, true)?;
+    for s in SVIDS {
+        let issued = svid(s.path)?;
+        write(dir, &format!("{}.pem", s.file), &issued.cert_pem, false)?;
+        write(dir, &format!("{}-key.pem", s.file), &issued.key_pem, true)?;
+    }
     write(dir, "signing-key.pem", &signing_pem, true)?;
     write(
         &dir.join("templates"),
@@ -218,6 +255,11 @@ callers = [
   {{ identity = "spiffe://{td}/resource/*", audiences = ["https://api.github.example", "postgres://db.example/app"] }},
 ]
 
+# Who may call the Admin service (inventory, kill switches): the dev admin
+# SVID, admin.pem, the default of `leash admin ...`.
+[admin]
+callers = ["spiffe://{td}/{admin}"]
+
 # Who is which actor class, of which tenant (first match wins; an identity no
 # class matches is denied). The dev identities are all of tenant "default",
 # the tenant of templates without `tenant:`.
@@ -227,6 +269,21 @@ tenant = "default"
 owner = "you@localhost"
 identities = ["spiffe://{td}/agent/*"]
 
+# Subagents: handed delegated tasks by agents (subagent.pem).
+[[actors.classes]]
+name = "subagent"
+tenant = "default"
+owner = "you@localhost"
+identities = ["spiffe://{td}/subagent/*"]
+
+# Operators and approvers (admin.pem): a template's approval gate may name
+# `approvers: {{ classes: [admins] }}`.
+[[actors.classes]]
+name = "admins"
+tenant = "default"
+owner = "you@localhost"
+identities = ["spiffe://{td}/admin/*"]
+
 [[actors.classes]]
 name = "service"
 tenant = "default"
@@ -234,6 +291,7 @@ owner = "you@localhost"
 identities = ["spiffe://{td}/*"]
 "#,
         agent_addr = args.agent_addr,
+        admin = ADMIN.path,
         ops_addr = args.ops_addr,
         policy = match &args.policies {
             // Absolute, so the config in the dev directory finds it.
@@ -264,17 +322,30 @@ pub fn next_steps(args: &DevArgs, program: &str) -> String {
     } else {
         format!("export LEASH_DEV_DIR={dir} LEASH_BROKER={broker}\n  ")
     };
+    let td = &args.trust_domain;
+    let svids = SVIDS
+        .iter()
+        .map(|s| {
+            format!(
+                "  {:<14} spiffe://{td}/{}\n",
+                format!("{}.pem", s.file),
+                s.path
+            )
+        })
+        .collect::<String>();
     format!(
         "\nleash dev is serving on {broker} (ops/health on http://{ops}).\n\
-         Files are in {dir}/ (throwaway CA, SVIDs for spiffe://{td}/agent/demo and spiffe://{td}/resource/demo).\n\n\
+         Files are in {dir}/: a throwaway CA (bundle.pem) and these SVIDs (each with its -key.pem):\n\
+         {svids}\n\
          In another terminal, try:\n\n  \
          {env}{program} task begin --template demo --param repo=acme/widgets --intent \"review PR 42\"\n  \
          {program} token introspect '<value of a credential printed above>'\n  \
+         {program} admin tasks                              # as the admin, admin.pem\n  \
          {program} task complete <task_id printed above>\n  \
          {program} token introspect '<the same value>'      # now {{\"active\": false}}\n\n\
+         Act as the subagent with --cert {dir}/subagent.pem --key {dir}/subagent-key.pem.\n\
          Press Ctrl-C to stop.\n",
         ops = args.ops_addr,
-        td = args.trust_domain,
     )
 }
 

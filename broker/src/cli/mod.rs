@@ -1,10 +1,14 @@
 //! The `leash` command line: `serve`, `dev`, `templates check`, `policy check|explain`, the small client
-//! (`task begin|renew|complete`, `token introspect`, `jwks`) and `bench`.
+//! (`task begin|renew|complete`, `token introspect`, `jwks`), the operator's
+//! `admin ...` and `bench`.
 //!
 //! Client commands find their SVID, key and bundle from flags, then
 //! `LEASH_CERT`/`LEASH_KEY`/`LEASH_CA`, then the `leash dev` directory, so the
-//! README walk-through needs no flags at all.
+//! README walk-through needs no flags at all. The dev directory holds one SVID
+//! per role (see [`dev::SVIDS`]): `agent` for `task`, `resource` for `token`
+//! and `jwks`, `admin` for `admin`; `subagent.pem` is picked with `--cert`/`--key`.
 
+pub mod admin;
 pub mod bench;
 pub mod client;
 pub mod dev;
@@ -81,6 +85,8 @@ pub enum Command {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Inventory, approvals and kill switches (as an operator, over the Admin service).
+    Admin(admin::AdminArgs),
     /// Drive concurrent agents doing begin → renew → complete and print throughput and latency.
     Bench(bench::BenchArgs),
 }
@@ -108,10 +114,12 @@ pub struct ConnectArgs {
     /// PEM bundle the broker's certificate must chain to [default: <dev-dir>/bundle.pem].
     #[arg(long, env = "LEASH_CA")]
     pub ca: Option<PathBuf>,
-    /// Your X509-SVID (PEM) [default: <dev-dir>/agent.pem, or resource.pem for `token`].
+    /// Your X509-SVID (PEM) [default: <dev-dir>/agent.pem; resource.pem for `token` and
+    /// `jwks`; admin.pem for `admin`]. A subagent: <dev-dir>/subagent.pem.
     #[arg(long, env = "LEASH_CERT")]
     pub cert: Option<PathBuf>,
-    /// Your SVID's private key (PEM) [default: <dev-dir>/agent-key.pem, or resource-key.pem].
+    /// Your SVID's private key (PEM) [default: <dev-dir>/agent-key.pem; resource-key.pem;
+    /// admin-key.pem]. A subagent: <dev-dir>/subagent-key.pem.
     #[arg(long, env = "LEASH_KEY")]
     pub key: Option<PathBuf>,
     /// Directory written by `leash dev`, for the defaults above.
@@ -120,7 +128,8 @@ pub struct ConnectArgs {
 }
 
 impl ConnectArgs {
-    /// The files to use, with `role` (`agent` or `resource`) choosing the dev-dir defaults.
+    /// The files to use, with `role` (`agent`, `resource` or `admin`; the file
+    /// stems of [`dev::SVIDS`]) choosing the dev-dir defaults.
     pub fn files(&self, role: &str) -> (PathBuf, PathBuf, PathBuf) {
         let d = &self.dev_dir;
         (
