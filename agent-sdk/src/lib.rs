@@ -66,19 +66,23 @@
 //! [Leash]: https://example.invalid/leash
 #![forbid(unsafe_code)]
 
+mod approval;
 mod client;
+mod delegation;
 mod error;
 mod retry;
 mod svid;
 mod task;
 
+pub use approval::{Approval, ApprovalOutcome, ApprovalState, LeaseState};
 pub use client::{Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
-pub use error::Error;
+pub use delegation::{DelegatedGrant, Delegation, DelegationRequest, MAX_DELEGATION_TOKEN_BYTES};
+pub use error::{Error, MAX_RETRY_AFTER};
 pub use retry::RetryPolicy;
 pub use svid::{MAX_PEM_BYTES, SvidFiles, SvidSource, WorkloadApiSource, client_config};
 pub use task::{
-    Completion, Credential, CredentialKind, Credentials, LeaseStatus, MIN_RENEWAL_INTERVAL,
-    Outcome, RENEWAL_SAFETY_MARGIN, Task, TaskRequest,
+    Completion, Credential, CredentialKind, Credentials, LeaseStatus, MAX_APPROVAL_RENEW_ATTEMPTS,
+    MIN_RENEWAL_INTERVAL, Outcome, RENEWAL_SAFETY_MARGIN, Task, TaskRequest,
 };
 
 /// The generated Leash v1 gRPC types and clients, for calls the SDK does not wrap.
