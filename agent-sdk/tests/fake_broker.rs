@@ -279,6 +279,11 @@ fn pending() -> Step {
 
 /// A fake broker on a free port, and a client of it.
 async fn start(fake: Fake) -> (Arc<Fake>, Client, TestPki) {
+    start_with(fake, leash_sdk::DEFAULT_REQUEST_TIMEOUT).await
+}
+
+/// [`start`], with the client's per-call timeout.
+async fn start_with(fake: Fake, request_timeout: Duration) -> (Arc<Fake>, Client, TestPki) {
     let pki = TestPki::new();
     let dir = pki.dir.path();
     let identity = Identity::from_pem(
@@ -298,6 +303,7 @@ async fn start(fake: Fake) -> (Arc<Fake>, Client, TestPki) {
         .broker(format!("https://localhost:{port}"))
         .svid_files(&svid.cert, &svid.key)
         .bundle_file(pki.bundle())
+        .request_timeout(request_timeout)
         .retry(RetryPolicy {
             max_attempts: 3,
             base: Duration::from_millis(20),
@@ -381,23 +387,33 @@ async fn approved_renews_at_once_honouring_the_retry_after() {
     assert_eq!(details.decided_by.as_deref(), Some(ALICE));
 }
 
+/// Also: the per-call timeout (300 ms here) bounds the wait for the stream's
+/// headers, not the life of the stream.
 #[tokio::test]
 async fn the_renewer_keeps_a_pending_task_alive() {
-    let (fake, client, _pki) = start(Fake::new(
-        Duration::from_secs(1),
-        vec![vec![
-            pending(),
-            Step::Wait(Duration::from_millis(1500)),
-            Step::Approve,
-            event(pb::LeaseState::Active, Some(pb::ApprovalState::Approved)),
-        ]],
-    ))
+    let (fake, client, _pki) = start_with(
+        Fake::new(
+            Duration::from_secs(1),
+            vec![vec![
+                pending(),
+                Step::Wait(Duration::from_millis(1500)),
+                Step::Approve,
+                event(pb::LeaseState::Active, Some(pb::ApprovalState::Approved)),
+            ]],
+        ),
+        Duration::from_millis(300),
+    )
     .await;
     let task = begin(&client).await;
     let outcome = approval(&task).await;
     assert!(
         matches!(outcome, Ok(ApprovalOutcome::Approved { .. })),
         "{outcome:?}"
+    );
+    assert_eq!(
+        fake.watch_calls.load(Ordering::SeqCst),
+        1,
+        "one stream throughout"
     );
     // At least one renewal while pending, then the one after approval.
     assert!(fake.renew_calls.load(Ordering::SeqCst) >= 2);
