@@ -14,7 +14,7 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{
-    Error, RetryPolicy, SvidFiles, SvidSource, WorkloadApiSource,
+    Delegation, Error, RetryPolicy, SvidFiles, SvidSource, WorkloadApiSource,
     task::{Task, TaskRequest},
 };
 
@@ -344,7 +344,71 @@ impl Client {
                 async move { Ok(broker.begin_task(request).await?.into_inner()) }
             })
             .await?;
-        Task::start(self.clone(), response)
+        Task::from_response(self.clone(), std::time::Instant::now(), response)
+    }
+
+    /// Redeems a delegation made for this client's identity (the subagent named
+    /// in [`Task::delegate`]) and returns the child task's guard, exactly as
+    /// [`begin_task`](Self::begin_task) does: it renews in the background and
+    /// completes the child when finished or dropped. The child's credentials
+    /// carry the delegation chain; the child dies with its parent.
+    ///
+    /// The handle works once. `UNAVAILABLE` is retried per the retry policy;
+    /// should a lost answer have redeemed it already, the retry is refused
+    /// (and the child expires unrenewed at its lease deadline).
+    ///
+    /// ```no_run
+    /// # async fn f(client: leash_sdk::Client) -> Result<(), leash_sdk::Error> {
+    /// let token = std::env::var("LEASH_DELEGATION").unwrap_or_default();
+    /// let delegation = leash_sdk::Delegation::from_token(&token)?;
+    /// let task = client.redeem_delegation(&delegation).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Denied`] (this SVID is not the named subagent, a wrong or used
+    /// handle), [`Error::NotFound`] (unknown child task),
+    /// [`Error::Precondition`] (the child or its parent ended),
+    /// [`Error::Unavailable`] after the retries, [`Error::Transport`].
+    pub async fn redeem_delegation(&self, delegation: &Delegation) -> Result<Task, Error> {
+        let request = delegation.redeem_request();
+        let response = self
+            .inner
+            .retry
+            .run("RedeemDelegation", || {
+                let mut broker = self.inner.broker();
+                let request = request.clone();
+                async move { Ok(broker.redeem_delegation(request).await?.into_inner()) }
+            })
+            .await?;
+        Task::from_response(self.clone(), std::time::Instant::now(), response)
+    }
+
+    /// DelegateTask, retried on `UNAVAILABLE`.
+    pub(crate) async fn delegate(
+        &self,
+        request: pb::DelegateTaskRequest,
+    ) -> Result<pb::DelegateTaskResponse, Error> {
+        self.inner
+            .retry
+            .run("DelegateTask", || {
+                let mut broker = self.inner.broker();
+                let request = request.clone();
+                async move { Ok(broker.delegate_task(request).await?.into_inner()) }
+            })
+            .await
+    }
+
+    /// Opens one WatchTask stream, without retries (the caller reopens it).
+    pub(crate) async fn watch_task(
+        &self,
+        task_id: &str,
+    ) -> Result<tonic::Streaming<pb::TaskEvent>, Error> {
+        let mut broker = self.inner.broker();
+        let request = pb::WatchTaskRequest {
+            task_id: task_id.to_owned(),
+        };
+        Ok(broker.watch_task(request).await?.into_inner())
     }
 
     /// One RenewLease call, without retries (the renewer has its own loop).

@@ -1,6 +1,13 @@
 //! The one error type of the SDK, and the one place a `tonic::Status` becomes it.
 
+use std::time::Duration;
+
 use tonic::Code;
+use tonic_types::StatusExt as _;
+
+/// The longest retry-after hint the SDK honours; a longer one is cut to this, so
+/// a broken hint cannot park a renewal past any sensible deadline.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Why an SDK call failed. Match on the variant to decide what to do; the message
 /// is the broker's (or the transport's) explanation, never a credential value.
@@ -24,9 +31,17 @@ pub enum Error {
     /// key was reused for a different request.
     #[error("failed precondition: {0}")]
     Precondition(String),
-    /// A size or rate limit was hit (`RESOURCE_EXHAUSTED`).
-    #[error("limit reached: {0}")]
-    Exhausted(String),
+    /// A size or rate limit was hit (`RESOURCE_EXHAUSTED`), for example a lease
+    /// renewed sooner than the template's minimum renew interval allows.
+    #[error("limit reached: {message}")]
+    Exhausted {
+        /// The broker's explanation.
+        message: String,
+        /// How long the broker asks to wait before trying again (its
+        /// `google.rpc.RetryInfo`, else its `retry-after-ms` header), at most
+        /// [`MAX_RETRY_AFTER`]; `None` when waiting does not help.
+        retry_after: Option<Duration>,
+    },
     /// The broker (or its store) could not be reached, and every retry the
     /// [`RetryPolicy`](crate::RetryPolicy) allowed failed the same way (`UNAVAILABLE`).
     /// Nothing was changed by the failed attempts.
@@ -43,6 +58,24 @@ pub enum Error {
     /// outcome of the call is unknown.
     #[error("transport: {0}")]
     Transport(String),
+    /// An approver denied the task's approval: the gated grants are never issued.
+    /// The task itself stays live with its other grants until it ends.
+    #[error("approval denied by {by}: {reason}")]
+    ApprovalDenied {
+        /// SPIFFE ID of the approver who decided.
+        by: String,
+        /// The approver's reason.
+        reason: String,
+    },
+    /// No approver decided in time, or the approval went unused in time: the
+    /// gated grants are never issued to this task.
+    #[error("approval expired: no approver decided in time, or the approval went unused")]
+    ApprovalExpired,
+    /// A delegation token could not be read: it is not one made by
+    /// [`Delegation::to_token`](crate::Delegation::to_token), or it is damaged
+    /// or too long. The message never contains the token.
+    #[error("bad delegation token: {0}")]
+    BadDelegationToken(String),
     /// The client is misconfigured: bad broker address, unreadable or unusable
     /// SVID, key or bundle files.
     #[error("configuration: {0}")]
@@ -54,6 +87,35 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
     }
+
+    /// The wait the broker asked for before a retry ([`Error::Exhausted`] with a
+    /// retry-after hint); `None` for every other error.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Exhausted { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The broker's retry-after hint on a status: `google.rpc.RetryInfo` in the
+/// details first (the standard place), else the `retry-after-ms` header; capped
+/// at [`MAX_RETRY_AFTER`].
+fn retry_after(status: &tonic::Status) -> Option<Duration> {
+    let from_details = status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay);
+    let from_header = || {
+        status
+            .metadata()
+            .get("retry-after-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_millis)
+    };
+    from_details
+        .or_else(from_header)
+        .map(|d| d.min(MAX_RETRY_AFTER))
 }
 
 impl From<tonic::Status> for Error {
@@ -64,7 +126,10 @@ impl From<tonic::Status> for Error {
             Code::InvalidArgument | Code::OutOfRange => Self::Invalid(msg),
             Code::NotFound => Self::NotFound(msg),
             Code::FailedPrecondition | Code::Aborted => Self::Precondition(msg),
-            Code::ResourceExhausted => Self::Exhausted(msg),
+            Code::ResourceExhausted => Self::Exhausted {
+                retry_after: retry_after(&status),
+                message: msg,
+            },
             Code::Unavailable => Self::Unavailable(msg),
             code => Self::Transport(format!("{code:?}: {msg}")),
         }
@@ -95,7 +160,7 @@ mod tests {
                 Error::Invalid(_) => "invalid",
                 Error::NotFound(_) => "not_found",
                 Error::Precondition(_) => "precondition",
-                Error::Exhausted(_) => "exhausted",
+                Error::Exhausted { .. } => "exhausted",
                 Error::Unavailable(_) => "unavailable",
                 Error::Transport(_) => "transport",
                 _ => "other",
@@ -103,5 +168,55 @@ mod tests {
             assert_eq!(got, want, "{e}");
             assert_eq!(e.is_retryable(), want == "unavailable");
         }
+    }
+
+    #[test]
+    fn retry_after_comes_from_retry_info_or_the_header_and_is_capped() {
+        use tonic_types::{ErrorDetails, StatusExt as _};
+
+        let plain = Error::from(tonic::Status::resource_exhausted("too big"));
+        assert_eq!(plain.retry_after(), None);
+
+        let details = tonic::Status::with_error_details(
+            Code::ResourceExhausted,
+            "renewed too soon",
+            ErrorDetails::with_retry_info(Some(Duration::from_millis(750))),
+        );
+        let e = Error::from(details);
+        assert_eq!(e.retry_after(), Some(Duration::from_millis(750)));
+        assert_eq!(e.to_string(), "limit reached: renewed too soon");
+
+        let mut header = tonic::Status::resource_exhausted("renewed too soon");
+        header.metadata_mut().insert(
+            "retry-after-ms",
+            tonic::metadata::MetadataValue::from(1200u32),
+        );
+        assert_eq!(
+            Error::from(header).retry_after(),
+            Some(Duration::from_millis(1200))
+        );
+
+        let mut huge = tonic::Status::resource_exhausted("x");
+        huge.metadata_mut().insert(
+            "retry-after-ms",
+            tonic::metadata::MetadataValue::from(u64::MAX / 2),
+        );
+        assert_eq!(Error::from(huge).retry_after(), Some(MAX_RETRY_AFTER));
+
+        assert_eq!(Error::Unavailable("down".into()).retry_after(), None);
+    }
+
+    #[test]
+    fn approval_errors_say_who_and_why() {
+        let e = Error::ApprovalDenied {
+            by: "spiffe://acme.test/human/alice".into(),
+            reason: "not during the freeze".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "approval denied by spiffe://acme.test/human/alice: not during the freeze"
+        );
+        assert!(!e.is_retryable());
+        assert!(Error::ApprovalExpired.to_string().contains("expired"));
     }
 }

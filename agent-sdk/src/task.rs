@@ -3,14 +3,20 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use leash_proto::v1 as pb;
 use tokio::{sync::watch, task::JoinHandle};
 
-use crate::{Client, Error, retry::random_unit};
+use crate::{
+    Approval, ApprovalOutcome, ApprovalState, Client, Delegation, DelegationRequest, Error,
+    LeaseState,
+    approval::{Step, TaskEvent, step},
+    delegation::proto_duration,
+    retry::random_unit,
+};
 
 /// A renewal is never scheduled later than this before the lease deadline.
 pub const RENEWAL_SAFETY_MARGIN: Duration = Duration::from_millis(500);
@@ -18,6 +24,11 @@ pub const RENEWAL_SAFETY_MARGIN: Duration = Duration::from_millis(500);
 /// Renewals are never closer together than this (unless a retry needs it), so
 /// credentials that live only milliseconds cannot cause a storm of renewals.
 pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Most RenewLease attempts [`Task::approval`] makes to collect the approved
+/// credentials, when the broker answers "too soon" (with a retry-after) or is
+/// unavailable.
+pub const MAX_APPROVAL_RENEW_ATTEMPTS: u32 = 5;
 
 /// What a task is about to do: a template, its parameters, an intent, a TTL.
 #[derive(Debug, Clone)]
@@ -75,10 +86,7 @@ impl TaskRequest {
             template: self.template,
             parameters: self.parameters.into_iter().collect(),
             intent: self.intent,
-            requested_ttl: self.ttl.map(|d| prost_types::Duration {
-                seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-                nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-            }),
+            requested_ttl: self.ttl.map(proto_duration),
             idempotency_key: self.idempotency_key.unwrap_or_else(random_key),
         }
     }
@@ -304,9 +312,10 @@ pub struct Completion {
 pub struct Task {
     id: String,
     replayed: bool,
+    actors: Vec<String>,
     client: Client,
     credentials: watch::Receiver<Credentials>,
-    status: Arc<watch::Sender<LeaseStatus>>,
+    shared: Arc<Shared>,
     renewer: Option<JoinHandle<()>>,
     ended: bool,
 }
@@ -316,21 +325,111 @@ impl fmt::Debug for Task {
         f.debug_struct("Task")
             .field("id", &self.id)
             .field("replayed", &self.replayed)
-            .field("status", &*self.status.borrow())
+            .field("actors", &self.actors)
+            .field("state", &*self.shared.view.borrow())
+            .field("status", &*self.shared.status.borrow())
             .field("credentials", &*self.credentials.borrow())
             .finish()
     }
 }
 
+/// The broker's view of a task, as last learned: from the begin (or redeem)
+/// answer, then from `WatchTask` events and this guard's own calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct View {
+    state: LeaseState,
+    approval: Option<Approval>,
+}
+
+/// What the guard and its renewer share: the credentials, the guard's lease
+/// status, the broker's view, and the lease deadline on the monotonic clock.
+/// Every renewal, whoever makes it, goes through [`Shared::renewed`].
+#[derive(Debug)]
+struct Shared {
+    task_id: String,
+    credentials: watch::Sender<Credentials>,
+    status: watch::Sender<LeaseStatus>,
+    view: watch::Sender<View>,
+    deadline: Mutex<Instant>,
+}
+
+impl Shared {
+    fn deadline(&self) -> Instant {
+        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Publishes a renewal's answer: the new deadline, the fresh credentials
+    /// (they replace the set), and an active status.
+    fn renewed(&self, received: Instant, response: pb::RenewLeaseResponse) {
+        let expires_at = system_time(response.lease_expires_at);
+        {
+            let mut deadline = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
+            // Two renewals may cross (the renewer's and one after an
+            // approval); the later deadline is the one the broker holds.
+            *deadline = (*deadline).max(deadline_from(received, expires_at));
+        }
+        let generation = self.credentials.borrow().generation + 1;
+        self.credentials.send_replace(Credentials {
+            generation,
+            lease_expires_at: expires_at,
+            max_lifetime_at: system_time(response.max_lifetime_at),
+            list: response
+                .credentials
+                .into_iter()
+                .map(Credential::from_proto)
+                .collect(),
+        });
+        self.status.send_replace(LeaseStatus::Active { expires_at });
+        tracing::debug!(task_id = %self.task_id, generation, "lease renewed");
+    }
+
+    /// Records what a `WatchTask` event says.
+    fn observe(&self, event: &TaskEvent) {
+        self.view.send_replace(View {
+            state: event.state,
+            approval: event.approval.clone(),
+        });
+    }
+}
+
+/// State, approval and delegation chain of a BeginTask or RedeemDelegation
+/// answer.
+///
+/// The proto on this branch has no `state`, `approval` or `actors` field in
+/// `BeginTaskResponse` yet, so a task starts as active with no known approval
+/// and an empty chain, and [`Task::approval`] learns the truth from the first
+/// `WatchTask` event (which the broker sends at once). When the fields land,
+/// this is the one place that reads them.
+fn begun_view(_response: &pb::BeginTaskResponse) -> (View, Vec<String>) {
+    (
+        View {
+            state: LeaseState::Active,
+            approval: None,
+        },
+        Vec::new(),
+    )
+}
+
 impl Task {
-    pub(crate) fn start(client: Client, response: pb::BeginTaskResponse) -> Result<Self, Error> {
-        let received = Instant::now();
+    /// The guard for a task the broker just began (BeginTask) or handed over
+    /// (RedeemDelegation; its answer is a `BeginTaskResponse` too): the one
+    /// path from that answer to a renewing guard. `received` is when the answer
+    /// arrived, for the monotonic deadline.
+    ///
+    /// # Errors
+    /// [`Error::Transport`] when the answer has no task id.
+    pub(crate) fn from_response(
+        client: Client,
+        received: Instant,
+        response: pb::BeginTaskResponse,
+    ) -> Result<Self, Error> {
         let lease_expires_at = system_time(response.lease_expires_at);
         if response.task_id.is_empty() {
             return Err(Error::Transport(
-                "BeginTask answered without a task id".into(),
+                "the broker answered without a task id".into(),
             ));
         }
+        let (view, actors) = begun_view(&response);
         let credentials = Credentials {
             generation: 0,
             lease_expires_at,
@@ -342,26 +441,28 @@ impl Task {
                 .collect(),
         };
         let (creds_tx, creds_rx) = watch::channel(credentials);
-        let status = Arc::new(
-            watch::channel(LeaseStatus::Active {
+        let shared = Arc::new(Shared {
+            task_id: response.task_id.clone(),
+            credentials: creds_tx,
+            status: watch::channel(LeaseStatus::Active {
                 expires_at: lease_expires_at,
             })
             .0,
-        );
+            view: watch::channel(view).0,
+            deadline: Mutex::new(deadline_from(received, lease_expires_at)),
+        });
         let renewer = Renewer {
             client: client.clone(),
-            task_id: response.task_id.clone(),
-            deadline: deadline_from(received, lease_expires_at),
-            credentials: creds_tx,
-            status: Arc::clone(&status),
+            shared: Arc::clone(&shared),
         };
         let handle = tokio::spawn(renewer.run());
         Ok(Self {
             id: response.task_id,
             replayed: response.replayed,
+            actors,
             client,
             credentials: creds_rx,
-            status,
+            shared,
             renewer: Some(handle),
             ended: false,
         })
@@ -395,13 +496,216 @@ impl Task {
     /// A receiver of the lease status; it changes on every renewal and when the
     /// lease is lost.
     pub fn status(&self) -> watch::Receiver<LeaseStatus> {
-        self.status.subscribe()
+        self.shared.status.subscribe()
+    }
+
+    /// The task's lease state as the broker last reported it: at begin (or
+    /// redeem), then at every `WatchTask` event [`approval`](Self::approval)
+    /// receives, and [`LeaseState::Active`] after an approval was used. It does
+    /// not poll the broker; for the guard's own view of its renewals see
+    /// [`status`](Self::status).
+    pub fn state(&self) -> LeaseState {
+        self.shared.view.borrow().state
+    }
+
+    /// Where the task's approval stands, as last learned (see
+    /// [`state`](Self::state)); [`ApprovalState::NotRequired`] while nothing
+    /// says otherwise.
+    pub fn approval_state(&self) -> ApprovalState {
+        self.shared
+            .view
+            .borrow()
+            .approval
+            .as_ref()
+            .map_or(ApprovalState::NotRequired, |a| a.state)
+    }
+
+    /// The task's approval (gated grants, deadline, decision), as last learned;
+    /// `None` while no approval is known.
+    pub fn approval_details(&self) -> Option<Approval> {
+        self.shared.view.borrow().approval.clone()
+    }
+
+    /// The delegation chain from the begin (or redeem) answer, current actor
+    /// first: empty for a task begun directly.
+    pub fn actors(&self) -> &[String] {
+        &self.actors
+    }
+
+    /// Hands a narrower task to a subagent (DelegateTask with this task as the
+    /// parent). No credential is issued here: give the returned [`Delegation`]
+    /// (e.g. [`Delegation::to_token`] in the subagent's environment) to the
+    /// subagent, which calls [`Client::redeem_delegation`] over its own SVID.
+    /// The child dies with this task. `UNAVAILABLE` is retried per the retry
+    /// policy; a child made by an attempt whose answer was lost is never
+    /// redeemed and expires at its lease deadline.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] before any call for a request that cannot be right
+    /// (see [`DelegationRequest`]), or from the broker naming the field;
+    /// [`Error::Denied`] (a scope the parent does not hold, not this task's
+    /// owner, depth exhausted); [`Error::Precondition`] (this task ended);
+    /// [`Error::NotFound`]; [`Error::Unavailable`] after the retries;
+    /// [`Error::Transport`].
+    pub async fn delegate(&self, request: DelegationRequest) -> Result<Delegation, Error> {
+        let request = request.into_proto(&self.id)?;
+        let response = self.client.delegate(request).await?;
+        Delegation::from_proto(response)
+    }
+
+    /// Waits until the task's approval is decided, and collects the approved
+    /// credentials.
+    ///
+    /// It watches the task (`WatchTask`): a task that needs no approval returns
+    /// [`ApprovalOutcome::NotRequired`] at once. On approval it renews the lease
+    /// at once (honouring the broker's retry-after when renewed too soon, at
+    /// most [`MAX_APPROVAL_RENEW_ATTEMPTS`] times) so the gated grants'
+    /// credentials are in [`credentials`](Self::credentials) and
+    /// [`watch`](Self::watch) when it returns. The background renewer keeps
+    /// the lease meanwhile. A broken watch stream is reopened with the client's
+    /// retry policy (backoff between attempts; the attempts are counted from
+    /// the last event received).
+    ///
+    /// # Errors
+    /// [`Error::ApprovalDenied`] (who and why), [`Error::ApprovalExpired`];
+    /// [`Error::LeaseLost`] when the task ends or its lease is lost first;
+    /// [`Error::Unavailable`] or [`Error::Transport`] when the watch could not
+    /// be kept open; the renewal's error when the approved credentials could
+    /// not be collected.
+    pub async fn approval(&self) -> Result<ApprovalOutcome, Error> {
+        let lost = self.lease_lost();
+        tokio::pin!(lost);
+        let policy = self.client.retry_policy();
+        let mut failures = 0u32;
+        loop {
+            let error = tokio::select! {
+                e = &mut lost => return Err(e),
+                r = self.watch_until_decided(&mut failures) => match r {
+                    Ok(step) => return self.settle(step).await,
+                    Err(e) => e,
+                },
+            };
+            failures += 1;
+            if failures >= policy.max_attempts.max(1) {
+                return Err(error);
+            }
+            let wait = policy.backoff(failures);
+            tracing::debug!(task_id = %self.id, %error, ?wait, "task watch broke; reopening");
+            tokio::select! {
+                e = &mut lost => return Err(e),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Opens one `WatchTask` stream and reads it until an event decides the
+    /// wait; returns the error that broke it otherwise (a clean end of the
+    /// stream before the task ended counts as broken). Non-retryable errors are
+    /// returned as the final [`Step::Fail`].
+    async fn watch_until_decided(&self, failures: &mut u32) -> Result<Step, Error> {
+        let mut stream = match self.client.watch_task(&self.id).await {
+            Ok(s) => s,
+            Err(e) if e.is_retryable() => return Err(e),
+            Err(e) => return Ok(Step::Fail(e)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(event)) => {
+                    *failures = 0;
+                    let event = match TaskEvent::from_proto(event, &self.id) {
+                        Ok(e) => e,
+                        Err(e) => return Ok(Step::Fail(e)),
+                    };
+                    self.shared.observe(&event);
+                    match step(&event) {
+                        Step::Wait => continue,
+                        decided => return Ok(decided),
+                    }
+                }
+                Ok(None) => {
+                    return Err(Error::Unavailable(
+                        "the task watch ended before the approval was decided".into(),
+                    ));
+                }
+                Err(status) => match Error::from(status) {
+                    // A stream cut mid-way (reset, idle timeout) is worth
+                    // reopening: watching changes nothing.
+                    e @ (Error::Unavailable(_) | Error::Transport(_)) => return Err(e),
+                    e => return Ok(Step::Fail(e)),
+                },
+            }
+        }
+    }
+
+    /// Turns the deciding step into the answer, renewing after an approval.
+    async fn settle(&self, step: Step) -> Result<ApprovalOutcome, Error> {
+        match step {
+            Step::Wait | Step::NotRequired => Ok(ApprovalOutcome::NotRequired),
+            Step::Fail(e) => Err(e),
+            Step::Approved { by, reason, grants } => {
+                if !self.holds_all(&grants) {
+                    self.renew_for_approval(&grants).await?;
+                }
+                if !self.holds_all(&grants) {
+                    tracing::warn!(task_id = %self.id, ?grants, "approved, but the renewal did not carry every gated grant");
+                }
+                self.shared.view.send_modify(|v| {
+                    v.state = LeaseState::Active;
+                    if let Some(a) = &mut v.approval {
+                        a.state = ApprovalState::Redeemed;
+                    }
+                });
+                Ok(ApprovalOutcome::Approved { by, reason })
+            }
+        }
+    }
+
+    /// True when the current credentials include one of every grant named.
+    fn holds_all(&self, grants: &[String]) -> bool {
+        let current = self.credentials.borrow();
+        grants.iter().all(|g| current.get(g).is_some())
+    }
+
+    /// RenewLease now, to collect approved credentials: retried after the
+    /// broker's retry-after when renewed too soon, and with backoff when it is
+    /// unavailable, at most [`MAX_APPROVAL_RENEW_ATTEMPTS`] attempts in all.
+    /// If a failed attempt crossed a renewal by the background renewer that
+    /// brought the grants, that counts as success.
+    async fn renew_for_approval(&self, grants: &[String]) -> Result<(), Error> {
+        let policy = self.client.retry_policy();
+        let mut attempt = 1;
+        loop {
+            let error = match self.client.renew_once(&self.id).await {
+                Ok(response) => {
+                    self.shared.renewed(Instant::now(), response);
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if self.holds_all(grants) {
+                return Ok(());
+            }
+            let wait = match &error {
+                Error::Exhausted {
+                    retry_after: Some(d),
+                    ..
+                } => *d,
+                Error::Unavailable(_) => policy.backoff(attempt),
+                _ => return Err(error),
+            };
+            if attempt >= MAX_APPROVAL_RENEW_ATTEMPTS {
+                return Err(error);
+            }
+            tracing::debug!(task_id = %self.id, %error, ?wait, attempt, "renewal after approval; retrying");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
     }
 
     /// Resolves when the lease is lost, with [`Error::LeaseLost`] saying why; never
     /// resolves while the lease is kept. Use it in `tokio::select!` beside the work.
     pub async fn lease_lost(&self) -> Error {
-        let mut rx = self.status.subscribe();
+        let mut rx = self.shared.status.subscribe();
         loop {
             if let LeaseStatus::Lost { reason } = &*rx.borrow_and_update() {
                 return Error::LeaseLost(reason.clone());
@@ -437,7 +741,9 @@ impl Task {
                 summary: summary.into(),
             })
             .await?;
-        self.status.send_replace(LeaseStatus::Completed);
+        self.shared.status.send_replace(LeaseStatus::Completed);
+        let state = LeaseState::from_proto(response.state).unwrap_or(LeaseState::Completed);
+        self.shared.view.send_modify(|v| v.state = state);
         Ok(Completion {
             completed_in_time: response.state != i32::from(pb::LeaseState::Expired),
             revoked_credentials: response.revoked_credentials,
@@ -488,30 +794,29 @@ impl Drop for Task {
 /// Renews one task's lease until aborted or the lease is lost.
 struct Renewer {
     client: Client,
-    task_id: String,
-    /// The lease deadline on the monotonic clock.
-    deadline: Instant,
-    credentials: watch::Sender<Credentials>,
-    status: Arc<watch::Sender<LeaseStatus>>,
+    shared: Arc<Shared>,
 }
 
 impl Renewer {
     async fn run(mut self) {
         let reason = self.keep().await;
-        tracing::warn!(task_id = %self.task_id, %reason, "lease lost");
-        self.status.send_replace(LeaseStatus::Lost { reason });
+        tracing::warn!(task_id = %self.shared.task_id, %reason, "lease lost");
+        self.shared
+            .status
+            .send_replace(LeaseStatus::Lost { reason });
     }
 
     /// Renews until it cannot; returns why.
     async fn keep(&mut self) -> String {
         loop {
             let now = Instant::now();
-            let lease_left = self.deadline.saturating_duration_since(now);
+            let lease_left = self.shared.deadline().saturating_duration_since(now);
             // Credentials may die before the lease (a grant TTL shorter than the
             // lease, or a JWT `exp` rounded down to whole seconds): renew for
             // whichever ends first, so the current credentials stay usable.
-            let credentials_left = deadline_from(now, self.credentials.borrow().earliest_expiry())
-                .saturating_duration_since(now);
+            let credentials_left =
+                deadline_from(now, self.shared.credentials.borrow().earliest_expiry())
+                    .saturating_duration_since(now);
             let wait = renewal_delay(lease_left.min(credentials_left))
                 .max(MIN_RENEWAL_INTERVAL)
                 .min(lease_left);
@@ -522,8 +827,9 @@ impl Renewer {
         }
     }
 
-    /// One renewal, retried on `UNAVAILABLE`, `RESOURCE_EXHAUSTED` (too soon) and
-    /// on timeouts until the deadline:
+    /// One renewal, retried on `UNAVAILABLE`, `RESOURCE_EXHAUSTED` (too soon;
+    /// after the broker's retry-after when it gives one) and on timeouts until
+    /// the deadline:
     /// repeating a renewal is harmless (it extends the same lease), and giving up
     /// early would end the task for a passing network problem.
     async fn renew(&mut self) -> Result<(), String> {
@@ -531,59 +837,47 @@ impl Renewer {
         let mut failures = 0u32;
         loop {
             let now = Instant::now();
-            let Some(left) = self
-                .deadline
+            let deadline = self.shared.deadline();
+            let Some(left) = deadline
                 .checked_duration_since(now)
                 .filter(|d| !d.is_zero())
             else {
                 return Err("the lease deadline passed without a successful renewal".into());
             };
-            let attempt = tokio::time::timeout(left, self.client.renew_once(&self.task_id)).await;
+            let attempt =
+                tokio::time::timeout(left, self.client.renew_once(&self.shared.task_id)).await;
             let error = match attempt {
                 Ok(Ok(response)) => {
-                    self.renewed(response);
+                    self.shared.renewed(Instant::now(), response);
                     return Ok(());
                 }
                 // Exhausted: renewed sooner than the template allows (only after
                 // a retried renewal); waiting a backoff step and retrying is right.
                 Ok(Err(
-                    e @ (Error::Unavailable(_) | Error::Transport(_) | Error::Exhausted(_)),
+                    e @ (Error::Unavailable(_) | Error::Transport(_) | Error::Exhausted { .. }),
                 )) => e,
                 Ok(Err(e)) => return Err(format!("renewal refused: {e}")),
                 Err(_) => Error::Transport("renewal timed out at the lease deadline".into()),
             };
             failures += 1;
-            let wait = policy
-                .backoff(failures)
-                .min(self.deadline.saturating_duration_since(Instant::now()));
-            if matches!(error, Error::Exhausted(_)) {
+            let wait = error
+                .retry_after()
+                .unwrap_or_else(|| policy.backoff(failures))
+                .min(
+                    self.shared
+                        .deadline()
+                        .saturating_duration_since(Instant::now()),
+                );
+            let task_id = &self.shared.task_id;
+            if matches!(error, Error::Exhausted { .. }) {
                 // Expected when a credential expires well before the lease (a
                 // JWT `exp` is rounded down to a second): not worth a warning.
-                tracing::debug!(task_id = %self.task_id, %error, ?wait, "renewal too soon; retrying");
+                tracing::debug!(%task_id, %error, ?wait, "renewal too soon; retrying");
             } else {
-                tracing::warn!(task_id = %self.task_id, %error, ?wait, "renewal failed; retrying");
+                tracing::warn!(%task_id, %error, ?wait, "renewal failed; retrying");
             }
             tokio::time::sleep(wait).await;
         }
-    }
-
-    fn renewed(&mut self, response: pb::RenewLeaseResponse) {
-        let received = Instant::now();
-        let expires_at = system_time(response.lease_expires_at);
-        self.deadline = deadline_from(received, expires_at);
-        let generation = self.credentials.borrow().generation + 1;
-        self.credentials.send_replace(Credentials {
-            generation,
-            lease_expires_at: expires_at,
-            max_lifetime_at: system_time(response.max_lifetime_at),
-            list: response
-                .credentials
-                .into_iter()
-                .map(Credential::from_proto)
-                .collect(),
-        });
-        self.status.send_replace(LeaseStatus::Active { expires_at });
-        tracing::debug!(task_id = %self.task_id, generation, "lease renewed");
     }
 }
 
@@ -606,7 +900,8 @@ fn deadline_from(received: Instant, expires_at: SystemTime) -> Instant {
     received + left
 }
 
-fn system_time(ts: Option<prost_types::Timestamp>) -> SystemTime {
+/// A wire timestamp as a `SystemTime`; the epoch when absent or negative.
+pub(crate) fn system_time(ts: Option<prost_types::Timestamp>) -> SystemTime {
     let Some(ts) = ts else {
         return UNIX_EPOCH;
     };

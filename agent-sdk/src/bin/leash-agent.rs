@@ -5,6 +5,11 @@
 //! follow every renewal), renews the lease while CMD runs, forwards SIGINT,
 //! SIGTERM and SIGHUP to CMD, and completes the task with CMD's outcome. See
 //! `docs/sdk.md`.
+//!
+//! `leash-agent redeem -- CMD ARGS` does the same for a subagent: instead of
+//! beginning a task it redeems the delegation its parent made
+//! (`Delegation::to_token`, in `LEASH_DELEGATION`) over its own SVID, and runs
+//! CMD inside the child task.
 
 use std::{
     ffi::OsString,
@@ -19,7 +24,7 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
-use leash_sdk::{Client, Credentials, Outcome, TaskRequest};
+use leash_sdk::{Client, Credentials, Delegation, Outcome, Task, TaskRequest};
 use rustix::process::{Pid, Signal};
 use tokio::{
     process::Command,
@@ -48,6 +53,25 @@ struct Cli {
 enum Sub {
     /// Begin a task, run CMD with its credentials, complete the task with CMD's outcome.
     Exec(ExecArgs),
+    /// Redeem a delegation, run CMD with the child task's credentials, complete
+    /// the child with CMD's outcome.
+    Redeem(RedeemArgs),
+}
+
+#[derive(Debug, Args)]
+struct RedeemArgs {
+    /// The delegation token from the parent (`Delegation::to_token`). It is a
+    /// secret: pass it in the environment, since argv is visible to other users.
+    #[arg(long, env = "LEASH_DELEGATION", hide_env_values = true)]
+    delegation: String,
+    /// Time CMD gets between SIGTERM and SIGKILL when the lease is lost.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -117,13 +141,16 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Sub::Exec(args) = Cli::parse().command;
-    ExitCode::from(exec(args).await)
+    let code = match Cli::parse().command {
+        Sub::Exec(args) => exec(args).await,
+        Sub::Redeem(args) => redeem(args).await,
+    };
+    ExitCode::from(code)
 }
 
-/// The whole `exec` run; returns the exit status.
-async fn exec(args: ExecArgs) -> u8 {
-    let c = &args.connect;
+/// The client for the connection flags; prints why and gives `None` if it
+/// cannot connect.
+async fn connect(c: &ConnectArgs) -> Option<Client> {
     let builder = Client::builder().broker(&c.broker);
     let builder = match c.workload_api.as_deref() {
         Some("env") => builder.workload_api(),
@@ -139,13 +166,46 @@ async fn exec(args: ExecArgs) -> u8 {
                     .unwrap_or_else(|| c.dev_dir.join("agent-key.pem")),
             ),
     };
-    let client = builder.connect().await;
-    let client = match client {
-        Ok(c) => c,
+    match builder.connect().await {
+        Ok(client) => Some(client),
+        Err(e) => {
+            eprintln!("leash-agent: {e}");
+            None
+        }
+    }
+}
+
+/// The whole `redeem` run; returns the exit status.
+async fn redeem(args: RedeemArgs) -> u8 {
+    // Read the token before connecting: a bad one needs no broker to refuse.
+    let delegation = match Delegation::from_token(&args.delegation) {
+        Ok(d) => d,
         Err(e) => {
             eprintln!("leash-agent: {e}");
             return EXIT_CANNOT_BEGIN;
         }
+    };
+    let Some(client) = connect(&args.connect).await else {
+        return EXIT_CANNOT_BEGIN;
+    };
+    let task = match client.redeem_delegation(&delegation).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "leash-agent: cannot redeem the delegation of task {}: {e}",
+                delegation.task_id()
+            );
+            return EXIT_CANNOT_BEGIN;
+        }
+    };
+    tracing::info!(task_id = task.id(), "delegation redeemed");
+    run(task, &args.command, args.grace).await
+}
+
+/// The whole `exec` run; returns the exit status.
+async fn exec(args: ExecArgs) -> u8 {
+    let Some(client) = connect(&args.connect).await else {
+        return EXIT_CANNOT_BEGIN;
     };
     let program = args.command.first().cloned().unwrap_or_default();
     let mut request =
@@ -174,7 +234,14 @@ async fn exec(args: ExecArgs) -> u8 {
         }
     };
     tracing::info!(task_id = task.id(), "task begun");
+    run(task, &args.command, args.grace).await
+}
 
+/// Runs `command` inside `task` (begun or redeemed): hands it the credentials,
+/// supervises it, and completes the task with its outcome; returns the exit
+/// status.
+async fn run(task: Task, command_line: &[OsString], grace: Duration) -> u8 {
+    let program = command_line.first().cloned().unwrap_or_default();
     // Dropped (and removed) when this function returns, after the task ended.
     let dir = match credentials_dir() {
         Ok(d) => d,
@@ -203,7 +270,9 @@ async fn exec(args: ExecArgs) -> u8 {
 
     let mut command = Command::new(&program);
     command
-        .args(args.command.iter().skip(1))
+        .args(command_line.iter().skip(1))
+        // A spent one-time secret the command has no use for.
+        .env_remove("LEASH_DELEGATION")
         .env("LEASH_TASK_ID", task.id())
         .env("LEASH_CREDENTIALS_DIR", dir.path());
     for c in initial.iter() {
@@ -223,8 +292,8 @@ async fn exec(args: ExecArgs) -> u8 {
     // The environment now lives in the child; do not keep extra copies around.
     drop(initial);
 
-    let run = supervise(&task, &mut child, dir.path(), args.grace).await;
-    let (outcome, summary, code) = match run {
+    let ended = supervise(&task, &mut child, dir.path(), grace).await;
+    let (outcome, summary, code) = match ended {
         Ended::Exited(status) => judge(status),
         Ended::LeaseLost(reason) => {
             eprintln!("leash-agent: {reason}; the command was stopped");
@@ -261,7 +330,7 @@ enum Ended {
 /// every renewal, and stops the child (SIGTERM, then SIGKILL after `grace`) when
 /// the lease is lost.
 async fn supervise(
-    task: &leash_sdk::Task,
+    task: &Task,
     child: &mut tokio::process::Child,
     dir: &Path,
     grace: Duration,
@@ -344,7 +413,7 @@ fn judge(status: ExitStatus) -> (Outcome, String, u8) {
     }
 }
 
-async fn complete(task: leash_sdk::Task, outcome: Outcome, summary: impl Into<String>) {
+async fn complete(task: Task, outcome: Outcome, summary: impl Into<String>) {
     let id = task.id().to_owned();
     match task.complete(outcome, summary).await {
         Ok(_) => tracing::info!(task_id = %id, ?outcome, "task completed"),
@@ -413,6 +482,31 @@ fn env_name(grant: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redeem_takes_the_delegation_from_a_flag_or_the_environment() {
+        let cli = Cli::try_parse_from([
+            "leash-agent",
+            "redeem",
+            "--delegation",
+            "lsd1.x",
+            "--",
+            "sh",
+            "-c",
+            "true",
+        ])
+        .map_err(|e| e.to_string());
+        match cli.map(|c| c.command) {
+            Ok(Sub::Redeem(args)) => {
+                assert_eq!(args.delegation, "lsd1.x");
+                assert_eq!(args.command, ["sh", "-c", "true"]);
+                assert_eq!(args.grace, Duration::from_secs(5));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without a command there is nothing to run.
+        assert!(Cli::try_parse_from(["leash-agent", "redeem", "--delegation", "lsd1.x"]).is_err());
+    }
 
     #[test]
     fn env_names() {
