@@ -393,20 +393,19 @@ impl Shared {
 }
 
 /// State, approval and delegation chain of a BeginTask or RedeemDelegation
-/// answer.
-///
-/// The proto on this branch has no `state`, `approval` or `actors` field in
-/// `BeginTaskResponse` yet, so a task starts as active with no known approval
-/// and an empty chain, and [`Task::approval`] learns the truth from the first
-/// `WatchTask` event (which the broker sends at once). When the fields land,
-/// this is the one place that reads them.
-fn begun_view(_response: &pb::BeginTaskResponse) -> (View, Vec<String>) {
+/// answer. A state this SDK does not know reads as active (the broker sends
+/// none it does not document); an approval it cannot read is left out, and
+/// [`Task::approval`] then learns it from the first `WatchTask` event.
+fn begun_view(response: &pb::BeginTaskResponse) -> (View, Vec<String>) {
     (
         View {
-            state: LeaseState::Active,
-            approval: None,
+            state: LeaseState::from_proto(response.state).unwrap_or(LeaseState::Active),
+            approval: response
+                .approval
+                .clone()
+                .and_then(|a| Approval::from_proto(a).ok()),
         },
-        Vec::new(),
+        response.actors.clone(),
     )
 }
 
