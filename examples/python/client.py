@@ -68,7 +68,11 @@ def parse_args():
     p.add_argument("--jwks", default="http://127.0.0.1:8081/.well-known/jwks.json",
                    help="the broker's JWK Set URL (ops port)")
     p.add_argument("--issuer", default=None, help="expected `iss` of JWTs (checked when set)")
-    p.add_argument("--template", required=True)
+    p.add_argument("--template", help="template to begin a task of (or use --redeem-task)")
+    p.add_argument("--redeem-task", default=None,
+                   help="redeem this delegated task instead of beginning one (with --handle)")
+    p.add_argument("--handle", default=os.environ.get("LEASH_DELEGATION_HANDLE"),
+                   help="the delegation handle for --redeem-task")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--intent", default="python interop")
     p.add_argument("--proto", default=os.path.join(ROOT, "proto"),
@@ -102,6 +106,8 @@ def verify_jwts(credentials, jwks, issuer, kind_jwt):
             "scope": claims.get("scope"),
             "exp": claims["exp"],
             "bound": "cnf" in claims,
+            # RFC 8693 4.1: the current actor outermost, earlier actors nested.
+            "act": claims.get("act"),
         })
     return checked
 
@@ -121,13 +127,26 @@ def main():
     with grpc.secure_channel(args.broker, credentials, options=options) as channel:
         broker = pb_grpc.BrokerStub(channel)
         params = dict(p.split("=", 1) for p in args.param)
-        begun = broker.BeginTask(
-            pb.BeginTaskRequest(template=args.template, parameters=params, intent=args.intent),
-            timeout=args.timeout,
-        )
+        if args.redeem_task:
+            if not args.handle:
+                raise SystemExit("--redeem-task needs --handle (or LEASH_DELEGATION_HANDLE)")
+            begun = broker.RedeemDelegation(
+                pb.RedeemDelegationRequest(task_id=args.redeem_task,
+                                           delegation_handle=args.handle),
+                timeout=args.timeout,
+            )
+        else:
+            if not args.template:
+                raise SystemExit("give --template (or --redeem-task)")
+            begun = broker.BeginTask(
+                pb.BeginTaskRequest(template=args.template, parameters=params,
+                                    intent=args.intent),
+                timeout=args.timeout,
+            )
         result.update(
             began=True,
             task_id=begun.task_id,
+            actors=list(begun.actors),
             credentials=[
                 {"id": c.id, "grant": c.grant, "kind": pb.CredentialKind.Name(c.kind),
                  "audience": c.audience, "scopes": list(c.scopes)}

@@ -733,6 +733,11 @@ bundles = {{ "acme.test" = "{pki}/bundle.pem" }}"#,
         BrokerClient::new(self.channel(path).await)
     }
 
+    /// An Admin client authenticated as `spiffe://acme.test/<path>`.
+    pub async fn admin(&self, path: &str) -> pb::admin_client::AdminClient<Channel> {
+        pb::admin_client::AdminClient::new(self.channel(path).await)
+    }
+
     pub async fn verifier(&self, path: &str) -> VerifierClient<Channel> {
         VerifierClient::new(self.channel(path).await)
     }

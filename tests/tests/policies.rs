@@ -126,7 +126,27 @@ async fn destructive_scopes_need_a_short_lease_and_a_denial_changes_nothing() {
         .await
         .expect("destructive within bounds")
         .into_inner();
-    let jwt = &begun.credentials[0].value;
+    // The example template gates its grant behind a person's approval
+    // (`while_pending: issue_none`): nothing is issued until a human approves.
+    assert_eq!(begun.state, pb::LeaseState::PendingApproval as i32);
+    assert!(begun.credentials.is_empty(), "{begun:?}");
+    broker
+        .admin("human/ops")
+        .await
+        .approve(pb::DecideApprovalRequest {
+            task_id: begun.task_id.clone(),
+            reason: "sandbox cleanup, fine".into(),
+        })
+        .await
+        .unwrap();
+    let renewed = agent
+        .renew_lease(pb::RenewLeaseRequest {
+            task_id: begun.task_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let jwt = &renewed.credentials[0].value;
     let claims: serde_json::Value = serde_json::from_slice(
         &URL_SAFE_NO_PAD
             .decode(jwt.split('.').nth(1).unwrap())

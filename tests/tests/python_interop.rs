@@ -39,7 +39,26 @@ fn python() -> PathBuf {
 }
 
 async fn run_client(broker: &TestBroker) -> Value {
-    let svid = broker.pki.svid("agent/python");
+    let args = [
+        "--template",
+        "review",
+        "--param",
+        "repo=acme/widgets",
+        "--intent",
+        "interop from Python",
+    ];
+    run_client_as(broker, "agent/python", &args, &[]).await
+}
+
+/// Runs the Python client as `spiffe://acme.test/<path>` with `args` after
+/// the connection flags, and `env` set; returns what it printed.
+async fn run_client_as(
+    broker: &TestBroker,
+    path: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Value {
+    let svid = broker.pki.svid(path);
     let mut child = tokio::process::Command::new(python())
         .arg(workspace().join("examples/python/client.py"))
         .args([
@@ -57,13 +76,9 @@ async fn run_client(broker: &TestBroker) -> Value {
             &format!("http://{}/.well-known/jwks.json", broker.ops_addr),
             "--issuer",
             "https://leash.acme.test",
-            "--template",
-            "review",
-            "--param",
-            "repo=acme/widgets",
-            "--intent",
-            "interop from Python",
         ])
+        .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -170,4 +185,119 @@ async fn python_client_with_es256_tokens_in_memory() {
     let mut options = BrokerOptions::memory();
     options.signing_alg = Algorithm::ES256;
     interop(options, "ES256").await;
+}
+
+/// A template whose tasks delegate two levels, to `sub/*` subagents.
+const DELEGATING: &str = r#"
+name: fanout
+version: "1"
+owner: platform@acme.test
+identities: ["spiffe://acme.test/agent/*"]
+parameters:
+  repo: {type: string, pattern: "[a-z0-9-]+/[a-z0-9-]+", required: true}
+lease: {ttl: 30s, max_ttl: 1m, max_lifetime: 10m, min_renew_interval: 0s}
+delegation:
+  max_depth: 2
+  may_act: ["spiffe://acme.test/sub/*"]
+grants:
+  - name: github
+    kind: jwt
+    audience: https://api.github.test
+    scopes:
+      - {scope: "repo:{repo}:read", class: read}
+      - {scope: "repo:{repo}:write", class: write}
+    ttl: 60s
+"#;
+
+/// A depth-2 delegated JWT (root agent → sub/one → sub/python), redeemed by
+/// the Python client with its own SVID: PyJWT verifies it, and its RFC 8693
+/// `act` claim nests the chain with the current actor outermost, while `sub`
+/// stays the root task's owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_subagent_redeems_a_depth_two_delegation_and_pyjwt_checks_the_act_chain() {
+    let redis = RedisServer::start();
+    let mut options = BrokerOptions::redis(&redis);
+    options.templates = vec![DELEGATING.to_owned()];
+    let broker = TestBroker::start(options).await;
+    let mut root = broker.broker("agent/root").await;
+    let begun = root
+        .begin_task(pb::BeginTaskRequest {
+            template: "fanout".into(),
+            parameters: [("repo".to_owned(), "acme/widgets".to_owned())].into(),
+            intent: "fan out a review".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let one = root
+        .delegate_task(pb::DelegateTaskRequest {
+            parent_task_id: begun.task_id.clone(),
+            subagent: "spiffe://acme.test/sub/one".into(),
+            intent: "review the backend".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sub_one = broker.broker("sub/one").await;
+    sub_one
+        .redeem_delegation(pb::RedeemDelegationRequest {
+            task_id: one.task_id.clone(),
+            delegation_handle: one.delegation_handle.clone(),
+        })
+        .await
+        .unwrap();
+    let two = sub_one
+        .delegate_task(pb::DelegateTaskRequest {
+            parent_task_id: one.task_id.clone(),
+            subagent: "spiffe://acme.test/sub/python".into(),
+            grants: vec![pb::GrantScopes {
+                grant: "github".into(),
+                scopes: vec!["repo:acme/widgets:read".into()],
+            }],
+            intent: "read the tests".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(two.depth, 2);
+    let result = run_client_as(
+        &broker,
+        "sub/python",
+        &["--redeem-task", &two.task_id],
+        &[("LEASH_DELEGATION_HANDLE", two.delegation_handle.as_str())],
+    )
+    .await;
+    assert_eq!(result["began"], true, "{result}");
+    assert_eq!(result["completed"], true, "{result}");
+    assert_eq!(
+        result["actors"],
+        serde_json::json!([
+            "spiffe://acme.test/sub/python",
+            "spiffe://acme.test/sub/one",
+            "spiffe://acme.test/agent/root"
+        ])
+    );
+    for key in ["jwts_verified", "renewed_jwts_verified"] {
+        let verified = result[key].as_array().unwrap();
+        assert_eq!(verified.len(), 1, "{key}: {result}");
+        let claims = &verified[0];
+        assert_eq!(claims["sub"], "spiffe://acme.test/agent/root", "{claims}");
+        assert_eq!(
+            claims["scope"], "repo:acme/widgets:read",
+            "narrowed: {claims}"
+        );
+        assert_eq!(claims["bound"], true);
+        assert_eq!(
+            claims["act"],
+            serde_json::json!({
+                "sub": "spiffe://acme.test/sub/python",
+                "act": {"sub": "spiffe://acme.test/sub/one"}
+            }),
+            "{claims}"
+        );
+    }
+    broker.stop().await;
 }
