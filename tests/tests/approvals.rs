@@ -9,10 +9,13 @@
 //!   approver and the reason;
 //! - a denial withholds the gated grant for good; a pending request and an
 //!   unused approval both expire after `validity`;
-//! - the requester (or anyone matching only as a non-approver) can never
-//!   approve, and a refused decision changes nothing;
+//! - the requester can never approve its own request, even when the
+//!   approvers' pattern matches it; a non-approver is refused (NOT_FOUND from
+//!   another tenant); a refused decision changes nothing and is audited;
 //! - WatchTask streams PENDING, then APPROVED, and ends with the task;
-//! - the Rust SDK's `Task::approval` resolves to the decision.
+//! - a replayed BeginTask follows the approval; an ended task's approval is moot;
+//! - the Rust SDK's `Task::approval` resolves to the decision (approved,
+//!   denied, expired).
 #![allow(clippy::unwrap_used, reason = "test code: a panic is a test failure")]
 
 use std::time::Duration;
@@ -70,12 +73,19 @@ const HUMANS_AND_LEADS: &str =
 const AGENTS_TOO: &str =
     "    identities: [\"spiffe://acme.test/agent/*\", \"spiffe://acme.test/human/*\"]";
 
-/// `approvers` (the leads) before the catch-all class, all in tenant `default`.
+/// `approvers` (the leads) before the catch-all class, all in tenant
+/// `default`; partners are of another tenant.
 const ACTORS: &str = r#"[[actors.classes]]
 name = "approvers"
 tenant = "default"
 owner = "platform@acme.test"
 identities = ["spiffe://acme.test/lead/*"]
+
+[[actors.classes]]
+name = "partners"
+tenant = "partner"
+owner = "platform@acme.test"
+identities = ["spiffe://acme.test/partner/*"]
 
 [[actors.classes]]
 name = "any"
@@ -446,6 +456,14 @@ async fn the_requester_and_non_approvers_cannot_decide() {
         assert_eq!(e.code(), Code::PermissionDenied, "{who}: {e:?}");
         assert!(e.message().contains("is not an approver"), "{e:?}");
     }
+    // Outside the task's tenant, the task does not exist.
+    let e = broker
+        .admin("partner/eve")
+        .await
+        .approve(decide(&begun.task_id, "sure"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     // Nothing changed.
     let after = task_info(&mut ops, &begun.task_id).await;
     assert_eq!(after, before);
@@ -457,6 +475,18 @@ async fn the_requester_and_non_approvers_cannot_decide() {
     let renewed = renew(&mut agent, &begun.task_id).await;
     assert_eq!(grants(&renewed.credentials), ["read"]);
     assert!(audit_line("approval.approved", &begun.task_id).is_none());
+    // Each refusal is in the audit trail, naming who tried.
+    let logs = leash_e2e::logs();
+    let refused = logs.lines().find(|l| {
+        l.contains("task.denied")
+            && l.contains(&begun.task_id)
+            && l.contains("spiffe://acme.test/agent/deployer")
+            && l.contains("never approve its own request")
+    });
+    assert!(
+        refused.is_some(),
+        "the self-approval refusal was not audited"
+    );
     assert!(audit_line("approval.denied", &begun.task_id).is_none());
     // A real approver still can.
     broker
@@ -658,6 +688,73 @@ async fn the_sdk_waits_for_the_decision() {
         other => panic!("expected ApprovalDenied, got {other:?}"),
     }
     assert!(denied.credential("deploy").is_none());
-    drop((task, denied));
+
+    // Nobody decides within the 1 s validity.
+    let brief = client
+        .begin_task(TaskRequest::new("deploy-brief").intent("deploy the release"))
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(20), brief.approval())
+        .await
+        .expect("approval() did not resolve")
+        .unwrap_err();
+    assert!(matches!(e, Error::ApprovalExpired), "{e:?}");
+    assert!(brief.credential("deploy").is_none());
+    assert!(brief.credential("read").is_some());
+    drop((task, denied, brief));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_begin_follows_the_approval_and_an_ended_task_is_moot() {
+    let redis = RedisServer::start();
+    let broker = broker(&redis).await;
+    let mut agent = broker.broker("agent/deployer").await;
+    let mut alice = broker.admin("human/alice").await;
+    let request = pb::BeginTaskRequest {
+        template: "deploy".into(),
+        intent: "deploy the release".into(),
+        idempotency_key: "release-1.2".into(),
+        ..Default::default()
+    };
+    let begun = agent
+        .begin_task(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let replay = agent
+        .begin_task(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(replay.replayed);
+    assert_eq!(grants(&replay.credentials), ["read"]);
+    assert_eq!(replay.state, pb::LeaseState::PendingApproval as i32);
+
+    alice.approve(decide(&begun.task_id, "ok")).await.unwrap();
+    // A replay is the answer as it stands now: the approval is used.
+    let replay = agent.begin_task(request).await.unwrap().into_inner();
+    assert_eq!(replay.task_id, begun.task_id);
+    assert_eq!(grants(&replay.credentials), ["deploy", "read"]);
+    assert_eq!(
+        approval_state(replay.approval.as_ref()),
+        pb::ApprovalState::Redeemed
+    );
+
+    // Once a task has ended, its approval cannot be decided.
+    let ended = begin(&mut agent, "deploy").await;
+    agent
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: ended.task_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let e = alice
+        .approve(decide(&ended.task_id, "late"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("the task has ended"), "{e:?}");
     broker.stop().await;
 }
