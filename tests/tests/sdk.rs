@@ -373,3 +373,46 @@ async fn the_same_idempotency_key_returns_the_same_task() {
     b.complete(Outcome::Succeeded, "").await.unwrap();
     a.complete(Outcome::Succeeded, "").await.unwrap();
 }
+
+/// The SDK's delegation: the parent's `task.delegate` gives a handle (as a
+/// token a parent can pass to a subagent process), the subagent's own client
+/// redeems it with its own SVID and holds only the narrowed grant, and the
+/// parent's completion ends the child at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subagent_redeems_a_delegation_with_its_own_svid() {
+    let redis = RedisServer::start();
+    let broker = TestBroker::start(options(BrokerOptions::redis(&redis))).await;
+    let parent_client = client(&broker).await;
+    let parent = parent_client.begin_task(steady()).await.unwrap();
+    let delegation = parent
+        .delegate(
+            leash_sdk::DelegationRequest::new("spiffe://acme.test/agent/sub")
+                .grant("github", Vec::<String>::new())
+                .intent("read the diff"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(delegation.depth(), 1);
+    let token = delegation.to_token();
+    assert!(!format!("{delegation:?}").contains(delegation.handle()));
+    let received = leash_sdk::Delegation::from_token(&token).unwrap();
+    let sub_client = client_as(&broker, "agent/sub", RetryPolicy::default()).await;
+    let child = sub_client.redeem_delegation(&received).await.unwrap();
+    assert_eq!(
+        child.actors(),
+        [
+            "spiffe://acme.test/agent/sub",
+            "spiffe://acme.test/agent/sdk"
+        ]
+    );
+    let github = child.credential("github").expect("the delegated grant");
+    assert!(child.credential("db").is_none(), "only what was delegated");
+    assert!(is_active(&broker, github.secret()).await);
+    // The handle works once.
+    assert!(sub_client.redeem_delegation(&received).await.is_err());
+    parent.complete(Outcome::Succeeded, "done").await.unwrap();
+    assert!(
+        !is_active(&broker, github.secret()).await,
+        "the child ends with its parent"
+    );
+}

@@ -4,7 +4,8 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `{P:s}:task:ID` | hash | `rec` (task JSON at begin), `state`, `deadline`, `max`, `ended`, `outcome`, `renewed` |
+//! | `{P:s}:task:ID` | hash | `rec` (task JSON at begin), `state`, `deadline`, `max`, `ended`, `outcome`, `renewed`; `appr`, `appr_dl`, `appr_by`, `appr_why`, `appr_at` (the approval); `handle` (SHA-256 of an unredeemed delegation handle); `desc` (live descendants of a root) |
+//! | `{P:s}:kids:ID` | set | the tasks delegated from ID (they share its shard) |
 //! | `{P:s}:creds:ID` | hash | credential id → credential record JSON (hash of the value, never the value) |
 //! | `{P:s}:cexp:ID` | zset | credential id by expiry |
 //! | `{P:s}:cgr:ID` | hash | grant → its live credential ids, oldest first (the per-grant cap) |
@@ -13,8 +14,10 @@
 //! | `{P:s}:revoked` | zset | `<credential id> <audience> <tenant>` by expiry, for snapshots |
 //! | `P:q:id:<owner>`, `P:q:class:<class>` | zset | live task ids by max lifetime (concurrency quotas) |
 //! | `P:q:rate:id:<owner>`, `P:q:rate:class:<class>` | hash | token bucket `t` (tokens), `ts` (ms) |
+//! | `P:kill` | hash | `<kind> <value>` → kill switch JSON |
+//! | `P:killpfx` | set | the identity prefixes among the kill switches |
 //!
-//! The quota keys (`P:q:…`) are per identity and per class, so they carry no
+//! The quota and kill-switch keys (`P:q:…`, `P:kill…`) are not per task, so they carry no
 //! shard hash tag: the begin, complete and reap scripts touch them beside the
 //! task's slot, which one Redis node allows; Redis Cluster (issue 11) needs
 //! them moved.
