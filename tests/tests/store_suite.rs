@@ -22,9 +22,11 @@ use std::{
 use leash_broker::{
     credentials::{opaque, value_digest},
     store::{
-        BeginOutcome, BeginQuota, Bucket, CompleteOutcome, CredentialId, CredentialRecord,
-        LeaseStore, MemoryStore, QuotaKind, RedisStore, RedisStoreOptions, RenewOutcome, Renewal,
-        SHARDS, StoreError, StoredKind, TaskId, TaskRecord, TaskState,
+        Approval, ApprovalDecision, ApprovalOutcome, ApprovalState, BeginOutcome, BeginQuota,
+        Bucket, CompleteOutcome, CredentialId, CredentialRecord, DelegateOutcome, EndReason,
+        KillSwitch, KillTarget, LeaseStore, MemoryStore, QuotaKind, RedeemOutcome, RedisStore,
+        RedisStoreOptions, RenewOutcome, Renewal, SHARDS, StoreError, StoredKind, TaskBinding,
+        TaskId, TaskRecord, TaskState,
     },
 };
 use leash_e2e::{RedisServer, eventually};
@@ -1093,6 +1095,301 @@ async fn read_after<S: LeaseStore>(
 }
 
 /// Runs each case once per store: `memory::<case>` and `redis::<case>`.
+
+// ---------------------------------------------------------------- delegation, approvals, kill switches
+
+/// A child of `parent` (same shard), not yet redeemed.
+fn child_of(parent: &TaskRecord, n: u8, owner: &str) -> TaskRecord {
+    let mut bytes = [0x77; 16];
+    bytes[1] = n;
+    let id = TaskId::in_shard(parent.id.shard(), bytes);
+    let mut actors = vec![owner.to_owned()];
+    if parent.actors.is_empty() {
+        actors.push(parent.owner.clone());
+    } else {
+        actors.extend(parent.actors.iter().cloned());
+    }
+    TaskRecord {
+        id,
+        owner: owner.into(),
+        parent: Some(parent.id.clone()),
+        root: Some(parent.root.clone().unwrap_or_else(|| parent.id.clone())),
+        depth: parent.depth + 1,
+        actors,
+        binding: TaskBinding::Delegated,
+        delegated: Some(BTreeMap::from([(
+            "github".to_owned(),
+            vec!["repo:acme/widgets:read".to_owned()],
+        )])),
+        // Asks for more than the parent has left: the store clamps it.
+        lease_deadline_ms: parent.lease_deadline_ms + 50_000,
+        max_deadline_ms: parent.max_deadline_ms + 50_000,
+        ..task(&parent.id, 0, 0)
+    }
+}
+
+async fn delegated<S: LeaseStore>(store: &S, child: &TaskRecord, handle: &str) -> TaskRecord {
+    match store.delegate(child, handle).await.unwrap() {
+        DelegateOutcome::Created(t) => *t,
+        other => panic!("delegate: {other:?}"),
+    }
+}
+
+async fn case_delegation_tree_ends_with_its_root<S: LeaseStore>(store: &S) {
+    let root_id = task_id(3, 1);
+    let root = task(&root_id, T0 + 10_000, T0 + 60_000);
+    begin_new(store, &root, &[cred(&root_id, 1, T0 + 10_000)]).await;
+    let child = delegated(store, &child_of(&root, 1, "spiffe://acme.test/sub/a"), "h1").await;
+    assert_eq!(child.id.shard(), 3);
+    assert_eq!(
+        child.lease_deadline_ms,
+        T0 + 10_000,
+        "clamped to the parent's lease"
+    );
+    assert_eq!(
+        child.max_deadline_ms,
+        T0 + 60_000,
+        "clamped to the parent's lifetime"
+    );
+    // The handle works once, and only the right one.
+    let bound = TaskRecord {
+        binding: TaskBinding::JwtSvid,
+        ..child.clone()
+    };
+    let c1 = cred(&child.id, 1, T0 + 9_000);
+    for (handle, want_ok) in [("wrong", false), ("h1", true), ("h1", false)] {
+        let got = store
+            .redeem(&bound, handle, T0 + 1, std::slice::from_ref(&c1))
+            .await
+            .unwrap();
+        match got {
+            RedeemOutcome::Redeemed(t) => {
+                assert!(want_ok, "redeemed with {handle}");
+                assert_eq!(t.binding, TaskBinding::JwtSvid);
+            }
+            RedeemOutcome::BadHandle => assert!(!want_ok, "refused {handle}"),
+            other => panic!("redeem: {other:?}"),
+        }
+    }
+    assert!(has_credential(store, &c1).await);
+    let grandchild = delegated(
+        store,
+        &child_of(&child, 2, "spiffe://acme.test/sub/b"),
+        "h2",
+    )
+    .await;
+    assert_eq!(grandchild.depth, 2);
+    assert_eq!(grandchild.root.as_ref(), Some(&root_id));
+    let CompleteOutcome::Ended {
+        task, descendants, ..
+    } = store.complete(&root_id, T0 + 2, "succeeded").await.unwrap()
+    else {
+        panic!("complete");
+    };
+    assert_eq!(task.state, TaskState::Completed);
+    let ended: BTreeSet<TaskId> = descendants.iter().map(|d| d.task.id.clone()).collect();
+    assert_eq!(
+        ended,
+        BTreeSet::from([child.id.clone(), grandchild.id.clone()])
+    );
+    for d in &descendants {
+        assert_eq!(d.task.state, TaskState::Revoked);
+        assert_eq!(d.reason, EndReason::Cascade);
+    }
+    let child_revoked = descendants.iter().find(|d| d.task.id == child.id).unwrap();
+    assert_eq!(child_revoked.revoked, vec![c1.id.clone()]);
+    assert!(!has_credential(store, &c1).await);
+    assert_eq!(
+        stored(store, &grandchild.id).await.state,
+        TaskState::Revoked
+    );
+    // An ended parent delegates nothing.
+    let late = child_of(&task, 3, "spiffe://acme.test/sub/c");
+    assert!(matches!(
+        store.delegate(&late, "h3").await.unwrap(),
+        DelegateOutcome::ParentNotActive(_)
+    ));
+}
+
+async fn case_reaping_a_parent_ends_its_children<S: LeaseStore>(store: &S) {
+    let root_id = task_id(4, 1);
+    let root = task(&root_id, T0 + 1_000, T0 + 60_000);
+    begin_new(store, &root, &[]).await;
+    let child = delegated(store, &child_of(&root, 1, "spiffe://acme.test/sub/a"), "h").await;
+    let reaped = store.reap(4, T0 + 1_000, 100).await.unwrap();
+    let reasons: BTreeMap<TaskId, EndReason> = reaped
+        .expired
+        .iter()
+        .map(|e| (e.task.id.clone(), e.reason))
+        .collect();
+    assert_eq!(reasons.get(&root_id), Some(&EndReason::Expiry));
+    assert_eq!(reasons.get(&child.id), Some(&EndReason::Cascade));
+}
+
+async fn case_kill_switches_refuse_and_revoke<S: LeaseStore>(store: &S) {
+    let rogue = "spiffe://acme.test/agent/rogue";
+    let mut victims = Vec::new();
+    for shard in 0..SHARDS {
+        let id = task_id(shard, 9);
+        let t = TaskRecord {
+            owner: rogue.into(),
+            ..task(&id, T0 + 10_000, T0 + 60_000)
+        };
+        begin_new(store, &t, &[cred(&id, 1, T0 + 10_000)]).await;
+        victims.push(id);
+    }
+    let bystander = task_id(0, 8);
+    begin_new(store, &task(&bystander, T0 + 10_000, T0 + 60_000), &[]).await;
+    let switch = KillSwitch {
+        kind: "identity".into(),
+        value: rogue.into(),
+        reason: "leaked".into(),
+        set_by: "spiffe://acme.test/ops/a".into(),
+        set_at_ms: T0,
+    };
+    store.set_kill_switch(&switch).await.unwrap();
+    assert_eq!(store.kill_switches().await.unwrap(), vec![switch.clone()]);
+    let again = TaskRecord {
+        owner: rogue.into(),
+        ..task(&task_id(1, 7), T0 + 10_000, T0 + 60_000)
+    };
+    match store.begin(&again, &[]).await.unwrap() {
+        BeginOutcome::Killed(k) => {
+            assert_eq!((k.kind.as_str(), k.reason.as_str()), ("identity", "leaked"))
+        }
+        other => panic!("a killed identity began: {other:?}"),
+    }
+    let target = KillTarget::Identity(rogue.into());
+    let mut ended = Vec::new();
+    for shard in 0..SHARDS {
+        let mut cursor = 0;
+        loop {
+            let page = store.live_tasks(shard, cursor, 2).await.unwrap();
+            ended.extend(
+                store
+                    .revoke_tasks(shard, &page.ids, &target, "killed", T0 + 1)
+                    .await
+                    .unwrap(),
+            );
+            match page.next {
+                Some(n) => cursor = n,
+                None => break,
+            }
+        }
+    }
+    let ended_ids: BTreeSet<TaskId> = ended.iter().map(|e| e.task.id.clone()).collect();
+    assert_eq!(ended_ids, victims.iter().cloned().collect());
+    assert!(
+        ended
+            .iter()
+            .all(|e| e.reason == EndReason::KillSwitch && e.revoked.len() == 1)
+    );
+    assert_eq!(stored(store, &victims[3]).await.state, TaskState::Revoked);
+    assert_eq!(
+        stored(store, &victims[3]).await.outcome.as_deref(),
+        Some("killed")
+    );
+    assert_eq!(stored(store, &bystander).await.state, TaskState::Active);
+    assert!(store.lift_kill_switch("identity", rogue).await.unwrap());
+    assert!(!store.lift_kill_switch("identity", rogue).await.unwrap());
+    begin_new(store, &again, &[]).await;
+}
+
+fn gated(id: &TaskId) -> TaskRecord {
+    TaskRecord {
+        approval: Some(Approval {
+            grants: vec!["github".into()],
+            approvers: vec!["spiffe://acme.test/human/*".into()],
+            approver_classes: Vec::new(),
+            validity_ms: 1_000,
+            issue_others: true,
+            status: Default::default(),
+        }),
+        ..task(id, T0 + 30_000, T0 + 60_000)
+    }
+}
+
+async fn case_approvals_are_decided_once_and_expire<S: LeaseStore>(store: &S) {
+    let id = task_id(6, 1);
+    begin_new(store, &gated(&id), &[]).await;
+    let a = stored(store, &id).await.approval.unwrap();
+    assert_eq!(
+        (a.status.state, a.status.deadline_ms),
+        (ApprovalState::Pending, T0 + 1_000)
+    );
+    let yes = ApprovalDecision {
+        approve: true,
+        by: "spiffe://acme.test/human/a".into(),
+        reason: "fine".into(),
+    };
+    let ApprovalOutcome::Decided(t) = store.decide_approval(&id, &yes, T0 + 10).await.unwrap()
+    else {
+        panic!("approve");
+    };
+    let a = t.approval.unwrap();
+    assert_eq!(a.status.state, ApprovalState::Approved);
+    assert_eq!(
+        a.status.deadline_ms,
+        T0 + 1_010,
+        "the approval's own validity"
+    );
+    assert_eq!(
+        a.status.decided_by.as_deref(),
+        Some("spiffe://acme.test/human/a")
+    );
+    assert!(matches!(
+        store.decide_approval(&id, &yes, T0 + 20).await.unwrap(),
+        ApprovalOutcome::NotPending(_)
+    ));
+    let renewal = |now| Renewal {
+        now_ms: now,
+        extend_by_ms: 1_000,
+        min_interval_ms: None,
+        credentials: &[],
+        redeems_approval: true,
+    };
+    assert!(matches!(
+        store.renew(&id, renewal(T0 + 30)).await.unwrap(),
+        RenewOutcome::Renewed { .. }
+    ));
+    assert_eq!(
+        stored(store, &id).await.approval.unwrap().status.state,
+        ApprovalState::Redeemed
+    );
+    // Used: later renewals keep the grants, past the approval's validity too.
+    assert!(matches!(
+        store.renew(&id, renewal(T0 + 5_000)).await.unwrap(),
+        RenewOutcome::Renewed { .. }
+    ));
+
+    // Undecided past its validity: expired, and an approval then changes nothing.
+    let late = task_id(6, 2);
+    begin_new(store, &gated(&late), &[]).await;
+    assert!(matches!(
+        store
+            .decide_approval(&late, &yes, T0 + 1_000)
+            .await
+            .unwrap(),
+        ApprovalOutcome::NotPending(_)
+    ));
+    assert_eq!(
+        stored(store, &late)
+            .await
+            .approval
+            .unwrap()
+            .state_at(T0 + 1_000),
+        ApprovalState::Expired
+    );
+    // Approved but unused in time: the renewal that would issue the grants is refused.
+    let unused = task_id(6, 3);
+    begin_new(store, &gated(&unused), &[]).await;
+    store.decide_approval(&unused, &yes, T0 + 10).await.unwrap();
+    assert!(matches!(
+        store.renew(&unused, renewal(T0 + 1_010)).await.unwrap(),
+        RenewOutcome::ApprovalLapsed(_)
+    ));
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -1140,6 +1437,10 @@ store_suite!(
     case_cursor_ahead_of_the_log_is_a_gap,
     case_revoked_set_is_read_in_pages,
     case_cursor_without_snapshot,
+    case_delegation_tree_ends_with_its_root,
+    case_reaping_a_parent_ends_its_children,
+    case_kill_switches_refuse_and_revoke,
+    case_approvals_are_decided_once_and_expire,
 );
 
 /// A watcher further behind than the log keeps (entries after its cursor were
