@@ -1094,8 +1094,6 @@ async fn read_after<S: LeaseStore>(
     }
 }
 
-/// Runs each case once per store: `memory::<case>` and `redis::<case>`.
-
 // ---------------------------------------------------------------- delegation, approvals, kill switches
 
 /// A child of `parent` (same shard), not yet redeemed.
@@ -1390,6 +1388,7 @@ async fn case_approvals_are_decided_once_and_expire<S: LeaseStore>(store: &S) {
     ));
 }
 
+/// Runs each case once per store: `memory::<case>` and `redis::<case>`.
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         mod memory {
