@@ -497,3 +497,36 @@ fn identities_are_in_their_class_and_tenant_and_grants_in_their_template() {
     let low = decision(&t, "repo-cleanup", None, WED_0900Z);
     assert_eq!(judge("agent", "default", &low), vec!["attrs"]);
 }
+
+#[test]
+fn delegation_depth_and_the_actor_chain_reach_policies() {
+    let (t, _) = examples();
+    let dir = dir_with(&[(
+        "d.cedar",
+        "@id(\"all\")\npermit (principal, action, resource);\n\
+         @id(\"shallow\")\nforbid (principal, action, resource) when { context.delegation_depth > 1 };\n\
+         @id(\"no-evil\")\nforbid (principal, action, resource)\n  when { context.actors.contains(\"spiffe://acme.test/sub/evil\") };\n",
+    )]);
+    let p = load_dir(dir.path(), "UTC").unwrap();
+    let who = caller(true);
+    let judge = |d: &Decision| {
+        p.evaluate(&policy::policy_request(
+            &who, "agent", "default", d, WED_0900Z,
+        ))
+        .unwrap()
+        .determining
+    };
+    let mut d = decision(&t, "db-readonly", None, WED_0900Z);
+    assert_eq!(judge(&d), vec!["all"], "a task begun directly");
+    d.delegation_depth = 1;
+    d.actors = vec![
+        "spiffe://acme.test/sub/good".into(),
+        "spiffe://acme.test/agent/root".into(),
+    ];
+    assert_eq!(judge(&d), vec!["all"]);
+    d.actors.insert(0, "spiffe://acme.test/sub/evil".into());
+    assert_eq!(judge(&d), vec!["no-evil"]);
+    d.actors.remove(0);
+    d.delegation_depth = 2;
+    assert_eq!(judge(&d), vec!["shallow"]);
+}
