@@ -646,3 +646,48 @@ async fn admin_calls_by_non_admins_are_denied_and_bad_input_is_named() {
     assert_eq!(templates.templates.len(), 3);
     broker.stop().await;
 }
+
+/// ListTasks pages through every task with a filter, each task once, and a
+/// token it did not issue is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_tasks_pages_through_everything_it_filters() {
+    let redis = RedisServer::start();
+    let broker = TestBroker::start(options(&redis)).await;
+    let mine = populate(&broker, &["agent/lister".to_owned()], "fleet", 30).await;
+    populate(&broker, &["agent/else".to_owned()], "other", 10).await;
+    let mut admin = broker.admin("ops/carol").await;
+    let mut seen = HashSet::new();
+    let mut token = String::new();
+    for _ in 0..100 {
+        let page = admin
+            .list_tasks(pb::ListTasksRequest {
+                identity: "spiffe://acme.test/agent/lister".into(),
+                template: "fleet".into(),
+                page_size: 7,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for t in page.tasks {
+            assert_eq!(t.owner, "spiffe://acme.test/agent/lister");
+            seen.insert(t.task_id);
+        }
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let want: HashSet<String> = mine.iter().map(|t| t.task_id.clone()).collect();
+    assert_eq!(seen, want);
+    let err = admin
+        .list_tasks(pb::ListTasksRequest {
+            page_token: "not-a-token".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    broker.stop().await;
+}
