@@ -427,3 +427,256 @@ identities = ["spiffe://acme.test/agent/*"]
         .unwrap();
     assert!(alone.status.success());
 }
+
+/// Starts `leash dev` in `dir` on free loopback ports; returns it and its agent port.
+fn start_dev(dir: &Path) -> (Dev, u16) {
+    let (agent, ops) = (free_port(), free_port());
+    let child = Command::new(LEASH)
+        .args(["dev", "--dir"])
+        .arg(dir)
+        .args(["--agent-addr", &format!("127.0.0.1:{agent}")])
+        .args(["--ops-addr", &format!("127.0.0.1:{ops}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut dev = Dev(child);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", agent)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "leash dev did not start"
+        );
+        assert!(
+            dev.0.try_wait().unwrap().is_none(),
+            "leash dev exited early"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (dev, agent)
+}
+
+/// The payload of a JWS compact JWT, decoded (no signature check: the
+/// broker's introspection is what vouches for it).
+fn jwt_payload(jwt: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let payload = jwt.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[test]
+fn dev_walkthrough_delegates_approves_and_kills() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let (_dev, port) = start_dev(&dir);
+    let run = |args: &[&str]| leash(args, &dir, port);
+    let subagent_cert = dir.join("subagent.pem").display().to_string();
+    let subagent_key = dir.join("subagent-key.pem").display().to_string();
+
+    // Delegation: begin as the agent, hand the read scope to the subagent.
+    let parent = json(&run(&[
+        "task",
+        "begin",
+        "--template",
+        "demo",
+        "--param",
+        "repo=acme/widgets",
+        "--intent",
+        "review PR 42",
+    ]));
+    let parent_id = parent["task_id"].as_str().unwrap().to_owned();
+    let delegated = json(&run(&[
+        "task",
+        "delegate",
+        &parent_id,
+        "--to",
+        "spiffe://leash.dev/subagent/demo",
+        "--grant",
+        "github=repo:acme/widgets:read",
+        "--ttl",
+        "30s",
+        "--intent",
+        "read the diff",
+        "--json",
+    ]));
+    assert_eq!(delegated["depth"], 1);
+    let child_id = delegated["task_id"].as_str().unwrap().to_owned();
+    let handle = delegated["delegation_handle"].as_str().unwrap().to_owned();
+
+    // Redeem as the subagent, with the handle from the environment.
+    let out = Command::new(LEASH)
+        .args(["task", "redeem", &child_id])
+        .args(["--cert", &subagent_cert, "--key", &subagent_key])
+        .env("LEASH_DEV_DIR", &dir)
+        .env("LEASH_BROKER", format!("https://localhost:{port}"))
+        .env("LEASH_DELEGATION_HANDLE", &handle)
+        .env_remove("LEASH_CA")
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&handle)
+            && !String::from_utf8_lossy(&out.stderr).contains(&handle),
+        "redeem must not echo the handle"
+    );
+    let redeemed = json(&out);
+    assert_eq!(redeemed["state"], "LEASE_STATE_ACTIVE");
+    let creds = redeemed["credentials"].as_array().unwrap();
+    assert_eq!(creds.len(), 1, "only the delegated grant: {redeemed}");
+    assert_eq!(
+        creds[0]["scopes"],
+        serde_json::json!(["repo:acme/widgets:read"])
+    );
+    let child_jwt = creds[0]["value"].as_str().unwrap().to_owned();
+
+    // The child's JWT: sub is the root owner, act names the subagent.
+    let claims = jwt_payload(&child_jwt);
+    assert_eq!(claims["sub"], "spiffe://leash.dev/agent/demo");
+    assert_eq!(
+        claims["act"],
+        serde_json::json!({ "sub": "spiffe://leash.dev/subagent/demo" })
+    );
+    let active = json(&run(&["token", "introspect", &child_jwt]));
+    assert_eq!(active["active"], true);
+    assert_eq!(active["act"], claims["act"], "the CLI shows the same chain");
+
+    // A second redeem of the same handle is refused.
+    let again = Command::new(LEASH)
+        .args(["task", "redeem", &child_id, "--handle", &handle])
+        .args(["--cert", &subagent_cert, "--key", &subagent_key])
+        .env("LEASH_DEV_DIR", &dir)
+        .env("LEASH_BROKER", format!("https://localhost:{port}"))
+        .env_remove("LEASH_CA")
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "a handle works once");
+
+    // The parent ends: the child ends with it.
+    let done = json(&run(&["task", "complete", &parent_id]));
+    assert_eq!(done["revoked_descendants"], 1);
+    let inactive = json(&run(&["token", "introspect", &child_jwt]));
+    assert_eq!(inactive["active"], false);
+
+    // Approval: the gated grant is withheld until an admin approves.
+    let gated = json(&run(&[
+        "task",
+        "begin",
+        "--template",
+        "demo-deploy",
+        "--param",
+        "repo=acme/widgets",
+        "--intent",
+        "deploy to staging",
+    ]));
+    assert_eq!(gated["state"], "LEASE_STATE_PENDING_APPROVAL");
+    assert_eq!(gated["approval"]["state"], "APPROVAL_STATE_PENDING");
+    assert_eq!(gated["approval"]["grants"], serde_json::json!(["deploy"]));
+    let grants = |v: &serde_json::Value| -> Vec<String> {
+        v["credentials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["grant"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(grants(&gated), ["github"], "issue_others: the rest at once");
+    let gated_id = gated["task_id"].as_str().unwrap().to_owned();
+    let pending = run(&["admin", "tasks", "--state", "pending-approval"]);
+    assert!(pending.status.success());
+    assert!(String::from_utf8_lossy(&pending.stdout).contains(&gated_id));
+    // The agent cannot approve its own task (it is no approver).
+    let agent_cert = dir.join("agent.pem").display().to_string();
+    let agent_key = dir.join("agent-key.pem").display().to_string();
+    let own = run(&[
+        "admin",
+        "approve",
+        &gated_id,
+        "--reason",
+        "me",
+        "--cert",
+        &agent_cert,
+        "--key",
+        &agent_key,
+    ]);
+    assert!(!own.status.success());
+    let approved = run(&["admin", "approve", &gated_id, "--reason", "CHG-7 reviewed"]);
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    let renewed = json(&run(&["task", "renew", &gated_id]));
+    assert_eq!(renewed["state"], "LEASE_STATE_ACTIVE");
+    assert_eq!(grants(&renewed), ["github", "deploy"]);
+    assert_eq!(
+        renewed["approval"]["decided_by"],
+        "spiffe://leash.dev/admin/demo"
+    );
+    // `task watch` prints the current state, then every change, and ends
+    // with the task.
+    let watch = Command::new(LEASH)
+        .args(["task", "watch", &gated_id])
+        .env("LEASH_DEV_DIR", &dir)
+        .env("LEASH_BROKER", format!("https://localhost:{port}"))
+        .env_remove("LEASH_CA")
+        .env_remove("LEASH_CERT")
+        .env_remove("LEASH_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = json(&run(&["task", "complete", &gated_id]));
+    let watched = watch.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&watched.stdout);
+    assert!(watched.status.success(), "{text}");
+    assert!(text.contains("LEASE_STATE_ACTIVE"), "{text}");
+    assert!(text.contains("LEASE_STATE_COMPLETED"), "{text}");
+
+    // Kill switch: revoke the agent, a new begin is refused until lifted.
+    let killed = run(&[
+        "admin",
+        "revoke",
+        "identity",
+        "spiffe://leash.dev/agent/demo",
+        "--reason",
+        "INC-12",
+    ]);
+    assert!(killed.status.success());
+    let refused = run(&[
+        "task",
+        "begin",
+        "--template",
+        "demo",
+        "--param",
+        "repo=acme/widgets",
+        "--intent",
+        "again",
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("kill switch"));
+    let switches = run(&["admin", "kill-switches"]);
+    assert!(String::from_utf8_lossy(&switches.stdout).contains("spiffe://leash.dev/agent/demo"));
+    let lifted = run(&[
+        "admin",
+        "lift",
+        "identity",
+        "spiffe://leash.dev/agent/demo",
+        "--reason",
+        "resolved",
+    ]);
+    assert!(lifted.status.success());
+    let after = json(&run(&[
+        "task",
+        "begin",
+        "--template",
+        "demo",
+        "--param",
+        "repo=acme/widgets",
+        "--intent",
+        "after the lift",
+    ]));
+    assert_eq!(after["state"], "LEASE_STATE_ACTIVE");
+}

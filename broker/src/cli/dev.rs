@@ -121,6 +121,9 @@ lease:
   ttl: 60s
   max_ttl: 5m
   max_lifetime: 1h
+delegation:                        # `leash task delegate` hands a narrower child task
+  max_depth: 2
+  may_act: [spiffe://{td}/subagent/*]
 grants:
   - name: github
     kind: jwt
@@ -134,6 +137,46 @@ grants:
     audience: postgres://db.example/app
     scopes: [{ scope: "db:app:select", class: read }]
     ttl: 30s
+"#;
+
+/// The second sample template: a deploy whose `deploy` grant waits for an
+/// admin's yes (`leash admin approve`), while the read grant is issued at once.
+pub const DEPLOY_TEMPLATE: &str = r#"# A sample gated template written by `leash dev`.
+# Reference: docs/templates.md
+name: demo-deploy
+version: "1"
+owner: platform-team@example.com
+description: Deploy one repository to staging, after an admin approves.
+identities:
+  - spiffe://{td}/agent/*
+parameters:
+  repo:
+    type: string
+    pattern: "[a-z0-9-]+/[a-z0-9-]+"
+    required: true
+lease:
+  ttl: 60s
+  max_ttl: 5m
+  max_lifetime: 1h
+  min_renew_interval: 0s           # so the walkthrough can renew right after approving
+approval:
+  grants: [deploy]                 # withheld until approved
+  approvers: { classes: [admins] } # admin.pem; never the task's own owner
+  validity: 15m                    # pending this long at most, then expired
+  while_pending: issue_others      # the github grant is issued at once
+grants:
+  - name: github
+    kind: jwt
+    audience: https://api.github.example
+    scopes:
+      - { scope: "repo:{repo}:read", class: read }
+    ttl: 60s
+  - name: deploy
+    kind: jwt
+    audience: https://deploy.example
+    scopes:
+      - { scope: "deploy:{repo}:staging", class: write }
+    ttl: 60s
 "#;
 
 /// The template `leash bench` declares: the demo's grants, with the renewal
@@ -213,6 +256,12 @@ pub fn prepare(args: &DevArgs) -> Result<Config, DevError> {
     )?;
     write(
         &dir.join("templates"),
+        "demo-deploy.yaml",
+        &DEPLOY_TEMPLATE.replace("{td}", td),
+        false,
+    )?;
+    write(
+        &dir.join("templates"),
         "bench.yaml",
         &bench_template().replace("{td}", td),
         false,
@@ -252,7 +301,7 @@ durability = "none"
 # Who may introspect and watch revocations, and of which audiences' credentials
 # (the first entry matching the caller decides; ["*"] means every audience).
 callers = [
-  {{ identity = "spiffe://{td}/resource/*", audiences = ["https://api.github.example", "postgres://db.example/app"] }},
+  {{ identity = "spiffe://{td}/resource/*", audiences = ["https://api.github.example", "postgres://db.example/app", "https://deploy.example"] }},
 ]
 
 # Who may call the Admin service (inventory, kill switches): the dev admin
@@ -343,6 +392,11 @@ pub fn next_steps(args: &DevArgs, program: &str) -> String {
          {program} admin tasks                              # as the admin, admin.pem\n  \
          {program} task complete <task_id printed above>\n  \
          {program} token introspect '<the same value>'      # now {{\"active\": false}}\n\n\
+         Delegate and approve (see README \"Delegation\" and \"Approvals\"):\n\n  \
+         {program} task delegate <task_id> --to spiffe://{td}/subagent/demo --grant github --intent \"read the diff\"\n  \
+         {program} task redeem <child task_id> --cert {dir}/subagent.pem --key {dir}/subagent-key.pem  # LEASH_DELEGATION_HANDLE=<handle>\n  \
+         {program} task begin --template demo-deploy --param repo=acme/widgets --intent \"deploy\"  # waits for approval\n  \
+         {program} admin approve <task_id> --reason \"...\"\n\n\
          Act as the subagent with --cert {dir}/subagent.pem --key {dir}/subagent-key.pem.\n\
          Press Ctrl-C to stop.\n",
         ops = args.ops_addr,
@@ -351,7 +405,16 @@ pub fn next_steps(args: &DevArgs, program: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{DEMO_TEMPLATE, bench_template};
+    use super::{DEMO_TEMPLATE, DEPLOY_TEMPLATE, bench_template};
+
+    #[test]
+    fn the_sample_templates_parse_with_delegation_and_approval() {
+        for (name, src) in [("demo", DEMO_TEMPLATE), ("demo-deploy", DEPLOY_TEMPLATE)] {
+            let src = src.replace("{td}", "leash.dev");
+            let parsed = crate::templates::parse_str(std::path::Path::new(name), &src);
+            assert!(parsed.is_ok(), "{name}: {:?}", parsed.err());
+        }
+    }
 
     #[test]
     fn the_bench_template_is_the_demo_with_renewal_limit_off() {

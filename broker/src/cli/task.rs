@@ -1,4 +1,4 @@
-//! `leash task begin|renew|complete`, `leash token introspect`, `leash jwks`:
+//! `leash task begin|renew|complete|delegate|redeem|watch`, `leash token introspect`, `leash jwks`:
 //! a small client that prints JSON, for trying the flow without writing code.
 
 use std::time::Duration;
@@ -36,6 +36,52 @@ pub enum TaskCommand {
     /// Extend a task's lease and print fresh credentials.
     Renew {
         /// Task id from `task begin`.
+        task_id: String,
+        /// Connection.
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Hand a narrower child task to a subagent; prints the child task id and
+    /// its delegation handle, a secret for that subagent only.
+    Delegate {
+        /// The parent task id (yours, live).
+        parent_task_id: String,
+        /// SPIFFE ID of the subagent that will own the child task.
+        #[arg(long)]
+        to: String,
+        /// Grant the child gets, `NAME` (all the parent's scopes of it) or
+        /// `NAME=SCOPE,SCOPE`; repeat for each [default: every live grant].
+        #[arg(long = "grant", short = 'g', value_parser = parse_grant)]
+        grants: Vec<pb::GrantScopes>,
+        /// Lease TTL wanted, e.g. `30s` (clamped to the parent's remaining lease).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// What the subagent will do, in plain words.
+        #[arg(long, short)]
+        intent: String,
+        /// Print only the JSON (no note on stderr about the handle).
+        #[arg(long)]
+        json: bool,
+        /// Connection.
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Redeem a delegation handle (as the subagent: `--cert`/`--key` of its
+    /// SVID) and print the child task's lease and credentials.
+    Redeem {
+        /// The child task id from `task delegate`.
+        task_id: String,
+        /// The delegation handle from `task delegate` (a secret; prefer the env variable).
+        #[arg(long, env = "LEASH_DELEGATION_HANDLE", hide_env_values = true)]
+        handle: String,
+        /// Connection.
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Print the task's state at once and at every change (one JSON line each)
+    /// until the broker ends the stream; Ctrl-C stops.
+    Watch {
+        /// Task id.
         task_id: String,
         /// Connection.
         #[command(flatten)]
@@ -85,6 +131,69 @@ fn parse_param(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{s:?} is not name=value"))
+}
+
+fn parse_grant(s: &str) -> Result<pb::GrantScopes, String> {
+    let (grant, scopes) = match s.split_once('=') {
+        Some((g, sc)) => (
+            g,
+            sc.split(',')
+                .filter(|x| !x.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ),
+        None => (s, Vec::new()),
+    };
+    if grant.is_empty() {
+        return Err(format!("{s:?} is not NAME or NAME=SCOPE,SCOPE"));
+    }
+    Ok(pb::GrantScopes {
+        grant: grant.to_owned(),
+        scopes,
+    })
+}
+
+fn state(s: i32) -> &'static str {
+    pb::LeaseState::try_from(s).map_or("?", |s| s.as_str_name())
+}
+
+fn approval(a: Option<&pb::Approval>) -> Value {
+    a.map_or(Value::Null, |a| {
+        json!({
+            "state": pb::ApprovalState::try_from(a.state).map_or("?", |s| s.as_str_name()),
+            "grants": a.grants,
+            "expires_at": time(a.expires_at.as_ref()),
+            "decided_by": a.decided_by,
+            "reason": a.reason,
+            "decided_at": time(a.decided_at.as_ref()),
+        })
+    })
+}
+
+fn begin_json(r: &pb::BeginTaskResponse) -> Value {
+    let mut v = json!({
+        "task_id": r.task_id,
+        "state": state(r.state),
+        "lease_expires_at": time(r.lease_expires_at.as_ref()),
+        "max_lifetime_at": time(r.max_lifetime_at.as_ref()),
+        "replayed": r.replayed,
+        "credentials": credentials(&r.credentials),
+    });
+    if let Some(o) = v.as_object_mut() {
+        if r.approval.is_some() {
+            o.insert("approval".into(), approval(r.approval.as_ref()));
+        }
+        if !r.actors.is_empty() {
+            o.insert("actors".into(), json!(r.actors));
+        }
+    }
+    v
+}
+
+fn grants_json(g: &[pb::GrantScopes]) -> Value {
+    g.iter()
+        .map(|g| json!({ "grant": g.grant, "scopes": g.scopes }))
+        .collect()
 }
 
 fn time(ts: Option<&prost_types::Timestamp>) -> Value {
@@ -144,13 +253,82 @@ pub async fn run_task(cmd: TaskCommand) -> Result<Value, CommandError> {
                 })
                 .await?
                 .into_inner();
+            Ok(begin_json(&r))
+        }
+        TaskCommand::Delegate {
+            parent_task_id,
+            to,
+            grants,
+            ttl,
+            intent,
+            json,
+            connect,
+        } => {
+            let mut client = BrokerClient::new(connect.connect("agent").await?);
+            let r = client
+                .delegate_task(pb::DelegateTaskRequest {
+                    parent_task_id,
+                    subagent: to.clone(),
+                    grants,
+                    requested_ttl: ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
+                    intent,
+                })
+                .await?
+                .into_inner();
+            if !json {
+                eprintln!(
+                    "leash: the delegation handle is a one-time secret for {to} only: \
+                     pass it to the subagent (e.g. LEASH_DELEGATION_HANDLE) and nowhere else"
+                );
+            }
             Ok(json!({
                 "task_id": r.task_id,
+                "delegation_handle": r.delegation_handle,
+                "subagent": to,
+                "depth": r.depth,
                 "lease_expires_at": time(r.lease_expires_at.as_ref()),
                 "max_lifetime_at": time(r.max_lifetime_at.as_ref()),
-                "replayed": r.replayed,
-                "credentials": credentials(&r.credentials),
+                "grants": grants_json(&r.grants),
             }))
+        }
+        TaskCommand::Redeem {
+            task_id,
+            handle,
+            connect,
+        } => {
+            let mut client = BrokerClient::new(connect.connect("agent").await?);
+            let r = client
+                .redeem_delegation(pb::RedeemDelegationRequest {
+                    task_id,
+                    delegation_handle: handle,
+                })
+                .await?
+                .into_inner();
+            Ok(begin_json(&r))
+        }
+        TaskCommand::Watch { task_id, connect } => {
+            let mut client = BrokerClient::new(connect.connect("agent").await?);
+            let mut stream = client
+                .watch_task(pb::WatchTaskRequest {
+                    task_id: task_id.clone(),
+                })
+                .await?
+                .into_inner();
+            let mut events = 0_u64;
+            while let Some(e) = stream.message().await? {
+                events += 1;
+                let mut line = json!({
+                    "task_id": e.task_id,
+                    "state": state(e.state),
+                    "lease_expires_at": time(e.lease_expires_at.as_ref()),
+                });
+                if let (Some(o), Some(_)) = (line.as_object_mut(), e.approval.as_ref()) {
+                    o.insert("approval".into(), approval(e.approval.as_ref()));
+                }
+                println!("{line}");
+            }
+            // The stream ended (the task ended, or the broker closed it).
+            Ok(json!({ "task_id": task_id, "events": events, "stream": "ended" }))
         }
         TaskCommand::Renew { task_id, connect } => {
             let mut client = BrokerClient::new(connect.connect("agent").await?);
@@ -173,12 +351,17 @@ pub async fn run_task(cmd: TaskCommand) -> Result<Value, CommandError> {
                 other => other?,
             }
             .into_inner();
-            Ok(json!({
+            let mut v = json!({
                 "task_id": r.task_id,
+                "state": state(r.state),
                 "lease_expires_at": time(r.lease_expires_at.as_ref()),
                 "max_lifetime_at": time(r.max_lifetime_at.as_ref()),
                 "credentials": credentials(&r.credentials),
-            }))
+            });
+            if let (Some(o), Some(_)) = (v.as_object_mut(), r.approval.as_ref()) {
+                o.insert("approval".into(), approval(r.approval.as_ref()));
+            }
+            Ok(v)
         }
         TaskCommand::Complete {
             task_id,
@@ -204,6 +387,7 @@ pub async fn run_task(cmd: TaskCommand) -> Result<Value, CommandError> {
                 "task_id": r.task_id,
                 "state": pb::LeaseState::try_from(r.state).map(|s| s.as_str_name()).unwrap_or("?"),
                 "revoked_credentials": r.revoked_credentials,
+                "revoked_descendants": r.revoked_descendants,
             }))
         }
     }
@@ -228,7 +412,22 @@ pub async fn run_token(cmd: TokenCommand) -> Result<Value, CommandError> {
         "exp": time(r.exp.as_ref()), "iat": time(r.iat.as_ref()), "jti": r.jti,
         "token_type": r.token_type, "task_id": r.task_id, "template": r.template,
         "grant": r.grant, "cnf": { "x5t#S256": r.cnf_x5t_s256 },
+        "actors": r.actors, "act": act_chain(&r.actors),
     }))
+}
+
+/// The RFC 8693 `act` claim of a delegated credential, from introspection's
+/// actors (current actor first; the root task's owner is the `sub`, not in the
+/// list); `null` for a credential of a task begun directly. The same nesting
+/// as the JWT's claim.
+fn act_chain(actors: &[String]) -> Value {
+    actors.iter().rev().fold(Value::Null, |inner, a| {
+        if inner.is_null() {
+            json!({ "sub": a })
+        } else {
+            json!({ "sub": a, "act": inner })
+        }
+    })
 }
 
 /// Fetches the JWK Set.
