@@ -1388,6 +1388,93 @@ async fn case_approvals_are_decided_once_and_expire<S: LeaseStore>(store: &S) {
     ));
 }
 
+async fn case_a_child_of_a_lapsed_parent_cannot_renew_or_redeem<S: LeaseStore>(store: &S) {
+    let root_id = task_id(7, 1);
+    let root = task(&root_id, T0 + 1_000, T0 + 60_000);
+    begin_new(store, &root, &[]).await;
+    let child = delegated(store, &child_of(&root, 1, "spiffe://acme.test/sub/a"), "h").await;
+    let later = delegated(store, &child_of(&root, 2, "spiffe://acme.test/sub/b"), "h2").await;
+    let bound = TaskRecord {
+        binding: TaskBinding::JwtSvid,
+        ..child.clone()
+    };
+    assert!(matches!(
+        store.redeem(&bound, "h", T0 + 10, &[]).await.unwrap(),
+        RedeemOutcome::Redeemed(_)
+    ));
+    // Renewed while the parent is live, the child's lease reaches past the
+    // parent's (it is bounded by the parent's max lifetime only).
+    let early = Renewal {
+        now_ms: T0 + 500,
+        extend_by_ms: 1_000,
+        min_interval_ms: None,
+        credentials: &[],
+        redeems_approval: false,
+    };
+    assert!(matches!(
+        store.renew(&child.id, early).await.unwrap(),
+        RenewOutcome::Renewed { .. }
+    ));
+    // The parent's lease lapses (the reaper has not run yet): the child's own
+    // deadline is still ahead, but it may no longer renew.
+    let renewal = Renewal {
+        now_ms: T0 + 1_000,
+        extend_by_ms: 1_000,
+        min_interval_ms: None,
+        credentials: &[],
+        redeems_approval: false,
+    };
+    assert!(matches!(
+        store.renew(&child.id, renewal).await.unwrap(),
+        RenewOutcome::NotActive(_)
+    ));
+    let bound_later = TaskRecord {
+        binding: TaskBinding::JwtSvid,
+        ..later.clone()
+    };
+    assert!(matches!(
+        store
+            .redeem(&bound_later, "h2", T0 + 1_000, &[])
+            .await
+            .unwrap(),
+        RedeemOutcome::NotActive(_)
+    ));
+}
+
+async fn case_a_kill_switch_over_many_pages_of_one_shard<S: LeaseStore>(store: &S) {
+    let owner = "spiffe://acme.test/agent/many";
+    let mut all = BTreeSet::new();
+    for n in 0..450u16 {
+        let mut bytes = [0x33; 16];
+        bytes[1..3].copy_from_slice(&n.to_be_bytes());
+        let id = TaskId::in_shard(2, bytes);
+        let t = TaskRecord {
+            owner: owner.into(),
+            ..task(&id, T0 + 10_000, T0 + 60_000)
+        };
+        begin_new(store, &t, &[]).await;
+        all.insert(id);
+    }
+    let target = KillTarget::Identity(owner.into());
+    let mut ended = BTreeSet::new();
+    let mut cursor = 0;
+    for _ in 0..1_000 {
+        let page = store.live_tasks(2, cursor, 200).await.unwrap();
+        for e in store
+            .revoke_tasks(2, &page.ids, &target, "killed", T0 + 1)
+            .await
+            .unwrap()
+        {
+            ended.insert(e.task.id);
+        }
+        match page.next {
+            Some(n) => cursor = n,
+            None => break,
+        }
+    }
+    assert_eq!(ended, all, "a page cursor skipped live tasks");
+}
+
 /// Runs each case once per store: `memory::<case>` and `redis::<case>`.
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
@@ -1440,6 +1527,8 @@ store_suite!(
     case_reaping_a_parent_ends_its_children,
     case_kill_switches_refuse_and_revoke,
     case_approvals_are_decided_once_and_expire,
+    case_a_child_of_a_lapsed_parent_cannot_renew_or_redeem,
+    case_a_kill_switch_over_many_pages_of_one_shard,
 );
 
 /// A watcher further behind than the log keeps (entries after its cursor were

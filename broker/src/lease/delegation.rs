@@ -192,10 +192,8 @@ impl<S: LeaseStore> LeaseService<S> {
             LeaseError::PermissionDenied(reason)
         })?;
         if sub_actor.tenant != parent.tenant {
-            let reason = format!(
-                "subagent {subagent} is in tenant {:?}, not the task's tenant {:?}",
-                sub_actor.tenant, parent.tenant
-            );
+            // Another tenant's name is not this caller's to learn.
+            let reason = format!("subagent {subagent} is not in the tenant of task {parent_id}");
             audit::denied_as(who, &actor.class, &actor.tenant, "delegate", &reason);
             return Err(LeaseError::PermissionDenied(reason));
         }
@@ -238,6 +236,15 @@ impl<S: LeaseStore> LeaseService<S> {
             ))
         })?;
         narrow_grants(&mut parent_decision, &parent, now_ms);
+        // An approval not yet used (approved, awaiting the parent's renewal)
+        // may still expire unused: its grants are the parent's only once used.
+        if let Some(a) = &parent.approval
+            && a.state_at(now_ms) != crate::store::ApprovalState::Redeemed
+        {
+            parent_decision
+                .grants
+                .retain(|(g, _)| !a.grants.contains(&g.name));
+        }
         let grants =
             narrowed(&parent_id, &held(&parent_decision), &req.grants).inspect_err(|e| {
                 audit::denied_as(who, &actor.class, &actor.tenant, "delegate", &e.to_string());
@@ -247,7 +254,11 @@ impl<S: LeaseStore> LeaseService<S> {
                 "parent task {parent_id} holds no live grant to delegate"
             )));
         }
-        let ttl_ms = self.child_ttl(&template, &parent, req.requested_ttl, now_ms)?;
+        let mut ttl_ms = self.child_ttl(&template, &parent, req.requested_ttl, now_ms)?;
+        // The subagent's class caps its leases, as at its renewals.
+        if let Some(max) = sub_actor.limits.max_ttl {
+            ttl_ms = ttl_ms.min(crate::clock::duration_ms(max));
+        }
         let max_deadline_ms = now_ms
             .saturating_add(crate::clock::duration_ms(template.lease.max_lifetime))
             .min(parent.max_deadline_ms);

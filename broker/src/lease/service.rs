@@ -223,6 +223,13 @@ pub(super) fn ended_message(task: &TaskRecord, now_ms: u64) -> String {
                 task.id
             )
         }
+        TaskState::Active => match &task.parent {
+            Some(parent) => format!(
+                "task {} can no longer be renewed: task {parent}, which it was delegated from, has ended",
+                task.id
+            ),
+            None => format!("task {} is not live", task.id),
+        },
         state => format!("task {} has ended ({})", task.id, state.as_str()),
     }
 }

@@ -246,6 +246,13 @@ impl Inner {
         out
     }
 
+    /// Whether `task`'s parent (if it has one) is live at `now_ms`.
+    fn parent_live(&self, task: &TaskRecord, now_ms: u64) -> bool {
+        task.parent
+            .as_ref()
+            .is_none_or(|p| self.tasks.get(p).is_some_and(|p| p.is_live(now_ms)))
+    }
+
     /// The kill switch refusing a begin or delegation of `task`, if any.
     fn killed(&self, task: &TaskRecord) -> Option<KillSwitch> {
         self.kills
@@ -349,6 +356,9 @@ impl Inner {
             self.credentials.remove(&id);
             self.grants.remove(&id);
             self.renewed.remove(&id);
+            self.kids.remove(&id);
+            self.descendants.remove(&id);
+            self.handles.remove(&id);
         }
     }
 }
@@ -413,6 +423,16 @@ impl LeaseStore for MemoryStore {
         if !task.is_live(now_ms) {
             return Ok(RenewOutcome::NotActive(task.clone()));
         }
+        let parent_live = inner
+            .tasks
+            .get(task_id)
+            .is_some_and(|t| inner.parent_live(t, now_ms));
+        let Some(task) = inner.tasks.get_mut(task_id).filter(|_| parent_live) else {
+            return match inner.tasks.get(task_id) {
+                Some(t) => Ok(RenewOutcome::NotActive(t.clone())),
+                None => Ok(RenewOutcome::NotFound),
+            };
+        };
         if renewal.redeems_approval {
             let usable = task.approval.as_ref().is_some_and(|a| {
                 a.status.state == ApprovalState::Redeemed
@@ -752,6 +772,13 @@ impl LeaseStore for MemoryStore {
         if !task.is_live(now_ms) {
             return Ok(RedeemOutcome::NotActive(Box::new(task.clone())));
         }
+        let snapshot = task.clone();
+        if !inner.parent_live(&snapshot, now_ms) {
+            return Ok(RedeemOutcome::NotActive(Box::new(snapshot)));
+        }
+        let Some(task) = inner.tasks.get_mut(&record.id) else {
+            return Ok(RedeemOutcome::NotFound);
+        };
         if inner.handles.get(&record.id).map(String::as_str) != Some(handle_sha256) {
             return Ok(RedeemOutcome::BadHandle);
         }
@@ -828,31 +855,20 @@ impl LeaseStore for MemoryStore {
     async fn live_tasks(
         &self,
         shard: u8,
-        cursor: u64,
-        count: usize,
+        _cursor: u64,
+        _count: usize,
     ) -> Result<LiveTaskPage, StoreError> {
+        // In process, a shard's live tasks are one page: no cursor can then
+        // skip a task that a revocation between pages moved.
         let inner = self.lock()?;
-        // The cursor is an offset into the shard's live tasks by id: ids only
-        // leave or join, so a task live throughout is never skipped for long.
-        let mut live: Vec<&TaskId> = inner
+        let ids = inner
             .deadlines
             .iter()
             .map(|(_, id)| id)
             .filter(|id| id.shard() == shard)
+            .cloned()
             .collect();
-        live.sort();
-        let start = usize::try_from(cursor).unwrap_or(usize::MAX);
-        let ids: Vec<TaskId> = live
-            .iter()
-            .skip(start)
-            .take(count.max(1))
-            .map(|id| (*id).clone())
-            .collect();
-        let end = start.saturating_add(ids.len());
-        Ok(LiveTaskPage {
-            ids,
-            next: (end < live.len()).then_some(end as u64),
-        })
+        Ok(LiveTaskPage { ids, next: None })
     }
 
     async fn revoke_tasks(

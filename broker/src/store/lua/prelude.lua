@@ -156,3 +156,14 @@ local function end_descendants(base, id, now, ctx, out)
     i = i + 1
   end
 end
+-- Whether a delegated task's parent (in the same shard: its key is the
+-- task's with the id replaced) is still live; true for a task begun directly.
+-- A child whose parent lapsed must not renew or redeem in the moment before
+-- the reaper ends the tree.
+local function parent_live(task_key, rec, now)
+  local ok, t = pcall(cjson.decode, rec or '')
+  if not ok or type(t) ~= 'table' or type(t.parent) ~= 'string' then return true end
+  local pk = string.gsub(task_key, '[^:]*$', '') .. t.parent
+  local p = redis.call('HMGET', pk, 'state', 'deadline')
+  return p[1] == 'active' and tonumber(p[2] or '0') > now
+end

@@ -3,7 +3,7 @@
 local now = clock()
 local f = fields(KEYS[1])
 if not f[1] then return {'missing'} end
-if f[2] ~= 'active' or tonumber(f[3]) <= now then return reply('inactive', f, now) end
+if f[2] ~= 'active' or tonumber(f[3]) <= now or not parent_live(KEYS[1], f[1], now) then return reply('inactive', f, now) end
 local h = redis.call('HGET', KEYS[1], 'handle')
 if not h or h ~= ARGV[2] then return {'badhandle', n(now)} end
 redis.call('HDEL', KEYS[1], 'handle')

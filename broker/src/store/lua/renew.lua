@@ -4,7 +4,7 @@
 local now = clock()
 local f = fields(KEYS[1])
 if not f[1] then return {'missing'} end
-if f[2] ~= 'active' or tonumber(f[3]) <= now then return reply('inactive', f, now) end
+if f[2] ~= 'active' or tonumber(f[3]) <= now or not parent_live(KEYS[1], f[1], now) then return reply('inactive', f, now) end
 if ARGV[3] ~= '' then
   local last = tonumber(redis.call('HGET', KEYS[1], 'renewed') or '0') or 0
   local wait = last + tonumber(ARGV[3]) - now
