@@ -6,7 +6,8 @@ use std::time::{Duration, Instant, SystemTime};
 use leash_e2e::{BrokerOptions, REVIEW_TEMPLATE, RedisServer, TestBroker, eventually, is_active};
 use leash_sdk::{Client, Error, LeaseStatus, Outcome, RetryPolicy, TaskRequest};
 
-/// 1 s leases, renewable for a minute.
+/// 2 s leases, renewable for a minute. (1 s leases left a renewal 333 ms of
+/// slack, which a loaded 2-core CI machine sometimes took: a flaky test.)
 const FAST_TEMPLATE: &str = r#"
 name: fast
 version: "1"
@@ -14,7 +15,7 @@ owner: platform@acme.test
 identities: ["spiffe://acme.test/agent/*"]
 parameters:
   repo: { type: string, pattern: "[a-z0-9-]+/[a-z0-9-]+" }
-lease: { ttl: 1s, max_ttl: 2s, max_lifetime: 1m }
+lease: { ttl: 2s, max_ttl: 4s, max_lifetime: 1m }
 grants:
   - { name: github, kind: jwt, audience: "https://api.github.test", scopes: [{scope: "repo:{repo}:read", class: read}], ttl: 60s }
   - { name: db, kind: opaque, audience: "postgres://db.acme.test/app", scopes: [{scope: "db:app:select", class: read}], ttl: 60s }
@@ -79,7 +80,7 @@ async fn renewal_keeps_the_task_alive(broker: &TestBroker) {
     let mut watch = task.watch();
     let mut seen = vec![first.secret().to_owned()];
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(4) {
+    while start.elapsed() < Duration::from_secs(6) {
         tokio::time::sleep(Duration::from_millis(250)).await;
         // The opaque credential has millisecond expiry: it must never lapse.
         let db = task.credential("db").unwrap();
@@ -89,7 +90,7 @@ async fn renewal_keeps_the_task_alive(broker: &TestBroker) {
             start.elapsed()
         );
         // A JWT's `exp` is whole seconds, rounded down by the broker, so with a
-        // 1 s lease the current JWT may lapse for a moment before the next
+        // 2 s lease the current JWT may lapse for a moment before the next
         // renewal; the SDK must never claim it lives longer than the broker does.
         let github = task.credential("github").unwrap();
         assert!(
@@ -110,8 +111,8 @@ async fn renewal_keeps_the_task_alive(broker: &TestBroker) {
     assert!(watch.has_changed().unwrap(), "watch saw no renewal");
     let generation = watch.borrow_and_update().generation();
     assert!(
-        generation >= 4,
-        "only {generation} renewals in 4 s of 1 s leases"
+        generation >= 3,
+        "only {generation} renewals in 6 s of 2 s leases"
     );
     assert!(
         seen.len() >= 8,
