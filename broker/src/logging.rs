@@ -12,6 +12,10 @@
 //! - **JSON**: serde_json already escapes C0 controls; [`EscapedJsonWriter`] also
 //!   escapes DEL, C1 controls and U+2028/U+2029, which JSON allows raw but which
 //!   terminals and some log viewers treat as controls or line breaks.
+//!
+//! Lines leave through [`non_blocking`]: a bounded queue drained by a thread of
+//! its own, so a slow or stuck log pipe never stalls a request. When the queue
+//! is full a line is dropped, and counted, rather than waited for.
 
 use std::{
     fmt::{self, Write as _},
@@ -205,6 +209,27 @@ impl<W: io::Write> Drop for JsonEscaper<W> {
     }
 }
 
+/// Most log lines queued for the writer thread; past it lines are dropped
+/// (counted by [`tracing_appender::non_blocking::NonBlocking::error_counter`]).
+pub const LOG_QUEUE_LINES: usize = 64 * 1024;
+
+/// `sink` behind a bounded queue and a writer thread of its own (crate
+/// `tracing-appender`): writing a log line never blocks the caller; when the
+/// queue is full the line is dropped and counted. Keep the guard alive for the
+/// life of the process: dropping it flushes what is queued.
+pub fn non_blocking<W: io::Write + Send + 'static>(
+    sink: W,
+) -> (
+    tracing_appender::non_blocking::NonBlocking,
+    tracing_appender::non_blocking::WorkerGuard,
+) {
+    tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("leash-log-writer")
+        .finish(sink)
+}
+
 /// The broker's log subscriber: `filter`, `format`, written to `writer`, with the
 /// escaping of this module (and no ANSI colours in the text format). Install it with
 /// [`SubscriberInitExt::init`](tracing_subscriber::util::SubscriberInitExt::init).
@@ -233,6 +258,79 @@ where
                 .with_writer(EscapedJsonWriter(writer))
                 .finish(),
         ),
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
+mod non_blocking_tests {
+    use std::{
+        io,
+        sync::{Arc, Mutex, mpsc},
+        time::Duration,
+    };
+
+    use tracing_subscriber::EnvFilter;
+
+    use super::{LogFormat, non_blocking, subscriber};
+
+    /// A log pipe nobody reads: every write waits until the test opens it.
+    struct StuckPipe {
+        open: Arc<Mutex<mpsc::Receiver<()>>>,
+        written: Arc<Mutex<usize>>,
+    }
+
+    impl io::Write for StuckPipe {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self
+                .open
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(60));
+            *self.written.lock().unwrap() += 1;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_log_pipe_never_blocks_the_caller_and_drops_are_counted() {
+        let (open_tx, open_rx) = mpsc::channel();
+        let written = Arc::new(Mutex::new(0));
+        let pipe = StuckPipe {
+            open: Arc::new(Mutex::new(open_rx)),
+            written: Arc::clone(&written),
+        };
+        let (writer, guard) = non_blocking(pipe);
+        let counter = writer.error_counter();
+        let sub = subscriber(LogFormat::Json, EnvFilter::new("info"), writer);
+        let lines = super::LOG_QUEUE_LINES + 1000;
+        // Emitted on another thread: if logging blocked on the stuck pipe this
+        // thread would never finish, and the test fails at the timeout below.
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            tracing::subscriber::with_default(sub, || {
+                for i in 0..lines {
+                    tracing::info!(i, "a request's log line");
+                }
+            });
+            done_tx.send(()).unwrap();
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("logging blocked on a stuck pipe");
+        assert!(
+            counter.dropped_lines() > 0,
+            "a full queue drops, and counts"
+        );
+        // Opened, the pipe receives what was queued.
+        for _ in 0..lines {
+            let _ = open_tx.send(());
+        }
+        drop(guard);
+        assert!(*written.lock().unwrap() > 0);
     }
 }
 

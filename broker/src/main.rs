@@ -17,12 +17,18 @@ use tokio::net::TcpListener;
 const EX_USAGE: u8 = 64;
 const EX_DATAERR: u8 = 65;
 
-fn init_tracing(format: LogFormat) {
+/// Installs the log subscriber; the returned guard flushes queued lines when
+/// dropped, so `main` keeps it to the end.
+fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEASH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A slow stderr pipe must never stall a request: lines go through a
+    // bounded queue (see `logging::non_blocking`).
+    let (writer, guard) = leash_broker::logging::non_blocking(std::io::stderr());
     // Both formats escape control characters in every value (see `logging`).
-    leash_broker::logging::subscriber(format, filter, std::io::stderr).init();
+    leash_broker::logging::subscriber(format, filter, writer).init();
+    guard
 }
 
 async fn shutdown_signal() {
@@ -95,7 +101,7 @@ fn print_json(result: Result<serde_json::Value, cli::task::CommandError>) -> Exi
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let _log_guard = init_tracing(cli.log_format);
     match cli.command {
         Command::Serve { config } => match Config::load(&config) {
             Ok(c) => serve(c, None).await,
