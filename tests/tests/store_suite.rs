@@ -1319,6 +1319,7 @@ async fn case_approvals_are_decided_once_and_expire<S: LeaseStore>(store: &S) {
         approve: true,
         by: "spiffe://acme.test/human/a".into(),
         reason: "fine".into(),
+        validity_ms: 1_000,
     };
     let ApprovalOutcome::Decided(t) = store.decide_approval(&id, &yes, T0 + 10).await.unwrap()
     else {

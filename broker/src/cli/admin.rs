@@ -15,7 +15,10 @@ use clap::{Args, Subcommand, ValueEnum};
 use leash_proto::v1::{self as pb, admin_client::AdminClient};
 use serde_json::{Value, json};
 
-use super::{ConnectArgs, task::CommandError};
+use super::{
+    ConnectArgs,
+    task::{CommandError, time, time_text},
+};
 
 /// The client role whose dev-directory SVID admin commands use by default
 /// (`admin.pem`, `admin-key.pem`; see [`super::dev::ADMIN`]).
@@ -489,16 +492,6 @@ fn code_name(code: tonic::Code) -> String {
         out.push(c.to_ascii_uppercase());
     }
     out
-}
-
-/// An RFC 3339 instant (seconds), or `null` when absent or out of range.
-fn time(ts: Option<&prost_types::Timestamp>) -> Value {
-    time_text(ts).map_or(Value::Null, Value::String)
-}
-
-fn time_text(ts: Option<&prost_types::Timestamp>) -> Option<String> {
-    ts.and_then(|t| std::time::SystemTime::try_from(*t).ok())
-        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
 }
 
 /// A proto enum value name as a lower-case word: `LEASE_STATE_PENDING_APPROVAL`

@@ -196,11 +196,15 @@ fn grants_json(g: &[pb::GrantScopes]) -> Value {
         .collect()
 }
 
-fn time(ts: Option<&prost_types::Timestamp>) -> Value {
+/// An RFC 3339 instant (seconds), or `null` when absent or out of range.
+pub(super) fn time(ts: Option<&prost_types::Timestamp>) -> Value {
+    time_text(ts).map_or(Value::Null, Value::String)
+}
+
+/// [`time`] as text, `None` when absent or out of range.
+pub(super) fn time_text(ts: Option<&prost_types::Timestamp>) -> Option<String> {
     ts.and_then(|t| std::time::SystemTime::try_from(*t).ok())
-        .map_or(Value::Null, |t| {
-            json!(humantime::format_rfc3339_seconds(t).to_string())
-        })
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
 }
 
 fn credentials(creds: &[pb::Credential]) -> Value {

@@ -268,6 +268,7 @@ impl<S: LeaseStore> LeaseService<S> {
             approve,
             by: who.to_owned(),
             reason: reason.to_owned(),
+            validity_ms: approval.validity_ms,
         };
         let now_ms = self.now_ms();
         match self.store.decide_approval(&id, &decision, now_ms).await? {
@@ -351,6 +352,15 @@ impl<S: LeaseStore> LeaseService<S> {
             target.kind().replace('_', " "),
             target.value()
         );
+        // What is recorded (and audited) for this call; stored as a kill
+        // switch unless it aims at one task.
+        let record = KillSwitch {
+            kind: target.kind().to_owned(),
+            value: target.value().to_owned(),
+            reason: reason.to_owned(),
+            set_by: who.to_owned(),
+            set_at_ms: self.clock.now_ms(),
+        };
         let mut ended: Vec<EndedTask> = Vec::new();
         let switch = match &target {
             KillTarget::Task(id) => {
@@ -370,14 +380,7 @@ impl<S: LeaseStore> LeaseService<S> {
                 None
             }
             _ => {
-                let switch = KillSwitch {
-                    kind: target.kind().to_owned(),
-                    value: target.value().to_owned(),
-                    reason: reason.to_owned(),
-                    set_by: who.to_owned(),
-                    set_at_ms: self.clock.now_ms(),
-                };
-                self.store.set_kill_switch(&switch).await?;
+                self.store.set_kill_switch(&record).await?;
                 for shard in 0..SHARDS {
                     let mut cursor = 0;
                     // Bounded: a pass over one shard's live tasks (each page
@@ -397,21 +400,14 @@ impl<S: LeaseStore> LeaseService<S> {
                         }
                     }
                 }
-                Some(switch)
+                Some(record.clone())
             }
         };
         let credentials: usize = ended.iter().map(|e| e.revoked.len()).sum();
         for e in &ended {
             audit::task_ended(&e.task, e.reason, &e.revoked);
         }
-        let report_switch = switch.clone().unwrap_or_else(|| KillSwitch {
-            kind: target.kind().to_owned(),
-            value: target.value().to_owned(),
-            reason: reason.to_owned(),
-            set_by: who.to_owned(),
-            set_at_ms: self.clock.now_ms(),
-        });
-        audit::kill_switch_set(&report_switch, ended.len(), credentials);
+        audit::kill_switch_set(&record, ended.len(), credentials);
         Ok(KillReport {
             switch,
             tasks: ended.len(),

@@ -817,7 +817,7 @@ impl LeaseStore for MemoryStore {
             return Ok(ApprovalOutcome::NotPending(Box::new(task.clone())));
         }
         a.status.state = if decision.approve {
-            a.status.deadline_ms = now_ms.saturating_add(a.validity_ms);
+            a.status.deadline_ms = now_ms.saturating_add(decision.validity_ms);
             ApprovalState::Approved
         } else {
             ApprovalState::Denied
@@ -832,9 +832,7 @@ impl LeaseStore for MemoryStore {
         let mut inner = self.lock()?;
         let key = (switch.kind.clone(), switch.value.clone());
         if !inner.kills.contains_key(&key) && inner.kills.len() >= MAX_KILL_SWITCHES {
-            return Err(StoreError::Unavailable(format!(
-                "{MAX_KILL_SWITCHES} kill switches are in force, the most allowed; lift one first"
-            )));
+            return Err(super::kill_switches_full());
         }
         inner.kills.insert(key, switch.clone());
         Ok(())

@@ -92,6 +92,13 @@ pub const MAX_DESCENDANTS: u64 = 256;
 /// Most kill switches in force at once (each begin checks them).
 pub const MAX_KILL_SWITCHES: usize = 1000;
 
+/// The refusal of a kill switch beyond [`MAX_KILL_SWITCHES`].
+fn kill_switches_full() -> StoreError {
+    StoreError::Unavailable(format!(
+        "{MAX_KILL_SWITCHES} kill switches are in force, the most allowed; lift one first"
+    ))
+}
+
 /// Most live tasks one kill-switch step examines (one script call): a kill
 /// switch over many tasks is many bounded steps, never one over every key.
 pub const KILL_PAGE: usize = 200;

@@ -380,6 +380,9 @@ pub struct ApprovalDecision {
     pub by: String,
     /// The approver's reason.
     pub reason: String,
+    /// How long an approval stays usable (the task's `Approval::validity_ms`,
+    /// read by the caller with the task it checked the approver against).
+    pub validity_ms: u64,
 }
 
 /// What an admin's kill switch or RevokeTask aims at.
@@ -458,7 +461,7 @@ impl KillTarget {
 }
 
 /// A kill switch in force: begins matching it are refused until lifted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KillSwitch {
     /// Kind ([`KillTarget::kind`], never `task`).
     pub kind: String,

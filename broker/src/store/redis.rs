@@ -626,13 +626,8 @@ impl RedisStore {
         if let Ok(t) = parse_score(field(3)) {
             self.observe(t);
         }
-        let mut switch: KillSwitch = serde_json::from_str(field(4)).unwrap_or(KillSwitch {
-            kind: String::new(),
-            value: String::new(),
-            reason: String::new(),
-            set_by: String::new(),
-            set_at_ms: 0,
-        });
+        // An unreadable record still refuses: the kind and value say which switch.
+        let mut switch: KillSwitch = serde_json::from_str(field(4)).unwrap_or_default();
         switch.kind = field(1).to_owned();
         switch.value = field(2).to_owned();
         Ok(Some(switch))
@@ -1317,10 +1312,6 @@ impl LeaseStore for RedisStore {
         now_ms: u64,
     ) -> Result<ApprovalOutcome, StoreError> {
         let [k_task, ..] = self.task_keys(task_id);
-        let Some(task) = self.task(task_id).await? else {
-            return Ok(ApprovalOutcome::NotFound);
-        };
-        let validity = task.approval.as_ref().map_or(0, |a| a.validity_ms);
         let mut inv = self.scripts.approve.prepare_invoke();
         inv.key(&k_task)
             .arg(self.now_arg(now_ms))
@@ -1331,7 +1322,7 @@ impl LeaseStore for RedisStore {
             })
             .arg(decision.by.as_str())
             .arg(decision.reason.as_str())
-            .arg(validity);
+            .arg(decision.validity_ms);
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
         self.decided(&reply);
         match reply.first().and_then(Option::as_deref) {
@@ -1357,9 +1348,7 @@ impl LeaseStore for RedisStore {
         let reply: String = self.run_write(&mut inv).await?;
         match reply.as_str() {
             "set" => Ok(()),
-            "full" => Err(StoreError::Unavailable(format!(
-                "{MAX_KILL_SWITCHES} kill switches are in force, the most allowed; lift one first"
-            ))),
+            "full" => Err(super::kill_switches_full()),
             _ => Err(corrupt("kill switch reply")),
         }
     }
