@@ -69,6 +69,49 @@ pub struct Config {
     /// Bounds on connections, handshakes, streams and request sizes.
     #[serde(default)]
     pub limits: Limits,
+    /// How much of the durable audit trail the store keeps.
+    #[serde(default)]
+    pub audit: Audit,
+}
+
+/// `[audit]`: retention of the durable audit trail (one Redis stream per
+/// tenant and shard; the memory store keeps the same bounds).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Audit {
+    /// Events each stream keeps at most (about: Redis trims whole nodes);
+    /// a tenant's trail is 16 streams. Default 100000.
+    #[serde(default = "default_audit_max_len")]
+    pub max_len: u64,
+    /// Events older than this leave the trail. Default 30 days.
+    #[serde(default = "default_audit_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self {
+            max_len: default_audit_max_len(),
+            max_age: default_audit_max_age(),
+        }
+    }
+}
+
+impl Audit {
+    /// The retention the stores apply.
+    pub fn retention(&self) -> crate::audit::AuditRetention {
+        crate::audit::AuditRetention {
+            max_len: self.max_len.max(1),
+            max_age_ms: crate::clock::duration_ms(self.max_age).max(1),
+        }
+    }
+}
+
+fn default_audit_max_len() -> u64 {
+    crate::audit::AuditRetention::default().max_len
+}
+
+fn default_audit_max_age() -> Duration {
+    Duration::from_millis(crate::audit::AuditRetention::default().max_age_ms)
 }
 
 /// `[limits]`: how much one client (or a flood of them) can make a listener hold.

@@ -401,6 +401,7 @@ mod tests {
             actors: Vec::new(),
             delegated: None,
             approval: None,
+            policies: Vec::new(),
         }
     }
 

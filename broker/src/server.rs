@@ -194,9 +194,10 @@ pub async fn serve_with_clock(
     let parts = build_parts(&config).await?;
     match config.store.kind {
         StoreKind::Memory => {
-            let store = Arc::new(MemoryStore::new(crate::clock::duration_ms(
-                config.store.retention,
-            )));
+            let store = Arc::new(MemoryStore::with_audit(
+                crate::clock::duration_ms(config.store.retention),
+                config.audit.retention(),
+            ));
             run(config, parts, store, clock, agent, ops, shutdown).await
         }
         StoreKind::Redis => {
@@ -209,6 +210,7 @@ pub async fn serve_with_clock(
                     durability: config.durability(),
                     clock: crate::store::StoreClock::Store,
                     local_clock: clock.clone(),
+                    audit: config.audit.retention(),
                 },
             )
             .map_err(|e| setup("store.url", e))?;
@@ -251,8 +253,12 @@ async fn run<S: LeaseStore>(
     ops: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let tls = identity::server_tls_config(parts.bundles.clone(), parts.cert.clone())
-        .map_err(|e| setup("tls", e))?;
+    // Refusals reach the durable trail through a bounded queue and one writer.
+    let (refusals, refused) = crate::audit::Refusals::new(clock.clone());
+    tokio::spawn(crate::audit::write_refusals(store.clone(), refused));
+    let tls =
+        identity::server_tls_config(parts.bundles.clone(), parts.cert.clone(), refusals.clone())
+            .map_err(|e| setup("tls", e))?;
     let service = Arc::new(
         LeaseService::new(
             store.clone(),
@@ -264,7 +270,8 @@ async fn run<S: LeaseStore>(
         .with_binding_rule(config.task_binding_rule())
         .with_actors(config.actor_classes())
         .with_admins(config.admin_callers())
-        .with_policies(parts.policies.clone()),
+        .with_policies(parts.policies.clone())
+        .with_refusals(refusals),
     );
     if config.actors.classes.is_empty() {
         tracing::warn!(

@@ -76,6 +76,7 @@ fn task(n: u32, now: u64) -> (TaskRecord, Vec<CredentialRecord>) {
         actors: Vec::new(),
         delegated: None,
         approval: None,
+        policies: Vec::new(),
     };
     (t, creds)
 }
@@ -91,6 +92,7 @@ async fn fill(redis: &RedisServer, tasks: u32) {
                 durability: Durability::Fsync,
                 clock: StoreClock::Store,
                 local_clock: Arc::new(SystemClock),
+                audit: leash_broker::audit::AuditRetention::default(),
             },
         )
         .unwrap(),

@@ -78,6 +78,7 @@ fn task(n: u32, now: u64) -> (TaskRecord, Vec<CredentialRecord>) {
         actors: Vec::new(),
         delegated: None,
         approval: None,
+        policies: Vec::new(),
     };
     (t, creds)
 }
@@ -98,6 +99,7 @@ async fn main() {
                 durability: Durability::Fsync,
                 clock: StoreClock::Store,
                 local_clock: Arc::new(SystemClock),
+                audit: leash_broker::audit::AuditRetention::default(),
             },
         )
         .unwrap(),

@@ -184,6 +184,7 @@ async fn watchers_share_one_snapshot_and_the_feed_reads_none() {
                 durability: leash_broker::store::Durability::Fsync,
                 clock: leash_broker::store::StoreClock::Store,
                 local_clock: Arc::new(SystemClock),
+                audit: leash_broker::audit::AuditRetention::default(),
             },
         )
         .unwrap(),

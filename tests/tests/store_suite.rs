@@ -20,6 +20,7 @@ use std::{
 };
 
 use leash_broker::{
+    audit::{AuditEvent, NO_TENANT},
     credentials::{opaque, value_digest},
     store::{
         Approval, ApprovalDecision, ApprovalOutcome, ApprovalState, BeginOutcome, BeginQuota,
@@ -74,6 +75,7 @@ fn task(id: &TaskId, deadline: u64, max: u64) -> TaskRecord {
         actors: Vec::new(),
         delegated: None,
         approval: None,
+        policies: Vec::new(),
     }
 }
 
@@ -815,6 +817,209 @@ async fn case_ping<S: LeaseStore>(store: &S) {
     store.ping().await.unwrap();
 }
 
+// ---------------------------------------------------------------- audit trail
+
+/// The events of a task's story as (event, the detail that tells them apart).
+fn story(events: &[AuditEvent]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            let key = ["credential", "decision", "deadline", "outcome", "by"]
+                .iter()
+                .find_map(|k| e.detail.get(*k).filter(|v| !v.is_empty()))
+                .cloned()
+                .unwrap_or_default();
+            (e.event.clone(), key)
+        })
+        .collect()
+}
+
+fn pair(event: &str, key: impl ToString) -> (String, String) {
+    (event.to_owned(), key.to_string())
+}
+
+async fn trace_all<S: LeaseStore>(store: &S, id: &TaskId) -> Vec<AuditEvent> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    for _ in 0..100 {
+        let page = store.audit_trace(id, from, 3).await.unwrap();
+        out.extend(page.events);
+        match page.next {
+            Some(n) => from = n,
+            None => return out,
+        }
+    }
+    panic!("audit trace of {id} did not end in 100 pages");
+}
+
+async fn case_audit_trail_tells_each_story_in_order<S: LeaseStore>(store: &S) {
+    let tenant = "acme";
+    let cursor = store.audit_cursor(tenant).await.unwrap();
+    let id = task_id(4, 1);
+    let t = TaskRecord {
+        tenant: tenant.into(),
+        class: "reviewers".into(),
+        policies: vec!["permit-reviews".into()],
+        ..task(&id, T0 + 10_000, T0 + 60_000)
+    };
+    let (c1, c2) = (cred(&id, 1, T0 + 10_000), cred(&id, 2, T0 + 10_000));
+    begin_new(store, &t, &[c1.clone(), c2.clone()]).await;
+    let c3 = cred(&id, 3, T0 + 20_000);
+    renew_to(
+        store,
+        &id,
+        T0 + 1_000,
+        T0 + 20_000,
+        std::slice::from_ref(&c3),
+    )
+    .await
+    .unwrap();
+    let child = TaskRecord {
+        tenant: tenant.into(),
+        ..child_of(&t, 1, "spiffe://acme.test/sub/a")
+    };
+    let child = delegated(store, &child, "h1").await;
+    let c4 = cred(&child.id, 4, T0 + 9_000);
+    store
+        .redeem(&child, "h1", T0 + 2_000, std::slice::from_ref(&c4))
+        .await
+        .unwrap();
+    store
+        .complete_with_summary(&id, T0 + 3_000, "succeeded", "reviewed 3 files")
+        .await
+        .unwrap();
+    let events = trace_all(store, &id).await;
+    let owner = t.owner.as_str();
+    let want = vec![
+        pair("task.declared", owner),
+        pair("policy.decided", "allow"),
+        pair("task.begun", T0 + 10_000),
+        pair("credential.issued", &c1.id),
+        pair("credential.issued", &c2.id),
+        pair("lease.renewed", T0 + 20_000),
+        pair("credential.issued", &c3.id),
+        pair("task.delegated", T0 + 20_000),
+        pair("delegation.redeemed", "spiffe://acme.test/sub/a"),
+        pair("credential.issued", &c4.id),
+        pair("task.completed", "succeeded"),
+        pair("credential.revoked", &c1.id),
+        pair("credential.revoked", &c2.id),
+        pair("credential.revoked", &c3.id),
+        pair("task.revoked", format!("cascade: ancestor {id} ended")),
+        pair("credential.revoked", &c4.id),
+    ];
+    assert_eq!(story(&events), want);
+    // Every event carries who, what for and under which template.
+    for e in &events {
+        assert_eq!(e.tenant, tenant, "{e:?}");
+        assert_eq!(e.template, "review");
+        assert_eq!(e.version, "1");
+        assert_eq!(e.intent, "review pull request 42");
+        assert!(!e.id.is_empty());
+    }
+    assert_eq!(events[1].detail("policies"), "permit-reviews");
+    assert_eq!(events[10].detail("summary"), "reviewed 3 files");
+    assert_eq!(events[10].detail("by"), owner);
+    assert_eq!(events[14].task, child.id.as_str());
+    assert_eq!(events[14].parent, id.as_str());
+    assert_eq!(events[14].detail("by"), id.as_str());
+    // The child's story is its own part of the tree, in the same order.
+    let child_story: Vec<_> = events
+        .iter()
+        .filter(|e| e.task == child.id.as_str())
+        .cloned()
+        .collect();
+    assert_eq!(trace_all(store, &child.id).await, child_story);
+    // Tailing the tenant reads the same events after the cursor, all of them.
+    let (tail, after) = store.audit_read(tenant, &cursor, 1000).await.unwrap();
+    assert_eq!(story(&tail), want, "the tenant's stream, in order");
+    let (more, _) = store.audit_read(tenant, &after, 1000).await.unwrap();
+    assert!(more.is_empty(), "nothing after the end: {more:?}");
+    assert_eq!(store.audit_len(tenant).await.unwrap(), want.len() as u64);
+    // Segregated: another tenant's stream holds none of it.
+    assert_eq!(store.audit_len("globex").await.unwrap(), 0);
+
+    // An expiry, by the reaper: no one asked, so no `by`.
+    let id2 = task_id(4, 2);
+    let t2 = TaskRecord {
+        tenant: tenant.into(),
+        ..task(&id2, T0 + 5_000, T0 + 60_000)
+    };
+    let c5 = cred(&id2, 5, T0 + 7_000);
+    begin_new(store, &t2, std::slice::from_ref(&c5)).await;
+    store.reap(4, T0 + 6_000, 10).await.unwrap();
+    let events = trace_all(store, &id2).await;
+    let tail: Vec<_> = story(&events).into_iter().skip(4).collect();
+    assert_eq!(
+        tail,
+        vec![
+            pair("lease.expired", ""),
+            pair("credential.revoked", &c5.id)
+        ]
+    );
+    assert_eq!(events[4].detail("reason"), "expiry");
+}
+
+async fn case_audit_trail_records_refusals_and_kill_switches<S: LeaseStore>(store: &S) {
+    let id = task_id(5, 1);
+    let refusal = AuditEvent {
+        event: "task.denied".into(),
+        at_ms: T0,
+        task: id.to_string(),
+        identity: "spiffe://acme.test/agent/intruder".into(),
+        tenant: "acme".into(),
+        ..AuditEvent::default()
+    }
+    .with("reason", "not the owner");
+    let cursor = store.audit_cursor("acme").await.unwrap();
+    store.record_audit(&refusal).await.unwrap();
+    let events = trace_all(store, &id).await;
+    assert_eq!(story(&events), vec![pair("task.denied", "")]);
+    assert_eq!(events[0].detail("reason"), "not the owner");
+    // A tenant kill switch is in the tenant's stream; others in that of no tenant.
+    let switch = KillSwitch {
+        kind: "tenant".into(),
+        value: "acme".into(),
+        reason: "incident 7".into(),
+        set_by: "spiffe://acme.test/admin".into(),
+        set_at_ms: T0 + 1,
+    };
+    store.set_kill_switch(&switch).await.unwrap();
+    store
+        .lift_kill_switch(
+            "tenant",
+            "acme",
+            "spiffe://acme.test/admin",
+            "resolved",
+            T0 + 2,
+        )
+        .await
+        .unwrap();
+    let (tail, _) = store.audit_read("acme", &cursor, 100).await.unwrap();
+    assert_eq!(
+        story(&tail),
+        vec![
+            pair("task.denied", ""),
+            pair("kill_switch.set", "spiffe://acme.test/admin"),
+            pair("kill_switch.lifted", "spiffe://acme.test/admin"),
+        ]
+    );
+    assert_eq!(tail[1].detail("reason"), "incident 7");
+    assert_eq!(tail[2].detail("reason"), "resolved");
+    let other = KillSwitch {
+        kind: "identity".into(),
+        value: "spiffe://acme.test/agent/x".into(),
+        ..switch
+    };
+    let none = store.audit_cursor(NO_TENANT).await.unwrap();
+    store.set_kill_switch(&other).await.unwrap();
+    let (tail, _) = store.audit_read(NO_TENANT, &none, 100).await.unwrap();
+    assert_eq!(
+        story(&tail),
+        vec![pair("kill_switch.set", "spiffe://acme.test/admin")]
+    );
+}
+
 // ---------------------------------------------------------------- instantiation
 
 fn memory_store() -> MemoryStore {
@@ -832,6 +1037,7 @@ fn redis_store(redis: &RedisServer) -> RedisStore {
             // The cases pass fixed instants in 2096; Redis's own clock has its own case.
             clock: leash_broker::store::StoreClock::Caller,
             local_clock: std::sync::Arc::new(leash_broker::clock::SystemClock),
+            audit: leash_broker::audit::AuditRetention::default(),
         },
     )
     .unwrap()
@@ -1265,7 +1471,14 @@ async fn case_kill_switches_refuse_and_revoke<S: LeaseStore>(store: &S) {
             let page = store.live_tasks(shard, cursor, 2).await.unwrap();
             ended.extend(
                 store
-                    .revoke_tasks(shard, &page.ids, &target, "killed", T0 + 1)
+                    .revoke_tasks(
+                        shard,
+                        &page.ids,
+                        &target,
+                        "killed",
+                        "spiffe://t.test/admin",
+                        T0 + 1,
+                    )
                     .await
                     .unwrap(),
             );
@@ -1288,8 +1501,18 @@ async fn case_kill_switches_refuse_and_revoke<S: LeaseStore>(store: &S) {
         Some("killed")
     );
     assert_eq!(stored(store, &bystander).await.state, TaskState::Active);
-    assert!(store.lift_kill_switch("identity", rogue).await.unwrap());
-    assert!(!store.lift_kill_switch("identity", rogue).await.unwrap());
+    assert!(
+        store
+            .lift_kill_switch("identity", rogue, "spiffe://t.test/admin", "done", T0 + 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .lift_kill_switch("identity", rogue, "spiffe://t.test/admin", "done", T0 + 2)
+            .await
+            .unwrap()
+    );
     begin_new(store, &again, &[]).await;
 }
 
@@ -1462,7 +1685,14 @@ async fn case_a_kill_switch_over_many_pages_of_one_shard<S: LeaseStore>(store: &
     for _ in 0..1_000 {
         let page = store.live_tasks(2, cursor, 200).await.unwrap();
         for e in store
-            .revoke_tasks(2, &page.ids, &target, "killed", T0 + 1)
+            .revoke_tasks(
+                2,
+                &page.ids,
+                &target,
+                "killed",
+                "spiffe://t.test/admin",
+                T0 + 1,
+            )
             .await
             .unwrap()
         {
@@ -1530,6 +1760,8 @@ store_suite!(
     case_approvals_are_decided_once_and_expire,
     case_a_child_of_a_lapsed_parent_cannot_renew_or_redeem,
     case_a_kill_switch_over_many_pages_of_one_shard,
+    case_audit_trail_tells_each_story_in_order,
+    case_audit_trail_records_refusals_and_kill_switches,
 );
 
 /// A watcher further behind than the log keeps (entries after its cursor were
@@ -1741,6 +1973,53 @@ async fn redis_store_never_holds_a_credential_value() {
             "the secret part of a credential value is stored in Redis"
         );
     }
+}
+
+/// A change whose audit record cannot be written does not happen: the audit
+/// stream is checked before anything is written, in the same script.
+#[tokio::test]
+async fn redis_unwritable_audit_stream_refuses_the_change_whole() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis);
+    let id = task_id(6, 1);
+    let t = TaskRecord {
+        tenant: "acme".into(),
+        ..task(&id, T0 + 2_000, T0 + 60_000)
+    };
+    // Damage the tenant's stream of the task's shard: a string, not a stream.
+    let key = format!("{{{PREFIX}:s6}}:audit:acme");
+    assert_eq!(redis.command(&format!("SET {key} damaged")).trim(), "+OK");
+    let c1 = cred(&id, 1, T0 + 5_000);
+    let err = store
+        .begin(&t, std::slice::from_ref(&c1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("audit trail")),
+        "{err:?}"
+    );
+    assert!(
+        store.task(&id).await.unwrap().is_none(),
+        "no task without its record"
+    );
+    assert!(
+        !has_credential(&store, &c1).await,
+        "no credential without its record"
+    );
+    // Repaired, the same begin succeeds and is recorded.
+    assert_eq!(redis.command(&format!("DEL {key}")).trim(), ":1");
+    begin_new(&store, &t, std::slice::from_ref(&c1)).await;
+    assert_eq!(
+        store.audit_trace(&id, 0, 100).await.unwrap().events.len(),
+        4
+    );
+    // Damaged again: completion is refused whole too, and the task stays live.
+    assert_eq!(redis.command(&format!("DEL {key}")).trim(), ":1");
+    assert_eq!(redis.command(&format!("SET {key} damaged")).trim(), "+OK");
+    let err = store.complete(&id, T0 + 10, "done").await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert_eq!(stored(&store, &id).await.state, TaskState::Active);
+    assert!(has_credential(&store, &c1).await);
 }
 
 #[tokio::test]

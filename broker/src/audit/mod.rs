@@ -11,7 +11,17 @@
 //! the actor `class` and `tenant` (empty only in a denial of a caller no actor
 //! class matches, and for tasks stored before classes existed).
 
+mod event;
+
+pub use event::{AuditCursor, AuditEvent, AuditPage, AuditRetention, NO_TENANT, merge};
+
 use crate::store::{Approval, CredentialId, CredentialRecord, EndReason, KillSwitch, TaskRecord};
+
+/// The W3C trace id (32 lowercase hex digits) of the request being served, or
+/// "" outside one: what every audit event carries as `trace`.
+pub fn current_trace_id() -> String {
+    String::new()
+}
 
 /// The `tracing` target of audit events.
 pub const TARGET: &str = "leash::audit";
@@ -244,4 +254,134 @@ pub fn kill_switch_lifted(kind: &str, value: &str, admin: &str, reason: &str, li
 /// An admin call: who, what, with which result.
 pub fn admin_call(admin: &str, action: &str, detail: &str) {
     tracing::info!(target: TARGET, event = "admin.call", admin, action, detail);
+}
+
+/// Refusals on their way to the durable trail. A refusal changes nothing, so
+/// it has no state change to share a step with: it is logged at once and
+/// queued (bounded) for a writer task, so a flood of refusals can neither
+/// stall the requests refused nor grow memory; what the queue cannot take is
+/// counted in [`Refusals::dropped`] and still logged.
+#[derive(Debug, Clone, Default)]
+pub struct Refusals {
+    tx: Option<tokio::sync::mpsc::Sender<AuditEvent>>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    clock: Option<std::sync::Arc<dyn crate::clock::Clock>>,
+}
+
+/// How many refusals may wait for the writer.
+pub const REFUSAL_QUEUE: usize = 4096;
+
+/// The longest refusal reason kept in the durable trail (longer ones are cut).
+pub const MAX_REASON: usize = 1024;
+
+impl Refusals {
+    /// A queue of refusals timed by `clock`, and its receiving end for
+    /// [`write_refusals`].
+    pub fn new(
+        clock: std::sync::Arc<dyn crate::clock::Clock>,
+    ) -> (Self, tokio::sync::mpsc::Receiver<AuditEvent>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(REFUSAL_QUEUE);
+        (
+            Self {
+                tx: Some(tx),
+                dropped: std::sync::Arc::default(),
+                clock: Some(clock),
+            },
+            rx,
+        )
+    }
+
+    /// Refusals that did not fit the queue (logged only).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn queue(&self, mut event: AuditEvent) {
+        let Some(tx) = &self.tx else { return };
+        event.at_ms = self.clock.as_ref().map_or(0, |c| c.now_ms());
+        event.trace = current_trace_id();
+        if tx.try_send(event).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A request was refused before (or without) the caller's class being known.
+    pub fn denied(&self, identity: &str, action: &str, reason: &str) {
+        self.denied_as(identity, "", "", action, reason);
+    }
+
+    /// A request of `identity` (class `class`, in `tenant`) was refused.
+    pub fn denied_as(&self, identity: &str, class: &str, tenant: &str, action: &str, reason: &str) {
+        denied_as(identity, class, tenant, action, reason);
+        self.queue(refusal(identity, class, tenant, action, reason));
+    }
+
+    /// A Cedar policy denied `action`: the deciding policy ids and the message.
+    pub fn policy_denied(
+        &self,
+        identity: &str,
+        action: &str,
+        class: &str,
+        tenant: &str,
+        policies: &[String],
+        reason: &str,
+    ) {
+        policy_denied(identity, action, class, tenant, policies, reason);
+        self.queue(
+            refusal(identity, class, tenant, action, reason)
+                .with("decision", "deny")
+                .with("policies", policies.join(",")),
+        );
+    }
+
+    /// A connection's authentication failed (bad, expired or foreign
+    /// certificate; no certificate bytes are kept), from `trust_domain` when
+    /// the certificate named one.
+    pub fn authentication_refused(&self, trust_domain: &str, reason: &str) {
+        tracing::warn!(target: TARGET, event = "authentication.refused", trust_domain, reason);
+        self.queue(
+            AuditEvent {
+                event: "authentication.refused".into(),
+                ..AuditEvent::default()
+            }
+            .with("trust_domain", trust_domain)
+            .with("reason", cut(reason)),
+        );
+    }
+}
+
+fn refusal(identity: &str, class: &str, tenant: &str, action: &str, reason: &str) -> AuditEvent {
+    AuditEvent {
+        event: "task.denied".into(),
+        identity: identity.to_owned(),
+        class: class.to_owned(),
+        tenant: tenant.to_owned(),
+        ..AuditEvent::default()
+    }
+    .with("action", action)
+    .with("reason", cut(reason))
+}
+
+/// `s`, cut to at most [`MAX_REASON`] bytes at a character boundary.
+fn cut(s: &str) -> String {
+    let mut end = s.len().min(MAX_REASON);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// Writes queued refusals to the store until every [`Refusals`] handle is
+/// gone. A write that fails is logged and the refusal left out of the
+/// durable trail (it is in the log).
+pub async fn write_refusals<S: crate::store::LeaseStore>(
+    store: std::sync::Arc<S>,
+    mut rx: tokio::sync::mpsc::Receiver<AuditEvent>,
+) {
+    while let Some(event) = rx.recv().await {
+        if let Err(e) = store.record_audit(&event).await {
+            tracing::warn!(error = %e, event = %event.event, "a refusal could not be written to the audit trail");
+        }
+    }
 }

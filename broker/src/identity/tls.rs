@@ -39,6 +39,7 @@ fn ring_provider() -> Arc<CryptoProvider> {
 pub struct SvidClientVerifier {
     bundles: Arc<TrustBundleSource>,
     provider: Arc<CryptoProvider>,
+    refusals: crate::audit::Refusals,
 }
 
 impl SvidClientVerifier {
@@ -47,6 +48,7 @@ impl SvidClientVerifier {
         Self {
             bundles,
             provider: ring_provider(),
+            refusals: crate::audit::Refusals::default(),
         }
     }
 }
@@ -79,6 +81,8 @@ impl ClientCertVerifier for SvidClientVerifier {
             }
             Err(err) => {
                 tracing::warn!(error = %err, "client X509-SVID rejected");
+                self.refusals
+                    .authentication_refused(&trust_domain_of(&err), &err.to_string());
                 Err(rustls::Error::InvalidCertificate(certificate_error(&err)))
             }
         }
@@ -119,6 +123,25 @@ impl ClientCertVerifier for SvidClientVerifier {
     }
 }
 
+/// The trust domain a rejected SVID named, or "" if it named none readable.
+fn trust_domain_of(err: &IdentityError) -> String {
+    match err {
+        IdentityError::InvalidSvid {
+            rule: SvidRule::UnknownTrustDomain(td),
+            ..
+        } => td.to_string(),
+        IdentityError::InvalidSvid {
+            spiffe_id: Some(id),
+            ..
+        } => id
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default()
+            .to_owned(),
+        _ => String::new(),
+    }
+}
+
 /// Chooses the TLS alert the rejected client sees; the detail stays in our log.
 fn certificate_error(err: &IdentityError) -> CertificateError {
     match err {
@@ -149,11 +172,13 @@ fn certificate_error(err: &IdentityError) -> CertificateError {
 pub fn server_tls_config(
     bundles: Arc<TrustBundleSource>,
     cert: Arc<ServingCert>,
+    refusals: crate::audit::Refusals,
 ) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
     let provider = ring_provider();
     let verifier = Arc::new(SvidClientVerifier {
         bundles,
         provider: Arc::clone(&provider),
+        refusals,
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])

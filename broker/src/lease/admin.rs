@@ -119,7 +119,8 @@ impl<S: LeaseStore> LeaseService<S> {
             return Ok(());
         }
         let reason = "matched by no admin.callers entry";
-        audit::denied(caller.spiffe_id.as_str(), action, reason);
+        self.refusals
+            .denied(caller.spiffe_id.as_str(), action, reason);
         Err(LeaseError::PermissionDenied(format!(
             "{} may not call Admin.{action}: {reason}",
             caller.spiffe_id
@@ -251,7 +252,7 @@ impl<S: LeaseStore> LeaseService<S> {
         });
         if !(by_identity || by_class) {
             let reason = format!("{who} is not an approver of task {id}");
-            audit::denied(who, action, &reason);
+            self.refusals.denied(who, action, &reason);
             if class.is_none_or(|a| a.tenant != task.tenant) {
                 return Err(LeaseError::TaskNotFound(id.to_string()));
             }
@@ -261,7 +262,7 @@ impl<S: LeaseStore> LeaseService<S> {
             let reason = format!(
                 "{who} requested task {id} (or delegated it): the requester can never approve its own request"
             );
-            audit::denied(who, action, &reason);
+            self.refusals.denied(who, action, &reason);
             return Err(LeaseError::PermissionDenied(reason));
         }
         let decision = ApprovalDecision {
@@ -374,6 +375,7 @@ impl<S: LeaseStore> LeaseService<S> {
                         std::slice::from_ref(id),
                         &target,
                         &outcome,
+                        who,
                         now_ms,
                     )
                     .await?;
@@ -390,7 +392,7 @@ impl<S: LeaseStore> LeaseService<S> {
                         if !page.ids.is_empty() {
                             let done = self
                                 .store
-                                .revoke_tasks(shard, &page.ids, &target, &outcome, now_ms)
+                                .revoke_tasks(shard, &page.ids, &target, &outcome, who, now_ms)
                                 .await?;
                             ended.extend(done);
                         }
@@ -452,7 +454,11 @@ impl<S: LeaseStore> LeaseService<S> {
             }
             Some(_) => {}
         }
-        let lifted = self.store.lift_kill_switch(kind, value).await?;
+        let who = caller.spiffe_id.as_str();
+        let lifted = self
+            .store
+            .lift_kill_switch(kind, value, who, reason, self.clock.now_ms())
+            .await?;
         audit::kill_switch_lifted(kind, value, caller.spiffe_id.as_str(), reason, lifted);
         Ok(lifted)
     }

@@ -152,6 +152,7 @@ mod tests {
             actors: Vec::new(),
             delegated: None,
             approval: None,
+            policies: Vec::new(),
         };
         let mut json = serde_json::to_value(&task).expect("json");
         assert_eq!(json["binding"]["kind"], "certificate");

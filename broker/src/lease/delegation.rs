@@ -183,18 +183,21 @@ impl<S: LeaseStore> LeaseService<S> {
                     template.name
                 )
             };
-            audit::denied_as(who, &actor.class, &actor.tenant, "delegate", &reason);
+            self.refusals
+                .denied_as(who, &actor.class, &actor.tenant, "delegate", &reason);
             return Err(LeaseError::PermissionDenied(reason));
         }
         let sub_actor = self.actors.classify(&subagent).cloned().map_err(|e| {
             let reason = format!("subagent {subagent}: {e}");
-            audit::denied_as(who, &actor.class, &actor.tenant, "delegate", &reason);
+            self.refusals
+                .denied_as(who, &actor.class, &actor.tenant, "delegate", &reason);
             LeaseError::PermissionDenied(reason)
         })?;
         if sub_actor.tenant != parent.tenant {
             // Another tenant's name is not this caller's to learn.
             let reason = format!("subagent {subagent} is not in the tenant of task {parent_id}");
-            audit::denied_as(who, &actor.class, &actor.tenant, "delegate", &reason);
+            self.refusals
+                .denied_as(who, &actor.class, &actor.tenant, "delegate", &reason);
             return Err(LeaseError::PermissionDenied(reason));
         }
         if !template.admits_class(&sub_actor.class, &sub_actor.tenant) {
@@ -202,7 +205,8 @@ impl<S: LeaseStore> LeaseService<S> {
                 "subagent {subagent} is of actor class {:?}, which template {:?} does not admit",
                 sub_actor.class, template.name
             );
-            audit::denied_as(who, &actor.class, &actor.tenant, "delegate", &reason);
+            self.refusals
+                .denied_as(who, &actor.class, &actor.tenant, "delegate", &reason);
             return Err(LeaseError::PermissionDenied(reason));
         }
         let mut actors = vec![subagent.to_string()];
@@ -247,7 +251,13 @@ impl<S: LeaseStore> LeaseService<S> {
         }
         let grants =
             narrowed(&parent_id, &held(&parent_decision), &req.grants).inspect_err(|e| {
-                audit::denied_as(who, &actor.class, &actor.tenant, "delegate", &e.to_string());
+                self.refusals.denied_as(
+                    who,
+                    &actor.class,
+                    &actor.tenant,
+                    "delegate",
+                    &e.to_string(),
+                );
             })?;
         if grants.is_empty() {
             return Err(LeaseError::FailedPrecondition(format!(
@@ -279,12 +289,13 @@ impl<S: LeaseStore> LeaseService<S> {
         child_decision.max_deadline_ms = max_deadline_ms;
         child_decision.delegation_depth = depth;
         child_decision.actors = actors.clone();
+        let mut permitted = Vec::new();
         if let Some(policies) = &self.policies {
             let as_subagent = Identity {
                 spiffe_id: subagent.clone(),
                 ..caller.clone()
             };
-            policy::authorize(
+            permitted = policy::authorize(
                 &policies.current(),
                 &as_subagent,
                 &sub_actor.class,
@@ -294,7 +305,7 @@ impl<S: LeaseStore> LeaseService<S> {
             )
             .inspect_err(|e| {
                 if let policy::PolicyError::Forbidden { policies, message } = e {
-                    audit::policy_denied(
+                    self.refusals.policy_denied(
                         who,
                         "delegate",
                         &actor.class,
@@ -345,6 +356,7 @@ impl<S: LeaseStore> LeaseService<S> {
             actors,
             delegated: Some(grants),
             approval: None,
+            policies: permitted,
         };
         match self
             .store
@@ -371,7 +383,8 @@ impl<S: LeaseStore> LeaseService<S> {
                         crate::store::MAX_DESCENDANTS
                     ),
                 };
-                audit::denied_as(who, &actor.class, &actor.tenant, "delegate", &message);
+                self.refusals
+                    .denied_as(who, &actor.class, &actor.tenant, "delegate", &message);
                 Err(LeaseError::QuotaExceeded {
                     message,
                     retry_after_ms: crate::store::CONCURRENCY_RETRY_MS,
@@ -438,7 +451,7 @@ impl<S: LeaseStore> LeaseService<S> {
                     "{actor} may not act in a delegation of template {:?}: delegation.may_act does not match it",
                     template.name
                 );
-                audit::denied(actor, action, &reason);
+                self.refusals.denied(actor, action, &reason);
                 return Err(LeaseError::PermissionDenied(reason));
             }
         }
@@ -479,7 +492,8 @@ impl<S: LeaseStore> LeaseService<S> {
             .ok_or_else(|| LeaseError::TaskNotFound(task_id.to_string()))?;
         if task.owner != who {
             let reason = format!("task {task_id} was delegated to another identity");
-            audit::denied_as(who, &actor.class, &actor.tenant, "redeem", &reason);
+            self.refusals
+                .denied_as(who, &actor.class, &actor.tenant, "redeem", &reason);
             return Err(LeaseError::PermissionDenied(reason));
         }
         if task.binding != TaskBinding::Delegated {
@@ -544,7 +558,8 @@ impl<S: LeaseStore> LeaseService<S> {
                 let reason = format!(
                     "the delegation handle of task {task_id} does not match, or was already used"
                 );
-                audit::denied_as(who, &actor.class, &actor.tenant, "redeem", &reason);
+                self.refusals
+                    .denied_as(who, &actor.class, &actor.tenant, "redeem", &reason);
                 Err(LeaseError::PermissionDenied(reason))
             }
             RedeemOutcome::NotActive(t) => Err(LeaseError::FailedPrecondition(

@@ -76,6 +76,7 @@ pub struct LeaseService<S> {
     pub(super) actors: ActorClasses,
     pub(super) policies: Option<Arc<PolicyCatalog>>,
     pub(super) admins: Vec<crate::identity::IdentityPattern>,
+    pub(super) refusals: audit::Refusals,
 }
 
 pub(super) fn digest(parts: &[&str]) -> ring::digest::Digest {
@@ -255,6 +256,7 @@ impl<S: LeaseStore> LeaseService<S> {
             actors: ActorClasses::default(),
             policies: None,
             admins: Vec::new(),
+            refusals: audit::Refusals::default(),
         }
     }
 
@@ -342,15 +344,22 @@ impl<S: LeaseStore> LeaseService<S> {
         )
         .inspect_err(|e| {
             if matches!(e, policy::PolicyError::NotAllowed { .. }) {
-                audit::denied_as(owner, &actor.class, &actor.tenant, "begin", &e.to_string());
+                self.refusals.denied_as(
+                    owner,
+                    &actor.class,
+                    &actor.tenant,
+                    "begin",
+                    &e.to_string(),
+                );
             }
         })?;
         cap_to_class(&mut decision, &actor, now_ms);
+        let mut permitted = Vec::new();
         if let Some(policies) = &self.policies {
             // `context.time` is this replica's own (injectable) clock: policy
             // windows are minutes wide, and the store's clock offset is for deadlines.
             let policy_now_ms = self.clock.now_ms();
-            policy::authorize(
+            permitted = policy::authorize(
                 &policies.current(),
                 caller,
                 &actor.class,
@@ -360,7 +369,7 @@ impl<S: LeaseStore> LeaseService<S> {
             )
             .inspect_err(|e| {
                 if let policy::PolicyError::Forbidden { policies, message } = e {
-                    audit::policy_denied(
+                    self.refusals.policy_denied(
                         owner,
                         "begin",
                         &actor.class,
@@ -431,6 +440,7 @@ impl<S: LeaseStore> LeaseService<S> {
                     ..ApprovalStatus::default()
                 },
             }),
+            policies: permitted,
         };
         // Policies decided the whole task; what is issued now may be less.
         let mut issued = decision.clone();
@@ -453,7 +463,8 @@ impl<S: LeaseStore> LeaseService<S> {
                 retry_after_ms,
             } => {
                 let message = quota_message(quota, &actor, owner);
-                audit::denied_as(owner, &actor.class, &actor.tenant, "begin", &message);
+                self.refusals
+                    .denied_as(owner, &actor.class, &actor.tenant, "begin", &message);
                 Err(LeaseError::QuotaExceeded {
                     message,
                     retry_after_ms,
@@ -580,7 +591,7 @@ impl<S: LeaseStore> LeaseService<S> {
         let actor = self.actor(caller, action)?;
         if task.tenant != actor.tenant {
             // Answered like an unknown task: a tenant learns nothing of another's.
-            audit::denied_as(
+            self.refusals.denied_as(
                 caller.spiffe_id.as_str(),
                 &actor.class,
                 &actor.tenant,
@@ -591,7 +602,7 @@ impl<S: LeaseStore> LeaseService<S> {
         }
         if task.owner != caller.spiffe_id.as_str() {
             let reason = format!("task {task_id} belongs to another identity");
-            audit::denied_as(
+            self.refusals.denied_as(
                 caller.spiffe_id.as_str(),
                 &actor.class,
                 &actor.tenant,
@@ -660,7 +671,8 @@ impl<S: LeaseStore> LeaseService<S> {
         )
         .map_err(|e| match e {
             policy::PolicyError::NotAllowed { .. } => {
-                audit::denied(caller.spiffe_id.as_str(), "renew", &e.to_string());
+                self.refusals
+                    .denied(caller.spiffe_id.as_str(), "renew", &e.to_string());
                 LeaseError::PermissionDenied(e.to_string())
             }
             other => LeaseError::FailedPrecondition(format!(
@@ -713,7 +725,7 @@ impl<S: LeaseStore> LeaseService<S> {
             }
             RenewOutcome::ApprovalLapsed(task) => Err(approval_lapsed(&task)),
             RenewOutcome::TooSoon { retry_after_ms } => {
-                audit::denied(
+                self.refusals.denied(
                     caller.spiffe_id.as_str(),
                     "renew",
                     &format!(
@@ -743,7 +755,11 @@ impl<S: LeaseStore> LeaseService<S> {
         super::request::check_summary(summary)?;
         self.owned_task(caller, &task_id, "complete").await?;
         let now_ms = self.now_ms();
-        match self.store.complete(&task_id, now_ms, outcome).await? {
+        match self
+            .store
+            .complete_with_summary(&task_id, now_ms, outcome, summary)
+            .await?
+        {
             CompleteOutcome::Ended {
                 task,
                 revoked,
@@ -846,7 +862,7 @@ impl<S: LeaseStore> LeaseService<S> {
         };
         if let Some(reason) = refused {
             // Answered like an unknown token; only the audit trail hears of it.
-            audit::denied_as(
+            self.refusals.denied_as(
                 caller.spiffe_id.as_str(),
                 &verifier.class,
                 tenant,
@@ -882,7 +898,7 @@ impl<S: LeaseStore> LeaseService<S> {
         if let Some(audiences) = self.verifier_callers.audiences_of(&caller.spiffe_id) {
             return Ok(audiences.clone());
         }
-        audit::denied(
+        self.refusals.denied(
             caller.spiffe_id.as_str(),
             action,
             "matched by no verifier.callers entry",
@@ -927,7 +943,8 @@ impl<S: LeaseStore> LeaseService<S> {
             .classify(&caller.spiffe_id)
             .cloned()
             .map_err(|e| {
-                audit::denied(caller.spiffe_id.as_str(), action, &e.to_string());
+                self.refusals
+                    .denied(caller.spiffe_id.as_str(), action, &e.to_string());
                 LeaseError::PermissionDenied(e.to_string())
             })
     }
@@ -950,7 +967,7 @@ impl<S: LeaseStore> LeaseService<S> {
         }
         let who = caller.spiffe_id.as_str();
         if t.tenant != actor.tenant {
-            audit::denied_as(
+            self.refusals.denied_as(
                 who,
                 &actor.class,
                 &actor.tenant,
@@ -964,7 +981,8 @@ impl<S: LeaseStore> LeaseService<S> {
             actor.class,
             t.classes.join(", ")
         );
-        audit::denied_as(who, &actor.class, &actor.tenant, action, &reason);
+        self.refusals
+            .denied_as(who, &actor.class, &actor.tenant, action, &reason);
         Err(LeaseError::PermissionDenied(format!("{who}: {reason}")))
     }
 
@@ -983,7 +1001,8 @@ impl<S: LeaseStore> LeaseService<S> {
             switch.set_by,
             switch.reason
         );
-        audit::denied_as(who, &actor.class, &actor.tenant, action, &reason);
+        self.refusals
+            .denied_as(who, &actor.class, &actor.tenant, action, &reason);
         LeaseError::PermissionDenied(reason)
     }
 
@@ -1007,6 +1026,18 @@ impl<S: LeaseStore> LeaseService<S> {
     pub fn with_admins(mut self, admins: Vec<crate::identity::IdentityPattern>) -> Self {
         self.admins = admins;
         self
+    }
+
+    /// Sends every refusal to `refusals` for the durable audit trail too
+    /// (without it, refusals are only logged).
+    pub fn with_refusals(mut self, refusals: audit::Refusals) -> Self {
+        self.refusals = refusals;
+        self
+    }
+
+    /// Where this service's refusals go.
+    pub fn refusals(&self) -> &audit::Refusals {
+        &self.refusals
     }
 
     /// The JWK Set of the signing keys.
@@ -1040,7 +1071,8 @@ impl<S: LeaseStore> LeaseService<S> {
     ) -> Result<(), LeaseError> {
         binding::check(&task.binding, caller, self.binding_rule, task.id.as_str()).map_err(
             |reason| {
-                audit::denied(caller.spiffe_id.as_str(), action, &reason);
+                self.refusals
+                    .denied(caller.spiffe_id.as_str(), action, &reason);
                 LeaseError::PermissionDenied(reason)
             },
         )

@@ -205,7 +205,8 @@ pub fn policy_request<'a>(
 
 /// Decides a task the template rules accepted ([`decide`]) with the Cedar
 /// `policies`: the one hook between the template decision and issuing. With no
-/// policy loaded, everything the template rules accepted is allowed.
+/// policy loaded, everything the template rules accepted is allowed. Answers
+/// the policies that permitted it (none when no policy set is loaded).
 ///
 /// # Errors
 /// [`PolicyError::Forbidden`] naming the deciding policies (a `forbid` that
@@ -218,16 +219,16 @@ pub fn authorize(
     tenant: &str,
     decision: &Decision,
     now_ms: u64,
-) -> Result<(), PolicyError> {
+) -> Result<Vec<String>, PolicyError> {
     if policies.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let request = policy_request(caller, class, tenant, decision, now_ms);
     let verdict = policies
         .evaluate(&request)
         .map_err(|e| PolicyError::Evaluation(e.to_string()))?;
     if verdict.allowed {
-        return Ok(());
+        return Ok(verdict.determining);
     }
     Err(PolicyError::Forbidden {
         message: policies.denial_message(&verdict),

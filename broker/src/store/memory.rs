@@ -9,6 +9,9 @@ use std::{
 
 use tokio::sync::Notify;
 
+use crate::audit::{self, AuditCursor, AuditEvent, AuditPage, AuditRetention};
+use crate::templates::MAX_DELEGATION_DEPTH;
+
 use super::{
     ApprovalDecision, ApprovalOutcome, ApprovalState, BeginOutcome, BeginQuota, Bucket,
     CONCURRENCY_RETRY_MS, CompleteOutcome, CredentialId, CredentialRecord, CredentialView,
@@ -54,6 +57,56 @@ struct Inner {
     handles: HashMap<TaskId, String>,
     /// The kill switches in force, by (kind, value).
     kills: BTreeMap<(String, String), KillSwitch>,
+    /// The audit trail.
+    trail: Trail,
+}
+
+/// The audit trail in memory: like the Redis streams, one per tenant and
+/// shard, and an index per task of its events and its descendants'.
+#[derive(Debug, Default)]
+struct Trail {
+    retention: AuditRetention,
+    streams: HashMap<(String, u8), VecDeque<(u64, AuditEvent)>>,
+    index: HashMap<TaskId, Vec<AuditEvent>>,
+    /// The last entry number given (entry ids are `<shard>-<n>-0`).
+    seq: u64,
+}
+
+impl Trail {
+    /// Appends `event` to `shard`'s stream of its tenant; indexes it under
+    /// each of `index`.
+    fn append(&mut self, shard: u8, mut event: AuditEvent, index: &[TaskId], now_ms: u64) {
+        self.seq += 1;
+        event.id = format!("{shard:x}-{}-0", self.seq);
+        for id in index {
+            let list = self.index.entry(id.clone()).or_default();
+            list.retain(|e| e.at_ms.saturating_add(self.retention.max_age_ms) > now_ms);
+            list.push(event.clone());
+        }
+        let max_len = usize::try_from(self.retention.max_len).unwrap_or(usize::MAX);
+        let age = self.retention.max_age_ms;
+        let stream = self
+            .streams
+            .entry((event.stream().to_owned(), shard))
+            .or_default();
+        stream.push_back((self.seq, event));
+        while stream.len() > max_len
+            || stream
+                .front()
+                .is_some_and(|(_, e)| e.at_ms.saturating_add(age) <= now_ms)
+        {
+            stream.pop_front();
+        }
+    }
+}
+
+/// The entry number of a memory trail cursor position (`<n>-0`).
+fn entry_number(position: &str) -> u64 {
+    position
+        .split('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The quota keys of a task's owner and class, `id:<owner>` and
@@ -92,8 +145,14 @@ pub struct MemoryStore {
 impl MemoryStore {
     /// An empty store that keeps ended tasks `retention_ms` past their max lifetime.
     pub fn new(retention_ms: u64) -> Self {
+        Self::with_audit(retention_ms, AuditRetention::default())
+    }
+
+    /// [`MemoryStore::new`], keeping the audit trail as `audit` says.
+    pub fn with_audit(retention_ms: u64, audit: AuditRetention) -> Self {
         let mut inner = Inner::default();
         inner.logs.resize_with(usize::from(SHARDS), Log::default);
+        inner.trail.retention = audit;
         Self {
             inner: Mutex::new(inner),
             retention_ms,
@@ -137,6 +196,100 @@ impl Inner {
             .collect()
     }
 
+    /// Records one event about `task` (indexed under it and every ancestor),
+    /// with `extra` details, exactly as the Lua `audit` function does.
+    fn audit(&mut self, task: &TaskRecord, event: &str, now_ms: u64, extra: &[(&str, String)]) {
+        let mut e = AuditEvent::about(task, event, now_ms, &audit::current_trace_id());
+        for (k, v) in extra {
+            e.detail.insert((*k).to_owned(), v.clone());
+        }
+        let mut index = vec![task.id.clone()];
+        let mut parent = task.parent.clone();
+        while let Some(p) = parent.filter(|_| index.len() <= MAX_DELEGATION_DEPTH as usize) {
+            parent = self.tasks.get(&p).and_then(|t| t.parent.clone());
+            index.push(p);
+        }
+        self.trail.append(task.id.shard(), e, &index, now_ms);
+    }
+
+    /// `credential.issued`, as the Lua `audit_issued`.
+    fn audit_issued(&mut self, task: &TaskRecord, c: &CredentialRecord, now_ms: u64) {
+        self.audit(
+            task,
+            "credential.issued",
+            now_ms,
+            &[
+                ("credential", c.id.to_string()),
+                ("grant", c.grant.clone()),
+                ("audience", c.audience.clone()),
+                ("scopes", c.scopes.join(" ")),
+                ("expires_at", c.expires_at_ms.to_string()),
+                ("bound", c.cnf_x5t_s256.is_some().to_string()),
+            ],
+        );
+    }
+
+    /// `credential.revoked` for each of `ids`.
+    fn audit_revoked(
+        &mut self,
+        task: &TaskRecord,
+        ids: &[CredentialId],
+        reason: EndReason,
+        by: &str,
+        now_ms: u64,
+    ) {
+        for id in ids {
+            self.audit(
+                task,
+                "credential.revoked",
+                now_ms,
+                &[
+                    ("credential", id.to_string()),
+                    ("reason", reason.as_str().to_owned()),
+                    ("by", by.to_owned()),
+                ],
+            );
+        }
+    }
+
+    /// The events of a task's end, as the Lua `audit_end`.
+    fn audit_end(
+        &mut self,
+        task: &TaskRecord,
+        reason: EndReason,
+        by: &str,
+        revoked: &[CredentialId],
+        summary: &str,
+        now_ms: u64,
+    ) {
+        let mut ids = revoked.to_vec();
+        ids.sort();
+        let event = match reason {
+            EndReason::Completion => "task.completed",
+            EndReason::Expiry => "lease.expired",
+            EndReason::Cascade | EndReason::KillSwitch => "task.revoked",
+            EndReason::Rotation => "task.ended",
+        };
+        let mut extra = vec![
+            ("state", task.state.as_str().to_owned()),
+            ("outcome", task.outcome.clone().unwrap_or_default()),
+            ("reason", reason.as_str().to_owned()),
+            ("by", by.to_owned()),
+            (
+                "credentials",
+                ids.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+        ];
+        if !summary.is_empty() {
+            extra.push(("summary", summary.to_owned()));
+        }
+        self.audit(task, event, now_ms, &extra);
+        self.audit_revoked(task, &ids, reason, by, now_ms);
+    }
+
     /// Logs one revoked credential in its shard's log and the revoked set.
     fn log_one(&mut self, c: &CredentialRecord, now_ms: u64, reason: EndReason) {
         let shard = c.id.task_id().shard();
@@ -173,7 +326,11 @@ impl Inner {
         now_ms: u64,
     ) -> Vec<CredentialId> {
         let mut rotated = Vec::new();
+        let task = self.tasks.get(task_id).cloned();
         for c in credentials {
+            if let Some(task) = &task {
+                self.audit_issued(task, c, now_ms);
+            }
             let creds = self.credentials.entry(task_id.clone()).or_default();
             creds.insert(c.id.clone(), c.clone());
             let list = self
@@ -195,6 +352,15 @@ impl Inner {
             for record in out {
                 if record.expires_at_ms > now_ms {
                     self.log_one(&record, now_ms, EndReason::Rotation);
+                }
+                if let Some(task) = &task {
+                    self.audit_revoked(
+                        task,
+                        std::slice::from_ref(&record.id),
+                        EndReason::Rotation,
+                        "",
+                        now_ms,
+                    );
                 }
                 rotated.push(record.id);
             }
@@ -235,6 +401,14 @@ impl Inner {
                 task.outcome = Some(format!("cascade: ancestor {id} ended"));
                 let ended = task.clone();
                 let revoked = self.end(&ended, now_ms, EndReason::Cascade);
+                self.audit_end(
+                    &ended,
+                    EndReason::Cascade,
+                    id.as_str(),
+                    &revoked,
+                    "",
+                    now_ms,
+                );
                 out.push(EndedTask {
                     task: ended,
                     revoked,
@@ -397,6 +571,47 @@ impl LeaseStore for MemoryStore {
             .deadlines
             .insert((task.lease_deadline_ms, task.id.clone()));
         inner.renewed.insert(task.id.clone(), task.created_at_ms);
+        let now_ms = task.created_at_ms;
+        inner.audit(
+            &task,
+            "task.declared",
+            now_ms,
+            &[("by", task.owner.clone())],
+        );
+        inner.audit(
+            &task,
+            "policy.decided",
+            now_ms,
+            &[
+                ("decision", "allow".to_owned()),
+                ("policies", task.policies.join(",")),
+            ],
+        );
+        let pending = task.approval.as_ref().map(|a| a.status.deadline_ms);
+        inner.audit(
+            &task,
+            "task.begun",
+            now_ms,
+            &[
+                ("deadline", task.lease_deadline_ms.to_string()),
+                ("max_deadline", task.max_deadline_ms.to_string()),
+                (
+                    "approval",
+                    if pending.is_some() { "pending" } else { "" }.to_owned(),
+                ),
+            ],
+        );
+        if let (Some(a), Some(deadline)) = (&task.approval, pending) {
+            inner.audit(
+                &task,
+                "approval.requested",
+                now_ms,
+                &[
+                    ("grants", a.grants.join(",")),
+                    ("expires_at", deadline.to_string()),
+                ],
+            );
+        }
         let rotated = inner.add_credentials(&task.id, credentials, task.created_at_ms);
         drop(guard);
         if !rotated.is_empty() {
@@ -461,12 +676,28 @@ impl LeaseStore for MemoryStore {
             .remove(&(task.lease_deadline_ms, task_id.clone()));
         inner.deadlines.insert((deadline, task_id.clone()));
         task.lease_deadline_ms = deadline;
+        let mut redeemed_now = false;
         if renewal.redeems_approval
             && let Some(a) = &mut task.approval
         {
+            redeemed_now = a.status.state == ApprovalState::Approved;
             a.status.state = ApprovalState::Redeemed;
         }
         let renewed = task.clone();
+        if redeemed_now {
+            inner.audit(&renewed, "approval.redeemed", now_ms, &[]);
+        }
+        let event = if renewal.extend_by_ms == 0 {
+            "task.replayed"
+        } else {
+            "lease.renewed"
+        };
+        inner.audit(
+            &renewed,
+            event,
+            now_ms,
+            &[("deadline", renewed.lease_deadline_ms.to_string())],
+        );
         if let Some(creds) = inner.credentials.get_mut(task_id) {
             let expired: Vec<CredentialId> = creds
                 .values()
@@ -489,11 +720,12 @@ impl LeaseStore for MemoryStore {
         })
     }
 
-    async fn complete(
+    async fn complete_with_summary(
         &self,
         task_id: &TaskId,
         now_ms: u64,
         outcome: &str,
+        summary: &str,
     ) -> Result<CompleteOutcome, StoreError> {
         let mut guard = self.lock()?;
         let inner = &mut *guard;
@@ -514,6 +746,12 @@ impl LeaseStore for MemoryStore {
         task.ended_at_ms = Some(now_ms);
         let ended = task.clone();
         let revoked = inner.end(&ended, now_ms, reason);
+        let by = if reason == EndReason::Expiry {
+            ""
+        } else {
+            ended.owner.as_str()
+        };
+        inner.audit_end(&ended, reason, by, &revoked, summary, now_ms);
         let descendants = inner.end_descendants(task_id, now_ms);
         drop(guard);
         if !revoked.is_empty() || !descendants.is_empty() {
@@ -586,7 +824,8 @@ impl LeaseStore for MemoryStore {
                 .get(&ended.id)
                 .map(|m| m.keys().cloned().collect())
                 .unwrap_or_default();
-            inner.end(&ended, now_ms, EndReason::Expiry);
+            let live = inner.end(&ended, now_ms, EndReason::Expiry);
+            inner.audit_end(&ended, EndReason::Expiry, "", &live, "", now_ms);
             let id = ended.id.clone();
             out.expired.push(EndedTask {
                 task: ended,
@@ -741,6 +980,17 @@ impl LeaseStore for MemoryStore {
             .min(parent.lease_deadline_ms)
             .min(task.max_deadline_ms);
         inner.tasks.insert(task.id.clone(), task.clone());
+        inner.audit(
+            &task,
+            "task.delegated",
+            now_ms,
+            &[
+                ("by", parent.owner.clone()),
+                ("depth", task.depth.to_string()),
+                ("deadline", task.lease_deadline_ms.to_string()),
+                ("max_deadline", task.max_deadline_ms.to_string()),
+            ],
+        );
         inner
             .deadlines
             .insert((task.lease_deadline_ms, task.id.clone()));
@@ -786,6 +1036,12 @@ impl LeaseStore for MemoryStore {
         // Only the begin record changes (the binding); the state is the store's.
         task.binding = record.binding.clone();
         let redeemed = task.clone();
+        inner.audit(
+            &redeemed,
+            "delegation.redeemed",
+            now_ms,
+            &[("by", redeemed.owner.clone())],
+        );
         inner.renewed.insert(record.id.clone(), now_ms);
         let rotated = inner.add_credentials(&record.id, credentials, now_ms);
         drop(guard);
@@ -814,7 +1070,9 @@ impl LeaseStore for MemoryStore {
         }
         if a.status.deadline_ms <= now_ms {
             a.status.state = ApprovalState::Expired;
-            return Ok(ApprovalOutcome::NotPending(Box::new(task.clone())));
+            let expired = task.clone();
+            inner.audit(&expired, "approval.expired", now_ms, &[]);
+            return Ok(ApprovalOutcome::NotPending(Box::new(expired)));
         }
         a.status.state = if decision.approve {
             a.status.deadline_ms = now_ms.saturating_add(decision.validity_ms);
@@ -825,7 +1083,20 @@ impl LeaseStore for MemoryStore {
         a.status.decided_by = Some(decision.by.clone());
         a.status.reason = Some(decision.reason.clone());
         a.status.decided_at_ms = Some(now_ms);
-        Ok(ApprovalOutcome::Decided(Box::new(task.clone())))
+        let state = a.status.state;
+        let valid_until = a.status.deadline_ms;
+        let decided = task.clone();
+        inner.audit(
+            &decided,
+            &format!("approval.{}", state.as_str()),
+            now_ms,
+            &[
+                ("by", decision.by.clone()),
+                ("reason", decision.reason.clone()),
+                ("valid_until", valid_until.to_string()),
+            ],
+        );
+        Ok(ApprovalOutcome::Decided(Box::new(decided)))
     }
 
     async fn set_kill_switch(&self, switch: &KillSwitch) -> Result<(), StoreError> {
@@ -835,15 +1106,37 @@ impl LeaseStore for MemoryStore {
             return Err(super::kill_switches_full());
         }
         inner.kills.insert(key, switch.clone());
+        let event = kill_event(
+            "kill_switch.set",
+            &switch.kind,
+            &switch.value,
+            &switch.set_by,
+            &switch.reason,
+            switch.set_at_ms,
+        );
+        let now_ms = switch.set_at_ms;
+        inner.trail.append(0, event, &[], now_ms);
         Ok(())
     }
 
-    async fn lift_kill_switch(&self, kind: &str, value: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .lock()?
+    async fn lift_kill_switch(
+        &self,
+        kind: &str,
+        value: &str,
+        by: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        let lifted = inner
             .kills
             .remove(&(kind.to_owned(), value.to_owned()))
-            .is_some())
+            .is_some();
+        if lifted {
+            let event = kill_event("kill_switch.lifted", kind, value, by, reason, now_ms);
+            inner.trail.append(0, event, &[], now_ms);
+        }
+        Ok(lifted)
     }
 
     async fn kill_switches(&self) -> Result<Vec<KillSwitch>, StoreError> {
@@ -875,6 +1168,7 @@ impl LeaseStore for MemoryStore {
         ids: &[TaskId],
         target: &KillTarget,
         outcome: &str,
+        by: &str,
         now_ms: u64,
     ) -> Result<Vec<EndedTask>, StoreError> {
         let mut guard = self.lock()?;
@@ -892,6 +1186,7 @@ impl LeaseStore for MemoryStore {
             task.outcome = Some(outcome.to_owned());
             let ended = task.clone();
             let revoked = inner.end(&ended, now_ms, EndReason::KillSwitch);
+            inner.audit_end(&ended, EndReason::KillSwitch, by, &revoked, "", now_ms);
             out.push(EndedTask {
                 task: ended,
                 revoked,
@@ -931,7 +1226,113 @@ impl LeaseStore for MemoryStore {
         Ok(TaskPage { tasks: page, next })
     }
 
+    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        let task = TaskId::parse(&event.task);
+        let shard = task.as_ref().map_or(0, TaskId::shard);
+        let index: Vec<TaskId> = task.into_iter().collect();
+        inner
+            .trail
+            .append(shard, event.clone(), &index, event.at_ms);
+        Ok(())
+    }
+
+    async fn audit_trace(
+        &self,
+        task_id: &TaskId,
+        from: u64,
+        limit: usize,
+    ) -> Result<AuditPage, StoreError> {
+        let inner = self.lock()?;
+        let all = inner
+            .trail
+            .index
+            .get(task_id)
+            .map_or(&[][..], Vec::as_slice);
+        let start = usize::try_from(from).unwrap_or(usize::MAX).min(all.len());
+        let end = start.saturating_add(limit.max(1)).min(all.len());
+        Ok(AuditPage {
+            events: all.get(start..end).unwrap_or_default().to_vec(),
+            next: (end < all.len()).then_some(end as u64),
+        })
+    }
+
+    async fn audit_cursor(&self, tenant: &str) -> Result<AuditCursor, StoreError> {
+        let inner = self.lock()?;
+        let mut cursor = AuditCursor::default();
+        for (shard, slot) in (0..SHARDS).zip(cursor.0.iter_mut()) {
+            if let Some((n, _)) = inner
+                .trail
+                .streams
+                .get(&(tenant.to_owned(), shard))
+                .and_then(VecDeque::back)
+            {
+                *slot = format!("{n}-0");
+            }
+        }
+        Ok(cursor)
+    }
+
+    async fn audit_read(
+        &self,
+        tenant: &str,
+        after: &AuditCursor,
+        limit: usize,
+    ) -> Result<(Vec<AuditEvent>, AuditCursor), StoreError> {
+        let inner = self.lock()?;
+        let mut cursor = after.clone();
+        let mut shards = Vec::new();
+        for (shard, slot) in (0..SHARDS).zip(cursor.0.iter_mut()) {
+            let Some(stream) = inner.trail.streams.get(&(tenant.to_owned(), shard)) else {
+                continue;
+            };
+            let from = entry_number(slot);
+            let mut page = Vec::new();
+            for (n, e) in stream.iter().filter(|(n, _)| *n > from).take(limit.max(1)) {
+                *slot = format!("{n}-0");
+                page.push(e.clone());
+            }
+            shards.push(page);
+        }
+        Ok((audit::merge(shards), cursor))
+    }
+
+    async fn audit_len(&self, tenant: &str) -> Result<u64, StoreError> {
+        let inner = self.lock()?;
+        Ok((0..SHARDS)
+            .filter_map(|s| inner.trail.streams.get(&(tenant.to_owned(), s)))
+            .map(|q| q.len() as u64)
+            .sum())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.lock().map(|_| ())
     }
+}
+
+/// A kill switch event, as the Lua `kill` script writes it: in the tenant's
+/// stream for a tenant switch, else in that of no tenant.
+fn kill_event(
+    event: &str,
+    kind: &str,
+    value: &str,
+    by: &str,
+    reason: &str,
+    at_ms: u64,
+) -> AuditEvent {
+    AuditEvent {
+        event: event.to_owned(),
+        at_ms,
+        tenant: if kind == "tenant" {
+            value.to_owned()
+        } else {
+            String::new()
+        },
+        trace: audit::current_trace_id(),
+        ..AuditEvent::default()
+    }
+    .with("kind", kind)
+    .with("value", value)
+    .with("by", by)
+    .with("reason", reason)
 }

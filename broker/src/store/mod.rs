@@ -30,6 +30,8 @@ mod redis;
 
 use std::{future::Future, time::Duration};
 
+use crate::audit::{AuditCursor, AuditEvent, AuditPage};
+
 pub use memory::MemoryStore;
 pub use memory::quota_keys;
 pub use model::{
@@ -452,6 +454,21 @@ pub trait LeaseStore: Send + Sync + 'static {
         task_id: &TaskId,
         now_ms: u64,
         outcome: &str,
+    ) -> impl Future<Output = Result<CompleteOutcome, StoreError>> + Send {
+        self.complete_with_summary(task_id, now_ms, outcome, "")
+    }
+
+    /// [`LeaseStore::complete`], the owner's `summary` recorded with the
+    /// completion in the audit trail.
+    ///
+    /// # Errors
+    /// As [`LeaseStore::begin`].
+    fn complete_with_summary(
+        &self,
+        task_id: &TaskId,
+        now_ms: u64,
+        outcome: &str,
+        summary: &str,
     ) -> impl Future<Output = Result<CompleteOutcome, StoreError>> + Send;
 
     /// Reads a credential and its task together, with the store's time.
@@ -614,7 +631,8 @@ pub trait LeaseStore: Send + Sync + 'static {
         switch: &KillSwitch,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Lifts a kill switch; true if one was in force.
+    /// Lifts a kill switch at `now_ms` (`by` whom, for `reason`, both
+    /// recorded); true if one was in force.
     ///
     /// # Errors
     /// As [`LeaseStore::begin`].
@@ -622,6 +640,9 @@ pub trait LeaseStore: Send + Sync + 'static {
         &self,
         kind: &str,
         value: &str,
+        by: &str,
+        reason: &str,
+        now_ms: u64,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// The kill switches in force, by kind then value.
@@ -657,6 +678,7 @@ pub trait LeaseStore: Send + Sync + 'static {
         ids: &[TaskId],
         target: &KillTarget,
         outcome: &str,
+        by: &str,
         now_ms: u64,
     ) -> impl Future<Output = Result<Vec<EndedTask>, StoreError>> + Send;
 
@@ -671,6 +693,57 @@ pub trait LeaseStore: Send + Sync + 'static {
         token: Option<&str>,
         count: usize,
     ) -> impl Future<Output = Result<TaskPage, StoreError>> + Send;
+
+    /// Appends `event`, which records no state change of its own (a refusal),
+    /// to its tenant's stream, indexed under its task if it names one.
+    /// Every state change records its own events in the step that makes it.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached or the trail written.
+    fn record_audit(
+        &self,
+        event: &AuditEvent,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A page of the story of `task_id` and its descendants, oldest first:
+    /// at most `limit` events from position `from` of its index.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached or read.
+    fn audit_trace(
+        &self,
+        task_id: &TaskId,
+        from: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<AuditPage, StoreError>> + Send;
+
+    /// The current end of every shard's stream of `tenant` (or of
+    /// [`crate::audit::NO_TENANT`]): a cursor that reads what comes next.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached.
+    fn audit_cursor(
+        &self,
+        tenant: &str,
+    ) -> impl Future<Output = Result<AuditCursor, StoreError>> + Send;
+
+    /// The events of `tenant` after `after`, at most `limit` per shard, in
+    /// order, and the cursor after them. Does not wait.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached or read.
+    fn audit_read(
+        &self,
+        tenant: &str,
+        after: &AuditCursor,
+        limit: usize,
+    ) -> impl Future<Output = Result<(Vec<AuditEvent>, AuditCursor), StoreError>> + Send;
+
+    /// How many events the streams of `tenant` hold, over every shard.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached.
+    fn audit_len(&self, tenant: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Checks that the store answers.
     ///

@@ -268,6 +268,10 @@ pub struct TaskRecord {
     /// nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<Approval>,
+    /// The Cedar policies that permitted the begin (recorded in the audit
+    /// trail's `policy.decided`); empty when no policy set is loaded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
 }
 
 /// Where a task's approval stands.

@@ -46,6 +46,8 @@ use std::{
 
 use redis::{Client, Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
 
+use crate::audit::{AuditCursor, AuditEvent, AuditPage, AuditRetention};
+
 use super::{
     ApprovalDecision, ApprovalOutcome, ApprovalState, BeginOutcome, BeginQuota, CompleteOutcome,
     CredentialId, CredentialRecord, CredentialView, DelegateOutcome, EndReason, EndedTask,
@@ -114,6 +116,8 @@ pub struct RedisStoreOptions {
     pub clock: StoreClock,
     /// This replica's clock, to learn how far Redis's clock is from it.
     pub local_clock: Arc<dyn crate::clock::Clock>,
+    /// How much of the audit trail each stream keeps, and for how long.
+    pub audit: AuditRetention,
 }
 
 /// What a check of the Redis server found.
@@ -194,6 +198,7 @@ pub struct RedisStore {
     local_clock: Arc<dyn crate::clock::Clock>,
     offset_ms: Arc<AtomicI64>,
     scripts: Arc<Scripts>,
+    audit: AuditRetention,
 }
 
 impl fmt::Debug for RedisStore {
@@ -219,20 +224,40 @@ struct Scripts {
     approve: Script,
     revoke: Script,
     kill: Script,
+    audit_append: Script,
+    audit_trace: Script,
 }
 
 const PRELUDE: &str = include_str!("lua/prelude.lua");
+const AUDIT: &str = include_str!("lua/audit.lua");
 
-/// A write script: the shared prelude (with its constants) and the body.
+/// A script that records what it changes in the audit trail: ARGV[2] is its
+/// audit context (see `audit.lua`), taken out before the body reads ARGV.
+fn audited_script(body: &str) -> Script {
+    prelude_script("local AUD = cjson.decode(table.remove(ARGV, 2))", body)
+}
+
+/// A script of the shared prelude that changes nothing it must record.
 fn write_script(body: &str) -> Script {
+    prelude_script("local AUD = {}", body)
+}
+
+/// The shared prelude (with its constants and the audit functions) and the body.
+fn prelude_script(context: &str, body: &str) -> Script {
     let prelude = PRELUDE
+        .replace("__AUDIT__", AUDIT)
+        .replace(
+            "__MAXDEPTH__",
+            &crate::templates::MAX_DELEGATION_DEPTH.to_string(),
+        )
         .replace("__GRACE__", &REVOCATION_GRACE_MS.to_string())
         .replace("__PAGE__", &PRUNE_PAGE.to_string());
     let body = body
         .replace("__CONC__", &super::CONCURRENCY_RETRY_MS.to_string())
         .replace("__MAXKIDS__", &MAX_CHILDREN.to_string())
         .replace("__MAXKILL__", &MAX_KILL_SWITCHES.to_string());
-    let script = format!("{prelude}\n{body}").replace("__MAXDESC__", &MAX_DESCENDANTS.to_string());
+    let script = format!("{context}\n{prelude}\n{body}")
+        .replace("__MAXDESC__", &MAX_DESCENDANTS.to_string());
     Script::new(&script)
 }
 
@@ -241,16 +266,18 @@ impl Scripts {
         Self {
             log_end: Script::new(include_str!("lua/log_end.lua")),
             read_log: Script::new(include_str!("lua/read_log.lua")),
-            begin: write_script(include_str!("lua/begin.lua")),
-            renew: write_script(include_str!("lua/renew.lua")),
-            complete: write_script(include_str!("lua/complete.lua")),
+            begin: audited_script(include_str!("lua/begin.lua")),
+            renew: audited_script(include_str!("lua/renew.lua")),
+            complete: audited_script(include_str!("lua/complete.lua")),
             read_credential: write_script(include_str!("lua/read_credential.lua")),
-            reap: write_script(include_str!("lua/reap.lua")),
-            delegate: write_script(include_str!("lua/delegate.lua")),
-            redeem: write_script(include_str!("lua/redeem.lua")),
-            approve: write_script(include_str!("lua/approve.lua")),
-            revoke: write_script(include_str!("lua/revoke.lua")),
-            kill: write_script(include_str!("lua/kill.lua")),
+            reap: audited_script(include_str!("lua/reap.lua")),
+            delegate: audited_script(include_str!("lua/delegate.lua")),
+            redeem: audited_script(include_str!("lua/redeem.lua")),
+            approve: audited_script(include_str!("lua/approve.lua")),
+            revoke: audited_script(include_str!("lua/revoke.lua")),
+            kill: audited_script(include_str!("lua/kill.lua")),
+            audit_append: audited_script(include_str!("lua/audit_append.lua")),
+            audit_trace: Script::new(include_str!("lua/audit_trace.lua")),
         }
     }
 }
@@ -295,6 +322,21 @@ impl KindDescription for redis::RedisError {
             format!("{:?}", self.kind())
         }
     }
+}
+
+/// The refusal of a script that could not write the audit trail (and so
+/// changed nothing): unavailable, like a store that cannot be written.
+fn audit_refusal(reply: &[Option<String>]) -> Result<(), StoreError> {
+    if reply.first().and_then(Option::as_deref) != Some("unaudited") {
+        return Ok(());
+    }
+    let field = |i: usize| reply.get(i).and_then(Option::as_deref).unwrap_or("?");
+    tracing::error!(key = field(1), holds = field(2), "audit stream unwritable");
+    Err(StoreError::Unavailable(format!(
+        "the audit trail cannot be written ({} holds a {}); nothing was changed",
+        field(1),
+        field(2)
+    )))
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -458,6 +500,7 @@ impl RedisStore {
             local_clock: options.local_clock,
             offset_ms: Arc::new(AtomicI64::new(0)),
             scripts: Arc::new(Scripts::new()),
+            audit: options.audit,
         })
     }
 
@@ -573,6 +616,30 @@ impl RedisStore {
             StoreClock::Store => String::new(),
             StoreClock::Caller => now_ms.to_string(),
         }
+    }
+
+    /// ARGV[2] of every audited script: where its shard's events go, the
+    /// caller's trace id, the retention, who asked and a completion's summary.
+    fn audit_arg(&self, shard: u8, by: &str, summary: &str) -> String {
+        serde_json::json!({
+            "b": format!("{}:", self.tag(shard)),
+            "tr": crate::audit::current_trace_id(),
+            "m": self.audit.max_len,
+            "age": self.audit.max_age_ms.max(1),
+            "by": by,
+            "sum": summary,
+        })
+        .to_string()
+    }
+
+    /// `shard`'s stream of `tenant` (or of [`crate::audit::NO_TENANT`]).
+    fn audit_key(&self, shard: u8, tenant: &str) -> String {
+        let tenant = if tenant.is_empty() {
+            crate::audit::NO_TENANT
+        } else {
+            tenant
+        };
+        format!("{}:audit:{tenant}", self.tag(shard))
     }
 
     fn tag(&self, shard: u8) -> String {
@@ -884,6 +951,7 @@ impl LeaseStore for RedisStore {
             .key(self.kill_key())
             .key(self.kill_prefix_key());
         inv.arg(self.now_arg(task.created_at_ms))
+            .arg(self.audit_arg(task.id.shard(), "", ""))
             .arg(to_json(task)?)
             .arg(task.lease_deadline_ms.saturating_sub(task.created_at_ms))
             .arg(task.max_deadline_ms.saturating_sub(task.created_at_ms))
@@ -909,6 +977,7 @@ impl LeaseStore for RedisStore {
         self.kill_args(&mut inv, task);
         push_credentials(&mut inv, credentials)?;
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        audit_refusal(&reply)?;
         if let Some(k) = self.killed_reply(&reply)? {
             return Ok(BeginOutcome::Killed(k));
         }
@@ -959,6 +1028,7 @@ impl LeaseStore for RedisStore {
             inv.key(k);
         }
         inv.arg(self.now_arg(renewal.now_ms))
+            .arg(self.audit_arg(task_id.shard(), "", ""))
             .arg(renewal.extend_by_ms)
             .arg(
                 renewal
@@ -972,6 +1042,7 @@ impl LeaseStore for RedisStore {
             .arg(if renewal.redeems_approval { "1" } else { "" });
         push_credentials(&mut inv, renewal.credentials)?;
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        audit_refusal(&reply)?;
         self.decided(&reply);
         match reply.first().and_then(Option::as_deref) {
             Some("missing") => Ok(RenewOutcome::NotFound),
@@ -995,11 +1066,12 @@ impl LeaseStore for RedisStore {
         }
     }
 
-    async fn complete(
+    async fn complete_with_summary(
         &self,
         task_id: &TaskId,
         now_ms: u64,
         outcome: &str,
+        summary: &str,
     ) -> Result<CompleteOutcome, StoreError> {
         let keys = self.task_keys(task_id);
         let mut inv = self.scripts.complete.prepare_invoke();
@@ -1007,6 +1079,7 @@ impl LeaseStore for RedisStore {
             inv.key(k);
         }
         inv.arg(self.now_arg(now_ms))
+            .arg(self.audit_arg(task_id.shard(), "", summary))
             .arg(outcome)
             .arg(task_id.as_str())
             .arg(REVOCATION_LOG_MAX)
@@ -1015,6 +1088,7 @@ impl LeaseStore for RedisStore {
             .arg(format!("{}:", self.tag(task_id.shard())));
         let values: Vec<redis::Value> = self.run_write(&mut inv).await?;
         let head = strings_of(values.get(..=DECIDED_AT).unwrap_or(&values));
+        audit_refusal(&head)?;
         self.decided(&head);
         match head.first().and_then(Option::as_deref) {
             Some("missing") => Ok(CompleteOutcome::NotFound),
@@ -1084,6 +1158,7 @@ impl LeaseStore for RedisStore {
             .key(format!("{tag}:revlog"))
             .key(format!("{tag}:revoked"))
             .arg(self.now_arg(now_ms))
+            .arg(self.audit_arg(shard, "", ""))
             .arg(limit.max(1))
             .arg(REVOCATION_LOG_MAX)
             .arg(self.retention_ms.max(1))
@@ -1229,6 +1304,7 @@ impl LeaseStore for RedisStore {
             .key(self.kill_key())
             .key(self.kill_prefix_key());
         inv.arg(self.now_arg(child.created_at_ms))
+            .arg(self.audit_arg(child.id.shard(), "", ""))
             .arg(to_json(child)?)
             .arg(child.lease_deadline_ms.saturating_sub(child.created_at_ms))
             .arg(child.max_deadline_ms.saturating_sub(child.created_at_ms))
@@ -1238,6 +1314,7 @@ impl LeaseStore for RedisStore {
         self.kill_args(&mut inv, child);
         inv.arg(parent.as_str());
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        audit_refusal(&reply)?;
         if let Some(k) = self.killed_reply(&reply)? {
             return Ok(DelegateOutcome::Killed(k));
         }
@@ -1279,6 +1356,7 @@ impl LeaseStore for RedisStore {
             inv.key(k);
         }
         inv.arg(self.now_arg(now_ms))
+            .arg(self.audit_arg(record.id.shard(), "", ""))
             .arg(handle_sha256)
             .arg(to_json(record)?)
             .arg(MAX_LIVE_CREDENTIALS_PER_GRANT)
@@ -1286,6 +1364,7 @@ impl LeaseStore for RedisStore {
             .arg(record.id.as_str());
         push_credentials(&mut inv, credentials)?;
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        audit_refusal(&reply)?;
         match reply.first().and_then(Option::as_deref) {
             Some("missing") => Ok(RedeemOutcome::NotFound),
             Some("badhandle") => Ok(RedeemOutcome::BadHandle),
@@ -1315,6 +1394,7 @@ impl LeaseStore for RedisStore {
         let mut inv = self.scripts.approve.prepare_invoke();
         inv.key(&k_task)
             .arg(self.now_arg(now_ms))
+            .arg(self.audit_arg(task_id.shard(), "", ""))
             .arg(if decision.approve {
                 ApprovalState::Approved.as_str()
             } else {
@@ -1322,8 +1402,10 @@ impl LeaseStore for RedisStore {
             })
             .arg(decision.by.as_str())
             .arg(decision.reason.as_str())
-            .arg(decision.validity_ms);
+            .arg(decision.validity_ms)
+            .arg(task_id.as_str());
         let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        audit_refusal(&reply)?;
         self.decided(&reply);
         match reply.first().and_then(Option::as_deref) {
             Some("missing") => Ok(ApprovalOutcome::NotFound),
@@ -1341,28 +1423,45 @@ impl LeaseStore for RedisStore {
         let mut inv = self.scripts.kill.prepare_invoke();
         inv.key(self.kill_key())
             .key(self.kill_prefix_key())
+            .arg(self.now_arg(switch.set_at_ms))
+            .arg(self.audit_arg(0, "", ""))
             .arg("set")
             .arg(switch.kind.as_str())
             .arg(switch.value.as_str())
-            .arg(to_json(switch)?);
-        let reply: String = self.run_write(&mut inv).await?;
-        match reply.as_str() {
-            "set" => Ok(()),
-            "full" => Err(super::kill_switches_full()),
+            .arg(to_json(switch)?)
+            .arg(switch.set_by.as_str())
+            .arg(switch.reason.as_str());
+        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        audit_refusal(&reply)?;
+        match reply.first().and_then(Option::as_deref) {
+            Some("set") => Ok(()),
+            Some("full") => Err(super::kill_switches_full()),
             _ => Err(corrupt("kill switch reply")),
         }
     }
 
-    async fn lift_kill_switch(&self, kind: &str, value: &str) -> Result<bool, StoreError> {
+    async fn lift_kill_switch(
+        &self,
+        kind: &str,
+        value: &str,
+        by: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
         let mut inv = self.scripts.kill.prepare_invoke();
         inv.key(self.kill_key())
             .key(self.kill_prefix_key())
+            .arg(self.now_arg(now_ms))
+            .arg(self.audit_arg(0, "", ""))
             .arg("lift")
             .arg(kind)
             .arg(value)
-            .arg("");
-        let reply: String = self.run_write(&mut inv).await?;
-        Ok(reply == "lifted")
+            .arg("")
+            .arg(by)
+            .arg(reason);
+        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        audit_refusal(&reply)?;
+        Ok(reply.first().and_then(Option::as_deref) == Some("lifted"))
     }
 
     async fn kill_switches(&self) -> Result<Vec<KillSwitch>, StoreError> {
@@ -1419,6 +1518,7 @@ impl LeaseStore for RedisStore {
         ids: &[TaskId],
         target: &KillTarget,
         outcome: &str,
+        by: &str,
         now_ms: u64,
     ) -> Result<Vec<EndedTask>, StoreError> {
         let tag = self.tag(shard);
@@ -1429,6 +1529,7 @@ impl LeaseStore for RedisStore {
                 .key(format!("{tag}:revlog"))
                 .key(format!("{tag}:revoked"))
                 .arg(self.now_arg(now_ms))
+                .arg(self.audit_arg(shard, by, ""))
                 .arg(REVOCATION_LOG_MAX)
                 .arg(self.retention_ms.max(1))
                 .arg(format!("{tag}:"))
@@ -1492,6 +1593,134 @@ impl LeaseStore for RedisStore {
             tasks,
             next: (next != 0).then(|| next.to_string()),
         })
+    }
+
+    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let task = TaskId::parse(&event.task);
+        let shard = task.as_ref().map_or(0, TaskId::shard);
+        let mut inv = self.scripts.audit_append.prepare_invoke();
+        inv.arg(self.now_arg(event.at_ms))
+            .arg(self.audit_arg(shard, "", ""))
+            .arg(task.as_ref().map_or("", TaskId::as_str));
+        for (k, v) in event.to_fields() {
+            inv.arg(k).arg(v);
+        }
+        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        audit_refusal(&reply)
+    }
+
+    async fn audit_trace(
+        &self,
+        task_id: &TaskId,
+        from: u64,
+        limit: usize,
+    ) -> Result<AuditPage, StoreError> {
+        let tag = self.tag(task_id.shard());
+        let limit = limit.max(1);
+        let mut inv = self.scripts.audit_trace.prepare_invoke();
+        inv.key(format!("{tag}:tev:{task_id}"))
+            .arg(format!("{tag}:"))
+            .arg(from)
+            .arg(limit);
+        let mut conn = self.conn.clone();
+        let reply: Vec<redis::Value> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let total: u64 = reply
+            .first()
+            .map(redis::from_redis_value_ref)
+            .transpose()
+            .map_err(|_| corrupt("audit index length"))?
+            .unwrap_or(0);
+        let mut events = Vec::new();
+        for v in reply.iter().skip(1) {
+            let (id, fields): (String, Vec<(String, String)>) =
+                redis::from_redis_value_ref(v).map_err(|_| corrupt("audit entry"))?;
+            events.push(AuditEvent::from_fields(
+                format!("{:x}-{id}", task_id.shard()),
+                fields,
+            ));
+        }
+        let end = from.saturating_add(limit as u64);
+        Ok(AuditPage {
+            events,
+            next: (end < total).then_some(end),
+        })
+    }
+
+    async fn audit_cursor(&self, tenant: &str) -> Result<AuditCursor, StoreError> {
+        let mut pipe = redis::pipe();
+        for shard in 0..SHARDS {
+            pipe.cmd("XREVRANGE")
+                .arg(self.audit_key(shard, tenant))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1);
+        }
+        let mut conn = self.conn.clone();
+        let lasts: Vec<Vec<(String, Vec<(String, String)>)>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut cursor = AuditCursor::default();
+        for (slot, last) in cursor.0.iter_mut().zip(lasts) {
+            if let Some((id, _)) = last.into_iter().next() {
+                *slot = id;
+            }
+        }
+        Ok(cursor)
+    }
+
+    async fn audit_read(
+        &self,
+        tenant: &str,
+        after: &AuditCursor,
+        limit: usize,
+    ) -> Result<(Vec<AuditEvent>, AuditCursor), StoreError> {
+        let mut pipe = redis::pipe();
+        for shard in 0..SHARDS {
+            let from = after
+                .0
+                .get(usize::from(shard))
+                .map_or("0-0", String::as_str);
+            pipe.cmd("XRANGE")
+                .arg(self.audit_key(shard, tenant))
+                .arg(format!("({from}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit.max(1));
+        }
+        let mut conn = self.conn.clone();
+        let pages: Vec<Vec<(String, Vec<(String, String)>)>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut cursor = after.clone();
+        let mut shards = Vec::new();
+        for ((shard, slot), page) in (0..SHARDS).zip(cursor.0.iter_mut()).zip(pages) {
+            let mut events = Vec::with_capacity(page.len());
+            for (id, fields) in page {
+                events.push(AuditEvent::from_fields(format!("{shard:x}-{id}"), fields));
+                *slot = id;
+            }
+            shards.push(events);
+        }
+        Ok((crate::audit::merge(shards), cursor))
+    }
+
+    async fn audit_len(&self, tenant: &str) -> Result<u64, StoreError> {
+        let mut pipe = redis::pipe();
+        for shard in 0..SHARDS {
+            pipe.cmd("XLEN").arg(self.audit_key(shard, tenant));
+        }
+        let mut conn = self.conn.clone();
+        let lens: Vec<u64> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(lens.iter().sum())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -51,7 +51,8 @@ fn fixture() -> Fixture {
             .unwrap(),
     );
     let serving = Arc::new(ServingCert::from_files(cert, key).unwrap());
-    let server_config = server_tls_config(bundles, serving).unwrap();
+    let server_config =
+        server_tls_config(bundles, serving, crate::audit::Refusals::default()).unwrap();
     Fixture {
         _dir: tmp,
         bundle,

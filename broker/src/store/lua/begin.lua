@@ -44,6 +44,9 @@ for _, r in ipairs(rate) do
     table.insert(spend, {r[1], t - 1, r[2], r[3]})
   end
 end
+local t = decoded(ARGV[2])
+local u = unaudited(t)
+if u then return u end
 for _, s in ipairs(spend) do
   redis.call('HSET', s[1], 't', string.format('%.17g', s[2]), 'ts', n(now))
   -- A bucket left alone refills to full: expiring it then changes nothing.
@@ -58,8 +61,19 @@ if ARGV[15] ~= '' then
   appr, appr_dl = 'pending', n(now + tonumber(ARGV[15]))
   redis.call('HSET', KEYS[1], 'appr', appr, 'appr_dl', appr_dl)
 end
+local id = ARGV[6]
+local policies = ''
+if type(t.policies) == 'table' then policies = table.concat(t.policies, ',') end
+audit(now, id, t, 'task.declared', {'by', str(t.owner)})
+audit(now, id, t, 'policy.decided', {'decision', 'allow', 'policies', policies})
+audit(now, id, t, 'task.begun', {'deadline', n(deadline), 'max_deadline', n(max), 'approval', appr or ''})
+if appr then
+  local grants = ''
+  if type(t.approval) == 'table' and type(t.approval.grants) == 'table' then grants = table.concat(t.approval.grants, ',') end
+  audit(now, id, t, 'approval.requested', {'grants', grants, 'expires_at', appr_dl})
+end
 local rotated = {}
-add_credentials(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], 20, tonumber(ARGV[7]), now, ARGV[8], rotated)
+add_credentials(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], 20, tonumber(ARGV[7]), now, ARGV[8], rotated, id, t)
 redis.call('ZADD', KEYS[5], n(deadline), ARGV[6])
 local at = n(max + tonumber(ARGV[5]))
 for k = 1, 4 do redis.call('PEXPIREAT', KEYS[k], at) end

@@ -5,6 +5,9 @@ local now = clock()
 local f = fields(KEYS[1])
 if not f[1] then return {'missing'} end
 if f[2] ~= 'active' then return reply('ended', f, now) end
+local t = decoded(f[1])
+local u = unaudited(t)
+if u then return u end
 local state, outcome, reason = 'completed', ARGV[2], 'completion'
 if tonumber(f[3]) <= now then state = 'expired'; outcome = ''; reason = 'expiry' end
 redis.call('HSET', KEYS[1], 'state', state, 'ended', n(now), 'outcome', outcome)
@@ -16,6 +19,9 @@ local out = reply('done', f, now)
 local ids = {}
 end_task(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], now, reason, ARGV[4], ids)
 table.insert(out, ids)
+local by = str(t.owner)
+if reason == 'expiry' then by = '' end
+audit_end(now, ARGV[3], t, reason, state, outcome, by, ids, AUD.sum)
 local ctx = {deadlines = KEYS[5], revlog = KEYS[6], revoked = KEYS[7], maxlen = ARGV[4], retention = ARGV[5], qbase = ARGV[6]}
 end_descendants(ARGV[7], ARGV[3], now, ctx, out)
 -- The task record alone stays, for the retention period from now.

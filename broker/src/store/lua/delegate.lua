@@ -19,9 +19,14 @@ if live >= __MAXKIDS__ then return {'toomany', 'children', n(now)} end
 if tonumber(redis.call('HGET', KEYS[4], 'desc') or '0') >= __MAXDESC__ then
   return {'toomany', 'descendants', n(now)}
 end
+local t = decoded(ARGV[2])
+local u = unaudited(t)
+if u then return u end
 local max = math.min(now + tonumber(ARGV[4]), tonumber(p[6]))
 local deadline = math.min(now + tonumber(ARGV[3]), tonumber(p[3]), max)
 redis.call('HSET', KEYS[2], 'rec', ARGV[2], 'state', 'active', 'deadline', n(deadline), 'max', n(max), 'renewed', n(now), 'handle', ARGV[7])
+audit(now, ARGV[6], t, 'task.delegated', {'by', str(decoded(p[1]).owner), 'depth', str(t.depth),
+  'deadline', n(deadline), 'max_deadline', n(max)})
 redis.call('SADD', KEYS[3], ARGV[6])
 redis.call('HINCRBY', KEYS[4], 'desc', 1)
 redis.call('ZADD', KEYS[5], n(deadline), ARGV[6])

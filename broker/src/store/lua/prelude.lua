@@ -17,6 +17,7 @@ local function reply(status, f, now)
   out[NF + 2] = n(now)
   return out
 end
+__AUDIT__
 local GRACE = __GRACE__
 local PAGE = __PAGE__
 -- Logs one revoked credential for watchers: a stream entry and a revoked-set
@@ -69,9 +70,12 @@ end
 -- Adds the credentials in ARGV from `first` on, four values each (id, record
 -- JSON, expiry, grant). A grant past `cap` live credentials loses its oldest:
 -- revoked (reason rotation) and deleted; their ids go to `rotated`.
-local function add_credentials(creds, cexp, cgr, revlog, revoked, first, cap, now, maxlen, rotated)
+-- Each is recorded on task `tid` (record `t`, decoded) as issued, and each
+-- rotated one as revoked.
+local function add_credentials(creds, cexp, cgr, revlog, revoked, first, cap, now, maxlen, rotated, tid, t)
   for i = first, #ARGV, 4 do
     local id, json, exp, grant = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    audit_issued(now, tid, t, json)
     redis.call('HSET', creds, id, json)
     redis.call('ZADD', cexp, exp, id)
     local kept = {}
@@ -86,6 +90,7 @@ local function add_credentials(creds, cexp, cgr, revlog, revoked, first, cap, no
       local old = table.remove(kept, 1)
       local e = redis.call('ZSCORE', cexp, old)
       if e and tonumber(e) > now then log_one(creds, revlog, revoked, old, e, now, 'rotation', maxlen) end
+      audit_revoked(now, tid, t, {old}, 'rotation', '')
       redis.call('HDEL', creds, old)
       redis.call('ZREM', cexp, old)
       table.insert(rotated, old)
@@ -132,7 +137,10 @@ local function end_one(base, id, f, status, state, outcome, reason, now, ctx)
   forget_descendant(base, f[1])
   f[2] = state; f[4] = n(now); f[5] = outcome
   local entry = reply(status, f, now)
-  end_task(base .. 'creds:' .. id, base .. 'cexp:' .. id, base .. 'cgr:' .. id, ctx.revlog, ctx.revoked, now, reason, ctx.maxlen, entry)
+  local ids = {}
+  end_task(base .. 'creds:' .. id, base .. 'cexp:' .. id, base .. 'cgr:' .. id, ctx.revlog, ctx.revoked, now, reason, ctx.maxlen, ids)
+  for _, c in ipairs(ids) do table.insert(entry, c) end
+  audit_end(now, id, decoded(f[1]), reason, state, outcome, ctx.by or '', ids)
   redis.call('PEXPIRE', tk, ctx.retention)
   return entry
 end
@@ -148,7 +156,8 @@ local function end_descendants(base, id, now, ctx, out)
     for _, k in ipairs(redis.call('SMEMBERS', kk)) do
       local kf = fields(base .. 'task:' .. k)
       if kf[1] and kf[2] == 'active' then
-        table.insert(out, end_one(base, k, kf, 'cascade', 'revoked', 'cascade: ancestor ' .. id .. ' ended', 'cascade', now, ctx))
+        local cctx = {deadlines = ctx.deadlines, revlog = ctx.revlog, revoked = ctx.revoked, maxlen = ctx.maxlen, retention = ctx.retention, qbase = ctx.qbase, by = id}
+        table.insert(out, end_one(base, k, kf, 'cascade', 'revoked', 'cascade: ancestor ' .. id .. ' ended', 'cascade', now, cctx))
         table.insert(queue, k)
       end
     end

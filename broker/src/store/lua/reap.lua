@@ -22,6 +22,10 @@ for _, id in ipairs(due) do
   elseif d > now then
     -- Renewed after it was indexed under an older deadline: index it again.
     redis.call('ZADD', KEYS[1], f[3], id)
+  elseif unaudited(decoded(f[1])) then
+    -- Its record cannot be written: it stays due, for a later sweep.
+    redis.call('ZADD', KEYS[1], f[3], id)
+    table.insert(out, {'skipped', id, 'audit stream unwritable'})
   else
     redis.call('HSET', tk, 'state', 'expired', 'ended', n(now), 'outcome', '')
     unlive(ARGV[6], f[1], id)
@@ -32,7 +36,9 @@ for _, id in ipairs(due) do
     -- trail); the unexpired ones are also logged for watchers.
     local creds = base .. 'creds:' .. id
     for _, c in ipairs(redis.call('HKEYS', creds)) do table.insert(entry, c) end
-    end_task(creds, base .. 'cexp:' .. id, base .. 'cgr:' .. id, KEYS[2], KEYS[3], now, 'expiry', ARGV[3], {})
+    local ids = {}
+    end_task(creds, base .. 'cexp:' .. id, base .. 'cgr:' .. id, KEYS[2], KEYS[3], now, 'expiry', ARGV[3], ids)
+    audit_end(now, id, decoded(f[1]), 'expiry', 'expired', '', '', ids)
     redis.call('PEXPIRE', tk, ARGV[4])
     table.insert(out, entry)
     local ctx = {deadlines = KEYS[1], revlog = KEYS[2], revoked = KEYS[3], maxlen = ARGV[3], retention = ARGV[4], qbase = ARGV[6]}
