@@ -443,6 +443,11 @@ pub struct Admin {
     /// Empty (the default): nobody.
     #[serde(default)]
     pub callers: Vec<String>,
+    /// Tenant admins: per tenant, the identities (patterns as in `callers`)
+    /// that may read that tenant's audit trail and inventory, and nothing else
+    /// of the Admin service.
+    #[serde(default)]
+    pub tenants: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// `[actors]`: which identities are which actor class, of which tenant, with
@@ -814,6 +819,9 @@ impl Config {
         if let Err(problems) = self.parse_admin_callers() {
             p.extend(problems);
         }
+        if let Err(problems) = self.parse_tenant_admins() {
+            p.extend(problems);
+        }
         if let Err(problems) = self.parse_verifier_callers() {
             p.extend(
                 problems
@@ -865,6 +873,39 @@ impl Config {
     /// invalid list get here, nobody is an admin.
     pub fn admin_callers(&self) -> Vec<crate::identity::IdentityPattern> {
         self.parse_admin_callers().unwrap_or_default()
+    }
+
+    /// The tenant admins (`admin.tenants`), validated at load; should an
+    /// invalid entry get here, that tenant has no tenant admin.
+    pub fn tenant_admins(&self) -> Vec<(String, crate::identity::IdentityPattern)> {
+        self.parse_tenant_admins().unwrap_or_default()
+    }
+
+    fn parse_tenant_admins(
+        &self,
+    ) -> Result<Vec<(String, crate::identity::IdentityPattern)>, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut out = Vec::new();
+        for (tenant, callers) in &self.admin.tenants {
+            if !self.actors.classes.iter().any(|c| &c.tenant == tenant) {
+                problems.push(format!(
+                    "admin.tenants.{tenant}: no actor class belongs to tenant {tenant:?}"
+                ));
+            }
+            for (i, c) in callers.iter().enumerate() {
+                match crate::identity::IdentityPattern::parse(c) {
+                    Ok(p) => out.push((tenant.clone(), p)),
+                    Err(e) => problems.push(format!(
+                        "admin.tenants.{tenant}[{i}]: invalid identity pattern {c:?}: {e}"
+                    )),
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(out)
+        } else {
+            Err(problems)
+        }
     }
 
     fn parse_admin_callers(&self) -> Result<Vec<crate::identity::IdentityPattern>, Vec<String>> {

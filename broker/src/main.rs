@@ -173,6 +173,7 @@ async fn main() -> ExitCode {
         Command::Token { command } => print_json(cli::task::run_token(command).await),
         Command::Jwks { connect } => print_json(cli::task::run_jwks(connect).await),
         Command::Admin(args) => cli::admin::execute(args).await,
+        Command::Audit(args) => cli::audit::execute(args).await,
         Command::Bench(args) => match cli::bench::run(args).await {
             Ok(report) => {
                 print!("{report}");

@@ -270,6 +270,7 @@ async fn run<S: LeaseStore>(
         .with_binding_rule(config.task_binding_rule())
         .with_actors(config.actor_classes())
         .with_admins(config.admin_callers())
+        .with_tenant_admins(config.tenant_admins())
         .with_policies(parts.policies.clone())
         .with_refusals(refusals),
     );

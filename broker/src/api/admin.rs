@@ -74,8 +74,82 @@ impl<S: LeaseStore> AdminApi<S> {
     }
 }
 
+/// How often AuditTail reads the streams again when it found nothing new.
+const TAIL_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long one AuditTail call follows at most (then it ends; callers reconnect).
+const TAIL_MAX: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Sends the events of `tails` as they come, until the caller goes away, a
+/// read fails (sent as the stream's last item), or [`TAIL_MAX`] passes.
+async fn tail<S: LeaseStore>(
+    service: Arc<LeaseService<S>>,
+    mut tails: Vec<(String, crate::audit::AuditCursor)>,
+    tx: tokio::sync::mpsc::Sender<Result<pb::AuditEvent, Status>>,
+) {
+    let end = tokio::time::Instant::now() + TAIL_MAX;
+    while tokio::time::Instant::now() < end {
+        match service.audit_tail_next(&mut tails).await {
+            Ok(events) if !events.is_empty() => {
+                for e in &events {
+                    if tx.send(Ok(convert::audit_event(e))).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = tx.send(Err(status(e))).await;
+                return;
+            }
+        }
+        tokio::select! {
+            () = tx.closed() => return,
+            () = tokio::time::sleep(TAIL_POLL) => {}
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl<S: LeaseStore> Admin for AdminApi<S> {
+    type AuditTailStream = tokio_stream::wrappers::ReceiverStream<Result<pb::AuditEvent, Status>>;
+
+    async fn audit_trace(
+        &self,
+        request: Request<pb::AuditTraceRequest>,
+    ) -> Result<Response<pb::AuditTraceResponse>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        let page_size = usize::try_from(req.page_size).unwrap_or(usize::MAX);
+        let trace = self
+            .service
+            .audit_trace(&who, &req.id, page_size, filter(req.page_token).as_deref())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::AuditTraceResponse {
+            events: trace.events.iter().map(convert::audit_event).collect(),
+            next_page_token: trace.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn audit_tail(
+        &self,
+        request: Request<pb::AuditTailRequest>,
+    ) -> Result<Response<Self::AuditTailStream>, Status> {
+        let who = caller(&request)?;
+        let req = request.into_inner();
+        let tails = self
+            .service
+            .audit_tail_start(&who, &req.tenant)
+            .await
+            .map_err(status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(tail(Arc::clone(&self.service), tails, tx));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn list_templates(
         &self,
         request: Request<pb::ListTemplatesRequest>,

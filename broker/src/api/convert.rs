@@ -175,3 +175,24 @@ pub(super) fn kill_switch(k: &KillSwitch) -> pb::KillSwitch {
         set_at: Some(timestamp(k.set_at_ms)),
     }
 }
+
+/// An audit event as the proto carries it.
+pub fn audit_event(e: &crate::audit::AuditEvent) -> pb::AuditEvent {
+    pb::AuditEvent {
+        id: e.id.clone(),
+        event: e.event.clone(),
+        at: Some(timestamp(e.at_ms)),
+        task_id: e.task.clone(),
+        parent_task_id: e.parent.clone(),
+        root_task_id: e.root.clone(),
+        identity: e.identity.clone(),
+        actors: e.actors.clone(),
+        class: e.class.clone(),
+        tenant: e.tenant.clone(),
+        template: e.template.clone(),
+        template_version: e.version.clone(),
+        intent: e.intent.clone(),
+        trace_id: e.trace.clone(),
+        detail: e.detail.clone().into_iter().collect(),
+    }
+}

@@ -9,6 +9,7 @@
 //! and `jwks`, `admin` for `admin`; `subagent.pem` is picked with `--cert`/`--key`.
 
 pub mod admin;
+pub mod audit;
 pub mod bench;
 pub mod client;
 pub mod dev;
@@ -87,6 +88,8 @@ pub enum Command {
     },
     /// Inventory, approvals and kill switches (as an operator, over the Admin service).
     Admin(admin::AdminArgs),
+    /// The durable audit trail: a task's whole story, or the trail as it grows.
+    Audit(audit::AuditArgs),
     /// Drive concurrent agents doing begin → renew → complete and print throughput and latency.
     Bench(bench::BenchArgs),
 }

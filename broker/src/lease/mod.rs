@@ -12,6 +12,7 @@ mod error;
 mod reaper;
 mod request;
 mod service;
+mod trail;
 
 pub use admin::{KillReport, ListedState, TaskFilter, TaskListing};
 pub use binding::BindingRule;
@@ -20,6 +21,7 @@ pub use error::LeaseError;
 pub use reaper::{Reaper, ReaperSettings};
 pub use request::{BeginTask, Limits};
 pub use service::{Completed, Introspection, IssuedTask, LeaseService};
+pub use trail::{TAIL_PAGE, Trace, TrailScope};
 
 #[cfg(test)]
 mod tests;

@@ -77,6 +77,7 @@ pub struct LeaseService<S> {
     pub(super) policies: Option<Arc<PolicyCatalog>>,
     pub(super) admins: Vec<crate::identity::IdentityPattern>,
     pub(super) refusals: audit::Refusals,
+    pub(super) tenant_admins: Vec<(String, crate::identity::IdentityPattern)>,
 }
 
 pub(super) fn digest(parts: &[&str]) -> ring::digest::Digest {
@@ -257,6 +258,7 @@ impl<S: LeaseStore> LeaseService<S> {
             policies: None,
             admins: Vec::new(),
             refusals: audit::Refusals::default(),
+            tenant_admins: Vec::new(),
         }
     }
 
@@ -1025,6 +1027,16 @@ impl<S: LeaseStore> LeaseService<S> {
     #[must_use]
     pub fn with_admins(mut self, admins: Vec<crate::identity::IdentityPattern>) -> Self {
         self.admins = admins;
+        self
+    }
+
+    /// Lets each `(tenant, pattern)` read that tenant's audit trail and
+    /// inventory (and nothing else of the Admin service).
+    pub fn with_tenant_admins(
+        mut self,
+        tenant_admins: Vec<(String, crate::identity::IdentityPattern)>,
+    ) -> Self {
+        self.tenant_admins = tenant_admins;
         self
     }
 

@@ -319,6 +319,13 @@ impl ActorClasses {
         &self.actors
     }
 
+    /// Every tenant some class belongs to, sorted, each once.
+    pub fn tenants(&self) -> Vec<String> {
+        let set: std::collections::BTreeSet<&str> =
+            self.actors.iter().map(|a| a.tenant.as_str()).collect();
+        set.into_iter().map(str::to_owned).collect()
+    }
+
     /// Problems of `templates` against these classes, as `(file, message)`:
     /// a template listing a class (in `classes:` or `approval.approvers.classes`)
     /// that is not configured, or a class of another tenant than the template's.
