@@ -212,7 +212,6 @@ async fn every_story_is_told_whole_in_order_per_tenant_and_holds_no_secret() {
     let renewed = agent
         .renew_lease(pb::RenewLeaseRequest {
             task_id: begun.task_id.clone(),
-            ..Default::default()
         })
         .await
         .unwrap()
@@ -322,7 +321,6 @@ async fn every_story_is_told_whole_in_order_per_tenant_and_holds_no_secret() {
     let after = agent
         .renew_lease(pb::RenewLeaseRequest {
             task_id: gated.task_id.clone(),
-            ..Default::default()
         })
         .await
         .unwrap()
@@ -392,7 +390,6 @@ async fn every_story_is_told_whole_in_order_per_tenant_and_holds_no_secret() {
     let refused = sub
         .renew_lease(pb::RenewLeaseRequest {
             task_id: gated.task_id.clone(),
-            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -447,7 +447,7 @@ async fn admin_calls_by_non_admins_are_denied_and_bad_input_is_named() {
         .await
         .unwrap()
         .into_inner();
-    let before = redis.dump_all();
+    let before = redis.dump_state();
     let mut not_admin = broker.admin("agent/a").await;
     let id = live.task_id.clone();
     let reason = || "x".to_owned();
@@ -554,7 +554,7 @@ async fn admin_calls_by_non_admins_are_denied_and_bad_input_is_named() {
         );
     }
     assert_eq!(
-        redis.dump_all(),
+        redis.dump_state(),
         before,
         "a refused admin call changed the store"
     );
@@ -612,7 +612,7 @@ async fn admin_calls_by_non_admins_are_denied_and_bad_input_is_named() {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     }
     assert_eq!(
-        redis.dump_all(),
+        redis.dump_state(),
         before,
         "a refused admin call changed the store"
     );

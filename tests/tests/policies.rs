@@ -183,10 +183,14 @@ async fn destructive_scopes_need_a_short_lease_and_a_denial_changes_nothing() {
     );
 
     // Denied: a 2 minute lease. Nothing is written, the audit trail names the policy.
-    let before = redis.dump_all();
+    let before = redis.dump_state();
     let e = agent.begin_task(cleanup(Some(120))).await.unwrap_err();
     denied_by(&e, "destructive-low-short");
-    assert_eq!(redis.dump_all(), before, "a denied begin changed the store");
+    assert_eq!(
+        redis.dump_state(),
+        before,
+        "a denied begin changed the store"
+    );
     let logged = eventually(Duration::from_secs(5), || async {
         leash_e2e::logs().lines().any(|l| {
             l.contains("task.denied")
@@ -291,10 +295,14 @@ identities = ["spiffe://acme.test/agent/partner/*"]
     ));
     let broker = TestBroker::start(options).await;
     let mut partner = broker.broker("agent/partner/globex").await;
-    let before = redis.dump_all();
+    let before = redis.dump_state();
     let e = partner.begin_task(cleanup(None)).await.unwrap_err();
     denied_by(&e, "partner-no-destructive");
-    assert_eq!(redis.dump_all(), before, "a denied begin changed the store");
+    assert_eq!(
+        redis.dump_state(),
+        before,
+        "a denied begin changed the store"
+    );
     // The same request from an identity of another class is allowed.
     let mut agent = broker.broker("agent/cleaner").await;
     agent

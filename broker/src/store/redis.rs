@@ -324,6 +324,9 @@ impl KindDescription for redis::RedisError {
     }
 }
 
+/// One stream entry as Redis answers it: its id and its field-value pairs.
+type StreamEntry = (String, Vec<(String, String)>);
+
 /// The refusal of a script that could not write the audit trail (and so
 /// changed nothing): unavailable, like a store that cannot be written.
 fn audit_refusal(reply: &[Option<String>]) -> Result<(), StoreError> {
@@ -1660,7 +1663,7 @@ impl LeaseStore for RedisStore {
                 .arg(1);
         }
         let mut conn = self.conn.clone();
-        let lasts: Vec<Vec<(String, Vec<(String, String)>)>> = pipe
+        let lasts: Vec<Vec<StreamEntry>> = pipe
             .query_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -1693,7 +1696,7 @@ impl LeaseStore for RedisStore {
                 .arg(limit.max(1));
         }
         let mut conn = self.conn.clone();
-        let pages: Vec<Vec<(String, Vec<(String, String)>)>> = pipe
+        let pages: Vec<Vec<StreamEntry>> = pipe
             .query_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
