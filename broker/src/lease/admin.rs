@@ -408,6 +408,7 @@ impl<S: LeaseStore> LeaseService<S> {
         let credentials: usize = ended.iter().map(|e| e.revoked.len()).sum();
         for e in &ended {
             audit::task_ended(&e.task, e.reason, &e.revoked);
+            self.metrics.task_ended(e.reason);
         }
         audit::kill_switch_set(&record, ended.len(), credentials);
         Ok(KillReport {

@@ -46,6 +46,7 @@ pub struct Reaper<S> {
     store: Arc<S>,
     clock: Arc<dyn Clock>,
     settings: ReaperSettings,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl<S: LeaseStore> Reaper<S> {
@@ -55,7 +56,14 @@ impl<S: LeaseStore> Reaper<S> {
             store,
             clock,
             settings,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts the tasks it ends in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Sweeps until `shutdown` turns true. Store errors are logged and the sweep
@@ -117,6 +125,7 @@ impl<S: LeaseStore> Reaper<S> {
                 }
                 for e in &reaped.expired {
                     audit::task_ended(&e.task, e.reason, &e.revoked);
+                    self.metrics.task_ended(e.reason);
                     let late_ms = e
                         .task
                         .ended_at_ms
