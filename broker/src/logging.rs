@@ -238,9 +238,7 @@ static DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter
 /// Log lines dropped so far by the process's first [`non_blocking`] writer
 /// (0 if there is none).
 pub fn dropped_lines() -> u64 {
-    DROPPED
-        .get()
-        .map_or(0, |c| c.dropped_lines() as u64)
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
 }
 
 /// The broker's log subscriber: `filter`, `format`, written to `writer`, with the

@@ -126,11 +126,13 @@ impl<S: LeaseStore> Reaper<S> {
                 for e in &reaped.expired {
                     audit::task_ended(&e.task, e.reason, &e.revoked);
                     self.metrics.task_ended(e.reason);
-                    let late_ms = e
-                        .task
-                        .ended_at_ms
-                        .unwrap_or_default()
-                        .saturating_sub(e.task.lease_deadline_ms);
+                    let ended_at = e.task.ended_at_ms.unwrap_or_default();
+                    // Its credentials expired at the deadline by their own
+                    // `exp` (they never outlive the lease); the lag of an
+                    // expiry is the deadline to the end the store recorded.
+                    self.metrics
+                        .revocation_seen(e.reason, e.task.lease_deadline_ms, ended_at);
+                    let late_ms = ended_at.saturating_sub(e.task.lease_deadline_ms);
                     tracing::debug!(task_id = %e.task.id, late_ms, "lease expired");
                 }
                 expired += reaped.expired.len();

@@ -174,7 +174,7 @@ impl Metrics {
             );
             r.register(
                 "leash_revocation_lag_seconds",
-                "Time from a completion, kill switch or lease deadline to the credential's revocation being read from the revocation log, by reason",
+                "Time from a completion, kill switch or cascade to the credential's revocation being read from the revocation log; for an expiry, from the lease deadline to the task's end being recorded (its credentials expired at the deadline by their own exp); by reason",
                 m.revocation_lag.clone(),
             );
             r.register(
@@ -410,7 +410,10 @@ mod tests {
         counts.overdue = 1;
         m.set_live(&counts, &["demo".into(), "idle".into()]);
         let text = m.encode();
-        assert!(text.contains("leash_tasks_begun_total{template=\"demo\"} 2"), "{text}");
+        assert!(
+            text.contains("leash_tasks_begun_total{template=\"demo\"} 2"),
+            "{text}"
+        );
         assert!(
             text.contains("leash_tasks_completed_total{template=\"demo\",outcome=\"success\"} 1"),
             "{text}"
@@ -421,9 +424,18 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("leash_live_tasks{template=\"demo\"} 2"), "{text}");
-        assert!(text.contains("leash_live_tasks{template=\"idle\"} 0"), "{text}");
-        assert!(text.contains("leash_live_credentials{template=\"demo\"} 5"), "{text}");
+        assert!(
+            text.contains("leash_live_tasks{template=\"demo\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("leash_live_tasks{template=\"idle\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("leash_live_credentials{template=\"demo\"} 5"),
+            "{text}"
+        );
         assert!(text.contains("leash_reaper_backlog 1"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }

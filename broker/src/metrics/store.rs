@@ -6,11 +6,11 @@ use super::Metrics;
 use crate::{
     audit::{AuditCursor, AuditEvent, AuditPage},
     store::{
-        ApprovalDecision, ApprovalOutcome, BeginOutcome, BeginQuota, CompleteOutcome,
-        CredentialId, CredentialRecord, CredentialView, DelegateOutcome, EndedTask, KillSwitch,
-        KillTarget, LeaseStore, LiveCounts, LiveTaskPage, PagePosition, Reaped, RedeemOutcome,
-        RenewOutcome, Renewal, RevocationCursor, RevocationRead, RevocationRecord, RevokedPage,
-        StoreError, TaskId, TaskPage, TaskRecord,
+        ApprovalDecision, ApprovalOutcome, BeginOutcome, BeginQuota, CompleteOutcome, CredentialId,
+        CredentialRecord, CredentialView, DelegateOutcome, EndedTask, KillSwitch, KillTarget,
+        LeaseStore, LiveCounts, LiveTaskPage, PagePosition, Reaped, RedeemOutcome, RenewOutcome,
+        Renewal, RevocationCursor, RevocationRead, RevocationRecord, RevokedPage, StoreError,
+        TaskId, TaskPage, TaskRecord,
     },
 };
 
@@ -70,7 +70,8 @@ impl<S: LeaseStore> LeaseStore for MeteredStore<S> {
         task_id: &TaskId,
         renewal: Renewal<'_>,
     ) -> Result<RenewOutcome, StoreError> {
-        self.timed("renew", self.inner.renew(task_id, renewal)).await
+        self.timed("renew", self.inner.renew(task_id, renewal))
+            .await
     }
 
     async fn complete_with_summary(
@@ -275,8 +276,7 @@ impl<S: LeaseStore> LeaseStore for MeteredStore<S> {
     }
 
     async fn audit_len(&self, tenant: &str) -> Result<u64, StoreError> {
-        self.timed("audit_len", self.inner.audit_len(tenant))
-            .await
+        self.timed("audit_len", self.inner.audit_len(tenant)).await
     }
 
     async fn live_counts(&self, now_ms: u64) -> Result<LiveCounts, StoreError> {

@@ -27,7 +27,9 @@ use tokio::sync::{Mutex, broadcast, mpsc, watch};
 
 use crate::{
     clock::Clock,
-    store::{LeaseStore, RevocationCursor, RevocationRead, RevocationRecord, StoreError},
+    store::{
+        EndReason, LeaseStore, RevocationCursor, RevocationRead, RevocationRecord, StoreError,
+    },
 };
 
 /// Longest quiet period on a watch stream: an empty batch is sent this often.
@@ -189,7 +191,9 @@ impl<S: LeaseStore> RevocationFeed<S> {
                     }
                     if let Some(m) = &self.metrics {
                         let now = self.store.now_ms(self.clock.now_ms());
-                        for r in &records {
+                        // An expiry's lag is the reaper's to measure: the
+                        // credentials of an expired lease have already expired.
+                        for r in records.iter().filter(|r| r.reason != EndReason::Expiry) {
                             m.revocation_seen(r.reason, r.due_ms, now);
                         }
                     }

@@ -15,11 +15,12 @@ use crate::templates::MAX_DELEGATION_DEPTH;
 use super::{
     ApprovalDecision, ApprovalOutcome, ApprovalState, BeginOutcome, BeginQuota, Bucket,
     CONCURRENCY_RETRY_MS, CompleteOutcome, CredentialId, CredentialRecord, CredentialView,
-    DelegateOutcome, EndReason, EndedTask, KillSwitch, KillTarget, LeaseStore, LiveCounts, LiveTaskPage, LogId,
-    MAX_CHILDREN, MAX_DESCENDANTS, MAX_KILL_SWITCHES, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE,
-    PagePosition, QuotaKind, REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RedeemOutcome,
-    RenewOutcome, Renewal, RevocationCursor, RevocationRead, RevocationRecord, RevokedPage, SHARDS,
-    StoreError, TaskId, TaskPage, TaskRecord, TaskState,
+    DelegateOutcome, EndReason, EndedTask, KillSwitch, KillTarget, LeaseStore, LiveCounts,
+    LiveTaskPage, LogId, MAX_CHILDREN, MAX_DESCENDANTS, MAX_KILL_SWITCHES,
+    MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE, PagePosition, QuotaKind, REVOCATION_GRACE_MS,
+    REVOCATION_LOG_MAX, Reaped, RedeemOutcome, RenewOutcome, Renewal, RevocationCursor,
+    RevocationRead, RevocationRecord, RevokedPage, SHARDS, StoreError, TaskId, TaskPage,
+    TaskRecord, TaskState,
 };
 
 /// One shard's revocation log.

@@ -1760,7 +1760,11 @@ impl LeaseStore for RedisStore {
                 let value = u64::try_from(value).unwrap_or(0);
                 match field.split_once('|') {
                     Some(("t", template)) => {
-                        counts.templates.entry(template.to_owned()).or_default().tasks += value;
+                        counts
+                            .templates
+                            .entry(template.to_owned())
+                            .or_default()
+                            .tasks += value;
                     }
                     Some(("c", template)) => {
                         counts
