@@ -279,6 +279,14 @@ impl<S: LeaseStore> LeaseStore for MeteredStore<S> {
         self.timed("audit_len", self.inner.audit_len(tenant)).await
     }
 
+    async fn task_credentials(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        self.timed("task_credentials", self.inner.task_credentials(task_id))
+            .await
+    }
+
     async fn live_counts(&self, now_ms: u64) -> Result<LiveCounts, StoreError> {
         self.timed("live_counts", self.inner.live_counts(now_ms))
             .await

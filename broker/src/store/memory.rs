@@ -1312,6 +1312,18 @@ impl LeaseStore for MemoryStore {
             .sum())
     }
 
+    async fn task_credentials(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        let inner = self.lock()?;
+        Ok(inner
+            .credentials
+            .get(task_id)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
     async fn live_counts(&self, now_ms: u64) -> Result<LiveCounts, StoreError> {
         let inner = self.lock()?;
         let mut counts = LiveCounts::default();

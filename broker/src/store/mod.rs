@@ -775,6 +775,18 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// [`StoreError`] if the store cannot be reached.
     fn audit_len(&self, tenant: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// The credentials `task_id` holds now (ids, grants, audiences, scopes and
+    /// expiries; a record holds a value's digest, never the value), by id;
+    /// empty for an ended or unknown task. Bounded: a task holds at most
+    /// `MAX_GRANTS` x `MAX_LIVE_CREDENTIALS_PER_GRANT`.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached or a record is damaged.
+    fn task_credentials(
+        &self,
+        task_id: &TaskId,
+    ) -> impl Future<Output = Result<Vec<CredentialRecord>, StoreError>> + Send;
+
     /// What is live at `now_ms`, summed over every shard: per template, its
     /// live tasks and the credentials they hold (an expired credential of a
     /// live task counts until its renewal prunes it or the task ends); and the

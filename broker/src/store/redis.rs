@@ -1732,6 +1732,23 @@ impl LeaseStore for RedisStore {
         Ok(lens.iter().sum())
     }
 
+    async fn task_credentials(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        let [_, creds, ..] = self.task_keys(task_id);
+        let mut conn = self.conn.clone();
+        let records: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(creds)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        records
+            .values()
+            .map(|json| serde_json::from_str(json).map_err(|_| corrupt("credential record")))
+            .collect()
+    }
+
     async fn live_counts(&self, now_ms: u64) -> Result<LiveCounts, StoreError> {
         let now = self.now_ms(now_ms);
         let mut pipe = redis::pipe();
