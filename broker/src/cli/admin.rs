@@ -903,6 +903,7 @@ mod tests {
                 state: pb::LeaseState::PendingApproval.into(),
                 page_size: 50,
                 page_token: "tok".into(),
+                with_credentials: false,
             }
         );
         // No filter: everything unspecified, the broker's page size.
@@ -1037,7 +1038,29 @@ mod tests {
                 decided_at: None,
             }),
             parameters: [("repo".to_owned(), "acme/widgets".to_owned())].into(),
+            time_left: Some(prost_types::Duration {
+                seconds: 42,
+                nanos: 0,
+            }),
+            credentials: vec![pb::CredentialInfo {
+                id: "c1".into(),
+                grant: "github".into(),
+                kind: pb::CredentialKind::Jwt.into(),
+                audience: "https://api.github.test".into(),
+                scopes: vec!["repo:read".into()],
+                expires_at: ts(1_700_000_060),
+                time_left: Some(prost_types::Duration {
+                    seconds: 42,
+                    nanos: 0,
+                }),
+                bound: true,
+            }],
         }
+    }
+
+    fn text_has_credential(text: &str) -> bool {
+        text.contains("  credential c1  github  https://api.github.test  42s left\n")
+            && text.contains("(42s left; max")
     }
 
     #[test]
@@ -1071,8 +1094,15 @@ mod tests {
                     "decided_at": null,
                 },
                 "parameters": { "repo": "acme/widgets" },
+                "time_left_s": 42,
+                "credentials": [{
+                    "id": "c1", "grant": "github", "kind": "jwt",
+                    "audience": "https://api.github.test", "scopes": ["repo:read"],
+                    "expires_at": "2023-11-14T22:14:20Z", "time_left_s": 42, "bound": true,
+                }],
             })
         );
+        assert!(text_has_credential(&AdminOutput::Task(task()).to_text()));
         let text = AdminOutput::Task(task()).to_text();
         assert!(text.starts_with("task t1  pending_approval\n"), "{text}");
         assert!(text.contains("approval  pending for db"), "{text}");
@@ -1106,9 +1136,9 @@ mod tests {
         assert_eq!(j["tasks"].as_array().unwrap().len(), 2);
         assert_eq!(j["next_page_token"], "p2");
         let text = out.to_text();
-        assert_eq!(text.lines().count(), 3, "{text}");
+        assert_eq!(text.lines().count(), 5, "{text}");
         assert!(text.starts_with(
-            "t1  pending_approval  demo  spiffe://leash.dev/agent/demo  lease until 2023-11-14T22:14:20Z\n"
+            "t1  pending_approval  demo  spiffe://leash.dev/agent/demo  lease until 2023-11-14T22:14:20Z (42s left)\n  credential c1  github  https://api.github.test  42s left\n"
         ), "{text}");
         assert!(text.ends_with("more: --page-token p2\n"), "{text}");
         let empty = AdminOutput::Tasks(pb::ListTasksResponse::default());
@@ -1199,6 +1229,8 @@ mod tests {
                 approval_grants: vec!["db".into()],
                 max_delegation_depth: 2,
                 sensitivity: "low".into(),
+                live_tasks: 3,
+                live_credentials: 5,
             }],
         });
         assert_eq!(
@@ -1207,11 +1239,12 @@ mod tests {
                 "name": "demo", "version": "1", "owner": "platform-team@example.com",
                 "tenant": "default", "classes": [], "grants": ["github", "db"],
                 "approval_grants": ["db"], "max_delegation_depth": 2, "sensitivity": "low",
+                "live_tasks": 3, "live_credentials": 5,
             }]})
         );
         assert_eq!(
             out.to_text(),
-            "demo v1  tenant default  owner platform-team@example.com  grants github,db  approval db  delegation depth 2  sensitivity low\n"
+            "demo v1  tenant default  owner platform-team@example.com  grants github,db  approval db  delegation depth 2  sensitivity low  live 3 tasks, 5 credentials\n"
         );
     }
 
