@@ -278,6 +278,7 @@ async fn run_metered<S: LeaseStore>(
     }
     // Refusals reach the durable trail through a bounded queue and one writer.
     let (refusals, refused) = crate::audit::Refusals::new(clock.clone());
+    let refusals = refusals.with_metrics(metrics.clone());
     tokio::spawn(crate::audit::write_refusals(store.clone(), refused));
     let tls =
         identity::server_tls_config(parts.bundles.clone(), parts.cert.clone(), refusals.clone())

@@ -298,7 +298,9 @@ impl RedisServer {
 
     /// Every key and value in the server, as text (for "no secret in the
     /// store" checks): hashes, sorted sets, strings, sets, lists and every
-    /// stream entry's fields.
+    /// stream entry's fields. Keys in order, hash fields and set members
+    /// sorted: two dumps of the same state are equal whatever Redis's
+    /// internal order.
     pub fn dump_all(&self) -> String {
         self.dump_matching("")
     }
@@ -316,10 +318,10 @@ impl RedisServer {
         s.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
         let script = format!(
-            "local o={{}} for _,k in ipairs(redis.call('KEYS','*')) do local t=redis.call('TYPE',k).ok {skip} if t ~= 'skip' then table.insert(o,k) end \
-             if t=='hash' then for _,v in ipairs(redis.call('HGETALL',k)) do table.insert(o,v) end \
+            "local o={{}} local ks=redis.call('KEYS','*') table.sort(ks) for _,k in ipairs(ks) do local t=redis.call('TYPE',k).ok {skip} if t ~= 'skip' then table.insert(o,k) end \
+             if t=='hash' then local h=redis.call('HGETALL',k) local p={{}} for i=1,#h,2 do table.insert(p,h[i]..'='..h[i+1]) end table.sort(p) for _,v in ipairs(p) do table.insert(o,v) end \
              elseif t=='zset' then for _,v in ipairs(redis.call('ZRANGE',k,0,-1)) do table.insert(o,v) end \
-             elseif t=='set' then for _,v in ipairs(redis.call('SMEMBERS',k)) do table.insert(o,v) end \
+             elseif t=='set' then local m=redis.call('SMEMBERS',k) table.sort(m) for _,v in ipairs(m) do table.insert(o,v) end \
              elseif t=='list' then for _,v in ipairs(redis.call('LRANGE',k,0,-1)) do table.insert(o,v) end \
              elseif t=='stream' then for _,e in ipairs(redis.call('XRANGE',k,'-','+')) do for _,v in ipairs(e[2]) do table.insert(o,v) end end \
              elseif t=='string' then table.insert(o,redis.call('GET',k)) end end return o"

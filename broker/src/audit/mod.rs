@@ -266,6 +266,7 @@ pub struct Refusals {
     tx: Option<tokio::sync::mpsc::Sender<AuditEvent>>,
     dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
     clock: Option<std::sync::Arc<dyn crate::clock::Clock>>,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 /// How many refusals may wait for the writer.
@@ -286,9 +287,17 @@ impl Refusals {
                 tx: Some(tx),
                 dropped: std::sync::Arc::default(),
                 clock: Some(clock),
+                metrics: None,
             },
             rx,
         )
+    }
+
+    /// Counts refused handshakes in `metrics` too (calls refused after the
+    /// handshake are counted by the RPC layer).
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Refusals that did not fit the queue (logged only).
@@ -340,6 +349,9 @@ impl Refusals {
     /// the certificate named one.
     pub fn authentication_refused(&self, trust_domain: &str, reason: &str) {
         tracing::warn!(target: TARGET, event = "authentication.refused", trust_domain, reason);
+        if let Some(m) = &self.metrics {
+            m.rpc_refused_at_handshake();
+        }
         self.queue(
             AuditEvent {
                 event: "authentication.refused".into(),

@@ -266,6 +266,17 @@ impl Metrics {
         }
     }
 
+    /// A connection's TLS handshake was refused (bad or foreign SVID): a
+    /// denial of method `tls_handshake`, reason `unauthenticated`.
+    pub fn rpc_refused_at_handshake(&self) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                method: "tls_handshake".to_owned(),
+                reason: "unauthenticated".to_owned(),
+            })
+            .inc();
+    }
+
     /// A store call `op` took `elapsed` and failed if `failed`.
     pub fn store_call(&self, op: &'static str, elapsed: Duration, failed: bool) {
         let label = OpLabel { op: op.to_owned() };
