@@ -74,7 +74,9 @@ pub enum CanaryError {
     Begin(String),
     /// The canary template yielded no JWT credential (it needs one: the
     /// Verifier checks JWTs).
-    #[error("begin task: the template issued no JWT credential; the canary template needs one jwt grant")]
+    #[error(
+        "begin task: the template issued no JWT credential; the canary template needs one jwt grant"
+    )]
     NoJwt,
     /// The Verifier could not start (JWK Set or first revocation snapshot).
     #[error("verifier: {0}")]
@@ -97,7 +99,10 @@ pub enum CanaryError {
         which: String,
     },
     /// The whole probe took longer than [`PROBE_TIMEOUT`].
-    #[error("the probe took longer than {}", humantime::format_duration(PROBE_TIMEOUT))]
+    #[error(
+        "the probe took longer than {}",
+        humantime::format_duration(PROBE_TIMEOUT)
+    )]
     Timeout,
 }
 
@@ -234,7 +239,9 @@ async fn probe_steps(target: &ProbeTarget) -> Result<ProbeReport, CanaryError> {
 
     let started = Instant::now();
     let task = agent
-        .begin_task(TaskRequest::new(target.template.clone()).intent("leash canary: revocation probe"))
+        .begin_task(
+            TaskRequest::new(target.template.clone()).intent("leash canary: revocation probe"),
+        )
         .await
         .map_err(|e| CanaryError::Begin(text(&e)))?;
     let begin = started.elapsed();
@@ -443,13 +450,15 @@ impl CanaryMetrics {
         if let Some(r) = &run.report {
             self.revocation.observe(r.revocation.as_secs_f64());
         }
-        self.pass
-            .set(i64::from(run.result == RunResult::Pass));
+        self.pass.set(i64::from(run.result == RunResult::Pass));
         self.runs
             .get_or_create(&RunLabels { result: run.result })
             .inc();
         // Unix ms to seconds: exact enough for a timestamp gauge.
-        #[expect(clippy::cast_precision_loss, reason = "ms since 1970 fit f64's 53 bits")]
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "ms since 1970 fit f64's 53 bits"
+        )]
         self.last_run.set(run.at_ms as f64 / 1000.0);
     }
 
@@ -518,7 +527,12 @@ impl std::fmt::Debug for CanaryLoop {
 impl CanaryLoop {
     /// A loop probing `target` every `interval` against `slo`; `clock` dates
     /// the runs.
-    pub fn new(target: ProbeTarget, interval: Duration, slo: Duration, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        target: ProbeTarget,
+        interval: Duration,
+        slo: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             target,
             interval,
@@ -618,9 +632,19 @@ mod tests {
         assert_eq!(slow.result, RunResult::Slow);
         metrics.record(&slow);
         assert_eq!((metrics.pass(), metrics.runs(RunResult::Slow)), (0, 1));
-        let failed = judge(Err(CanaryError::Begin("PermissionDenied: no".into())), slo, 3_000);
+        let failed = judge(
+            Err(CanaryError::Begin("PermissionDenied: no".into())),
+            slo,
+            3_000,
+        );
         assert_eq!(failed.result, RunResult::Error);
-        assert!(failed.error.as_deref().unwrap_or("").starts_with("begin task:"));
+        assert!(
+            failed
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("begin task:")
+        );
         metrics.record(&failed);
         assert_eq!((metrics.pass(), metrics.runs(RunResult::Error)), (0, 1));
 

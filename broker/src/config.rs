@@ -146,8 +146,7 @@ fn default_canary_template() -> String {
 impl Canary {
     fn problems(&self, tls: &Tls) -> Vec<String> {
         let mut p = Vec::new();
-        if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(3600)
-        {
+        if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(3600) {
             p.push("canary.interval: must be between 100ms and 1h".into());
         }
         if self.slo < Duration::from_millis(1) || self.slo > Duration::from_secs(60) {
@@ -159,7 +158,9 @@ impl Canary {
         if let Some(c) = &self.connect
             && !c.starts_with("https://")
         {
-            p.push(format!("canary.connect: {c:?} must look like https://host:port"));
+            p.push(format!(
+                "canary.connect: {c:?} must look like https://host:port"
+            ));
         }
         if !self.enabled {
             return p;

@@ -129,12 +129,7 @@ pub fn format_ms(d: Duration) -> String {
 pub fn eviction_check(eviction: &Eviction) -> Check {
     const NAME: &str = "store eviction";
     match eviction {
-        Eviction::Never => Check::new(
-            NAME,
-            CheckStatus::Pass,
-            "embedded store: never evicts",
-            "",
-        ),
+        Eviction::Never => Check::new(NAME, CheckStatus::Pass, "embedded store: never evicts", ""),
         Eviction::Policy { value, source } => {
             let value = value.trim();
             if value.eq_ignore_ascii_case("noeviction") {
@@ -378,10 +373,7 @@ pub fn signing_key_check(kid: &str, path: &std::path::Path, now: SystemTime) -> 
             return Check::new(
                 NAME,
                 CheckStatus::Fail,
-                format!(
-                    "signing key {kid}: {} cannot be read: {e}",
-                    path.display()
-                ),
+                format!("signing key {kid}: {} cannot be read: {e}", path.display()),
                 "",
             );
         }
@@ -424,12 +416,18 @@ pub fn canary_check(
         return Check::new(
             NAME,
             CheckStatus::Warn,
-            format!("on; no probe finished yet (every {})", humantime::format_duration(interval)),
+            format!(
+                "on; no probe finished yet (every {})",
+                humantime::format_duration(interval)
+            ),
             "",
         );
     };
     let ago = Duration::from_millis(now_ms.saturating_sub(run.at_ms));
-    let ago_text = format!("{} ago", humantime::format_duration(Duration::from_secs(ago.as_secs())));
+    let ago_text = format!(
+        "{} ago",
+        humantime::format_duration(Duration::from_secs(ago.as_secs()))
+    );
     let stale = interval * 3 + crate::canary::PROBE_TIMEOUT;
     let slo_text = humantime::format_duration(slo);
     if ago > stale {
@@ -550,7 +548,9 @@ impl<S: LeaseStore> Diagnostics<S> {
         match self.store.diagnose().await {
             Ok(d) => {
                 let mut p = persistence_check(&d.persistence, self.durability);
-                p.detail = format!("{}: {}", d.store, p.detail);
+                if d.persistence != Persistence::Embedded {
+                    p.detail = format!("{}: {}", d.store, p.detail);
+                }
                 checks.push(p);
                 checks.push(eviction_check(&d.eviction));
                 checks.push(clock_check(d.clock.as_ref()));
@@ -579,7 +579,12 @@ impl<S: LeaseStore> Diagnostics<S> {
             )),
         }
         if let Some(c) = &self.canary {
-            checks.push(canary_check(c.state.last().as_ref(), c.interval, c.slo, now_ms));
+            checks.push(canary_check(
+                c.state.last().as_ref(),
+                c.interval,
+                c.slo,
+                now_ms,
+            ));
         }
         checks
     }
@@ -611,8 +616,14 @@ mod tests {
             value: v.into(),
             source: "CONFIG GET",
         };
-        assert_eq!(eviction_check(&policy("noeviction")).status, CheckStatus::Pass);
-        assert_eq!(eviction_check(&policy(" noeviction\r")).status, CheckStatus::Pass);
+        assert_eq!(
+            eviction_check(&policy("noeviction")).status,
+            CheckStatus::Pass
+        );
+        assert_eq!(
+            eviction_check(&policy(" noeviction\r")).status,
+            CheckStatus::Pass
+        );
         assert_eq!(eviction_check(&Eviction::Never).status, CheckStatus::Pass);
         for bad in [
             "allkeys-lru",
@@ -628,7 +639,11 @@ mod tests {
             assert_eq!(c.status, CheckStatus::Fail, "{bad}");
             assert!(c.detail.contains("maxmemory-policy"), "{}", c.detail);
             assert!(c.detail.contains(&format!("{bad:?}")), "{}", c.detail);
-            assert!(c.detail.contains("noeviction"), "says what to set: {}", c.detail);
+            assert!(
+                c.detail.contains("noeviction"),
+                "says what to set: {}",
+                c.detail
+            );
         }
         let unknown = eviction_check(&Eviction::Unknown("CONFIG GET refused (NOPERM)".into()));
         assert_eq!(unknown.status, CheckStatus::Fail);
@@ -644,8 +659,14 @@ mod tests {
             source: "CONFIG GET",
         };
         let status = |p: &Persistence, d| persistence_check(p, d).status;
-        assert_eq!(status(&redis(true, "always", Some("")), None), CheckStatus::Pass);
-        assert_eq!(status(&redis(true, "everysec", Some("")), None), CheckStatus::Warn);
+        assert_eq!(
+            status(&redis(true, "always", Some("")), None),
+            CheckStatus::Pass
+        );
+        assert_eq!(
+            status(&redis(true, "everysec", Some("")), None),
+            CheckStatus::Warn
+        );
         assert_eq!(
             status(&redis(false, "everysec", Some("3600 1 300 100")), None),
             CheckStatus::Warn
@@ -654,12 +675,19 @@ mod tests {
         assert_eq!(none.status, CheckStatus::Fail);
         assert!(none.detail.contains("appendonly yes"), "{}", none.detail);
         assert_eq!(
-            status(&redis(false, "everysec", Some("")), Some(Durability::Replicas(2))),
+            status(
+                &redis(false, "everysec", Some("")),
+                Some(Durability::Replicas(2))
+            ),
             CheckStatus::Warn
         );
         let dev = persistence_check(&Persistence::Embedded, None);
         assert_eq!(dev.status, CheckStatus::Warn);
-        assert!(dev.passed() && dev.detail.contains("not persisted"), "{}", dev.detail);
+        assert!(
+            dev.passed() && dev.detail.contains("not persisted"),
+            "{}",
+            dev.detail
+        );
     }
 
     #[test]
@@ -670,10 +698,17 @@ mod tests {
             received_ms,
         };
         let ok = clock_check(Some(&reading(10_003, 10_000, 10_002)));
-        assert_eq!((ok.status, ok.figure.as_str()), (CheckStatus::Pass, "+2 ms (±1 ms)"));
+        assert_eq!(
+            (ok.status, ok.figure.as_str()),
+            (CheckStatus::Pass, "+2 ms (±1 ms)")
+        );
         let behind = clock_check(Some(&reading(9_000, 10_000, 10_000)));
         assert_eq!(behind.status, CheckStatus::Fail);
-        assert!(behind.detail.contains("1000 ms behind"), "{}", behind.detail);
+        assert!(
+            behind.detail.contains("1000 ms behind"),
+            "{}",
+            behind.detail
+        );
         // 700 ms off, but a 600 ms round trip leaves 300 ms of it uncertain.
         let slow = clock_check(Some(&reading(11_000, 10_000, 10_600)));
         assert_eq!(slow.status, CheckStatus::Pass, "{slow:?}");
@@ -691,7 +726,10 @@ mod tests {
         let year = bundles(Duration::from_secs(365 * 86_400));
         let c = bundle_expiry_check(&year, now);
         assert_eq!(c.status, CheckStatus::Pass, "{c:?}");
-        assert!(c.figure.ends_with(" days") && c.detail.contains("acme.test"), "{c:?}");
+        assert!(
+            c.figure.ends_with(" days") && c.detail.contains("acme.test"),
+            "{c:?}"
+        );
         // Ten days left of a year-long CA: under seven days? No; five days: yes.
         let c = bundle_expiry_check(&year, now + Duration::from_secs(360 * 86_400));
         assert_eq!(c.status, CheckStatus::Fail, "{c:?}");
@@ -700,9 +738,15 @@ mod tests {
         let hour = bundles(Duration::from_secs(3600));
         let c = bundle_expiry_check(&hour, now);
         assert_eq!(c.status, CheckStatus::Pass, "{c:?}");
-        assert!(c.figure.starts_with("0.0") && c.figure.contains('h'), "{c:?}");
+        assert!(
+            c.figure.starts_with("0.0") && c.figure.contains('h'),
+            "{c:?}"
+        );
         let c = bundle_expiry_check(&hour, now + Duration::from_secs(7200));
-        assert_eq!((c.status, c.figure.as_str()), (CheckStatus::Fail, "expired"));
+        assert_eq!(
+            (c.status, c.figure.as_str()),
+            (CheckStatus::Fail, "expired")
+        );
         let c = bundle_expiry_check(&TrustBundles::default(), now);
         assert_eq!(c.status, CheckStatus::Fail);
     }
@@ -717,7 +761,10 @@ mod tests {
         let later = now + MAX_SIGNING_KEY_AGE + Duration::from_secs(86_400);
         let old = signing_key_check("k1", &key, later);
         assert_eq!(old.status, CheckStatus::Warn);
-        assert!(old.detail.contains("rotate") && old.figure.starts_with("91."), "{old:?}");
+        assert!(
+            old.detail.contains("rotate") && old.figure.starts_with("91."),
+            "{old:?}"
+        );
         let gone = signing_key_check("k1", &dir.path().join("missing.pem"), now);
         assert_eq!(gone.status, CheckStatus::Fail);
     }

@@ -507,9 +507,9 @@ fn eviction_of(config: Result<String, String>, info: Result<String, String>) -> 
                 value: v.trim().to_owned(),
                 source: "INFO memory",
             },
-            None => super::Eviction::Unknown(format!(
-                "{config}; INFO memory has no maxmemory_policy"
-            )),
+            None => {
+                super::Eviction::Unknown(format!("{config}; INFO memory has no maxmemory_policy"))
+            }
         },
         (Err(config), Err(info)) => super::Eviction::Unknown(format!("{config}; {info}")),
     }
@@ -688,10 +688,8 @@ impl RedisStore {
     /// One `INFO section`: `Ok(Err(why))` when Redis refuses it.
     async fn info_section(&self, section: &str) -> Result<Result<String, String>, StoreError> {
         let mut conn = self.conn.clone();
-        let answer: Result<String, _> = redis::cmd("INFO")
-            .arg(section)
-            .query_async(&mut conn)
-            .await;
+        let answer: Result<String, _> =
+            redis::cmd("INFO").arg(section).query_async(&mut conn).await;
         match answer {
             Ok(info) => Ok(Ok(info)),
             Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => Ok(Err(format!(
@@ -1976,11 +1974,17 @@ mod tests {
         else {
             panic!("neither readable")
         };
-        assert!(why.contains("NOPERM") && why.contains("INFO memory refused"), "{why}");
+        assert!(
+            why.contains("NOPERM") && why.contains("INFO memory refused"),
+            "{why}"
+        );
 
         let persistence = "# Persistence\r\nloading:0\r\naof_enabled:1\r\n";
         assert_eq!(
-            persistence_of(refused().map(|_| Default::default()), Ok(persistence.into())),
+            persistence_of(
+                refused().map(|_| Default::default()),
+                Ok(persistence.into())
+            ),
             Persistence::Redis {
                 appendonly: true,
                 appendfsync: "unknown".into(),
@@ -2001,7 +2005,10 @@ mod tests {
             }
         );
         assert!(matches!(
-            persistence_of(refused().map(|_| Default::default()), Ok("# Persistence\r\n".into())),
+            persistence_of(
+                refused().map(|_| Default::default()),
+                Ok("# Persistence\r\n".into())
+            ),
             Persistence::Unknown(_)
         ));
     }
