@@ -56,6 +56,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod lease;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod reload;
 pub mod revocation;

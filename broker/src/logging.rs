@@ -223,11 +223,22 @@ pub fn non_blocking<W: io::Write + Send + 'static>(
     tracing_appender::non_blocking::NonBlocking,
     tracing_appender::non_blocking::WorkerGuard,
 ) {
-    tracing_appender::non_blocking::NonBlockingBuilder::default()
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .thread_name("leash-log-writer")
-        .finish(sink)
+        .finish(sink);
+    let _ = DROPPED.set(writer.error_counter());
+    (writer, guard)
+}
+
+static DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Log lines dropped so far by the process's first [`non_blocking`] writer
+/// (0 if there is none).
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
 }
 
 /// The broker's log subscriber: `filter`, `format`, written to `writer`, with the

@@ -31,6 +31,7 @@ use crate::{
         workload::WorkloadIdentity,
     },
     lease::{LeaseService, Reaper, ReaperSettings},
+    metrics::{MeteredStore, Metrics, RpcMetricsLayer},
     policy::cedar::PolicyCatalog,
     reload::Reloader,
     revocation::RevocationFeed,
@@ -256,6 +257,23 @@ async fn run<S: LeaseStore>(
     ops: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    // Every store call is timed; the metrics are served at /metrics.
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(MeteredStore::new(store, metrics.clone()));
+    run_metered(config, parts, store, metrics, clock, agent, ops, shutdown).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_metered<S: LeaseStore>(
+    config: Config,
+    parts: Parts,
+    store: Arc<S>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    agent: TcpListener,
+    ops: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     // Refusals reach the durable trail through a bounded queue and one writer.
     let (refusals, refused) = crate::audit::Refusals::new(clock.clone());
     tokio::spawn(crate::audit::write_refusals(store.clone(), refused));
@@ -275,15 +293,19 @@ async fn run<S: LeaseStore>(
         .with_admins(config.admin_callers())
         .with_tenant_admins(config.tenant_admins())
         .with_policies(parts.policies.clone())
-        .with_refusals(refusals),
+        .with_refusals(refusals)
+        .with_metrics(metrics.clone()),
     );
     if config.actors.classes.is_empty() {
         tracing::warn!(
             "no [[actors.classes]] configured: every identity is denied (fail closed); see examples/leash.toml"
         );
     }
-    let feed = RevocationFeed::new(store.clone(), clock.clone());
+    let feed = RevocationFeed::with_metrics(store.clone(), clock.clone(), Some(metrics.clone()));
     let canary = canary_loop(&config, &parts.templates, clock.clone())?;
+    if let Some(c) = &canary {
+        metrics.register(|r| c.metrics().register(r));
+    }
     let diagnostics = Arc::new(
         Diagnostics::new(
             store.clone(),
@@ -337,6 +359,7 @@ async fn run<S: LeaseStore>(
     let health_service = health_service.max_decoding_message_size(max_message);
     let svid_auth = SvidAuth::new(parts.bundles.clone());
     let agent_router = grpc_server(limits)
+        .layer(RpcMetricsLayer::new(metrics.clone()))
         .add_service(health_service.clone())
         .add_service(reflection.max_decoding_message_size(max_message))
         .add_service(InterceptedService::new(
@@ -380,6 +403,7 @@ async fn run<S: LeaseStore>(
         );
         let auth = BearerAuth::new(verifier);
         let router = grpc_server(limits)
+            .layer(RpcMetricsLayer::new(metrics.clone()))
             .add_service(health_service.clone())
             .add_service(InterceptedService::new(
                 BrokerServer::new(BrokerApi::new(service.clone()))
@@ -409,6 +433,19 @@ async fn run<S: LeaseStore>(
         .with_state(store.clone())
         .merge(
             Router::new()
+                .route("/metrics", get(metrics_page::<S>))
+                .with_state(Arc::new(Scrape {
+                    store: store.clone(),
+                    metrics: metrics.clone(),
+                    templates: parts.templates.clone(),
+                    clock: clock.clone(),
+                    refusals: service.refusals().clone(),
+                    tenants: config.actor_classes().tenants(),
+                    lock: tokio::sync::Mutex::new(()),
+                })),
+        )
+        .merge(
+            Router::new()
                 .route("/.well-known/jwks.json", get(jwks::<S>))
                 .route("/.well-known/openid-configuration", get(discovery::<S>))
                 .with_state(service.clone()),
@@ -431,7 +468,8 @@ async fn run<S: LeaseStore>(
             batch: config.reaper.batch,
             ..ReaperSettings::default()
         },
-    );
+    )
+    .with_metrics(metrics.clone());
     let rx = stop_rx.clone();
     tasks.spawn(async move {
         reaper.run(rx).await;
@@ -442,7 +480,6 @@ async fn run<S: LeaseStore>(
         feed.run(rx).await;
         ("revocation feed", Ok(()))
     });
-    // The /metrics endpoint registers `canary.metrics()` in its registry.
     if let Some(canary) = canary {
         let rx = stop_rx.clone();
         tasks.spawn(async move {
@@ -547,6 +584,72 @@ fn canary_loop(
 async fn wait_for(mut rx: watch::Receiver<bool>) {
     // A dropped sender also means stop.
     let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// What a `/metrics` scrape reads besides the counters.
+struct Scrape<S> {
+    store: Arc<S>,
+    metrics: Arc<Metrics>,
+    templates: Arc<TemplateCatalog>,
+    clock: Arc<dyn Clock>,
+    refusals: crate::audit::Refusals,
+    tenants: Vec<String>,
+    // One scrape at a time reads the store.
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// How long a scrape waits for the store before answering with the gauges it has.
+const SCRAPE_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The Prometheus text exposition: the counters, and the live gauges read from
+/// the store now (bounded work: a few reads per shard). If the store does not
+/// answer, `leash_store_up` is 0 and the gauges keep their last values.
+async fn metrics_page<S: LeaseStore>(
+    State(scrape): State<Arc<Scrape<S>>>,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let _one = scrape.lock.lock().await;
+    let m = &scrape.metrics;
+    let read = async {
+        let now = scrape.clock.now_ms();
+        let counts = scrape.store.live_counts(now).await?;
+        let mut lens = Vec::with_capacity(scrape.tenants.len() + 1);
+        for tenant in scrape.tenants.iter().map(String::as_str).chain([""]) {
+            lens.push((tenant, scrape.store.audit_len(tenant).await?));
+        }
+        Ok::<_, crate::store::StoreError>((counts, lens))
+    };
+    match tokio::time::timeout(SCRAPE_STORE_TIMEOUT, read).await {
+        Ok(Ok((counts, lens))) => {
+            let names: Vec<String> = scrape
+                .templates
+                .current()
+                .names()
+                .map(str::to_owned)
+                .collect();
+            m.set_live(&counts, &names);
+            for (tenant, len) in lens {
+                m.set_audit_length(tenant, len);
+            }
+            m.set_store_up(true);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "metrics: store not read");
+            m.set_store_up(false);
+        }
+        Err(_) => {
+            tracing::warn!("metrics: store read timed out");
+            m.set_store_up(false);
+        }
+    }
+    m.set_dropped("log_lines", crate::logging::dropped_lines());
+    m.set_dropped("refusals", scrape.refusals.dropped());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
 }
 
 /// The JWK Set over plain HTTP, for off-the-shelf JWT libraries (RFC 7517).

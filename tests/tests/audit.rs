@@ -470,7 +470,26 @@ async fn every_story_is_told_whole_in_order_per_tenant_and_holds_no_secret() {
         all.extend(trace(&mut admin, id).await);
     }
     all.extend(seen_default);
-    let text = format!("{all:?}");
+    let (code, metrics) = leash_e2e::http_get(broker.ops_addr, "/metrics").await;
+    assert_eq!(code, 200, "{metrics}");
+    assert!(metrics.contains("leash_tasks_begun_total"), "{metrics}");
+    // No task id, credential id or identity is a label value.
+    for id in [
+        &begun.task_id,
+        &gated.task_id,
+        &brief.task_id,
+        &theirs.task_id,
+    ] {
+        assert!(
+            !metrics.contains(id.as_str()),
+            "a task id in a metric label"
+        );
+    }
+    assert!(
+        !metrics.contains("spiffe://"),
+        "an identity in a metric label"
+    );
+    let text = format!("{all:?}\n{metrics}");
     let streams = redis.dump_all();
     assert!(!secrets.is_empty());
     for s in &secrets {

@@ -1339,6 +1339,76 @@ async fn delegated<S: LeaseStore>(store: &S, child: &TaskRecord, handle: &str) -
     }
 }
 
+/// Live counts per template follow every begin, issuance, renewal (with its
+/// pruning), delegation, redemption, expiry, completion and cascade exactly.
+async fn case_live_counts_are_exact<S: LeaseStore>(store: &S) {
+    async fn live<S: LeaseStore>(store: &S, now: u64) -> (BTreeMap<String, (u64, u64)>, u64) {
+        let counts = store.live_counts(now).await.unwrap();
+        let by = counts
+            .templates
+            .iter()
+            .filter(|(_, c)| c.tasks > 0 || c.credentials > 0)
+            .map(|(t, c)| (t.clone(), (c.tasks, c.credentials)))
+            .collect();
+        (by, counts.overdue)
+    }
+    let none = || BTreeMap::<String, (u64, u64)>::new();
+    assert_eq!(live(store, T0).await, (none(), 0));
+    let a = task_id(1, 1);
+    let b = task_id(2, 1);
+    let ta = task(&a, T0 + 10_000, T0 + 60_000);
+    let tb = TaskRecord {
+        template: "deploy".into(),
+        ..task(&b, T0 + 1_000, T0 + 60_000)
+    };
+    begin_new(
+        store,
+        &ta,
+        &[cred(&a, 1, T0 + 500), cred(&a, 2, T0 + 10_000)],
+    )
+    .await;
+    begin_new(store, &tb, &[cred(&b, 1, T0 + 1_000)]).await;
+    let want = |review: (u64, u64), deploy: (u64, u64)| {
+        let mut m = none();
+        for (t, c) in [("review", review), ("deploy", deploy)] {
+            if c != (0, 0) {
+                m.insert(t.to_owned(), c);
+            }
+        }
+        m
+    };
+    assert_eq!(live(store, T0).await, (want((1, 2), (1, 1)), 0));
+    // A renewal prunes the expired credential and adds one.
+    renew_to(
+        store,
+        &a,
+        T0 + 600,
+        T0 + 20_000,
+        &[cred(&a, 3, T0 + 20_000)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(live(store, T0 + 600).await, (want((1, 2), (1, 1)), 0));
+    // A child is a live task of the same template; it holds what it redeems.
+    let child = delegated(store, &child_of(&ta, 1, "spiffe://acme.test/sub/a"), "h1").await;
+    assert_eq!(live(store, T0 + 700).await, (want((2, 2), (1, 1)), 0));
+    store
+        .redeem(&child, "h1", T0 + 800, &[cred(&child.id, 4, T0 + 9_000)])
+        .await
+        .unwrap();
+    assert_eq!(live(store, T0 + 800).await, (want((2, 3), (1, 1)), 0));
+    // Past b's deadline it is the reaper's backlog until reaped.
+    assert_eq!(live(store, T0 + 2_000).await, (want((2, 3), (1, 1)), 1));
+    store.reap(2, T0 + 2_000, 10).await.unwrap();
+    assert_eq!(live(store, T0 + 2_000).await, (want((2, 3), (0, 0)), 0));
+    // Completing the root ends its child too.
+    store.complete(&a, T0 + 3_000, "succeeded").await.unwrap();
+    assert_eq!(live(store, T0 + 3_000).await, (none(), 0));
+    // Ending again changes nothing.
+    store.complete(&a, T0 + 3_100, "succeeded").await.unwrap();
+    assert_eq!(live(store, T0 + 3_100).await, (none(), 0));
+}
+
 async fn case_delegation_tree_ends_with_its_root<S: LeaseStore>(store: &S) {
     let root_id = task_id(3, 1);
     let root = task(&root_id, T0 + 10_000, T0 + 60_000);
@@ -1732,6 +1802,7 @@ macro_rules! store_suite {
 }
 
 store_suite!(
+    case_live_counts_are_exact,
     case_begin_is_idempotent,
     case_task_reads_back,
     case_renew_extends_within_bounds,

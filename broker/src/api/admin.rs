@@ -91,6 +91,8 @@ impl<S: LeaseStore> AdminApi<S> {
 const TAIL_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 /// How long one AuditTail call follows at most (then it ends; callers reconnect).
 const TAIL_MAX: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Most tasks on a ListTasks page that lists credentials too.
+const WITH_CREDENTIALS_PAGE: usize = 100;
 
 /// Sends the events of `tails` as they come, until the caller goes away, a
 /// read fails (sent as the stream's last item), or [`TAIL_MAX`] passes.
@@ -168,11 +170,11 @@ impl<S: LeaseStore> Admin for AdminApi<S> {
         request: Request<pb::ListTemplatesRequest>,
     ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
         let who = caller(&request)?;
-        let templates = self.service.list_templates(&who).map_err(status)?;
+        let templates = self.service.list_templates(&who).await.map_err(status)?;
         Ok(Response::new(pb::ListTemplatesResponse {
             templates: templates
                 .iter()
-                .map(|t| pb::TemplateInfo {
+                .map(|(t, live)| pb::TemplateInfo {
                     name: t.name.clone(),
                     version: t.version.clone(),
                     owner: t.owner.clone(),
@@ -186,6 +188,8 @@ impl<S: LeaseStore> Admin for AdminApi<S> {
                         .unwrap_or_default(),
                     max_delegation_depth: t.delegation.max_depth,
                     sensitivity: t.sensitivity.as_str().to_owned(),
+                    live_tasks: live.tasks,
+                    live_credentials: live.credentials,
                 })
                 .collect(),
         }))
@@ -204,19 +208,44 @@ impl<S: LeaseStore> Admin for AdminApi<S> {
             template: filter(req.template),
             state: convert::state_filter(req.state).map_err(status)?,
         };
-        let page_size = usize::try_from(req.page_size).unwrap_or(usize::MAX);
+        let mut page_size = usize::try_from(req.page_size).unwrap_or(usize::MAX);
+        if req.with_credentials {
+            // Each live task listed costs a read of its credentials.
+            page_size = match page_size {
+                0 => WITH_CREDENTIALS_PAGE,
+                n => n.min(WITH_CREDENTIALS_PAGE),
+            };
+        }
         let token = filter(req.page_token);
         let listing = self
             .service
             .list_tasks(&who, &wanted, page_size, token.as_deref())
             .await
             .map_err(status)?;
+        let held = if req.with_credentials {
+            self.service
+                .held_credentials(&listing.tasks)
+                .await
+                .map_err(status)?
+        } else {
+            Vec::new()
+        };
         let now_ms = self.service.store_now_ms();
         Ok(Response::new(pb::ListTasksResponse {
             tasks: listing
                 .tasks
                 .iter()
-                .map(|t| convert::task_info(t, now_ms))
+                .enumerate()
+                .map(|(i, t)| {
+                    let mut info = convert::task_info(t, now_ms);
+                    if let Some(creds) = held.get(i) {
+                        info.credentials = creds
+                            .iter()
+                            .map(|c| convert::credential_info(c, now_ms))
+                            .collect();
+                    }
+                    info
+                })
                 .collect(),
             next_page_token: listing.next.unwrap_or_default(),
         }))
@@ -233,10 +262,19 @@ impl<S: LeaseStore> Admin for AdminApi<S> {
             .get_task(&who, &req.task_id)
             .await
             .map_err(status)?;
-        Ok(Response::new(convert::task_info(
-            &task,
-            self.service.store_now_ms(),
-        )))
+        let held = self
+            .service
+            .held_credentials(std::slice::from_ref(&task))
+            .await
+            .map_err(status)?;
+        let now_ms = self.service.store_now_ms();
+        let mut info = convert::task_info(&task, now_ms);
+        info.credentials = held
+            .iter()
+            .flatten()
+            .map(|c| convert::credential_info(c, now_ms))
+            .collect();
+        Ok(Response::new(info))
     }
 
     async fn approve(

@@ -9,7 +9,9 @@ use crate::{
     clock::to_system_time,
     credentials::Minted,
     lease::{IssuedTask, LeaseError, ListedState},
-    store::{Approval, ApprovalState, KillSwitch, StoredKind, TaskRecord, TaskState},
+    store::{
+        Approval, ApprovalState, CredentialRecord, KillSwitch, StoredKind, TaskRecord, TaskState,
+    },
 };
 
 /// Unix milliseconds to a protobuf timestamp.
@@ -147,6 +149,31 @@ pub(super) fn task_info(t: &TaskRecord, now_ms: u64) -> pb::TaskInfo {
         actors: t.actors.clone(),
         approval: t.approval.as_ref().map(|a| approval(a, now_ms)),
         parameters: t.parameters.clone().into_iter().collect(),
+        time_left: Some(left(
+            (t.state == TaskState::Active).then_some(t.lease_deadline_ms),
+            now_ms,
+        )),
+        credentials: Vec::new(),
+    }
+}
+
+/// The time from `now_ms` until `until` (zero if past or `None`).
+fn left(until: Option<u64>, now_ms: u64) -> prost_types::Duration {
+    let ms = until.map_or(0, |u| u.saturating_sub(now_ms));
+    prost_types::Duration::try_from(Duration::from_millis(ms)).unwrap_or_default()
+}
+
+/// A held credential as an inventory lists it: never its value.
+pub(super) fn credential_info(c: &CredentialRecord, now_ms: u64) -> pb::CredentialInfo {
+    pb::CredentialInfo {
+        id: c.id.to_string(),
+        grant: c.grant.clone(),
+        kind: kind(c.kind).into(),
+        audience: c.audience.clone(),
+        scopes: c.scopes.clone(),
+        expires_at: Some(timestamp(c.expires_at_ms)),
+        time_left: Some(left(Some(c.expires_at_ms), now_ms)),
+        bound: c.cnf_x5t_s256.is_some(),
     }
 }
 

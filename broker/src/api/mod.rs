@@ -26,8 +26,28 @@ pub use verifier::VerifierApi;
 
 use crate::{identity, lease::LeaseError};
 
-/// Maps a domain error to the status a client can act on.
+/// Maps a domain error to the status a client can act on. A refusal whose
+/// code alone does not say why carries the reason in the `leash-reason`
+/// header ([`crate::metrics::REASON_HEADER`]), which the metrics count by.
 pub fn status(err: LeaseError) -> Status {
+    let reason = match &err {
+        LeaseError::TemplateNotFound(_) => Some("template_not_found"),
+        LeaseError::TaskNotFound(_) => Some("task_not_found"),
+        LeaseError::TooSoon { .. } => Some("too_soon"),
+        LeaseError::QuotaExceeded { .. } => Some("quota_exceeded"),
+        _ => None,
+    };
+    let mut status = status_of(err);
+    if let Some(reason) = reason {
+        status.metadata_mut().insert(
+            crate::metrics::REASON_HEADER,
+            tonic::metadata::MetadataValue::from_static(reason),
+        );
+    }
+    status
+}
+
+fn status_of(err: LeaseError) -> Status {
     match err {
         LeaseError::InvalidArgument(_) => Status::invalid_argument(err.to_string()),
         LeaseError::TemplateNotFound(_) | LeaseError::TaskNotFound(_) => {

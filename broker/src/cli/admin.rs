@@ -129,6 +129,10 @@ pub struct TasksArgs {
     /// Follow `next_page_token` to the end of the listing (at most 1000 pages).
     #[arg(long)]
     pub all: bool,
+    /// Also list each task's credentials: ids, grants, audiences and time
+    /// left, never values (pages are then at most 100 tasks).
+    #[arg(long)]
+    pub credentials: bool,
     /// Connection (defaults to the dev admin SVID).
     #[command(flatten)]
     pub connect: ConnectArgs,
@@ -393,7 +397,36 @@ fn list_request(args: &TasksArgs) -> pb::ListTasksRequest {
             .into(),
         page_size: args.page_size.unwrap_or(0),
         page_token: args.page_token.clone().unwrap_or_default(),
+        with_credentials: args.credentials,
     }
+}
+
+/// A protobuf duration as whole seconds, `12s` (`-` when absent).
+fn left_text(d: Option<&prost_types::Duration>) -> String {
+    d.map_or_else(|| "-".into(), |d| format!("{}s", d.seconds.max(0)))
+}
+
+fn credential_json(c: &pb::CredentialInfo) -> Value {
+    json!({
+        "id": c.id,
+        "grant": c.grant,
+        "kind": if c.kind == i32::from(pb::CredentialKind::Jwt) { "jwt" } else { "opaque" },
+        "audience": c.audience,
+        "scopes": c.scopes,
+        "expires_at": time(c.expires_at.as_ref()),
+        "time_left_s": c.time_left.as_ref().map_or(0, |d| d.seconds.max(0)),
+        "bound": c.bound,
+    })
+}
+
+fn credential_line(c: &pb::CredentialInfo) -> String {
+    format!(
+        "  credential {}  {}  {}  {} left",
+        c.id,
+        c.grant,
+        c.audience,
+        left_text(c.time_left.as_ref())
+    )
 }
 
 /// One page, or with `--all` every page up to [`MAX_PAGES`], merged.
@@ -555,6 +588,8 @@ fn task_json(t: &pb::TaskInfo) -> Value {
         "actors": t.actors,
         "approval": approval_json(t.approval.as_ref()),
         "parameters": parameters,
+        "time_left_s": t.time_left.as_ref().map_or(0, |d| d.seconds.max(0)),
+        "credentials": t.credentials.iter().map(credential_json).collect::<Vec<_>>(),
     })
 }
 
@@ -596,6 +631,8 @@ impl AdminOutput {
                     "approval_grants": t.approval_grants,
                     "max_delegation_depth": t.max_delegation_depth,
                     "sensitivity": t.sensitivity,
+                    "live_tasks": t.live_tasks,
+                    "live_credentials": t.live_credentials,
                 })).collect::<Vec<_>>(),
             }),
             Self::Tasks(r) => json!({
@@ -642,9 +679,11 @@ impl AdminOutput {
                     }
                     let _ = write!(
                         l,
-                        "  delegation depth {}  sensitivity {}",
+                        "  delegation depth {}  sensitivity {}  live {} tasks, {} credentials",
                         t.max_delegation_depth,
-                        or_dash(&t.sensitivity)
+                        or_dash(&t.sensitivity),
+                        t.live_tasks,
+                        t.live_credentials
                     );
                     line(l);
                 }
@@ -655,13 +694,17 @@ impl AdminOutput {
                 }
                 for t in &r.tasks {
                     line(format!(
-                        "{}  {}  {}  {}  lease until {}",
+                        "{}  {}  {}  {}  lease until {} ({} left)",
                         t.task_id,
                         lease_state(t.state),
                         t.template,
                         t.owner,
                         time_text(t.lease_expires_at.as_ref()).unwrap_or_else(|| "-".into()),
+                        left_text(t.time_left.as_ref()),
                     ));
+                    for c in &t.credentials {
+                        line(credential_line(c));
+                    }
                 }
                 if !r.next_page_token.is_empty() {
                     line(format!("more: --page-token {}", r.next_page_token));
@@ -684,8 +727,9 @@ impl AdminOutput {
                 ));
                 line(format!("  intent    {}", t.intent));
                 line(format!(
-                    "  lease     until {} (max {}), created {}",
+                    "  lease     until {} ({} left; max {}), created {}",
                     when(t.lease_expires_at.as_ref()),
+                    left_text(t.time_left.as_ref()),
                     when(t.max_lifetime_at.as_ref()),
                     when(t.created_at.as_ref()),
                 ));
@@ -721,6 +765,9 @@ impl AdminOutput {
                 params.sort();
                 for (k, v) in params {
                     line(format!("  param     {k}={v}"));
+                }
+                for c in &t.credentials {
+                    line(credential_line(c));
                 }
             }
             Self::Decided(d, t) => line(format!(
@@ -856,6 +903,7 @@ mod tests {
                 state: pb::LeaseState::PendingApproval.into(),
                 page_size: 50,
                 page_token: "tok".into(),
+                with_credentials: false,
             }
         );
         // No filter: everything unspecified, the broker's page size.
@@ -990,7 +1038,29 @@ mod tests {
                 decided_at: None,
             }),
             parameters: [("repo".to_owned(), "acme/widgets".to_owned())].into(),
+            time_left: Some(prost_types::Duration {
+                seconds: 42,
+                nanos: 0,
+            }),
+            credentials: vec![pb::CredentialInfo {
+                id: "c1".into(),
+                grant: "github".into(),
+                kind: pb::CredentialKind::Jwt.into(),
+                audience: "https://api.github.test".into(),
+                scopes: vec!["repo:read".into()],
+                expires_at: ts(1_700_000_060),
+                time_left: Some(prost_types::Duration {
+                    seconds: 42,
+                    nanos: 0,
+                }),
+                bound: true,
+            }],
         }
+    }
+
+    fn text_has_credential(text: &str) -> bool {
+        text.contains("  credential c1  github  https://api.github.test  42s left\n")
+            && text.contains("(42s left; max")
     }
 
     #[test]
@@ -1024,8 +1094,15 @@ mod tests {
                     "decided_at": null,
                 },
                 "parameters": { "repo": "acme/widgets" },
+                "time_left_s": 42,
+                "credentials": [{
+                    "id": "c1", "grant": "github", "kind": "jwt",
+                    "audience": "https://api.github.test", "scopes": ["repo:read"],
+                    "expires_at": "2023-11-14T22:14:20Z", "time_left_s": 42, "bound": true,
+                }],
             })
         );
+        assert!(text_has_credential(&AdminOutput::Task(task()).to_text()));
         let text = AdminOutput::Task(task()).to_text();
         assert!(text.starts_with("task t1  pending_approval\n"), "{text}");
         assert!(text.contains("approval  pending for db"), "{text}");
@@ -1059,9 +1136,9 @@ mod tests {
         assert_eq!(j["tasks"].as_array().unwrap().len(), 2);
         assert_eq!(j["next_page_token"], "p2");
         let text = out.to_text();
-        assert_eq!(text.lines().count(), 3, "{text}");
+        assert_eq!(text.lines().count(), 5, "{text}");
         assert!(text.starts_with(
-            "t1  pending_approval  demo  spiffe://leash.dev/agent/demo  lease until 2023-11-14T22:14:20Z\n"
+            "t1  pending_approval  demo  spiffe://leash.dev/agent/demo  lease until 2023-11-14T22:14:20Z (42s left)\n  credential c1  github  https://api.github.test  42s left\n"
         ), "{text}");
         assert!(text.ends_with("more: --page-token p2\n"), "{text}");
         let empty = AdminOutput::Tasks(pb::ListTasksResponse::default());
@@ -1152,6 +1229,8 @@ mod tests {
                 approval_grants: vec!["db".into()],
                 max_delegation_depth: 2,
                 sensitivity: "low".into(),
+                live_tasks: 3,
+                live_credentials: 5,
             }],
         });
         assert_eq!(
@@ -1160,11 +1239,12 @@ mod tests {
                 "name": "demo", "version": "1", "owner": "platform-team@example.com",
                 "tenant": "default", "classes": [], "grants": ["github", "db"],
                 "approval_grants": ["db"], "max_delegation_depth": 2, "sensitivity": "low",
+                "live_tasks": 3, "live_credentials": 5,
             }]})
         );
         assert_eq!(
             out.to_text(),
-            "demo v1  tenant default  owner platform-team@example.com  grants github,db  approval db  delegation depth 2  sensitivity low\n"
+            "demo v1  tenant default  owner platform-team@example.com  grants github,db  approval db  delegation depth 2  sensitivity low  live 3 tasks, 5 credentials\n"
         );
     }
 

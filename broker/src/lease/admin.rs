@@ -131,12 +131,42 @@ impl<S: LeaseStore> LeaseService<S> {
     ///
     /// # Errors
     /// `PermissionDenied` unless an admin.
-    pub fn list_templates(
+    pub async fn list_templates(
         &self,
         caller: &Identity,
-    ) -> Result<Vec<std::sync::Arc<Template>>, LeaseError> {
+    ) -> Result<Vec<(std::sync::Arc<Template>, crate::store::LiveCount)>, LeaseError> {
         self.authorize_admin(caller, "ListTemplates")?;
-        Ok(self.templates.current().iter().cloned().collect())
+        let live = self.store.live_counts(self.clock.now_ms()).await?;
+        Ok(self
+            .templates
+            .current()
+            .iter()
+            .map(|t| {
+                let count = live.templates.get(&t.name).copied().unwrap_or_default();
+                (t.clone(), count)
+            })
+            .collect())
+    }
+
+    /// The credentials each of `tasks` holds now (none for an ended task), for
+    /// an inventory an admin asked for: ids and expiries, never values. One
+    /// store read per live task.
+    ///
+    /// # Errors
+    /// `Unavailable`.
+    pub(crate) async fn held_credentials(
+        &self,
+        tasks: &[TaskRecord],
+    ) -> Result<Vec<Vec<crate::store::CredentialRecord>>, LeaseError> {
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(if t.state == crate::store::TaskState::Active {
+                self.store.task_credentials(&t.id).await?
+            } else {
+                Vec::new()
+            });
+        }
+        Ok(out)
     }
 
     /// A page of the tasks the store holds that `filter` admits.
@@ -194,7 +224,7 @@ impl<S: LeaseStore> LeaseService<S> {
         Ok(out)
     }
 
-    /// One task.
+    /// One task (its credentials: [`LeaseService::held_credentials`]).
     ///
     /// # Errors
     /// `PermissionDenied` unless an admin; `InvalidArgument`, `TaskNotFound`, `Unavailable`.
@@ -408,6 +438,7 @@ impl<S: LeaseStore> LeaseService<S> {
         let credentials: usize = ended.iter().map(|e| e.revoked.len()).sum();
         for e in &ended {
             audit::task_ended(&e.task, e.reason, &e.revoked);
+            self.metrics.task_ended(e.reason);
         }
         audit::kill_switch_set(&record, ended.len(), credentials);
         Ok(KillReport {

@@ -46,6 +46,7 @@ pub struct Reaper<S> {
     store: Arc<S>,
     clock: Arc<dyn Clock>,
     settings: ReaperSettings,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl<S: LeaseStore> Reaper<S> {
@@ -55,7 +56,14 @@ impl<S: LeaseStore> Reaper<S> {
             store,
             clock,
             settings,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts the tasks it ends in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Sweeps until `shutdown` turns true. Store errors are logged and the sweep
@@ -117,11 +125,14 @@ impl<S: LeaseStore> Reaper<S> {
                 }
                 for e in &reaped.expired {
                     audit::task_ended(&e.task, e.reason, &e.revoked);
-                    let late_ms = e
-                        .task
-                        .ended_at_ms
-                        .unwrap_or_default()
-                        .saturating_sub(e.task.lease_deadline_ms);
+                    self.metrics.task_ended(e.reason);
+                    let ended_at = e.task.ended_at_ms.unwrap_or_default();
+                    // Its credentials expired at the deadline by their own
+                    // `exp` (they never outlive the lease); the lag of an
+                    // expiry is the deadline to the end the store recorded.
+                    self.metrics
+                        .revocation_seen(e.reason, e.task.lease_deadline_ms, ended_at);
+                    let late_ms = ended_at.saturating_sub(e.task.lease_deadline_ms);
                     tracing::debug!(task_id = %e.task.id, late_ms, "lease expired");
                 }
                 expired += reaped.expired.len();

@@ -78,6 +78,7 @@ pub struct LeaseService<S> {
     pub(super) admins: Vec<crate::identity::IdentityPattern>,
     pub(super) refusals: audit::Refusals,
     pub(super) tenant_admins: Vec<(String, crate::identity::IdentityPattern)>,
+    pub(super) metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub(super) fn digest(parts: &[&str]) -> ring::digest::Digest {
@@ -259,6 +260,7 @@ impl<S: LeaseStore> LeaseService<S> {
             admins: Vec::new(),
             refusals: audit::Refusals::default(),
             tenant_admins: Vec::new(),
+            metrics: Arc::default(),
         }
     }
 
@@ -477,6 +479,7 @@ impl<S: LeaseStore> LeaseService<S> {
                 // The store's clock decided the deadlines; answer with those.
                 let task = *stored;
                 audit::task_begun(&task, false);
+                self.metrics.task_begun(&task.template);
                 if let Some(a) = &task.approval {
                     audit::approval_requested(&task, a);
                 }
@@ -714,6 +717,7 @@ impl<S: LeaseStore> LeaseService<S> {
         match self.store.renew(&task_id, renewal).await? {
             RenewOutcome::Renewed { task, rotated } => {
                 audit::lease_renewed(&task);
+                self.metrics.lease_renewed(&task.template);
                 audit_issued(&task, &records);
                 audit::credentials_rotated(&task, &rotated);
                 Ok(IssuedTask {
@@ -773,8 +777,13 @@ impl<S: LeaseStore> LeaseService<S> {
                     EndReason::Completion
                 };
                 audit::task_ended(&task, reason, &revoked);
+                self.metrics.task_ended(reason);
+                if reason == EndReason::Completion {
+                    self.metrics.task_completed(&task.template, outcome);
+                }
                 for d in &descendants {
                     audit::task_ended(&d.task, d.reason, &d.revoked);
+                    self.metrics.task_ended(d.reason);
                 }
                 if !summary.is_empty() {
                     tracing::info!(target: audit::TARGET, event = "task.summary", task_id = %task.id, summary);
@@ -1038,6 +1047,18 @@ impl<S: LeaseStore> LeaseService<S> {
     ) -> Self {
         self.tenant_admins = tenant_admins;
         self
+    }
+
+    /// Counts begins, renewals and ends in `metrics` (without it, in metrics
+    /// of its own that nothing serves).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// This service's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// Sends every refusal to `refusals` for the durable audit trail too

@@ -27,7 +27,9 @@ use tokio::sync::{Mutex, broadcast, mpsc, watch};
 
 use crate::{
     clock::Clock,
-    store::{LeaseStore, RevocationCursor, RevocationRead, RevocationRecord, StoreError},
+    store::{
+        EndReason, LeaseStore, RevocationCursor, RevocationRead, RevocationRecord, StoreError,
+    },
 };
 
 /// Longest quiet period on a watch stream: an empty batch is sent this often.
@@ -104,11 +106,22 @@ pub struct RevocationFeed<S> {
     /// watchers that need one meanwhile wait for it instead of reading their own.
     snapshot: Mutex<Option<Arc<Snapshot>>>,
     snapshots_read: AtomicU64,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl<S: LeaseStore> RevocationFeed<S> {
     /// A feed over `store`; call [`RevocationFeed::run`] to start it.
     pub fn new(store: Arc<S>, clock: Arc<dyn Clock>) -> Arc<Self> {
+        Self::with_metrics(store, clock, None)
+    }
+
+    /// A feed over `store` that measures each revocation's lag (from its due
+    /// time to being read here) into `metrics`.
+    pub fn with_metrics(
+        store: Arc<S>,
+        clock: Arc<dyn Clock>,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Arc<Self> {
         let (tx, _) = broadcast::channel(1024);
         Arc::new(Self {
             store,
@@ -116,6 +129,7 @@ impl<S: LeaseStore> RevocationFeed<S> {
             tx,
             snapshot: Mutex::new(None),
             snapshots_read: AtomicU64::new(0),
+            metrics,
         })
     }
 
@@ -174,6 +188,14 @@ impl<S: LeaseStore> RevocationFeed<S> {
                     if failing {
                         tracing::info!("revocation feed: store reachable again");
                         failing = false;
+                    }
+                    if let Some(m) = &self.metrics {
+                        let now = self.store.now_ms(self.clock.now_ms());
+                        // An expiry's lag is the reaper's to measure: the
+                        // credentials of an expired lease have already expired.
+                        for r in records.iter().filter(|r| r.reason != EndReason::Expiry) {
+                            m.revocation_seen(r.reason, r.due_ms, now);
+                        }
                     }
                     if !records.is_empty() {
                         let _ = self.tx.send(FeedEvent::Records(Arc::new(records)));

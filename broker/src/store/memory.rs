@@ -15,11 +15,12 @@ use crate::templates::MAX_DELEGATION_DEPTH;
 use super::{
     ApprovalDecision, ApprovalOutcome, ApprovalState, BeginOutcome, BeginQuota, Bucket,
     CONCURRENCY_RETRY_MS, CompleteOutcome, CredentialId, CredentialRecord, CredentialView,
-    DelegateOutcome, EndReason, EndedTask, KillSwitch, KillTarget, LeaseStore, LiveTaskPage, LogId,
-    MAX_CHILDREN, MAX_DESCENDANTS, MAX_KILL_SWITCHES, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE,
-    PagePosition, QuotaKind, REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RedeemOutcome,
-    RenewOutcome, Renewal, RevocationCursor, RevocationRead, RevocationRecord, RevokedPage, SHARDS,
-    StoreError, TaskId, TaskPage, TaskRecord, TaskState,
+    DelegateOutcome, EndReason, EndedTask, KillSwitch, KillTarget, LeaseStore, LiveCounts,
+    LiveTaskPage, LogId, MAX_CHILDREN, MAX_DESCENDANTS, MAX_KILL_SWITCHES,
+    MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE, PagePosition, QuotaKind, REVOCATION_GRACE_MS,
+    REVOCATION_LOG_MAX, Reaped, RedeemOutcome, RenewOutcome, Renewal, RevocationCursor,
+    RevocationRead, RevocationRecord, RevokedPage, SHARDS, StoreError, TaskId, TaskPage,
+    TaskRecord, TaskState,
 };
 
 /// One shard's revocation log.
@@ -178,6 +179,10 @@ impl Inner {
         now_ms: u64,
         reason: EndReason,
     ) -> Vec<CredentialId> {
+        let due_ms = match (reason, self.tasks.get(task_id)) {
+            (EndReason::Expiry, Some(t)) => t.lease_deadline_ms.min(now_ms),
+            _ => now_ms,
+        };
         let creds = self.credentials.remove(task_id).unwrap_or_default();
         self.grants.remove(task_id);
         self.renewed.remove(task_id);
@@ -190,7 +195,7 @@ impl Inner {
             .values()
             .filter(|c| c.expires_at_ms > now_ms)
             .map(|c| {
-                self.log_one(c, now_ms, reason);
+                self.log_one(c, now_ms, due_ms, reason);
                 c.id.clone()
             })
             .collect()
@@ -291,7 +296,7 @@ impl Inner {
     }
 
     /// Logs one revoked credential in its shard's log and the revoked set.
-    fn log_one(&mut self, c: &CredentialRecord, now_ms: u64, reason: EndReason) {
+    fn log_one(&mut self, c: &CredentialRecord, now_ms: u64, due_ms: u64, reason: EndReason) {
         let shard = c.id.task_id().shard();
         let Some(log) = self.logs.get_mut(usize::from(shard)) else {
             return;
@@ -301,6 +306,7 @@ impl Inner {
             credential_id: c.id.clone(),
             expires_at_ms: c.expires_at_ms,
             revoked_at_ms: now_ms,
+            due_ms,
             reason,
             audience: c.audience.clone(),
             tenant: c.tenant.clone(),
@@ -351,7 +357,7 @@ impl Inner {
             }
             for record in out {
                 if record.expires_at_ms > now_ms {
-                    self.log_one(&record, now_ms, EndReason::Rotation);
+                    self.log_one(&record, now_ms, now_ms, EndReason::Rotation);
                 }
                 if let Some(task) = &task {
                     self.audit_revoked(
@@ -879,6 +885,7 @@ impl LeaseStore for MemoryStore {
                     credential_id: id.clone(),
                     expires_at_ms: *exp,
                     revoked_at_ms: 0,
+                    due_ms: 0,
                     reason: EndReason::Completion,
                     audience: audience.clone(),
                     tenant: tenant.clone(),
@@ -1303,6 +1310,35 @@ impl LeaseStore for MemoryStore {
             .filter_map(|s| inner.trail.streams.get(&(tenant.to_owned(), s)))
             .map(|q| q.len() as u64)
             .sum())
+    }
+
+    async fn task_credentials(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        let inner = self.lock()?;
+        Ok(inner
+            .credentials
+            .get(task_id)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn live_counts(&self, now_ms: u64) -> Result<LiveCounts, StoreError> {
+        let inner = self.lock()?;
+        let mut counts = LiveCounts::default();
+        for (deadline, id) in &inner.deadlines {
+            if *deadline <= now_ms {
+                counts.overdue += 1;
+            }
+            let Some(task) = inner.tasks.get(id) else {
+                continue;
+            };
+            let c = counts.templates.entry(task.template.clone()).or_default();
+            c.tasks += 1;
+            c.credentials += inner.credentials.get(id).map_or(0, |m| m.len() as u64);
+        }
+        Ok(counts)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -283,6 +283,36 @@ pub struct LiveTaskPage {
     pub next: Option<u64>,
 }
 
+/// Live tasks and the credentials they hold, of one template.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveCount {
+    /// Live (active) tasks.
+    pub tasks: u64,
+    /// Credentials those tasks hold.
+    pub credentials: u64,
+}
+
+/// What is live now ([`LeaseStore::live_counts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveCounts {
+    /// By template name; a template with nothing live may be absent.
+    pub templates: std::collections::BTreeMap<String, LiveCount>,
+    /// Live tasks past their deadline, waiting for the reaper.
+    pub overdue: u64,
+}
+
+impl LiveCounts {
+    /// The sum over every template.
+    pub fn total(&self) -> LiveCount {
+        self.templates
+            .values()
+            .fold(LiveCount::default(), |a, c| LiveCount {
+                tasks: a.tasks + c.tasks,
+                credentials: a.credentials + c.credentials,
+            })
+    }
+}
+
 /// What a [`LeaseStore::renew`] call asks for.
 #[derive(Debug, Clone, Copy)]
 pub struct Renewal<'a> {
@@ -744,6 +774,32 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError`] if the store cannot be reached.
     fn audit_len(&self, tenant: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// The credentials `task_id` holds now (ids, grants, audiences, scopes and
+    /// expiries; a record holds a value's digest, never the value), by id;
+    /// empty for an ended or unknown task. Bounded: a task holds at most
+    /// `MAX_GRANTS` x `MAX_LIVE_CREDENTIALS_PER_GRANT`.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached or a record is damaged.
+    fn task_credentials(
+        &self,
+        task_id: &TaskId,
+    ) -> impl Future<Output = Result<Vec<CredentialRecord>, StoreError>> + Send;
+
+    /// What is live at `now_ms`, summed over every shard: per template, its
+    /// live tasks and the credentials they hold (an expired credential of a
+    /// live task counts until its renewal prunes it or the task ends); and the
+    /// reaper's backlog, live tasks whose deadline has passed. Exact across
+    /// broker replicas: the counts change in the same atomic step as the
+    /// tasks. Bounded work: one read per shard.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be reached.
+    fn live_counts(
+        &self,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<LiveCounts, StoreError>> + Send;
 
     /// Checks that the store answers.
     ///

@@ -747,6 +747,10 @@ pub struct RevocationRecord {
     pub expires_at_ms: u64,
     /// When it was revoked (0 in a snapshot, where it is not kept).
     pub revoked_at_ms: u64,
+    /// When what revoked it happened: the lease deadline for an expiry, else
+    /// the revocation itself (0 in a snapshot). The revocation lag is the time
+    /// from this to the record being read from the log.
+    pub due_ms: u64,
     /// Why.
     pub reason: EndReason,
     /// The credential's audience: watchers are told only of their audiences' credentials.

@@ -51,7 +51,7 @@ use crate::audit::{AuditCursor, AuditEvent, AuditPage, AuditRetention};
 use super::{
     ApprovalDecision, ApprovalOutcome, ApprovalState, BeginOutcome, BeginQuota, CompleteOutcome,
     CredentialId, CredentialRecord, CredentialView, DelegateOutcome, EndReason, EndedTask,
-    KILL_PAGE, KillSwitch, KillTarget, LeaseStore, LiveTaskPage, LogId, MAX_CHILDREN,
+    KILL_PAGE, KillSwitch, KillTarget, LeaseStore, LiveCounts, LiveTaskPage, LogId, MAX_CHILDREN,
     MAX_DESCENDANTS, MAX_KILL_SWITCHES, MAX_LIVE_CREDENTIALS_PER_GRANT, PRUNE_PAGE, PagePosition,
     QuotaKind, REVOCATION_GRACE_MS, REVOCATION_LOG_MAX, Reaped, RedeemOutcome, RenewOutcome,
     Renewal, RevocationCursor, RevocationRead, RevocationRecord, RevokedPage, SHARDS, StoreClock,
@@ -903,6 +903,11 @@ impl RedisStore {
                         .ok_or_else(|| corrupt("revocation entry id"))?,
                     expires_at_ms: parse_score(&field("e")?)?,
                     revoked_at_ms: parse_score(&field("a")?)?,
+                    // Entries logged before the field existed: due when revoked.
+                    due_ms: match field("d") {
+                        Ok(d) => parse_score(&d)?,
+                        Err(_) => parse_score(&field("a")?)?,
+                    },
                     reason: EndReason::parse(&field("r")?).ok_or_else(|| corrupt("reason"))?,
                     audience: field("u").unwrap_or_default(),
                     tenant: field("t").unwrap_or_default(),
@@ -1388,6 +1393,7 @@ impl LeaseStore for RedisStore {
                 credential_id: CredentialId::parse(id).ok_or_else(|| corrupt("revoked id"))?,
                 expires_at_ms: exp,
                 revoked_at_ms: 0,
+                due_ms: 0,
                 reason: EndReason::Completion,
                 audience: audience.to_owned(),
                 tenant: tenant.to_owned(),
@@ -1873,6 +1879,74 @@ impl LeaseStore for RedisStore {
             .await
             .map_err(|e| unavailable(&e))?;
         Ok(lens.iter().sum())
+    }
+
+    async fn task_credentials(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        let [_, creds, ..] = self.task_keys(task_id);
+        let mut conn = self.conn.clone();
+        let records: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(creds)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        records
+            .values()
+            .map(|json| serde_json::from_str(json).map_err(|_| corrupt("credential record")))
+            .collect()
+    }
+
+    async fn live_counts(&self, now_ms: u64) -> Result<LiveCounts, StoreError> {
+        let now = self.now_ms(now_ms);
+        let mut pipe = redis::pipe();
+        for shard in 0..SHARDS {
+            let tag = self.tag(shard);
+            pipe.cmd("HGETALL").arg(format!("{tag}:live"));
+            pipe.cmd("ZCOUNT")
+                .arg(format!("{tag}:deadlines"))
+                .arg("-inf")
+                .arg(now);
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<redis::Value> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut counts = LiveCounts::default();
+        for pair in replies.chunks(2) {
+            let [fields, overdue] = pair else {
+                return Err(corrupt("live counts: a shard's reply is incomplete"));
+            };
+            let fields: std::collections::HashMap<String, i64> =
+                redis::FromRedisValue::from_redis_value(fields.clone())
+                    .map_err(|_| corrupt("live counts: not a hash of integers"))?;
+            for (field, value) in fields {
+                let value = u64::try_from(value).unwrap_or(0);
+                match field.split_once('|') {
+                    Some(("t", template)) => {
+                        counts
+                            .templates
+                            .entry(template.to_owned())
+                            .or_default()
+                            .tasks += value;
+                    }
+                    Some(("c", template)) => {
+                        counts
+                            .templates
+                            .entry(template.to_owned())
+                            .or_default()
+                            .credentials += value;
+                    }
+                    _ => {}
+                }
+            }
+            let overdue: u64 = redis::FromRedisValue::from_redis_value(overdue.clone())
+                .map_err(|_| corrupt("live counts: overdue not an integer"))?;
+            counts.overdue += overdue;
+        }
+        Ok(counts)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -78,6 +78,16 @@ local function audit(now, id, t, event, extra)
     redis.pcall('PEXPIRE', ik, AUD.age)
   end
 end
+-- Live counts, per shard and template, in `<b>live` (fields 't|<template>'
+-- for live tasks, 'c|<template>' for their credentials held): changed by the
+-- same scripts that begin, issue, rotate and end, so the sum over shards is
+-- exact at any instant.
+local function live_add(t, tasks, creds)
+  local key = AUD.b .. 'live'
+  local tpl = str(t.template)
+  if tasks ~= 0 then redis.call('HINCRBY', key, 't|' .. tpl, tasks) end
+  if creds ~= 0 then redis.call('HINCRBY', key, 'c|' .. tpl, creds) end
+end
 -- An event about no task (kill switches): in `tenant`'s stream, not indexed.
 local function audit_plain(now, tenant, event, extra)
   local key = stream_of({tenant = tenant})

@@ -56,6 +56,7 @@ if ARGV[9] ~= '' then redis.call('ZADD', KEYS[8], n(max), ARGV[6]) end
 if ARGV[10] ~= '' then redis.call('ZADD', KEYS[9], n(max), ARGV[6]) end
 local deadline = math.min(now + tonumber(ARGV[3]), max)
 redis.call('HSET', KEYS[1], 'rec', ARGV[2], 'state', 'active', 'deadline', n(deadline), 'max', n(max), 'renewed', n(now))
+live_add(t, 1, 0)
 local appr, appr_dl = false, false
 if ARGV[15] ~= '' then
   appr, appr_dl = 'pending', n(now + tonumber(ARGV[15]))

@@ -17,7 +17,9 @@ forget_descendant(ARGV[7], f[1])
 f[2] = state; f[4] = n(now); f[5] = outcome
 local out = reply('done', f, now)
 local ids = {}
-end_task(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], now, reason, ARGV[4], ids)
+local due = now
+if reason == 'expiry' then due = tonumber(f[3]) end
+end_task(KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], now, due, reason, ARGV[4], ids, t)
 table.insert(out, ids)
 local by = str(t.owner)
 if reason == 'expiry' then by = '' end

@@ -25,6 +25,7 @@ if u then return u end
 local max = math.min(now + tonumber(ARGV[4]), tonumber(p[6]))
 local deadline = math.min(now + tonumber(ARGV[3]), tonumber(p[3]), max)
 redis.call('HSET', KEYS[2], 'rec', ARGV[2], 'state', 'active', 'deadline', n(deadline), 'max', n(max), 'renewed', n(now), 'handle', ARGV[7])
+live_add(t, 1, 0)
 audit(now, ARGV[6], t, 'task.delegated', {'by', str(decoded(p[1]).owner), 'depth', str(t.depth),
   'deadline', n(deadline), 'max_deadline', n(max)})
 redis.call('SADD', KEYS[3], ARGV[6])

@@ -23,7 +23,9 @@ local PAGE = __PAGE__
 -- Logs one revoked credential for watchers: a stream entry and a revoked-set
 -- member `<id> <audience> <tenant>` scored by its expiry (neither audience nor
 -- tenant holds whitespace; members written before tenants have two parts).
-local function log_one(creds, revlog, revoked, id, exp, now, reason, maxlen)
+-- `due` is when what revoked it happened (an expiry's lease deadline, else now):
+-- readers measure the revocation lag from it.
+local function log_one(creds, revlog, revoked, id, exp, now, due, reason, maxlen)
   local aud, tenant = '', ''
   local cj = redis.call('HGET', creds, id)
   if cj then
@@ -34,7 +36,7 @@ local function log_one(creds, revlog, revoked, id, exp, now, reason, maxlen)
       if type(c.tenant) == 'string' then tenant = c.tenant end
     end
   end
-  redis.call('XADD', revlog, 'MAXLEN', '~', maxlen, '*', 'c', id, 'e', exp, 'a', n(now), 'r', reason, 'u', aud, 't', tenant)
+  redis.call('XADD', revlog, 'MAXLEN', '~', maxlen, '*', 'c', id, 'e', exp, 'a', n(now), 'd', n(due), 'r', reason, 'u', aud, 't', tenant)
   redis.call('ZADD', revoked, exp, id .. ' ' .. aud .. ' ' .. tenant)
 end
 -- Drops an ending task from its owner's and class's live-task sets (quotas).
@@ -55,13 +57,15 @@ local function prune_revoked(revoked, now)
   local k = redis.call('ZCOUNT', revoked, '-inf', '(' .. n(now - GRACE))
   if k > 0 then redis.call('ZREMRANGEBYRANK', revoked, 0, math.min(k, PAGE) - 1) end
 end
--- Revokes every unexpired credential of an ending task (appending their ids to
--- out) and deletes its credential keys. Bounded: a task holds at most
+-- Revokes every unexpired credential of an ending task (record `t`, decoded;
+-- appending their ids to out), deletes its credential keys and takes the task
+-- out of the live counts. Bounded: a task holds at most
 -- MAX_GRANTS x MAX_LIVE_CREDENTIALS_PER_GRANT live credentials.
-local function end_task(creds, cexp, cgr, revlog, revoked, now, reason, maxlen, out)
+local function end_task(creds, cexp, cgr, revlog, revoked, now, due, reason, maxlen, out, t)
+  live_add(t, -1, -redis.call('HLEN', creds))
   local live = redis.call('ZRANGEBYSCORE', cexp, '(' .. n(now), '+inf', 'WITHSCORES')
   for i = 1, #live, 2 do
-    log_one(creds, revlog, revoked, live[i], live[i + 1], now, reason, maxlen)
+    log_one(creds, revlog, revoked, live[i], live[i + 1], now, due, reason, maxlen)
     table.insert(out, live[i])
   end
   prune_revoked(revoked, now)
@@ -76,7 +80,7 @@ local function add_credentials(creds, cexp, cgr, revlog, revoked, first, cap, no
   for i = first, #ARGV, 4 do
     local id, json, exp, grant = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     audit_issued(now, tid, t, json)
-    redis.call('HSET', creds, id, json)
+    live_add(t, 0, redis.call('HSET', creds, id, json))
     redis.call('ZADD', cexp, exp, id)
     local kept = {}
     local list = redis.call('HGET', cgr, grant)
@@ -89,9 +93,9 @@ local function add_credentials(creds, cexp, cgr, revlog, revoked, first, cap, no
     while #kept > cap do
       local old = table.remove(kept, 1)
       local e = redis.call('ZSCORE', cexp, old)
-      if e and tonumber(e) > now then log_one(creds, revlog, revoked, old, e, now, 'rotation', maxlen) end
+      if e and tonumber(e) > now then log_one(creds, revlog, revoked, old, e, now, now, 'rotation', maxlen) end
       audit_revoked(now, tid, t, {old}, 'rotation', '')
-      redis.call('HDEL', creds, old)
+      live_add(t, 0, -redis.call('HDEL', creds, old))
       redis.call('ZREM', cexp, old)
       table.insert(rotated, old)
     end
@@ -138,9 +142,10 @@ local function end_one(base, id, f, status, state, outcome, reason, now, ctx)
   f[2] = state; f[4] = n(now); f[5] = outcome
   local entry = reply(status, f, now)
   local ids = {}
-  end_task(base .. 'creds:' .. id, base .. 'cexp:' .. id, base .. 'cgr:' .. id, ctx.revlog, ctx.revoked, now, reason, ctx.maxlen, ids)
+  local t = decoded(f[1])
+  end_task(base .. 'creds:' .. id, base .. 'cexp:' .. id, base .. 'cgr:' .. id, ctx.revlog, ctx.revoked, now, now, reason, ctx.maxlen, ids, t)
   for _, c in ipairs(ids) do table.insert(entry, c) end
-  audit_end(now, id, decoded(f[1]), reason, state, outcome, ctx.by or '', ids)
+  audit_end(now, id, t, reason, state, outcome, ctx.by or '', ids)
   redis.call('PEXPIRE', tk, ctx.retention)
   return entry
 end

@@ -37,8 +37,9 @@ for _, id in ipairs(due) do
     local creds = base .. 'creds:' .. id
     for _, c in ipairs(redis.call('HKEYS', creds)) do table.insert(entry, c) end
     local ids = {}
-    end_task(creds, base .. 'cexp:' .. id, base .. 'cgr:' .. id, KEYS[2], KEYS[3], now, 'expiry', ARGV[3], ids)
-    audit_end(now, id, decoded(f[1]), 'expiry', 'expired', '', '', ids)
+    local t = decoded(f[1])
+    end_task(creds, base .. 'cexp:' .. id, base .. 'cgr:' .. id, KEYS[2], KEYS[3], now, d, 'expiry', ARGV[3], ids, t)
+    audit_end(now, id, t, 'expiry', 'expired', '', '', ids)
     redis.call('PEXPIRE', tk, ARGV[4])
     table.insert(out, entry)
     local ctx = {deadlines = KEYS[1], revlog = KEYS[2], revoked = KEYS[3], maxlen = ARGV[3], retention = ARGV[4], qbase = ARGV[6]}

@@ -30,7 +30,7 @@ if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'renewed', n(now)) end
 redis.call('ZADD', KEYS[5], f[3], ARGV[6])
 local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. n(now), 'LIMIT', 0, PAGE)
 for _, c in ipairs(old) do
-  redis.call('HDEL', KEYS[2], c)
+  live_add(t, 0, -redis.call('HDEL', KEYS[2], c))
   redis.call('ZREM', KEYS[3], c)
 end
 -- A begin replay (extend_by 0) re-issues; a renewal extends.
