@@ -4,7 +4,7 @@
 //! - with `[canary] enabled = true` the broker's own loop begins a task on the
 //!   canary template, checks its credential through Introspect and an SDK
 //!   Verifier, completes it, and Diagnose reports the run as passed with its
-//!   figure;
+//!   figure, and its metrics are on `/metrics`;
 //! - an SLO no revocation can meet (1 ms) makes the canary check fail, naming
 //!   the SLO;
 //! - a canary whose template is not loaded stops the broker at start;
@@ -122,6 +122,18 @@ async fn the_canary_loop_runs_and_diagnose_reports_it_passed() {
     );
     let completed = i32::from(pb::LeaseState::Completed);
     assert!(tasks.iter().any(|t| t.state == completed), "{tasks:#?}");
+
+    // The metrics, on the ops port's /metrics.
+    let (code, metrics) = leash_e2e::http_get(broker.ops_addr, "/metrics").await;
+    assert_eq!(code, 200, "{metrics}");
+    for want in [
+        "leash_canary_revocation_seconds_bucket",
+        "leash_canary_runs_total{result=\"pass\"}",
+        "leash_canary_last_run_timestamp_seconds",
+        "leash_canary_pass",
+    ] {
+        assert!(metrics.contains(want), "{want} missing:\n{metrics}");
+    }
 
     // The rest of Diagnose on the embedded store.
     let checks = diagnose(&broker).await;
