@@ -752,6 +752,51 @@ mod tests {
     }
 
     #[test]
+    fn the_canary_check_follows_the_last_run() {
+        use crate::canary::{CanaryError, ProbeReport, judge};
+        let (interval, slo) = (Duration::from_secs(30), Duration::from_secs(2));
+        let report = |ms| ProbeReport {
+            task_id: "tk_1".into(),
+            credential_id: "tk_1.c1".into(),
+            begin: Duration::from_millis(4),
+            complete: Duration::from_millis(3),
+            introspect_lag: Duration::from_millis(5),
+            verifier_lag: Duration::from_millis(ms),
+            revocation: Duration::from_millis(ms),
+        };
+        let none = canary_check(None, interval, slo, 0);
+        assert_eq!(none.status, CheckStatus::Warn);
+        let pass = judge(Ok(report(12)), slo, 1_000_000);
+        let c = canary_check(Some(&pass), interval, slo, 1_005_000);
+        assert_eq!(
+            (c.status, c.figure.as_str()),
+            (CheckStatus::Pass, "12 ms"),
+            "{c:?}"
+        );
+        assert!(
+            c.detail.contains("5s ago") && c.detail.contains("SLO of 2s"),
+            "{c:?}"
+        );
+        let slow = judge(Ok(report(2_500)), slo, 1_000_000);
+        let c = canary_check(Some(&slow), interval, slo, 1_000_000);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(c.detail.contains("over the SLO of 2s"), "{c:?}");
+        let failed = judge(
+            Err(CanaryError::Complete("Unavailable".into())),
+            slo,
+            1_000_000,
+        );
+        let c = canary_check(Some(&failed), interval, slo, 1_000_000);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(c.detail.contains("complete task: Unavailable"), "{c:?}");
+        // A loop that stopped finishing probes fails, however its last one went.
+        let stale = 1_000_000 + 3 * 30_000 + 46_000;
+        let c = canary_check(Some(&pass), interval, slo, stale);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(c.detail.contains("stuck"), "{c:?}");
+    }
+
+    #[test]
     fn signing_key_age_warns_when_old_and_fails_when_unreadable() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("k.pem");
