@@ -222,6 +222,15 @@ pub struct Audit {
     /// Events older than this leave the trail. Default 30 days.
     #[serde(default = "default_audit_max_age", with = "humantime_serde")]
     pub max_age: Duration,
+    /// Write the durable trail (default true). `false` keeps only the log
+    /// lines: for measuring the trail's cost, never in production (the
+    /// broker warns at start).
+    #[serde(default = "default_true")]
+    pub streams: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for Audit {
@@ -229,6 +238,7 @@ impl Default for Audit {
         Self {
             max_len: default_audit_max_len(),
             max_age: default_audit_max_age(),
+            streams: true,
         }
     }
 }
@@ -239,6 +249,7 @@ impl Audit {
         crate::audit::AuditRetention {
             max_len: self.max_len.max(1),
             max_age_ms: crate::clock::duration_ms(self.max_age).max(1),
+            streams: self.streams,
         }
     }
 }

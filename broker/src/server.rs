@@ -274,6 +274,11 @@ async fn run_metered<S: LeaseStore>(
     ops: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    if !config.audit.streams {
+        tracing::warn!(
+            "audit.streams = false: no change is recorded in the durable audit trail (log lines only). For measuring its cost; do not run production like this."
+        );
+    }
     // Refusals reach the durable trail through a bounded queue and one writer.
     let (refusals, refused) = crate::audit::Refusals::new(clock.clone());
     tokio::spawn(crate::audit::write_refusals(store.clone(), refused));

@@ -546,3 +546,42 @@ async fn a_begin_whose_record_cannot_be_written_fails_unavailable_and_issues_not
     assert_eq!(story[2].event, "task.begun");
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_streams_off_nothing_reaches_the_trail_and_tasks_still_work() {
+    let redis = RedisServer::start();
+    let mut options = BrokerOptions::redis(&redis);
+    options.templates = vec![FANOUT.to_owned()];
+    options.actors_toml = Some(ACTORS.to_owned());
+    options.extra_toml = format!("{ADMINS}\n[audit]\nstreams = false\n");
+    let broker = TestBroker::start(options).await;
+    let mut agent: Broker = broker.broker("agent/auditor").await;
+    let mut admin: Admin = broker.admin("admin/ops").await;
+    let begun = agent
+        .begin_task(begin_request("fanout"))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = agent.begin_task(begin_request("nope")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound);
+    agent
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: begun.task_id.clone(),
+            outcome: pb::Outcome::Succeeded.into(),
+            summary: String::new(),
+        })
+        .await
+        .unwrap();
+    // The trail knows nothing of the task.
+    let none = admin
+        .audit_trace(pb::AuditTraceRequest {
+            id: begun.task_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::NotFound);
+    let keys = redis.command("KEYS *");
+    assert!(!keys.contains(":audit:"), "{keys}");
+    broker.stop().await;
+}

@@ -202,6 +202,10 @@ pub struct AuditRetention {
     pub max_len: u64,
     /// Events older than this leave the streams.
     pub max_age_ms: u64,
+    /// Whether events are written to the durable trail at all (they are
+    /// always logged). `false` only to measure the trail's cost: a change is
+    /// then recorded nowhere durable.
+    pub streams: bool,
 }
 
 impl Default for AuditRetention {
@@ -209,6 +213,7 @@ impl Default for AuditRetention {
         Self {
             max_len: 100_000,
             max_age_ms: 30 * 24 * 3600 * 1000,
+            streams: true,
         }
     }
 }

@@ -77,6 +77,9 @@ impl Trail {
     /// Appends `event` to `shard`'s stream of its tenant; indexes it under
     /// each of `index`.
     fn append(&mut self, shard: u8, mut event: AuditEvent, index: &[TaskId], now_ms: u64) {
+        if !self.retention.streams {
+            return;
+        }
         self.seq += 1;
         event.id = format!("{shard:x}-{}-0", self.seq);
         for id in index {

@@ -780,6 +780,7 @@ impl RedisStore {
             "age": self.audit.max_age_ms.max(1),
             "by": by,
             "sum": summary,
+            "off": !self.audit.streams,
         })
         .to_string()
     }

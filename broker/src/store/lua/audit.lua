@@ -4,6 +4,7 @@
 --   b: the shard's key base '{prefix:sN}:'   tr: the caller's trace id
 --   m: a stream's approximate max length      age: retention in ms
 --   by: who asked ('' if nobody did)          sum: a completion's summary
+--   off: true when the trail is turned off (`[audit] streams = false`)
 -- Events go to the stream `<b>audit:<tenant>` ('_' for no tenant), one per
 -- tenant and shard; each is indexed under its task and every ancestor
 -- (`<b>tev:<id>`, a list of '<entry id> <tenant>'), so a task's story,
@@ -30,6 +31,7 @@ local function stream_of(t) return AUD.b .. 'audit:' .. tenant_of(t) end
 -- before any change, so a damaged key refuses the step rather than leave a
 -- change without its record.
 local function unaudited_key(key)
+  if AUD.off then return nil end
   local ty = redis.call('TYPE', key)['ok']
   if ty ~= 'none' and ty ~= 'stream' then return {'unaudited', key, ty} end
   return nil
@@ -59,6 +61,7 @@ end
 -- Appends one event about task `id` (record `t`, decoded) with the `extra`
 -- field-value pairs, and indexes it.
 local function audit(now, id, t, event, extra)
+  if AUD.off then return end
   local key = stream_of(t)
   trim(key)
   local actors = ''
@@ -90,6 +93,7 @@ local function live_add(t, tasks, creds)
 end
 -- An event about no task (kill switches): in `tenant`'s stream, not indexed.
 local function audit_plain(now, tenant, event, extra)
+  if AUD.off then return end
   local key = stream_of({tenant = tenant})
   trim(key)
   if tenant == '_' then tenant = '' end

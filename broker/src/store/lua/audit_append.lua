@@ -2,6 +2,7 @@
 -- KEYS: none; ARGV: now, AUD (taken out by the prelude), index ('' or the
 -- task id to index it under), then the event's field-value pairs.
 local now = clock()
+if AUD.off then return {'recorded', n(now)} end
 local t = {}
 for i = 3, #ARGV, 2 do if ARGV[i] == 'tenant' then t.tenant = ARGV[i + 1] end end
 local key = stream_of(t)
