@@ -72,6 +72,143 @@ pub struct Config {
     /// How much of the durable audit trail the store keeps.
     #[serde(default)]
     pub audit: Audit,
+    /// The revocation canary (off by default).
+    #[serde(default)]
+    pub canary: Canary,
+}
+
+/// `[canary]`: the revocation canary. When on, the broker begins a task on
+/// `template` every `interval` as the canary's own SVID, checks its JWT
+/// credential through Introspect and an SDK Verifier, completes it, and
+/// measures how long until both refuse it, against `slo` (see
+/// [`crate::canary`]). The canary's identity needs an actor class, the
+/// template's `identities` and a `[verifier] callers` entry for the
+/// template's audience.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Canary {
+    /// Run the canary loop. Default false.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Time between probes (from the end of one to the start of the next).
+    /// Default 30 s; between 100 ms and 1 h.
+    #[serde(default = "default_canary_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How soon after completion both must refuse the credential for a probe
+    /// to pass. Default 2 s; between 1 ms and 60 s.
+    #[serde(default = "default_canary_slo", with = "humantime_serde")]
+    pub slo: Duration,
+    /// The reserved canary template; it must be loaded when the canary is on.
+    /// Default `leash-canary`.
+    #[serde(default = "default_canary_template")]
+    pub template: String,
+    /// The canary's X509-SVID (PEM); required when on.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM); required when on.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// PEM bundle the broker's serving certificate chains to. Default: the
+    /// one `tls.bundles` file, when there is exactly one.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The address the canary dials, `https://host:port` (its host must be
+    /// in the serving certificate). Default `https://localhost:<port of
+    /// listen.agent>`.
+    #[serde(default)]
+    pub connect: Option<String>,
+}
+
+impl Default for Canary {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: default_canary_interval(),
+            slo: default_canary_slo(),
+            template: default_canary_template(),
+            cert: None,
+            key: None,
+            ca: None,
+            connect: None,
+        }
+    }
+}
+
+fn default_canary_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_canary_slo() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_canary_template() -> String {
+    "leash-canary".to_owned()
+}
+
+impl Canary {
+    fn problems(&self, tls: &Tls) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(3600) {
+            p.push("canary.interval: must be between 100ms and 1h".into());
+        }
+        if self.slo < Duration::from_millis(1) || self.slo > Duration::from_secs(60) {
+            p.push("canary.slo: must be between 1ms and 60s".into());
+        }
+        if self.template.trim().is_empty() {
+            p.push("canary.template: must not be empty".into());
+        }
+        if let Some(c) = &self.connect
+            && !c.starts_with("https://")
+        {
+            p.push(format!(
+                "canary.connect: {c:?} must look like https://host:port"
+            ));
+        }
+        if !self.enabled {
+            return p;
+        }
+        for (key, path) in [("canary.cert", &self.cert), ("canary.key", &self.key)] {
+            match path {
+                Some(path) if !path.is_file() => {
+                    p.push(format!("{key}: {} is not a readable file", path.display()));
+                }
+                Some(_) => {}
+                None => p.push(format!(
+                    "{key}: required with canary.enabled = true (the canary's own SVID)"
+                )),
+            }
+        }
+        match &self.ca {
+            Some(ca) if !ca.is_file() => {
+                p.push(format!("canary.ca: {} is not a readable file", ca.display()));
+            }
+            Some(_) => {}
+            None if tls.bundles.len() == 1 => {}
+            None => p.push(
+                "canary.ca: required with canary.enabled = true unless tls.bundles has exactly one file".into(),
+            ),
+        }
+        p
+    }
+
+    /// The probe target of the canary loop (when `enabled`; validated at
+    /// load). `agent` is the broker's own agent listener address.
+    pub fn target(&self, tls: &Tls, agent: SocketAddr) -> Option<crate::canary::ProbeTarget> {
+        let ca = match &self.ca {
+            Some(ca) => ca.clone(),
+            None if tls.bundles.len() == 1 => tls.bundles.values().next()?.clone(),
+            None => return None,
+        };
+        Some(crate::canary::ProbeTarget {
+            broker: self
+                .connect
+                .clone()
+                .unwrap_or_else(|| format!("https://localhost:{}", agent.port())),
+            ca,
+            cert: self.cert.clone()?,
+            key: self.key.clone()?,
+            template: self.template.clone(),
+            wait: crate::canary::REVOCATION_WAIT.max(self.slo),
+        })
+    }
 }
 
 /// `[audit]`: retention of the durable audit trail (one Redis stream per
@@ -726,6 +863,9 @@ impl Config {
             j.bundles.values_mut().for_each(abs);
         }
         self.signing.keys.iter_mut().for_each(|k| abs(&mut k.path));
+        self.canary.cert.iter_mut().for_each(abs);
+        self.canary.key.iter_mut().for_each(abs);
+        self.canary.ca.iter_mut().for_each(abs);
     }
 
     /// Every semantic problem (files missing, bad patterns, out-of-range values).
@@ -871,6 +1011,7 @@ impl Config {
             p.push("reload.interval: at least 100ms".into());
         }
         p.extend(self.limits.problems());
+        p.extend(self.canary.problems(&self.tls));
         p
     }
 
@@ -1027,6 +1168,42 @@ callers = [
         assert_eq!(c.reaper.interval, Duration::from_millis(250));
         assert_eq!(c.signing.keys[0].alg, Algorithm::EdDSA);
         assert!(c.tls.cert.as_ref().expect("cert").is_absolute());
+    }
+
+    #[test]
+    fn the_canary_is_off_by_default_and_checked_when_on() {
+        let d = dir_with_files();
+        let c = Config::from_toml(GOOD, std::iter::empty(), d.path()).expect("config");
+        assert!(!c.canary.enabled);
+        assert_eq!(c.canary.interval, Duration::from_secs(30));
+        assert_eq!(c.canary.slo, Duration::from_secs(2));
+        assert_eq!(c.canary.template, "leash-canary");
+        let on = format!(
+            "{GOOD}\n[canary]\nenabled = true\ncert = \"cert.pem\"\nkey = \"key.pem\"\ninterval = \"1s\"\nslo = \"250ms\"\n"
+        );
+        let c = Config::from_toml(&on, std::iter::empty(), d.path()).expect("config");
+        let target = c.canary.target(&c.tls, c.listen.agent).expect("target");
+        assert_eq!(target.broker, "https://localhost:8443");
+        assert_eq!(target.ca, d.path().join("bundle.pem"), "the one tls bundle");
+        assert_eq!(target.template, "leash-canary");
+        assert!(target.cert.is_absolute() && target.key.is_absolute());
+        assert_eq!(c.canary.slo, Duration::from_millis(250));
+        let bad = format!(
+            "{GOOD}\n[canary]\nenabled = true\ninterval = \"1ms\"\nslo = \"2m\"\nconnect = \"localhost:1\"\nkey = \"nope.pem\"\nsloo = 1\n"
+        );
+        let all = Config::from_toml(&bad, std::iter::empty(), d.path())
+            .expect_err("bad")
+            .to_string();
+        for want in [
+            "canary.interval: must be between 100ms and 1h",
+            "canary.slo: must be between 1ms and 60s",
+            "canary.connect:",
+            "canary.cert: required with canary.enabled = true",
+            "canary.key: ",
+            "unknown key `canary.sloo`",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
     }
 
     #[test]

@@ -25,6 +25,9 @@
 //! - [`store`]: the [`store::LeaseStore`] trait, Redis and in-memory.
 //! - [`revocation`]: the revocation feed that resource servers watch.
 //! - [`audit`]: the audit trail of decisions, issuance and revocation.
+//! - [`canary`]: the revocation canary (a probe through the SDK, the loop
+//!   `[canary]` runs, its metrics) and [`doctor`]: the checks of
+//!   `Admin.Diagnose` and `leash doctor`.
 //! - [`api`]: the thin gRPC layer; the only place that knows `tonic::Status`.
 //! - [`logging`]: text and JSON log output in which no value can forge a line.
 //! - [`fuzzing`]: entry points of the fuzz targets and the corpus replay test (not
@@ -43,10 +46,12 @@
 
 pub mod api;
 pub mod audit;
+pub mod canary;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod credentials;
+pub mod doctor;
 pub mod fuzzing;
 pub mod identity;
 pub mod lease;

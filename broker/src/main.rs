@@ -174,6 +174,7 @@ async fn main() -> ExitCode {
         Command::Jwks { connect } => print_json(cli::task::run_jwks(connect).await),
         Command::Admin(args) => cli::admin::execute(args).await,
         Command::Audit(args) => cli::audit::execute(args).await,
+        Command::Doctor(args) => cli::doctor::execute(args).await,
         Command::Bench(args) => match cli::bench::run(args).await {
             Ok(report) => {
                 print!("{report}");

@@ -2,8 +2,9 @@
 //!
 //! The caller binds the listeners (tests bind port 0 and run many brokers side
 //! by side) and passes a shutdown future. On shutdown the listeners stop
-//! accepting, in-flight calls get [`DRAIN_TIMEOUT`] to finish, and the reaper
-//! and reloader stop. If any part stops on its own, all stop.
+//! accepting, in-flight calls get [`DRAIN_TIMEOUT`] to finish, and the reaper,
+//! reloader and revocation canary (when `[canary] enabled`) stop. If any part
+//! stops on its own, all stop.
 
 mod incoming;
 
@@ -19,9 +20,11 @@ use tonic::service::interceptor::InterceptedService;
 
 use crate::{
     api::{AdminApi, BearerAuth, BrokerApi, SvidAuth, VerifierApi},
+    canary::CanaryLoop,
     clock::{Clock, SystemClock},
     config::{Config, Limits, StoreKind, TlsSource},
     credentials::{KeySet, Minter, SigningKey},
+    doctor::{CanaryView, Diagnostics},
     identity::{
         self, ServingCert, TrustBundleSource,
         jwt_svid::{JwtBundleSource, JwtSvidVerifier},
@@ -305,6 +308,28 @@ async fn run_metered<S: LeaseStore>(
         );
     }
     let feed = RevocationFeed::with_metrics(store.clone(), clock.clone(), Some(metrics.clone()));
+    let canary = canary_loop(&config, &parts.templates, clock.clone())?;
+    if let Some(c) = &canary {
+        metrics.register(|r| c.metrics().register(r));
+    }
+    let diagnostics = Arc::new(
+        Diagnostics::new(
+            store.clone(),
+            parts.bundles.clone(),
+            config
+                .signing
+                .keys
+                .first()
+                .map(|k| (k.kid.clone(), k.path.clone())),
+            (config.store.kind == StoreKind::Redis).then(|| config.durability()),
+            clock.clone(),
+        )
+        .with_canary(canary.as_ref().map(|c| CanaryView {
+            state: c.state(),
+            interval: config.canary.interval,
+            slo: config.canary.slo,
+        })),
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
     {
@@ -355,7 +380,8 @@ async fn run_metered<S: LeaseStore>(
         ))
         // Admin only on the mTLS port: operators prove themselves with an X509-SVID.
         .add_service(InterceptedService::new(
-            AdminServer::new(AdminApi::new(service.clone())).max_decoding_message_size(max_message),
+            AdminServer::new(AdminApi::new(service.clone()).with_diagnostics(diagnostics))
+                .max_decoding_message_size(max_message),
             svid_auth,
         ));
     let stop = wait_for(stop_rx.clone());
@@ -460,6 +486,13 @@ async fn run_metered<S: LeaseStore>(
         feed.run(rx).await;
         ("revocation feed", Ok(()))
     });
+    if let Some(canary) = canary {
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            canary.run(rx).await;
+            ("canary", Ok(()))
+        });
+    }
     if let Some(workload) = parts.workload {
         let rx = stop_rx.clone();
         tasks.spawn(async move {
@@ -518,6 +551,40 @@ async fn run_metered<S: LeaseStore>(
     }
     tracing::info!("leash broker stopped");
     result
+}
+
+/// The canary loop when `[canary] enabled`, after checking its template is
+/// loaded (a broker whose canary could never pass does not start).
+fn canary_loop(
+    config: &Config,
+    templates: &TemplateCatalog,
+    clock: Arc<dyn Clock>,
+) -> Result<Option<CanaryLoop>, ServerError> {
+    let c = &config.canary;
+    if !c.enabled {
+        return Ok(None);
+    }
+    if templates.current().get(&c.template).is_none() {
+        return Err(setup(
+            "canary.template",
+            format!(
+                "no template named {:?} is loaded from {}; the canary needs one (see README: Revocation canary)",
+                c.template,
+                templates.dir().display()
+            ),
+        ));
+    }
+    let target = c
+        .target(&config.tls, config.listen.agent)
+        .ok_or_else(|| setup("canary", "cert, key and ca are required when enabled"))?;
+    tracing::info!(
+        template = %c.template,
+        broker = %target.broker,
+        interval = %humantime::format_duration(c.interval),
+        slo = %humantime::format_duration(c.slo),
+        "revocation canary on"
+    );
+    Ok(Some(CanaryLoop::new(target, c.interval, c.slo, clock)))
 }
 
 async fn wait_for(mut rx: watch::Receiver<bool>) {

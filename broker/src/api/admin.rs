@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, convert, status};
 use crate::{
+    doctor::Diagnostics,
     lease::{KillReport, LeaseService, TaskFilter},
     store::{KillTarget, LeaseStore, TaskId},
 };
@@ -15,12 +16,24 @@ use crate::{
 #[derive(Debug)]
 pub struct AdminApi<S> {
     service: Arc<LeaseService<S>>,
+    /// The checks of Diagnose; without them Diagnose answers UNIMPLEMENTED.
+    diagnostics: Option<Arc<Diagnostics<S>>>,
 }
 
 impl<S> AdminApi<S> {
     /// Serves `service`.
     pub fn new(service: Arc<LeaseService<S>>) -> Self {
-        Self { service }
+        Self {
+            service,
+            diagnostics: None,
+        }
+    }
+
+    /// Answers Diagnose with `diagnostics`.
+    #[must_use]
+    pub fn with_diagnostics(mut self, diagnostics: Arc<Diagnostics<S>>) -> Self {
+        self.diagnostics = Some(diagnostics);
+        self
     }
 }
 
@@ -351,6 +364,34 @@ impl<S: LeaseStore> Admin for AdminApi<S> {
         let all = self.service.kill_switches(&who).await.map_err(status)?;
         Ok(Response::new(pb::ListKillSwitchesResponse {
             kill_switches: all.iter().map(convert::kill_switch).collect(),
+        }))
+    }
+
+    async fn diagnose(
+        &self,
+        request: Request<pb::DiagnoseRequest>,
+    ) -> Result<Response<pb::DiagnoseResponse>, Status> {
+        let who = caller(&request)?;
+        self.service
+            .authorize_admin(&who, "Diagnose")
+            .map_err(status)?;
+        let Some(diagnostics) = &self.diagnostics else {
+            return Err(Status::unimplemented(
+                "Diagnose: this broker was built without diagnostics",
+            ));
+        };
+        let checks = diagnostics.run().await;
+        Ok(Response::new(pb::DiagnoseResponse {
+            checks: checks
+                .into_iter()
+                .map(|c| pb::DiagnosticCheck {
+                    passed: c.passed(),
+                    warning: c.status == crate::doctor::CheckStatus::Warn,
+                    name: c.name,
+                    detail: c.detail,
+                    figure: c.figure,
+                })
+                .collect(),
         }))
     }
 

@@ -515,7 +515,7 @@ pub fn error_line(e: &CommandError) -> String {
 }
 
 /// `NotFound` → `NOT_FOUND`, `Ok` → `OK`: the canonical gRPC name.
-fn code_name(code: tonic::Code) -> String {
+pub(super) fn code_name(code: tonic::Code) -> String {
     let camel = format!("{code:?}");
     let mut out = String::with_capacity(camel.len() + 4);
     for (i, c) in camel.chars().enumerate() {

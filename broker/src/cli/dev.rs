@@ -1,8 +1,9 @@
 //! `leash dev`: the whole product on one machine, no Redis needed.
 //!
 //! Writes a throwaway CA, a broker certificate, sample SVIDs (see [`SVIDS`]:
-//! an agent, a subagent, a resource server and an admin), a signing key, a
-//! sample template and a config into a directory, prints the commands to try next, and serves with the in-memory
+//! an agent, a subagent, a resource server, an admin and the revocation
+//! canary), a signing key, sample templates (and `leash-canary`, which
+//! `leash doctor` probes with) and a config into a directory, prints the commands to try next, and serves with the in-memory
 //! store (or Redis with `--redis`). Every run makes a fresh CA: nothing written
 //! here is meant to outlive the session. The CA key is never written to disk.
 
@@ -99,8 +100,43 @@ pub const ADMIN: DevSvid = DevSvid {
     file: "admin",
     path: "admin/demo",
 };
+/// The revocation canary: the probe of `leash doctor` runs as it (class
+/// `canary`, allowed by the `leash-canary` template, and a verifier caller of
+/// that template's audience only).
+pub const CANARY: DevSvid = DevSvid {
+    file: "canary",
+    path: "canary/leash",
+};
 /// Every sample SVID, in the order they are written.
-pub const SVIDS: [DevSvid; 4] = [AGENT, SUBAGENT, RESOURCE, ADMIN];
+pub const SVIDS: [DevSvid; 5] = [AGENT, SUBAGENT, RESOURCE, ADMIN, CANARY];
+
+/// The audience of the canary template's one grant: no real resource server.
+pub const CANARY_AUDIENCE: &str = "https://canary.leash.invalid";
+
+/// The reserved template of the revocation canary (`[canary] template`, and
+/// `leash doctor --template`): one short-lived JWT that opens nothing.
+pub const CANARY_TEMPLATE: &str = r#"# The revocation canary's template, written by `leash dev`.
+# `leash doctor` (and the broker's own loop with [canary] enabled = true) begins
+# a task on it, checks the credential, completes the task and measures how long
+# until Introspect and a Verifier refuse the credential. It grants nothing usable.
+name: leash-canary
+version: "1"
+owner: platform-team@example.com
+description: Reserved for the revocation canary; opens nothing.
+identities:
+  - spiffe://{td}/canary/*
+lease:
+  ttl: 30s
+  max_ttl: 1m
+  max_lifetime: 5m
+grants:
+  - name: probe
+    kind: jwt
+    audience: {audience}
+    scopes:
+      - { scope: "canary:probe", class: read }
+    ttl: 30s
+"#;
 
 /// The sample template `leash dev` writes.
 pub const DEMO_TEMPLATE: &str = r#"# A sample task-scope template written by `leash dev`.
@@ -266,6 +302,14 @@ pub fn prepare(args: &DevArgs) -> Result<Config, DevError> {
         &bench_template().replace("{td}", td),
         false,
     )?;
+    write(
+        &dir.join("templates"),
+        "leash-canary.yaml",
+        &CANARY_TEMPLATE
+            .replace("{td}", td)
+            .replace("{audience}", CANARY_AUDIENCE),
+        false,
+    )?;
 
     let (kind, url) = match &args.redis {
         Some(url) => ("redis", url.as_str()),
@@ -302,6 +346,8 @@ durability = "none"
 # (the first entry matching the caller decides; ["*"] means every audience).
 callers = [
   {{ identity = "spiffe://{td}/resource/*", audiences = ["https://api.github.example", "postgres://db.example/app", "https://deploy.example"] }},
+  # The revocation canary checks its own credential (canary.pem).
+  {{ identity = "spiffe://{td}/{canary}", audiences = ["{canary_audience}"] }},
 ]
 
 # Who may call the Admin service (inventory, kill switches): the dev admin
@@ -333,12 +379,30 @@ tenant = "default"
 owner = "you@localhost"
 identities = ["spiffe://{td}/admin/*"]
 
+# The revocation canary (canary.pem): `leash doctor` probes as it.
+[[actors.classes]]
+name = "canary"
+tenant = "default"
+owner = "you@localhost"
+identities = ["spiffe://{td}/{canary}"]
+
 [[actors.classes]]
 name = "service"
 tenant = "default"
 owner = "you@localhost"
 identities = ["spiffe://{td}/*"]
+
+# The revocation canary loop (off here; `leash doctor` runs one probe itself).
+# [canary]
+# enabled = true
+# interval = "30s"
+# slo = "2s"
+# template = "leash-canary"
+# cert = "canary.pem"
+# key = "canary-key.pem"
 "#,
+        canary = CANARY.path,
+        canary_audience = CANARY_AUDIENCE,
         agent_addr = args.agent_addr,
         admin = ADMIN.path,
         ops_addr = args.ops_addr,
@@ -397,6 +461,8 @@ pub fn next_steps(args: &DevArgs, program: &str) -> String {
          {program} task redeem <child task_id> --cert {dir}/subagent.pem --key {dir}/subagent-key.pem  # LEASH_DELEGATION_HANDLE=<handle>\n  \
          {program} task begin --template demo-deploy --param repo=acme/widgets --intent \"deploy\"  # waits for approval\n  \
          {program} admin approve <task_id> --reason \"...\"\n\n\
+         Check the broker (store, clocks, bundles, keys, and a revocation probe as canary.pem):\n\n  \
+         {program} doctor\n\n\
          Act as the subagent with --cert {dir}/subagent.pem --key {dir}/subagent-key.pem.\n\
          Press Ctrl-C to stop.\n",
         ops = args.ops_addr,
@@ -405,12 +471,18 @@ pub fn next_steps(args: &DevArgs, program: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{DEMO_TEMPLATE, DEPLOY_TEMPLATE, bench_template};
+    use super::{CANARY_AUDIENCE, CANARY_TEMPLATE, DEMO_TEMPLATE, DEPLOY_TEMPLATE, bench_template};
 
     #[test]
     fn the_sample_templates_parse_with_delegation_and_approval() {
-        for (name, src) in [("demo", DEMO_TEMPLATE), ("demo-deploy", DEPLOY_TEMPLATE)] {
-            let src = src.replace("{td}", "leash.dev");
+        for (name, src) in [
+            ("demo", DEMO_TEMPLATE),
+            ("demo-deploy", DEPLOY_TEMPLATE),
+            ("leash-canary", CANARY_TEMPLATE),
+        ] {
+            let src = src
+                .replace("{td}", "leash.dev")
+                .replace("{audience}", CANARY_AUDIENCE);
             let parsed = crate::templates::parse_str(std::path::Path::new(name), &src);
             assert!(parsed.is_ok(), "{name}: {:?}", parsed.err());
         }

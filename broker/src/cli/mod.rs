@@ -1,18 +1,20 @@
 //! The `leash` command line: `serve`, `dev`, `templates check`, `policy check|explain`, the small client
 //! (`task begin|renew|complete`, `token introspect`, `jwks`), the operator's
-//! `admin ...` and `bench`.
+//! `admin ...`, `doctor` and `bench`.
 //!
 //! Client commands find their SVID, key and bundle from flags, then
 //! `LEASH_CERT`/`LEASH_KEY`/`LEASH_CA`, then the `leash dev` directory, so the
 //! README walk-through needs no flags at all. The dev directory holds one SVID
 //! per role (see [`dev::SVIDS`]): `agent` for `task`, `resource` for `token`
-//! and `jwks`, `admin` for `admin`; `subagent.pem` is picked with `--cert`/`--key`.
+//! and `jwks`, `admin` for `admin` and `doctor`, `canary` for the probe of
+//! `doctor`; `subagent.pem` is picked with `--cert`/`--key`.
 
 pub mod admin;
 pub mod audit;
 pub mod bench;
 pub mod client;
 pub mod dev;
+pub mod doctor;
 pub mod policy;
 pub mod task;
 pub mod templates;
@@ -92,6 +94,9 @@ pub enum Command {
     Audit(audit::AuditArgs),
     /// Drive concurrent agents doing begin → renew → complete and print throughput and latency.
     Bench(bench::BenchArgs),
+    /// Check a live broker: store persistence and eviction, clock skew, trust bundle
+    /// expiry, signing key age, the canary; then one revocation probe. Exit 1 if any fails.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Template subcommands.

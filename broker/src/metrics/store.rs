@@ -295,4 +295,8 @@ impl<S: LeaseStore> LeaseStore for MeteredStore<S> {
     async fn ping(&self) -> Result<(), StoreError> {
         self.timed("ping", self.inner.ping()).await
     }
+
+    async fn diagnose(&self) -> Result<crate::store::StoreDiagnosis, StoreError> {
+        self.timed("diagnose", self.inner.diagnose()).await
+    }
 }

@@ -1347,6 +1347,17 @@ impl LeaseStore for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.lock().map(|_| ())
     }
+
+    async fn diagnose(&self) -> Result<super::StoreDiagnosis, StoreError> {
+        // Answering at all shows the state is readable; the facts are fixed.
+        drop(self.lock()?);
+        Ok(super::StoreDiagnosis {
+            store: "embedded memory store".to_owned(),
+            persistence: super::Persistence::Embedded,
+            eviction: super::Eviction::Never,
+            clock: None,
+        })
+    }
 }
 
 /// A kill switch event, as the Lua `kill` script writes it: in the tenant's

@@ -806,4 +806,94 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Unavailable`] if it does not.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// What the store says about itself for `Admin.Diagnose` (`leash doctor`):
+    /// read fresh from the store at each call, never from the check cached at
+    /// start, so a setting changed since shows. Read-only; it never fails
+    /// because a setting is wrong (that is for the caller to judge), and a
+    /// setting the store refuses to tell is [`Persistence::Unknown`] or
+    /// [`Eviction::Unknown`] with the reason.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if the store cannot be reached.
+    fn diagnose(&self) -> impl Future<Output = Result<StoreDiagnosis, StoreError>> + Send;
+}
+
+/// What [`LeaseStore::diagnose`] found: facts, not judgements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreDiagnosis {
+    /// What the store is, for people: `redis 7.0.15`, `embedded memory store`.
+    pub store: String,
+    /// Whether acknowledged state survives a restart of the store.
+    pub persistence: Persistence,
+    /// Whether the store may drop keys by itself.
+    pub eviction: Eviction,
+    /// The store's own clock against this replica's; `None` for a store that
+    /// runs on this replica's clock (the embedded store).
+    pub clock: Option<ClockReading>,
+}
+
+/// A store's persistence, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Persistence {
+    /// In this process's memory only: everything is lost when it stops (the
+    /// embedded store of `leash dev`).
+    Embedded,
+    /// Redis's persistence settings.
+    Redis {
+        /// `appendonly` is `yes`.
+        appendonly: bool,
+        /// `appendfsync` (`always`, `everysec`, `no`).
+        appendfsync: String,
+        /// `save` (RDB snapshot schedule; empty: none); `None` when only
+        /// `INFO persistence` could be read, which does not tell it.
+        save: Option<String>,
+        /// Where the settings were read: `CONFIG GET` or `INFO persistence`.
+        source: &'static str,
+    },
+    /// The settings could not be read, and why.
+    Unknown(String),
+}
+
+/// A store's eviction policy, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Eviction {
+    /// The store never drops keys by itself (the embedded store).
+    Never,
+    /// Redis's `maxmemory-policy` value.
+    Policy {
+        /// The value as Redis reports it (`noeviction`, `allkeys-lru`, ...).
+        value: String,
+        /// Where it was read: `CONFIG GET` or `INFO memory`.
+        source: &'static str,
+    },
+    /// The policy could not be read, and why.
+    Unknown(String),
+}
+
+/// One reading of a store's clock, bracketed by this replica's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockReading {
+    /// The store's time (Unix ms), e.g. from Redis `TIME`.
+    pub store_ms: u64,
+    /// This replica's time (Unix ms) just before the store was asked.
+    pub sent_ms: u64,
+    /// This replica's time (Unix ms) just after the answer came.
+    pub received_ms: u64,
+}
+
+impl ClockReading {
+    /// How far the store's clock is ahead of this replica's (ms; negative:
+    /// behind), taking this replica's time at the middle of the round trip.
+    pub fn skew_ms(&self) -> i64 {
+        let mid = (i128::from(self.sent_ms) + i128::from(self.received_ms)) / 2;
+        i64::try_from(i128::from(self.store_ms) - mid).unwrap_or(i64::MAX)
+    }
+
+    /// How uncertain [`skew_ms`](Self::skew_ms) is: half the round trip (ms).
+    pub fn uncertainty_ms(&self) -> u64 {
+        self.received_ms.saturating_sub(self.sent_ms).div_ceil(2)
+    }
 }

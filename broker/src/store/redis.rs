@@ -456,6 +456,65 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
 }
 
 /// Reads `redis_version` out of `INFO server`.
+/// The value of `key` in an `INFO` reply (`key:value` lines).
+fn info_value<'a>(info: &'a str, key: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix(':'))
+    })
+}
+
+/// The persistence settings from `CONFIG GET` answers, else from
+/// `INFO persistence` (for a Redis user without `CONFIG`), else why neither.
+fn persistence_of(
+    config: Result<(String, String, String), String>,
+    info: Result<String, String>,
+) -> super::Persistence {
+    match (config, info) {
+        (Ok((appendonly, appendfsync, save)), _) => super::Persistence::Redis {
+            appendonly: appendonly == "yes",
+            appendfsync,
+            save: Some(save),
+            source: "CONFIG GET",
+        },
+        (Err(config), Ok(info)) => match info_value(&info, "aof_enabled") {
+            Some(aof) => super::Persistence::Redis {
+                appendonly: aof.trim() == "1",
+                // INFO does not tell the fsync policy.
+                appendfsync: "unknown".to_owned(),
+                save: None,
+                source: "INFO persistence",
+            },
+            None => super::Persistence::Unknown(format!(
+                "{config}; INFO persistence has no aof_enabled"
+            )),
+        },
+        (Err(config), Err(info)) => super::Persistence::Unknown(format!("{config}; {info}")),
+    }
+}
+
+/// The eviction policy from `CONFIG GET maxmemory-policy`, else from
+/// `INFO memory`, else why neither.
+fn eviction_of(config: Result<String, String>, info: Result<String, String>) -> super::Eviction {
+    match (config, info) {
+        (Ok(value), _) => super::Eviction::Policy {
+            value,
+            source: "CONFIG GET",
+        },
+        (Err(config), Ok(info)) => match info_value(&info, "maxmemory_policy") {
+            Some(v) => super::Eviction::Policy {
+                value: v.trim().to_owned(),
+                source: "INFO memory",
+            },
+            None => {
+                super::Eviction::Unknown(format!("{config}; INFO memory has no maxmemory_policy"))
+            }
+        },
+        (Err(config), Err(info)) => super::Eviction::Unknown(format!("{config}; {info}")),
+    }
+}
+
 fn parse_version(info: &str) -> Option<(u32, u32, u32)> {
     let v = info
         .lines()
@@ -601,6 +660,96 @@ impl RedisStore {
             maxmemory_policy: get("maxmemory-policy").await?,
             appendonly: get("appendonly").await? == "yes",
             appendfsync: get("appendfsync").await?,
+        })
+    }
+
+    /// One `CONFIG GET name`: `Ok(Err(why))` when Redis refuses it (ACL,
+    /// renamed command), so the caller can fall back to `INFO`.
+    async fn config_value(&self, name: &str) -> Result<Result<String, String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let answer: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async(&mut conn)
+            .await;
+        match answer {
+            Ok(pair) => Ok(pair
+                .get(1)
+                .cloned()
+                .ok_or_else(|| format!("CONFIG GET {name} answered nothing"))),
+            Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => Ok(Err(format!(
+                "CONFIG GET {name} refused ({})",
+                e.kind_description()
+            ))),
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    /// One `INFO section`: `Ok(Err(why))` when Redis refuses it.
+    async fn info_section(&self, section: &str) -> Result<Result<String, String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let answer: Result<String, _> =
+            redis::cmd("INFO").arg(section).query_async(&mut conn).await;
+        match answer {
+            Ok(info) => Ok(Ok(info)),
+            Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => Ok(Err(format!(
+                "INFO {section} refused ({})",
+                e.kind_description()
+            ))),
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    /// [`LeaseStore::diagnose`]: `TIME` bracketed by this replica's clock,
+    /// then the settings by `CONFIG GET`, falling back to `INFO`.
+    async fn diagnosis(&self) -> Result<super::StoreDiagnosis, StoreError> {
+        let mut conn = self.conn.clone();
+        // Connect first, so the round trip timed below is one command's.
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let sent_ms = self.local_clock.now_ms();
+        let time: Vec<String> = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let received_ms = self.local_clock.now_ms();
+        let clock = match (
+            time.first().map(|s| s.parse::<u64>()),
+            time.get(1).map(|s| s.parse::<u64>()),
+        ) {
+            (Some(Ok(secs)), Some(Ok(micros))) => Some(super::ClockReading {
+                store_ms: secs.saturating_mul(1000).saturating_add(micros / 1000),
+                sent_ms,
+                received_ms,
+            }),
+            _ => return Err(corrupt("TIME answered no time")),
+        };
+        let store = match self.info_section("server").await? {
+            Ok(info) => match parse_version(&info) {
+                Some((major, minor, patch)) => format!("redis {major}.{minor}.{patch}"),
+                None => "redis (version unknown)".to_owned(),
+            },
+            Err(_) => "redis (INFO refused: version unknown)".to_owned(),
+        };
+        let appendonly = self.config_value("appendonly").await?;
+        let appendfsync = self.config_value("appendfsync").await?;
+        let save = self.config_value("save").await?;
+        let config = appendonly.and_then(|a| Ok((a, appendfsync?, save?)));
+        let persistence = match config {
+            Ok(c) => persistence_of(Ok(c), Err(String::new())),
+            Err(why) => persistence_of(Err(why), self.info_section("persistence").await?),
+        };
+        let eviction = match self.config_value("maxmemory-policy").await? {
+            Ok(v) => eviction_of(Ok(v), Err(String::new())),
+            Err(why) => eviction_of(Err(why), self.info_section("memory").await?),
+        };
+        Ok(super::StoreDiagnosis {
+            store,
+            persistence,
+            eviction,
+            clock,
         })
     }
 
@@ -1810,6 +1959,10 @@ impl LeaseStore for RedisStore {
         // Redis may have been restarted with other settings: check again.
         self.verify().await.map(|_| ())
     }
+
+    async fn diagnose(&self) -> Result<super::StoreDiagnosis, StoreError> {
+        self.diagnosis().await
+    }
 }
 
 #[cfg(test)]
@@ -1871,6 +2024,68 @@ mod tests {
             3,
             "every problem at once"
         );
+    }
+
+    #[test]
+    fn settings_fall_back_to_info_when_config_is_refused() {
+        use super::super::{Eviction, Persistence};
+        let refused = || Err("CONFIG GET maxmemory-policy refused (NOPERM)".to_owned());
+        assert_eq!(
+            eviction_of(Ok("allkeys-lru".into()), refused()),
+            Eviction::Policy {
+                value: "allkeys-lru".into(),
+                source: "CONFIG GET"
+            }
+        );
+        let memory = "# Memory\r\nused_memory:1000\r\nmaxmemory_policy:volatile-lru\r\n";
+        assert_eq!(
+            eviction_of(refused(), Ok(memory.into())),
+            Eviction::Policy {
+                value: "volatile-lru".into(),
+                source: "INFO memory"
+            }
+        );
+        let Eviction::Unknown(why) = eviction_of(refused(), Err("INFO memory refused".into()))
+        else {
+            panic!("neither readable")
+        };
+        assert!(
+            why.contains("NOPERM") && why.contains("INFO memory refused"),
+            "{why}"
+        );
+
+        let persistence = "# Persistence\r\nloading:0\r\naof_enabled:1\r\n";
+        assert_eq!(
+            persistence_of(
+                refused().map(|_| Default::default()),
+                Ok(persistence.into())
+            ),
+            Persistence::Redis {
+                appendonly: true,
+                appendfsync: "unknown".into(),
+                save: None,
+                source: "INFO persistence"
+            }
+        );
+        assert_eq!(
+            persistence_of(
+                Ok(("no".into(), "everysec".into(), String::new())),
+                Err(String::new())
+            ),
+            Persistence::Redis {
+                appendonly: false,
+                appendfsync: "everysec".into(),
+                save: Some(String::new()),
+                source: "CONFIG GET"
+            }
+        );
+        assert!(matches!(
+            persistence_of(
+                refused().map(|_| Default::default()),
+                Ok("# Persistence\r\n".into())
+            ),
+            Persistence::Unknown(_)
+        ));
     }
 
     #[test]
