@@ -75,6 +75,9 @@ pub const MAX_EXPORT_BATCH: usize = 512;
 /// The `tracing` targets whose spans become OpenTelemetry spans: the broker's own.
 const TRACED_TARGET_PREFIX: &str = "leash_broker";
 
+/// The target of the per-call spans, the only spans that may start a trace.
+const RPC_TARGET: &str = "leash_broker::rpc";
+
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -161,7 +164,8 @@ where
         })
 }
 
-/// Only the broker's own spans, and only while an exporter is installed.
+/// Only the broker's own spans, only while an exporter is installed, and only
+/// inside a call: a background loop (reaper, feed, reloader) starts no traces.
 struct TracedSpans {
     shared: Arc<Shared>,
 }
@@ -172,9 +176,14 @@ impl TracedSpans {
     }
 }
 
-impl<S> Filter<S> for TracedSpans {
-    fn enabled(&self, meta: &tracing::Metadata<'_>, _: &LayerContext<'_, S>) -> bool {
-        Self::traced(meta) && self.shared.enabled.load(Ordering::Relaxed)
+impl<S> Filter<S> for TracedSpans
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn enabled(&self, meta: &tracing::Metadata<'_>, cx: &LayerContext<'_, S>) -> bool {
+        Self::traced(meta)
+            && self.shared.enabled.load(Ordering::Relaxed)
+            && (meta.target() == RPC_TARGET || cx.lookup_current().is_some())
     }
 
     fn callsite_enabled(
@@ -518,7 +527,7 @@ fn rpc_span(path: &str, headers: &tonic::codegen::http::HeaderMap) -> tracing::S
     let name: String = name.chars().take(128).collect();
     let (service, method) = name.split_once('/').unwrap_or((name.as_str(), ""));
     let span = tracing::info_span!(
-        target: "leash_broker::rpc",
+        target: RPC_TARGET,
         "rpc",
         otel.name = %name,
         otel.kind = "server",
@@ -639,6 +648,11 @@ mod tests {
 
         // Off: no trace id, nothing recorded.
         {
+            let span = rpc_span("/leash.v1.Broker/BeginTask", &Default::default());
+            let _e = span.enter();
+            assert_eq!(current_trace_id(), None);
+        }
+        {
             let span = tracing::info_span!("off");
             let _e = span.enter();
             assert_eq!(current_trace_id(), None);
@@ -670,6 +684,12 @@ mod tests {
                 current_trace_id().as_deref(),
                 Some("4bf92f3577b34da6a3ce929d0e0e4736")
             );
+        }
+        // Outside a call, spans start no trace.
+        {
+            let span = tracing::info_span!("reaper.tick");
+            let _e = span.enter();
+            assert_eq!(current_trace_id(), None);
         }
         // A malformed traceparent starts a new trace.
         headers.insert("traceparent", "00-XYZ-00f067aa0ba902b7-01".parse().unwrap());
@@ -728,7 +748,7 @@ mod tests {
         let before = dropped_spans();
         let started = std::time::Instant::now();
         for _ in 0..(MAX_EXPORT_BATCH + 100) {
-            let _ = tracing::info_span!("load").entered();
+            let _ = rpc_span("/leash.v1.Broker/RenewLease", &headers).entered();
         }
         assert!(started.elapsed() < Duration::from_secs(30));
         assert!(

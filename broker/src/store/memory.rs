@@ -538,6 +538,7 @@ impl Inner {
 }
 
 impl LeaseStore for MemoryStore {
+    #[tracing::instrument(skip_all, name = "store.begin")]
     async fn begin_with_quota(
         &self,
         task: &TaskRecord,
@@ -620,10 +621,12 @@ impl LeaseStore for MemoryStore {
         Ok(BeginOutcome::Created(Box::new(task)))
     }
 
+    #[tracing::instrument(skip_all, name = "store.task")]
     async fn task(&self, task_id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
         Ok(self.lock()?.tasks.get(task_id).cloned())
     }
 
+    #[tracing::instrument(skip_all, name = "store.renew")]
     async fn renew(
         &self,
         task_id: &TaskId,
@@ -720,6 +723,7 @@ impl LeaseStore for MemoryStore {
         })
     }
 
+    #[tracing::instrument(skip_all, name = "store.complete")]
     async fn complete_with_summary(
         &self,
         task_id: &TaskId,
@@ -764,6 +768,7 @@ impl LeaseStore for MemoryStore {
         })
     }
 
+    #[tracing::instrument(skip_all, name = "store.credential")]
     async fn credential(
         &self,
         task_id: &TaskId,
@@ -934,6 +939,7 @@ impl LeaseStore for MemoryStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.delegate")]
     async fn delegate(
         &self,
         child: &TaskRecord,
@@ -1007,6 +1013,7 @@ impl LeaseStore for MemoryStore {
         Ok(DelegateOutcome::Created(Box::new(task)))
     }
 
+    #[tracing::instrument(skip_all, name = "store.redeem")]
     async fn redeem(
         &self,
         record: &TaskRecord,
@@ -1051,6 +1058,7 @@ impl LeaseStore for MemoryStore {
         Ok(RedeemOutcome::Redeemed(Box::new(redeemed)))
     }
 
+    #[tracing::instrument(skip_all, name = "store.decide_approval")]
     async fn decide_approval(
         &self,
         task_id: &TaskId,
@@ -1099,6 +1107,7 @@ impl LeaseStore for MemoryStore {
         Ok(ApprovalOutcome::Decided(Box::new(decided)))
     }
 
+    #[tracing::instrument(skip_all, name = "store.set_kill_switch")]
     async fn set_kill_switch(&self, switch: &KillSwitch) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
         let key = (switch.kind.clone(), switch.value.clone());
@@ -1119,6 +1128,7 @@ impl LeaseStore for MemoryStore {
         Ok(())
     }
 
+    #[tracing::instrument(skip_all, name = "store.lift_kill_switch")]
     async fn lift_kill_switch(
         &self,
         kind: &str,
@@ -1162,6 +1172,7 @@ impl LeaseStore for MemoryStore {
         Ok(LiveTaskPage { ids, next: None })
     }
 
+    #[tracing::instrument(skip_all, name = "store.revoke_tasks")]
     async fn revoke_tasks(
         &self,
         shard: u8,

@@ -934,6 +934,7 @@ fn reaped_entry(value: &redis::Value, out: &mut Reaped) -> Result<(), StoreError
 }
 
 impl LeaseStore for RedisStore {
+    #[tracing::instrument(skip_all, name = "store.begin")]
     async fn begin_with_quota(
         &self,
         task: &TaskRecord,
@@ -1005,6 +1006,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.task")]
     async fn task(&self, task_id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
         let [k_task, ..] = self.task_keys(task_id);
         let mut conn = self.conn.clone();
@@ -1020,6 +1022,7 @@ impl LeaseStore for RedisStore {
         task_from_fields(&fields).map(Some)
     }
 
+    #[tracing::instrument(skip_all, name = "store.renew")]
     async fn renew(
         &self,
         task_id: &TaskId,
@@ -1069,6 +1072,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.complete")]
     async fn complete_with_summary(
         &self,
         task_id: &TaskId,
@@ -1119,6 +1123,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.credential")]
     async fn credential(
         &self,
         task_id: &TaskId,
@@ -1288,6 +1293,7 @@ impl LeaseStore for RedisStore {
         u64::try_from(adjusted.max(0)).unwrap_or(local_now_ms)
     }
 
+    #[tracing::instrument(skip_all, name = "store.delegate")]
     async fn delegate(
         &self,
         child: &TaskRecord,
@@ -1346,6 +1352,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.redeem")]
     async fn redeem(
         &self,
         record: &TaskRecord,
@@ -1387,6 +1394,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.decide_approval")]
     async fn decide_approval(
         &self,
         task_id: &TaskId,
@@ -1422,6 +1430,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.set_kill_switch")]
     async fn set_kill_switch(&self, switch: &KillSwitch) -> Result<(), StoreError> {
         let mut inv = self.scripts.kill.prepare_invoke();
         inv.key(self.kill_key())
@@ -1443,6 +1452,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.lift_kill_switch")]
     async fn lift_kill_switch(
         &self,
         kind: &str,
@@ -1515,6 +1525,7 @@ impl LeaseStore for RedisStore {
         })
     }
 
+    #[tracing::instrument(skip_all, name = "store.revoke_tasks")]
     async fn revoke_tasks(
         &self,
         shard: u8,
