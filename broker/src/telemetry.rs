@@ -513,7 +513,7 @@ where
             // A trailers-only answer (every error) carries its status here;
             // otherwise it comes in the trailers at the end of the body.
             if let Some(code) = grpc_status(response.headers()) {
-                span.record("rpc.grpc.status_code", code);
+                record_status(&span, code);
             }
             Ok(response.map(|body| tonic::body::Body::new(TracedBody { inner: body, span })))
         })
@@ -522,10 +522,10 @@ where
 
 /// The call's span, child of the caller's trace context when it sent a valid one.
 fn rpc_span(path: &str, headers: &tonic::codegen::http::HeaderMap) -> tracing::Span {
-    // `/leash.v1.Broker/BeginTask`; anything else is named as it came (bounded).
-    let name = path.strip_prefix('/').unwrap_or(path);
-    let name: String = name.chars().take(128).collect();
-    let (service, method) = name.split_once('/').unwrap_or((name.as_str(), ""));
+    // `/leash.v1.Broker/BeginTask`. A path that is no gRPC method (a client's
+    // junk) gets one fixed name, so callers cannot mint span names.
+    let (service, method) = grpc_method(path).unwrap_or(("unknown", "unknown"));
+    let name = format!("{service}/{method}");
     let span = tracing::info_span!(
         target: RPC_TARGET,
         "rpc",
@@ -535,6 +535,7 @@ fn rpc_span(path: &str, headers: &tonic::codegen::http::HeaderMap) -> tracing::S
         rpc.service = %service,
         rpc.method = %method,
         rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
     );
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     if parent.span().span_context().is_valid() {
@@ -542,6 +543,28 @@ fn rpc_span(path: &str, headers: &tonic::codegen::http::HeaderMap) -> tracing::S
         let _ = span.set_parent(parent);
     }
     span
+}
+
+/// `(service, method)` of a gRPC path `/pkg.Service/Method`, if it is one.
+fn grpc_method(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    let ok = |s: &str, extra: &[u8]| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || extra.contains(&b))
+    };
+    (ok(service, b".") && ok(method, b"")).then_some((service, method))
+}
+
+/// Records the call's gRPC status, and marks the span failed for the codes
+/// that mean a server-side fault (OpenTelemetry's gRPC server conventions).
+fn record_status(span: &tracing::Span, code: i64) {
+    span.record("rpc.grpc.status_code", code);
+    // UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+    if matches!(code, 2 | 4 | 12 | 13 | 14 | 15) {
+        span.record("otel.status_code", "error");
+    }
 }
 
 fn grpc_status(headers: &tonic::codegen::http::HeaderMap) -> Option<i64> {
@@ -589,7 +612,7 @@ impl http_body::Body for TracedBody {
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(code) = frame.trailers_ref().and_then(grpc_status)
         {
-            self.span.record("rpc.grpc.status_code", code);
+            record_status(&self.span, code);
         }
         polled
     }
@@ -641,6 +664,29 @@ mod tests {
     }
 
     // One test owns the process-wide pipeline, so the steps run in order.
+    #[test]
+    fn grpc_methods_are_recognised_and_junk_is_not() {
+        assert_eq!(
+            grpc_method("/leash.v1.Broker/BeginTask"),
+            Some(("leash.v1.Broker", "BeginTask"))
+        );
+        assert_eq!(
+            grpc_method("/grpc.health.v1.Health/Check"),
+            Some(("grpc.health.v1.Health", "Check"))
+        );
+        for junk in [
+            "",
+            "/",
+            "//",
+            "/a/b/c",
+            "/a/",
+            "/a b/c",
+            "leash.v1.Broker/BeginTask",
+        ] {
+            assert_eq!(grpc_method(junk), None, "{junk:?}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn spans_export_with_their_parent_and_a_full_queue_drops_and_counts() {
         let subscriber = tracing_subscriber::registry().with(layer());
@@ -700,8 +746,25 @@ mod tests {
             assert_ne!(id, "4bf92f3577b34da6a3ce929d0e0e4736");
             assert_eq!(id.len(), 32);
         }
+        // Junk paths get one name, whatever the client sent.
+        for junk in [
+            "/",
+            "/a/b/c",
+            "/leash.v1.Broker/Begin\u{1b}Task",
+            "/x y/z",
+            "//",
+        ] {
+            let span = rpc_span(junk, &Default::default());
+            let _e = span.enter();
+        }
         telemetry.flush().await;
         let spans = collector.spans.lock().unwrap().clone();
+        assert!(
+            spans
+                .iter()
+                .all(|s| !s.name.contains('\u{1b}') && !s.name.contains(' ')),
+            "{spans:?}"
+        );
         let by_name = |n: &str| spans.iter().find(|s| s.name == n).unwrap().clone();
         let begin = by_name("leash.v1.Broker/BeginTask");
         assert_eq!(
@@ -729,6 +792,7 @@ mod tests {
         assert_eq!(child.parent_span_id, begin.span_context.span_id());
         let renew = by_name("leash.v1.Broker/RenewLease");
         assert_eq!(renew.parent_span_id, SpanId::INVALID);
+        by_name("unknown/unknown");
         telemetry.shutdown(Duration::from_secs(10)).await;
 
         // Off again: nothing recorded, nothing queued.
