@@ -367,6 +367,37 @@ export_timeout = "5s"
             }
         }
     }
+    // A refused call, with a traceparent set by hand: its status is recorded.
+    const RAW_TRACE: &str = "00-11111111111111111111111111111111-2222222222222222-01";
+    let mut raw = client.broker_client();
+    let mut request = tonic::Request::new(pb::RenewLeaseRequest {
+        task_id: "not-a-task-id".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("traceparent", RAW_TRACE.parse().unwrap());
+    let refused = raw.renew_lease(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let raw_trace = TraceParent::parse(RAW_TRACE).unwrap();
+    let rpc_of = |trace: &TraceParent| {
+        receiver
+            .trace(&trace.trace_id())
+            .into_iter()
+            .find(|r| r.span.name == "leash.v1.Broker/RenewLease")
+    };
+    let seen = eventually(Duration::from_secs(60), || {
+        let found = rpc_of(&raw_trace).is_some();
+        async move { found }
+    })
+    .await;
+    assert!(seen.is_some(), "no span for the refused call");
+    let refused_span = rpc_of(&raw_trace).unwrap().span;
+    assert_eq!(hex(&refused_span.parent_span_id), raw_trace.parent_id());
+    assert_eq!(
+        string_attr(&refused_span.attributes, "rpc.grpc.status_code").as_deref(),
+        Some("3")
+    );
+
     assert_eq!(leash_broker::telemetry::dropped_spans(), 0);
 
     drop(renewing);
