@@ -16,6 +16,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::{
     Delegation, Error, RetryPolicy, SvidFiles, SvidSource, WorkloadApiSource,
     task::{Task, TaskRequest},
+    trace::{self, TraceParent},
 };
 
 /// Default time allowed to open a connection (TCP and TLS).
@@ -36,6 +37,7 @@ pub struct ClientBuilder {
     retry: Option<RetryPolicy>,
     // Some(endpoint) when the Workload API is the source; Some(None): from the env.
     workload_api: Option<Option<String>>,
+    traceparent: Option<String>,
 }
 
 impl ClientBuilder {
@@ -82,6 +84,17 @@ impl ClientBuilder {
         self
     }
 
+    /// The W3C `traceparent` (`00-<trace id>-<parent id>-<flags>`) sent with
+    /// every call, so the broker's spans join the agent's trace; a task's
+    /// renewals and completion carry it too. Without it the `TRACEPARENT`
+    /// environment variable is used when it holds a valid one (an invalid one
+    /// is ignored). [`TaskRequest::traceparent`] overrides it for one task.
+    /// Checked at [`connect`](Self::connect).
+    pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
     /// How `UNAVAILABLE` answers are retried. Default: [`RetryPolicy::default`].
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = Some(policy);
@@ -94,8 +107,13 @@ impl ClientBuilder {
     ///
     /// # Errors
     /// [`Error::Config`] for a missing or malformed address or unusable SVID,
-    /// key or bundle; [`Error::Unavailable`] when no connection could be opened.
+    /// key or bundle, or a malformed [`traceparent`](Self::traceparent);
+    /// [`Error::Unavailable`] when no connection could be opened.
     pub async fn connect(self) -> Result<Client, Error> {
+        let trace = match &self.traceparent {
+            Some(t) => Some(TraceParent::parse(t)?),
+            None => TraceParent::from_env(),
+        };
         let address = self
             .broker
             .ok_or_else(|| Error::Config("no broker address (ClientBuilder::broker)".into()))?;
@@ -159,6 +177,7 @@ impl ClientBuilder {
                 target,
                 retry,
                 request_timeout,
+                trace,
             }),
         })
     }
@@ -264,6 +283,8 @@ struct Inner {
     target: Target,
     retry: RetryPolicy,
     request_timeout: Duration,
+    // The trace context every call of this client carries by default.
+    trace: Option<TraceParent>,
 }
 
 impl Inner {
@@ -334,17 +355,18 @@ impl Client {
     /// key reused for another request), [`Error::Unavailable`] after the retries,
     /// [`Error::Transport`].
     pub async fn begin_task(&self, request: TaskRequest) -> Result<Task, Error> {
+        let trace = request.trace_parent().or(self.inner.trace);
         let request = request.into_proto();
         let response = self
             .inner
             .retry
             .run("BeginTask", || {
                 let mut broker = self.inner.broker();
-                let request = request.clone();
+                let request = trace::request(request.clone(), trace.as_ref());
                 async move { Ok(broker.begin_task(request).await?.into_inner()) }
             })
             .await?;
-        Task::from_response(self.clone(), std::time::Instant::now(), response)
+        Task::from_response(self.clone(), std::time::Instant::now(), response, trace)
     }
 
     /// Redeems a delegation made for this client's identity (the subagent named
@@ -377,23 +399,29 @@ impl Client {
             .retry
             .run("RedeemDelegation", || {
                 let mut broker = self.inner.broker();
-                let request = request.clone();
+                let request = trace::request(request.clone(), self.inner.trace.as_ref());
                 async move { Ok(broker.redeem_delegation(request).await?.into_inner()) }
             })
             .await?;
-        Task::from_response(self.clone(), std::time::Instant::now(), response)
+        Task::from_response(
+            self.clone(),
+            std::time::Instant::now(),
+            response,
+            self.inner.trace,
+        )
     }
 
     /// DelegateTask, retried on `UNAVAILABLE`.
     pub(crate) async fn delegate(
         &self,
         request: pb::DelegateTaskRequest,
+        trace: Option<&TraceParent>,
     ) -> Result<pb::DelegateTaskResponse, Error> {
         self.inner
             .retry
             .run("DelegateTask", || {
                 let mut broker = self.inner.broker();
-                let request = request.clone();
+                let request = trace::request(request.clone(), trace);
                 async move { Ok(broker.delegate_task(request).await?.into_inner()) }
             })
             .await
@@ -403,20 +431,31 @@ impl Client {
     pub(crate) async fn watch_task(
         &self,
         task_id: &str,
+        trace: Option<&TraceParent>,
     ) -> Result<tonic::Streaming<pb::TaskEvent>, Error> {
         let mut broker = self.inner.broker();
-        let request = pb::WatchTaskRequest {
-            task_id: task_id.to_owned(),
-        };
+        let request = trace::request(
+            pb::WatchTaskRequest {
+                task_id: task_id.to_owned(),
+            },
+            trace,
+        );
         Ok(broker.watch_task(request).await?.into_inner())
     }
 
     /// One RenewLease call, without retries (the renewer has its own loop).
-    pub(crate) async fn renew_once(&self, task_id: &str) -> Result<pb::RenewLeaseResponse, Error> {
+    pub(crate) async fn renew_once(
+        &self,
+        task_id: &str,
+        trace: Option<&TraceParent>,
+    ) -> Result<pb::RenewLeaseResponse, Error> {
         let mut broker = self.inner.broker();
-        let request = pb::RenewLeaseRequest {
-            task_id: task_id.to_owned(),
-        };
+        let request = trace::request(
+            pb::RenewLeaseRequest {
+                task_id: task_id.to_owned(),
+            },
+            trace,
+        );
         Ok(broker.renew_lease(request).await?.into_inner())
     }
 
@@ -424,12 +463,13 @@ impl Client {
     pub(crate) async fn complete(
         &self,
         request: pb::CompleteTaskRequest,
+        trace: Option<&TraceParent>,
     ) -> Result<pb::CompleteTaskResponse, Error> {
         self.inner
             .retry
             .run("CompleteTask", || {
                 let mut broker = self.inner.broker();
-                let request = request.clone();
+                let request = trace::request(request.clone(), trace);
                 async move { Ok(broker.complete_task(request).await?.into_inner()) }
             })
             .await
@@ -438,6 +478,12 @@ impl Client {
     /// The retry policy in force.
     pub fn retry_policy(&self) -> RetryPolicy {
         self.inner.retry
+    }
+
+    /// The trace context this client's calls carry by default (from
+    /// [`ClientBuilder::traceparent`] or `TRACEPARENT`), if any.
+    pub fn trace_parent(&self) -> Option<TraceParent> {
+        self.inner.trace
     }
 
     /// The per-call timeout in force.

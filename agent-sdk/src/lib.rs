@@ -110,6 +110,9 @@
 //!   [`LeaseState`] and [`Approval`], [`Task::approval`].
 //! - [`DelegationRequest`] / [`Delegation`]: handing a narrower task to a
 //!   subagent, and its token.
+//! - [`TraceParent`]: the W3C trace context sent with every call
+//!   ([`ClientBuilder::traceparent`], else `TRACEPARENT`), so the broker's
+//!   spans join the agent's trace.
 //! - [`Error`]: one typed error, mapped from gRPC statuses in one place.
 //! - The `leash-agent` binary (`leash-agent exec -- cmd`, and
 //!   `leash-agent redeem -- cmd` for a subagent) does all of this for any
@@ -146,6 +149,7 @@ mod error;
 mod retry;
 mod svid;
 mod task;
+mod trace;
 
 pub use approval::{Approval, ApprovalOutcome, ApprovalState, LeaseState};
 pub use client::{Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
@@ -157,6 +161,7 @@ pub use task::{
     Completion, Credential, CredentialKind, Credentials, LeaseStatus, MAX_APPROVAL_RENEW_ATTEMPTS,
     MIN_RENEWAL_INTERVAL, Outcome, RENEWAL_SAFETY_MARGIN, Task, TaskRequest,
 };
+pub use trace::{TRACEPARENT_ENV, TRACEPARENT_HEADER, TraceParent};
 
 /// The generated Leash v1 gRPC types and clients, for calls the SDK does not wrap.
 pub use leash_proto as proto;

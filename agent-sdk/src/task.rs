@@ -16,6 +16,7 @@ use crate::{
     approval::{Step, TaskEvent, step},
     delegation::proto_duration,
     retry::random_unit,
+    trace::TraceParent,
 };
 
 /// A renewal is never scheduled later than this before the lease deadline.
@@ -38,6 +39,7 @@ pub struct TaskRequest {
     intent: String,
     ttl: Option<Duration>,
     idempotency_key: Option<String>,
+    trace: Option<TraceParent>,
 }
 
 impl TaskRequest {
@@ -49,6 +51,7 @@ impl TaskRequest {
             intent: String::new(),
             ttl: None,
             idempotency_key: None,
+            trace: None,
         }
     }
 
@@ -79,6 +82,18 @@ impl TaskRequest {
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
         self
+    }
+
+    /// The trace context of this task: its BeginTask, renewals and completion
+    /// carry it as `traceparent`. Overrides the client's
+    /// ([`ClientBuilder::traceparent`](crate::ClientBuilder::traceparent)).
+    pub fn traceparent(mut self, trace: TraceParent) -> Self {
+        self.trace = Some(trace);
+        self
+    }
+
+    pub(crate) fn trace_parent(&self) -> Option<TraceParent> {
+        self.trace
     }
 
     pub(crate) fn into_proto(self) -> pb::BeginTaskRequest {
@@ -351,6 +366,8 @@ struct Shared {
     status: watch::Sender<LeaseStatus>,
     view: watch::Sender<View>,
     deadline: Mutex<Instant>,
+    // The task's trace context, carried by every call made for it.
+    trace: Option<TraceParent>,
 }
 
 impl Shared {
@@ -421,6 +438,7 @@ impl Task {
         client: Client,
         received: Instant,
         response: pb::BeginTaskResponse,
+        trace: Option<TraceParent>,
     ) -> Result<Self, Error> {
         let lease_expires_at = system_time(response.lease_expires_at);
         if response.task_id.is_empty() {
@@ -449,6 +467,7 @@ impl Task {
             .0,
             view: watch::channel(view).0,
             deadline: Mutex::new(deadline_from(received, lease_expires_at)),
+            trace,
         });
         let renewer = Renewer {
             client: client.clone(),
@@ -465,6 +484,12 @@ impl Task {
             renewer: Some(handle),
             ended: false,
         })
+    }
+
+    /// The trace context this task's calls carry, if any: what
+    /// `leash-agent exec` hands its child as `TRACEPARENT`.
+    pub fn trace_parent(&self) -> Option<TraceParent> {
+        self.shared.trace
     }
 
     /// The task id (safe to log).
@@ -548,7 +573,10 @@ impl Task {
     /// [`Error::Transport`].
     pub async fn delegate(&self, request: DelegationRequest) -> Result<Delegation, Error> {
         let request = request.into_proto(&self.id)?;
-        let response = self.client.delegate(request).await?;
+        let response = self
+            .client
+            .delegate(request, self.shared.trace.as_ref())
+            .await?;
         Delegation::from_proto(response)
     }
 
@@ -602,7 +630,11 @@ impl Task {
     /// stream before the task ended counts as broken). Non-retryable errors are
     /// returned as the final [`Step::Fail`].
     async fn watch_until_decided(&self, failures: &mut u32) -> Result<Step, Error> {
-        let mut stream = match self.client.watch_task(&self.id).await {
+        let mut stream = match self
+            .client
+            .watch_task(&self.id, self.shared.trace.as_ref())
+            .await
+        {
             Ok(s) => s,
             Err(e) if e.is_retryable() => return Err(e),
             Err(e) => return Ok(Step::Fail(e)),
@@ -674,7 +706,11 @@ impl Task {
         let policy = self.client.retry_policy();
         let mut attempt = 1;
         loop {
-            let error = match self.client.renew_once(&self.id).await {
+            let error = match self
+                .client
+                .renew_once(&self.id, self.shared.trace.as_ref())
+                .await
+            {
                 Ok(response) => {
                     self.shared.renewed(Instant::now(), response);
                     return Ok(());
@@ -734,11 +770,14 @@ impl Task {
         self.stop_renewer().await;
         let response = self
             .client
-            .complete(pb::CompleteTaskRequest {
-                task_id: self.id.clone(),
-                outcome: outcome.to_proto().into(),
-                summary: summary.into(),
-            })
+            .complete(
+                pb::CompleteTaskRequest {
+                    task_id: self.id.clone(),
+                    outcome: outcome.to_proto().into(),
+                    summary: summary.into(),
+                },
+                self.shared.trace.as_ref(),
+            )
             .await?;
         self.shared.status.send_replace(LeaseStatus::Completed);
         let state = LeaseState::from_proto(response.state).unwrap_or(LeaseState::Completed);
@@ -772,13 +811,17 @@ impl Drop for Task {
         };
         let client = self.client.clone();
         let task_id = self.id.clone();
+        let trace = self.shared.trace;
         runtime.spawn(async move {
             let result = client
-                .complete(pb::CompleteTaskRequest {
-                    task_id: task_id.clone(),
-                    outcome: pb::Outcome::Cancelled.into(),
-                    summary: "task guard dropped without completion".into(),
-                })
+                .complete(
+                    pb::CompleteTaskRequest {
+                        task_id: task_id.clone(),
+                        outcome: pb::Outcome::Cancelled.into(),
+                        summary: "task guard dropped without completion".into(),
+                    },
+                    trace.as_ref(),
+                )
                 .await;
             match result {
                 Ok(_) => tracing::debug!(%task_id, "dropped task completed as cancelled"),
@@ -843,8 +886,12 @@ impl Renewer {
             else {
                 return Err("the lease deadline passed without a successful renewal".into());
             };
-            let attempt =
-                tokio::time::timeout(left, self.client.renew_once(&self.shared.task_id)).await;
+            let attempt = tokio::time::timeout(
+                left,
+                self.client
+                    .renew_once(&self.shared.task_id, self.shared.trace.as_ref()),
+            )
+            .await;
             let error = match attempt {
                 Ok(Ok(response)) => {
                     self.shared.renewed(Instant::now(), response);

@@ -51,8 +51,21 @@ impl Harness {
 
     /// `leash-agent exec --template T -- sh -c SCRIPT`, with `$OUT` for the script's reports.
     fn spawn(&self, template: &str, extra: &[&str], script: &str) -> Child {
+        self.spawn_with_env(template, extra, script, &[])
+    }
+
+    /// [`Harness::spawn`] with extra environment variables (and no inherited `TRACEPARENT`).
+    fn spawn_with_env(
+        &self,
+        template: &str,
+        extra: &[&str],
+        script: &str,
+        env: &[(&str, &str)],
+    ) -> Child {
         let svid = self.broker.pki.svid("agent/exec");
         Command::new(env!("CARGO_BIN_EXE_leash-agent"))
+            .env_remove("TRACEPARENT")
+            .envs(env.iter().copied())
             .args(["exec", "--template", template, "--intent", "exec test"])
             .args(extra)
             .args(["--", "sh", "-c", script])
@@ -144,6 +157,42 @@ async fn exit_0_completes_as_succeeded_and_hands_over_credentials() {
     h.assert_outcome(&task, "succeeded");
     assert_all_inactive(&h).await;
     leash_e2e::assert_not_logged(&[h.read("env_db"), h.read("env_github")]);
+}
+
+/// The child sees the task's W3C trace context as `TRACEPARENT`: from
+/// `--traceparent`, else from the agent's own `TRACEPARENT`; an invalid one is
+/// not passed on (and does not stop the task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_child_sees_the_tasks_traceparent() {
+    const FLAG: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    const ENV: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let h = Harness::start().await;
+    let report = r#"printf %s "${TRACEPARENT-unset}" > "$OUT/traceparent"; exit 0"#;
+    for (extra, env, want) in [
+        (
+            vec!["--traceparent", FLAG],
+            vec![("TRACEPARENT", ENV)],
+            FLAG,
+        ),
+        (vec![], vec![("TRACEPARENT", ENV)], ENV),
+        (vec![], vec![("TRACEPARENT", "00-NOT-A-TRACE-01")], "unset"),
+        (vec![], vec![], "unset"),
+    ] {
+        let mut child = h.spawn_with_env("exec", &extra, report, &env);
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("leash-agent did not finish")
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{extra:?} {env:?}");
+        assert_eq!(h.read("traceparent"), want, "{extra:?} {env:?}");
+    }
+    // A malformed explicit one is a usage error: nothing begins.
+    let mut child = h.spawn("exec", &["--traceparent", "00-abc-01"], "exit 0");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("leash-agent did not finish")
+        .unwrap();
+    assert_eq!(status.code(), Some(69));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -75,6 +75,9 @@ pub struct Config {
     /// The revocation canary (off by default).
     #[serde(default)]
     pub canary: Canary,
+    /// OpenTelemetry trace export (off unless `otlp_endpoint` is set).
+    #[serde(default)]
+    pub telemetry: Telemetry,
 }
 
 /// `[canary]`: the revocation canary. When on, the broker begins a task on
@@ -208,6 +211,137 @@ impl Canary {
             template: self.template.clone(),
             wait: crate::canary::REVOCATION_WAIT.max(self.slo),
         })
+    }
+}
+
+/// `[telemetry]`: OpenTelemetry traces exported over OTLP/gRPC. Off unless
+/// `otlp_endpoint` is set. Exporting never blocks a request: finished spans
+/// wait in a bounded queue and leave in batches; when the queue is full a span
+/// is dropped and counted ([`crate::telemetry::dropped_spans`]).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Telemetry {
+    /// The OTLP/gRPC collector, `http://host:port` (plaintext gRPC; run a
+    /// collector beside the broker). No other scheme is accepted.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` resource attribute. Default `leash-broker`.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Fraction of new traces recorded, 0 to 1 (parent-based: a call whose
+    /// caller sent a sampled `traceparent` is recorded). Default 1.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Most finished spans waiting for export (1 to 1048576). Default 2048.
+    #[serde(default = "default_queue_size")]
+    pub queue_size: usize,
+    /// Longest a finished span waits before its batch is sent. Default 5s.
+    #[serde(default = "default_batch_interval", with = "humantime_serde")]
+    pub batch_interval: Duration,
+    /// Time allowed for one export call (100ms to 60s). Default 10s.
+    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    pub export_timeout: Duration,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: default_service_name(),
+            sample_ratio: default_sample_ratio(),
+            queue_size: default_queue_size(),
+            batch_interval: default_batch_interval(),
+            export_timeout: default_export_timeout(),
+        }
+    }
+}
+
+fn default_service_name() -> String {
+    "leash-broker".into()
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+
+fn default_queue_size() -> usize {
+    2048
+}
+
+fn default_batch_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Telemetry {
+    /// Largest `queue_size` accepted.
+    pub const MAX_QUEUE_SIZE: usize = 1 << 20;
+
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if let Some(endpoint) = &self.otlp_endpoint
+            && let Err(e) = check_otlp_endpoint(endpoint)
+        {
+            p.push(format!("telemetry.otlp_endpoint: {e}"));
+        }
+        if self.service_name.trim().is_empty() || self.service_name.len() > 256 {
+            p.push("telemetry.service_name: must be 1 to 256 characters".into());
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            p.push(format!(
+                "telemetry.sample_ratio: {} is not between 0 and 1",
+                self.sample_ratio
+            ));
+        }
+        if self.queue_size == 0 || self.queue_size > Self::MAX_QUEUE_SIZE {
+            p.push(format!(
+                "telemetry.queue_size: must be between 1 and {}",
+                Self::MAX_QUEUE_SIZE
+            ));
+        }
+        if self.batch_interval < Duration::from_millis(10)
+            || self.batch_interval > Duration::from_secs(600)
+        {
+            p.push("telemetry.batch_interval: must be between 10ms and 10m".into());
+        }
+        if self.export_timeout < Duration::from_millis(100)
+            || self.export_timeout > Duration::from_secs(60)
+        {
+            p.push("telemetry.export_timeout: must be between 100ms and 60s".into());
+        }
+        p
+    }
+}
+
+/// An OTLP/gRPC endpoint must be `http://host:port` and nothing more.
+fn check_otlp_endpoint(endpoint: &str) -> Result<(), String> {
+    let Some(rest) = endpoint.strip_prefix("http://") else {
+        let scheme = endpoint.split_once("://").map_or("", |(s, _)| s);
+        return Err(format!(
+            "{endpoint:?}: only http:// is supported (plaintext OTLP/gRPC to a nearby collector){}",
+            if scheme.is_empty() {
+                String::new()
+            } else {
+                format!(", not {scheme}://")
+            }
+        ));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let parsed = authority.parse::<axum::http::uri::Authority>().ok();
+    match parsed {
+        Some(a)
+            if a.as_str() == authority
+                && !a.host().is_empty()
+                && a.port_u16().is_some()
+                && !authority.contains('@') =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "{endpoint:?} is not like \"http://127.0.0.1:4317\" (a host and a port, no path)"
+        )),
     }
 }
 
@@ -1012,6 +1146,7 @@ impl Config {
         }
         p.extend(self.limits.problems());
         p.extend(self.canary.problems(&self.tls));
+        p.extend(self.telemetry.problems());
         p
     }
 
@@ -1570,5 +1705,66 @@ max_concurrent_tasks = 0
             "redis://***@db:6379/0"
         );
         assert_eq!(redact_url("redis://db:6379"), "redis://db:6379");
+    }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_checked() {
+        let d = dir_with_files();
+        let c = Config::from_toml(GOOD, std::iter::empty(), d.path()).expect("config");
+        assert_eq!(
+            c.telemetry.otlp_endpoint, None,
+            "no export unless configured"
+        );
+        assert_eq!(c.telemetry.service_name, "leash-broker");
+        assert_eq!(c.telemetry.sample_ratio, 1.0);
+        assert_eq!(c.telemetry.queue_size, 2048);
+        assert_eq!(c.telemetry.batch_interval, Duration::from_secs(5));
+        let on = format!(
+            "{GOOD}[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 0.25\nbatch_interval = \"200ms\"\n"
+        );
+        let c = Config::from_toml(&on, std::iter::empty(), d.path()).expect("config");
+        assert_eq!(
+            c.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(c.telemetry.batch_interval, Duration::from_millis(200));
+        for endpoint in ["http://collector.observability:4317", "http://[::1]:4317/"] {
+            let t = format!("{GOOD}[telemetry]\notlp_endpoint = \"{endpoint}\"\n");
+            Config::from_toml(&t, std::iter::empty(), d.path()).expect(endpoint);
+        }
+        for (endpoint, want) in [
+            ("https://127.0.0.1:4317", "only http:// is supported"),
+            ("grpc://127.0.0.1:4317", "not grpc://"),
+            ("127.0.0.1:4317", "only http:// is supported"),
+            ("http://127.0.0.1", "a host and a port"),
+            ("http://127.0.0.1:4317/v1/traces", "no path"),
+            ("http://user@127.0.0.1:4317", "a host and a port"),
+            ("http://", "a host and a port"),
+        ] {
+            let t = format!("{GOOD}[telemetry]\notlp_endpoint = \"{endpoint}\"\n");
+            let all = Config::from_toml(&t, std::iter::empty(), d.path())
+                .expect_err(endpoint)
+                .to_string();
+            assert!(
+                all.contains("telemetry.otlp_endpoint:") && all.contains(want),
+                "{endpoint}: {all}"
+            );
+        }
+        let bad = format!(
+            "{GOOD}[telemetry]\nsample_ratio = 1.5\nqueue_size = 0\nbatch_interval = \"1ms\"\nexport_timeout = \"2m\"\nservice_name = \"\"\nexporter = \"x\"\n"
+        );
+        let all = Config::from_toml(&bad, std::iter::empty(), d.path())
+            .expect_err("bad")
+            .to_string();
+        for want in [
+            "telemetry.sample_ratio",
+            "telemetry.queue_size",
+            "telemetry.batch_interval",
+            "telemetry.export_timeout",
+            "telemetry.service_name",
+            "unknown key `telemetry.exporter`",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
     }
 }

@@ -62,4 +62,5 @@ pub mod reload;
 pub mod revocation;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod templates;

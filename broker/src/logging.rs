@@ -242,7 +242,10 @@ pub fn dropped_lines() -> u64 {
 }
 
 /// The broker's log subscriber: `filter`, `format`, written to `writer`, with the
-/// escaping of this module (and no ANSI colours in the text format). Install it with
+/// escaping of this module (and no ANSI colours in the text format), and the
+/// OpenTelemetry layer ([`crate::telemetry::layer`], inert until telemetry
+/// starts). `filter` applies to the log lines only, so `LEASH_LOG=warn` does not
+/// switch traces off. Install it with
 /// [`SubscriberInitExt::init`](tracing_subscriber::util::SubscriberInitExt::init).
 pub fn subscriber<W>(
     format: LogFormat,
@@ -252,22 +255,27 @@ pub fn subscriber<W>(
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    use tracing_subscriber::{Layer as _, layer::SubscriberExt as _};
+    let registry = tracing_subscriber::registry().with(crate::telemetry::layer());
     match format {
         // No ANSI colours: logs go to files and collectors, and escape sequences
         // are exactly what this module keeps out of them.
         LogFormat::Text => Box::new(
-            builder
-                .with_ansi(false)
-                .fmt_fields(EscapedFields)
-                .with_writer(writer)
-                .finish(),
+            registry.with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .fmt_fields(EscapedFields)
+                    .with_writer(writer)
+                    .with_filter(filter),
+            ),
         ),
         LogFormat::Json => Box::new(
-            builder
-                .json()
-                .with_writer(EscapedJsonWriter(writer))
-                .finish(),
+            registry.with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(EscapedJsonWriter(writer))
+                    .with_filter(filter),
+            ),
         ),
     }
 }

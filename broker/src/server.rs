@@ -56,12 +56,18 @@ pub enum ServerError {
     Serve(String),
 }
 
-/// The gRPC server settings every listener shares.
-fn grpc_server(limits: &Limits) -> tonic::transport::Server {
+/// The gRPC server settings every listener shares, with a span for every call
+/// (see [`crate::telemetry::RpcTrace`]).
+fn grpc_server(
+    limits: &Limits,
+) -> tonic::transport::Server<
+    tower::layer::util::Stack<crate::telemetry::RpcTraceLayer, tower::layer::util::Identity>,
+> {
     tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .layer(crate::telemetry::RpcTraceLayer)
 }
 
 fn setup(what: &str, e: impl std::fmt::Display) -> ServerError {
@@ -189,6 +195,26 @@ pub async fn serve(
 /// # Errors
 /// As [`serve`].
 pub async fn serve_with_clock(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    agent: TcpListener,
+    ops: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    // Traces first, so the start itself is traced; flushed when serving ends.
+    let telemetry =
+        crate::telemetry::start(&config.telemetry).map_err(|e| setup("telemetry", e))?;
+    let result = serve_parts(config, clock, agent, ops, shutdown).await;
+    if let Some(t) = telemetry {
+        t.shutdown(TELEMETRY_FLUSH_TIMEOUT).await;
+    }
+    result
+}
+
+/// How long queued spans may take to leave at shutdown.
+const TELEMETRY_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn serve_parts(
     config: Config,
     clock: Arc<dyn Clock>,
     agent: TcpListener,
@@ -649,6 +675,7 @@ async fn metrics_page<S: LeaseStore>(
     }
     m.set_dropped("log_lines", crate::logging::dropped_lines());
     m.set_dropped("refusals", scrape.refusals.dropped());
+    m.set_dropped("spans", crate::telemetry::dropped_spans());
     (
         [(
             axum::http::header::CONTENT_TYPE,

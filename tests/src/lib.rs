@@ -62,12 +62,18 @@ pub fn capture_logs() {
         let filter = tracing_subscriber::EnvFilter::new(
             "debug,leash_broker=trace,leash::audit=trace,h2=info,hyper=info,tower=info",
         );
-        // The broker's own text field format, so tests see what production logs.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(false)
-            .fmt_fields(leash_broker::logging::EscapedFields)
-            .with_writer(move || sink.clone())
+        // The broker's own text field format, so tests see what production logs,
+        // and its OpenTelemetry layer (inert unless a broker has `[telemetry]`).
+        use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .fmt_fields(leash_broker::logging::EscapedFields)
+                    .with_writer(move || sink.clone()),
+            )
+            .with(leash_broker::telemetry::layer())
             .try_init();
         buf
     });

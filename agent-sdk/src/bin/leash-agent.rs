@@ -123,6 +123,10 @@ struct ConnectArgs {
     /// (`unix:///path`) instead of files; `--workload-api env` uses SPIFFE_ENDPOINT_SOCKET.
     #[arg(long, env = "LEASH_WORKLOAD_API", conflicts_with_all = ["ca", "cert", "key"])]
     workload_api: Option<String>,
+    /// The W3C trace context (`00-<trace id>-<parent id>-<flags>`) the task's
+    /// calls carry [default: TRACEPARENT when valid]. CMD gets it as TRACEPARENT.
+    #[arg(long)]
+    traceparent: Option<String>,
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -151,7 +155,10 @@ async fn main() -> ExitCode {
 /// The client for the connection flags; prints why and gives `None` if it
 /// cannot connect.
 async fn connect(c: &ConnectArgs) -> Option<Client> {
-    let builder = Client::builder().broker(&c.broker);
+    let mut builder = Client::builder().broker(&c.broker);
+    if let Some(t) = &c.traceparent {
+        builder = builder.traceparent(t);
+    }
     let builder = match c.workload_api.as_deref() {
         Some("env") => builder.workload_api(),
         Some(endpoint) => builder.workload_api_endpoint(endpoint),
@@ -275,6 +282,12 @@ async fn run(task: Task, command_line: &[OsString], grace: Duration) -> u8 {
         .env_remove("LEASH_DELEGATION")
         .env("LEASH_TASK_ID", task.id())
         .env("LEASH_CREDENTIALS_DIR", dir.path());
+    // The task's trace context, so what CMD does joins the same trace; without
+    // one, a TRACEPARENT this process was given is not the task's and is removed.
+    match task.trace_parent() {
+        Some(t) => command.env(leash_sdk::TRACEPARENT_ENV, t.to_string()),
+        None => command.env_remove(leash_sdk::TRACEPARENT_ENV),
+    };
     for c in initial.iter() {
         command.env(env_name(c.grant()), c.secret());
     }

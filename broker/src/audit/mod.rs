@@ -18,9 +18,9 @@ pub use event::{AuditCursor, AuditEvent, AuditPage, AuditRetention, NO_TENANT, m
 use crate::store::{Approval, CredentialId, CredentialRecord, EndReason, KillSwitch, TaskRecord};
 
 /// The W3C trace id (32 lowercase hex digits) of the request being served, or
-/// "" outside one: what every audit event carries as `trace`.
+/// "" outside one or with telemetry off: what every audit event carries as `trace`.
 pub fn current_trace_id() -> String {
-    String::new()
+    crate::telemetry::current_trace_id().unwrap_or_default()
 }
 
 /// The `tracing` target of audit events.

@@ -104,6 +104,7 @@ impl Minter {
     /// credential (a JWT needs the lease to reach the next whole second);
     /// [`CredentialError::Mint`] if the minted credential fails its check;
     /// [`CredentialError::Random`] if the OS random source fails.
+    #[tracing::instrument(skip_all, name = "credentials.mint", fields(grant = %req.grant.name))]
     pub fn mint(&self, req: &MintRequest<'_>) -> Result<Minted, CredentialError> {
         let id = CredentialId::new(req.task_id, random_bytes::<8>()?);
         let cap_ms = req

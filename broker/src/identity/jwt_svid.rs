@@ -294,6 +294,7 @@ impl JwtSvidVerifier {
     ///
     /// # Errors
     /// [`IdentityError::InvalidJwtSvid`] naming the rule that failed.
+    #[tracing::instrument(skip_all, name = "identity.verify_jwt_svid")]
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<Identity, IdentityError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(reject(format!("longer than {MAX_TOKEN_LEN} bytes")));

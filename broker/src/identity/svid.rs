@@ -41,6 +41,7 @@ struct Leaf {
 /// [`MAX_CHAIN_LEN`](super::limits::MAX_CHAIN_LEN) or a certificate is larger than
 /// [`MAX_CERT_DER_LEN`](super::limits::MAX_CERT_DER_LEN);
 /// [`IdentityError::InvalidSvid`] naming the rule that failed otherwise.
+#[tracing::instrument(skip_all, name = "identity.verify_svid")]
 pub fn verify_svid(
     chain: &[CertificateDer<'_>],
     bundles: &TrustBundles,

@@ -949,6 +949,7 @@ impl<S: LeaseStore> LeaseService<S> {
     ///
     /// # Errors
     /// `PermissionDenied` (audited) when no actor class matches it.
+    #[tracing::instrument(skip_all, name = "identity.actor_class")]
     pub(super) fn actor(&self, caller: &Identity, action: &str) -> Result<Actor, LeaseError> {
         self.actors
             .classify(&caller.spiffe_id)

@@ -204,7 +204,7 @@ impl Metrics {
             );
             r.register(
                 "leash_dropped",
-                "Items dropped rather than waited for, since start, by what (log_lines, refusals)",
+                "Items dropped rather than waited for, since start, by what (log_lines, refusals, spans)",
                 m.dropped.clone(),
             );
         });

@@ -105,6 +105,7 @@ pub struct Decision {
 /// [`PolicyError::UnknownTemplate`], then [`PolicyError::NotAllowed`] (so that a
 /// caller learns nothing about a template's parameters it may not use), then
 /// [`PolicyError::Invalid`] with every parameter and TTL problem at once.
+#[tracing::instrument(skip_all, name = "policy.decide")]
 pub fn decide(
     templates: &TemplateSet,
     identity: &SpiffeId,
@@ -212,6 +213,7 @@ pub fn policy_request<'a>(
 /// [`PolicyError::Forbidden`] naming the deciding policies (a `forbid` that
 /// applied, one that failed to evaluate, or none when no `permit` applied);
 /// [`PolicyError::Evaluation`] if the request could not be built.
+#[tracing::instrument(skip_all, name = "policy.authorize")]
 pub fn authorize(
     policies: &cedar::Policies,
     caller: &Identity,

@@ -547,6 +547,7 @@ impl Inner {
 }
 
 impl LeaseStore for MemoryStore {
+    #[tracing::instrument(skip_all, name = "store.begin")]
     async fn begin_with_quota(
         &self,
         task: &TaskRecord,
@@ -629,10 +630,12 @@ impl LeaseStore for MemoryStore {
         Ok(BeginOutcome::Created(Box::new(task)))
     }
 
+    #[tracing::instrument(skip_all, name = "store.task")]
     async fn task(&self, task_id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
         Ok(self.lock()?.tasks.get(task_id).cloned())
     }
 
+    #[tracing::instrument(skip_all, name = "store.renew")]
     async fn renew(
         &self,
         task_id: &TaskId,
@@ -729,6 +732,7 @@ impl LeaseStore for MemoryStore {
         })
     }
 
+    #[tracing::instrument(skip_all, name = "store.complete")]
     async fn complete_with_summary(
         &self,
         task_id: &TaskId,
@@ -773,6 +777,7 @@ impl LeaseStore for MemoryStore {
         })
     }
 
+    #[tracing::instrument(skip_all, name = "store.credential")]
     async fn credential(
         &self,
         task_id: &TaskId,
@@ -944,6 +949,7 @@ impl LeaseStore for MemoryStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.delegate")]
     async fn delegate(
         &self,
         child: &TaskRecord,
@@ -1017,6 +1023,7 @@ impl LeaseStore for MemoryStore {
         Ok(DelegateOutcome::Created(Box::new(task)))
     }
 
+    #[tracing::instrument(skip_all, name = "store.redeem")]
     async fn redeem(
         &self,
         record: &TaskRecord,
@@ -1061,6 +1068,7 @@ impl LeaseStore for MemoryStore {
         Ok(RedeemOutcome::Redeemed(Box::new(redeemed)))
     }
 
+    #[tracing::instrument(skip_all, name = "store.decide_approval")]
     async fn decide_approval(
         &self,
         task_id: &TaskId,
@@ -1109,6 +1117,7 @@ impl LeaseStore for MemoryStore {
         Ok(ApprovalOutcome::Decided(Box::new(decided)))
     }
 
+    #[tracing::instrument(skip_all, name = "store.set_kill_switch")]
     async fn set_kill_switch(&self, switch: &KillSwitch) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
         let key = (switch.kind.clone(), switch.value.clone());
@@ -1129,6 +1138,7 @@ impl LeaseStore for MemoryStore {
         Ok(())
     }
 
+    #[tracing::instrument(skip_all, name = "store.lift_kill_switch")]
     async fn lift_kill_switch(
         &self,
         kind: &str,
@@ -1172,6 +1182,7 @@ impl LeaseStore for MemoryStore {
         Ok(LiveTaskPage { ids, next: None })
     }
 
+    #[tracing::instrument(skip_all, name = "store.revoke_tasks")]
     async fn revoke_tasks(
         &self,
         shard: u8,

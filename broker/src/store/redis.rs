@@ -1089,6 +1089,7 @@ fn reaped_entry(value: &redis::Value, out: &mut Reaped) -> Result<(), StoreError
 }
 
 impl LeaseStore for RedisStore {
+    #[tracing::instrument(skip_all, name = "store.begin")]
     async fn begin_with_quota(
         &self,
         task: &TaskRecord,
@@ -1160,6 +1161,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.task")]
     async fn task(&self, task_id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
         let [k_task, ..] = self.task_keys(task_id);
         let mut conn = self.conn.clone();
@@ -1175,6 +1177,7 @@ impl LeaseStore for RedisStore {
         task_from_fields(&fields).map(Some)
     }
 
+    #[tracing::instrument(skip_all, name = "store.renew")]
     async fn renew(
         &self,
         task_id: &TaskId,
@@ -1224,6 +1227,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.complete")]
     async fn complete_with_summary(
         &self,
         task_id: &TaskId,
@@ -1274,6 +1278,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.credential")]
     async fn credential(
         &self,
         task_id: &TaskId,
@@ -1444,6 +1449,7 @@ impl LeaseStore for RedisStore {
         u64::try_from(adjusted.max(0)).unwrap_or(local_now_ms)
     }
 
+    #[tracing::instrument(skip_all, name = "store.delegate")]
     async fn delegate(
         &self,
         child: &TaskRecord,
@@ -1502,6 +1508,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.redeem")]
     async fn redeem(
         &self,
         record: &TaskRecord,
@@ -1543,6 +1550,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.decide_approval")]
     async fn decide_approval(
         &self,
         task_id: &TaskId,
@@ -1578,6 +1586,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.set_kill_switch")]
     async fn set_kill_switch(&self, switch: &KillSwitch) -> Result<(), StoreError> {
         let mut inv = self.scripts.kill.prepare_invoke();
         inv.key(self.kill_key())
@@ -1599,6 +1608,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "store.lift_kill_switch")]
     async fn lift_kill_switch(
         &self,
         kind: &str,
@@ -1671,6 +1681,7 @@ impl LeaseStore for RedisStore {
         })
     }
 
+    #[tracing::instrument(skip_all, name = "store.revoke_tasks")]
     async fn revoke_tasks(
         &self,
         shard: u8,
