@@ -202,9 +202,12 @@ async fn delegation_only_narrows_at_every_level() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // The handle with its last character changed (to another one: a handle
+    // ending in 'A' once made this "forgery" the real handle, 1 run in 64).
     let mut forged = one.delegation_handle.clone();
-    forged.pop();
-    forged.push('A');
+    let last = forged.pop();
+    forged.push(if last == Some('A') { 'B' } else { 'A' });
+    assert_ne!(forged, one.delegation_handle);
     let err = sub_one
         .redeem_delegation(pb::RedeemDelegationRequest {
             task_id: one.task_id.clone(),
