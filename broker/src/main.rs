@@ -14,6 +14,12 @@ use leash_broker::{
 };
 use tokio::net::TcpListener;
 
+/// mimalloc, not glibc malloc: under load the broker allocates from every
+/// worker thread, and glibc's arena lock showed in profiles (issue 10).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EX_USAGE: u8 = 64;
 const EX_DATAERR: u8 = 65;
 

@@ -21,7 +21,7 @@ use tonic_types::{ErrorDetails, StatusExt as _};
 pub use admin::AdminApi;
 pub use bearer::BearerAuth;
 pub use broker::BrokerApi;
-pub use peer::SvidAuth;
+pub use peer::{PeerConnection, SvidAuth};
 pub use verifier::VerifierApi;
 
 use crate::{identity, lease::LeaseError};

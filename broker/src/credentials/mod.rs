@@ -81,7 +81,7 @@ impl fmt::Debug for Secret {
 /// Lower-case hex SHA-256 of a credential value: what the store keeps.
 pub fn value_digest(value: &str) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(d.as_ref())
 }
 
 /// Compares two digests in constant time.

@@ -56,7 +56,7 @@ pub use error::{IdentityError, SpiffeIdRule, SvidRule};
 pub use pattern::IdentityPattern;
 pub use serving::ServingCert;
 pub use spiffe_id::{SpiffeId, validate_trust_domain};
-pub use svid::{identity_of_leaf, verify_svid};
+pub use svid::{chain_valid_until, identity_of_leaf, verify_svid};
 pub use tls::{
     SvidClientVerifier, client_tls_config, server_tls_config, server_tls_config_without_client_auth,
 };

@@ -86,6 +86,21 @@ pub fn verify_svid(
     Ok(identity(leaf, leaf_der))
 }
 
+/// The earliest notAfter among the certificates of `chain`: a verdict of
+/// [`verify_svid`] on this chain (against unchanged bundles) holds at most until
+/// then. `None` if a certificate does not parse or has a notAfter before 1970;
+/// a caller then must not reuse the verdict at all.
+pub fn chain_valid_until(chain: &[CertificateDer<'_>]) -> Option<SystemTime> {
+    let mut until: Option<SystemTime> = None;
+    for der in chain {
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+        let t = UNIX_EPOCH + Duration::from_secs(secs);
+        until = Some(until.map_or(t, |u| u.min(t)));
+    }
+    until
+}
+
 /// Extracts the [`Identity`] of a leaf that a TLS stack has already verified (for
 /// example `tonic::Request::peer_certs()` behind [`server_tls_config`](super::server_tls_config)).
 ///

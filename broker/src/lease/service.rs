@@ -92,11 +92,7 @@ pub(super) fn digest(parts: &[&str]) -> ring::digest::Digest {
 }
 
 pub(super) fn digest_hex(parts: &[&str]) -> String {
-    digest(parts)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(digest(parts).as_ref())
 }
 
 /// The store records of freshly minted credentials of a task of `tenant`.

@@ -35,6 +35,8 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
+use crate::api::PeerConnection;
+
 /// The bounds of one listener (from `[limits]`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct IncomingLimits {
@@ -58,15 +60,33 @@ impl From<&crate::config::Limits> for IncomingLimits {
 #[derive(Debug)]
 pub struct LimitedTlsStream {
     inner: TlsStream<TcpStream>,
+    peer: PeerConnection,
     _slot: OwnedSemaphorePermit,
 }
 
+impl LimitedTlsStream {
+    fn new(inner: TlsStream<TcpStream>, slot: OwnedSemaphorePermit) -> Self {
+        let certs = inner
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        Self {
+            inner,
+            peer: PeerConnection::new(certs),
+            _slot: slot,
+        }
+    }
+}
+
 impl Connected for LimitedTlsStream {
-    // The TLS stream's own info, so `Request::peer_certs()` keeps working.
-    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+    // One per connection, shared by its calls: the peer's chain, copied once,
+    // and the verdict on it (see `SvidAuth`).
+    type ConnectInfo = PeerConnection;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        self.peer.clone()
     }
 }
 
@@ -236,7 +256,7 @@ pub(crate) fn tls_incoming(
                 let slot = task_slot.take();
                 match (result, slot) {
                     (Ok(Ok(inner)), Some(slot)) => {
-                        let _ = tx.send(Ok(LimitedTlsStream { inner, _slot: slot })).await;
+                        let _ = tx.send(Ok(LimitedTlsStream::new(inner, slot))).await;
                     }
                     // Evicted just as it finished: its slot went to a newcomer.
                     (Ok(Ok(_)), None) => {}

@@ -29,9 +29,7 @@ impl TaskId {
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
         let mut s = String::with_capacity(TASK_PREFIX.len() + TASK_HEX_LEN);
         s.push_str(TASK_PREFIX);
-        for b in bytes {
-            s.push_str(&format!("{b:02x}"));
-        }
+        s.push_str(&hex::encode(bytes));
         Self(s)
     }
 
@@ -98,10 +96,10 @@ pub struct CredentialId(String);
 impl CredentialId {
     /// Builds the id of a credential of `task` from 8 random bytes.
     pub fn new(task: &TaskId, random: [u8; 8]) -> Self {
-        let mut s = format!("{task}{CREDENTIAL_INFIX}");
-        for b in random {
-            s.push_str(&format!("{b:02x}"));
-        }
+        let mut s = String::with_capacity(task.as_str().len() + CREDENTIAL_INFIX.len() + 16);
+        s.push_str(task.as_str());
+        s.push_str(CREDENTIAL_INFIX);
+        s.push_str(&hex::encode(random));
         Self(s)
     }
 

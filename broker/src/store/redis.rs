@@ -237,9 +237,12 @@ fn audited_script(body: &str) -> Script {
     prelude_script("local AUD = cjson.decode(table.remove(ARGV, 2))", body)
 }
 
-/// A script of the shared prelude that changes nothing it must record.
-fn write_script(body: &str) -> Script {
-    prelude_script("local AUD = {}", body)
+/// A script that reads a task as the write scripts do (clock, task fields,
+/// reply shape) and records nothing: only the prelude's first part, up to the
+/// audit functions, so a read does not pay for defining what it never calls.
+fn read_script(body: &str) -> Script {
+    let core = PRELUDE.split("__AUDIT__").next().unwrap_or(PRELUDE);
+    Script::new(&format!("{core}\n{body}"))
 }
 
 /// The shared prelude (with its constants and the audit functions) and the body.
@@ -269,7 +272,7 @@ impl Scripts {
             begin: audited_script(include_str!("lua/begin.lua")),
             renew: audited_script(include_str!("lua/renew.lua")),
             complete: audited_script(include_str!("lua/complete.lua")),
-            read_credential: write_script(include_str!("lua/read_credential.lua")),
+            read_credential: read_script(include_str!("lua/read_credential.lua")),
             reap: audited_script(include_str!("lua/reap.lua")),
             delegate: audited_script(include_str!("lua/delegate.lua")),
             redeem: audited_script(include_str!("lua/redeem.lua")),

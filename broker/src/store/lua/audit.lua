@@ -10,6 +10,7 @@
 -- (`<b>tev:<id>`, a list of '<entry id> <tenant>'), so a task's story,
 -- descendants included, is one list read.
 local TRIMMED = {}
+local EXPIRY_SET = {}
 local ANCESTORS = {}
 local function decoded(rec)
   local ok, t = pcall(cjson.decode, rec or '')
@@ -54,9 +55,7 @@ end
 local function trim(key)
   if TRIMMED[key] then return end
   TRIMMED[key] = true
-  local t = redis.call('TIME')
-  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('XTRIM', key, 'MINID', '~', n(now_ms - tonumber(AUD.age)))
+  redis.call('XTRIM', key, 'MINID', '~', n(redis_ms() - tonumber(AUD.age)))
 end
 -- Appends one event about task `id` (record `t`, decoded) with the `extra`
 -- field-value pairs, and indexes it.
@@ -78,7 +77,12 @@ local function audit(now, id, t, event, extra)
     local ik = AUD.b .. 'tev:' .. tid
     -- The index only speeds up a trace: a damaged one must not undo the event.
     redis.pcall('RPUSH', ik, entry)
-    redis.pcall('PEXPIRE', ik, AUD.age)
+    -- Its expiry is set once per script: later events of the same script
+    -- would move it by microseconds only.
+    if not EXPIRY_SET[ik] then
+      EXPIRY_SET[ik] = true
+      redis.pcall('PEXPIRE', ik, AUD.age)
+    end
   end
 end
 -- Live counts, per shard and template, in `<b>live` (fields 't|<template>'

@@ -1,9 +1,17 @@
 -- Shared by every Leash write script. ARGV[1] is the caller's time in ms, or
 -- '' to decide with Redis's own clock (one clock for every broker replica).
+-- Redis's clock in ms, once read in this script (the audit trim reuses it).
+local REDIS_MS = nil
+local function redis_ms()
+  if not REDIS_MS then
+    local t = redis.call('TIME')
+    REDIS_MS = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return REDIS_MS
+end
 local function clock()
   if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return redis_ms()
 end
 -- Integers as plain decimal text (Lua would print large numbers as 1e+12).
 local function n(x) return string.format('%.0f', x) end
@@ -108,9 +116,11 @@ end
 -- of (owner, template, class, tenant), as {kind, value, json}, or nil.
 local function killed(kill, killpfx, owner, template, class, tenant)
   local exact = {{'identity', owner}, {'template', template}, {'class', class}, {'tenant', tenant}}
-  for _, e in ipairs(exact) do
-    local j = redis.call('HGET', kill, e[1] .. ' ' .. e[2])
-    if j then return {e[1], e[2], j} end
+  local fields = {}
+  for i, e in ipairs(exact) do fields[i] = e[1] .. ' ' .. e[2] end
+  local found = redis.call('HMGET', kill, unpack(fields))
+  for i, e in ipairs(exact) do
+    if found[i] then return {e[1], e[2], found[i]} end
   end
   for _, p in ipairs(redis.call('SMEMBERS', killpfx)) do
     if string.sub(owner, 1, #p) == p then
