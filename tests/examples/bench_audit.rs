@@ -88,21 +88,16 @@ async fn run(name: &str, extra_toml: &str, duration: Duration) -> (String, f64) 
     options.extra_toml = extra_toml.to_owned();
     let broker = TestBroker::start(options).await;
     let agent = broker.pki.svid("agent/bench");
-    let args = BenchArgs {
-        concurrency: 64,
-        duration,
-        max_tasks: 10_000_000,
-        connections: 4,
-        template: "bench".into(),
-        params: Vec::new(),
-        connect: ConnectArgs {
-            broker: broker.url(),
-            ca: Some(broker.pki.bundle()),
-            cert: Some(agent.cert.clone()),
-            key: Some(agent.key.clone()),
-            dev_dir: broker.config_dir.path().to_owned(),
-        },
-    };
+    let mut args = BenchArgs::new(ConnectArgs {
+        broker: broker.url(),
+        ca: Some(broker.pki.bundle()),
+        cert: Some(agent.cert.clone()),
+        key: Some(agent.key.clone()),
+        dev_dir: broker.config_dir.path().to_owned(),
+    });
+    args.concurrency = vec![64];
+    args.duration = duration;
+    args.params = Vec::new();
     let report = leash_broker::cli::bench::run(args).await.unwrap();
     broker.stop().await;
     let rate = report

@@ -74,10 +74,7 @@ impl PeerConnection {
             }
         }
         let verified = identity::verify_svid(&self.certs, bundles, now);
-        let mut cached = self
-            .verdict
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cached = self.verdict.write().unwrap_or_else(PoisonError::into_inner);
         match &verified {
             Ok(id) => {
                 *cached = identity::chain_valid_until(&self.certs).map(|until| Verdict {
@@ -207,7 +204,9 @@ mod tests {
         let ca = DevCa::generate("acme.test", Duration::from_secs(3600)).expect("ca");
         let rogue = DevCa::generate("acme.test", Duration::from_secs(3600)).expect("ca");
         let id = SpiffeId::parse("spiffe://acme.test/agent/a").expect("id");
-        let svid = rogue.issue_svid(&id, Duration::from_secs(600)).expect("svid");
+        let svid = rogue
+            .issue_svid(&id, Duration::from_secs(600))
+            .expect("svid");
         let peer = PeerConnection::new(chain_of(&svid.cert_pem));
         let bundles = bundles_of(&ca);
         for _ in 0..3 {

@@ -511,6 +511,7 @@ pub fn error_line(e: &CommandError) -> String {
             format!("error: {}: {}", code_name(s.code()), s.message())
         }
         CommandError::Connect(c) => format!("error: {c}"),
+        CommandError::Bench(b) => format!("error: {b}"),
     }
 }
 

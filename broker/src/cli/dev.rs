@@ -235,6 +235,16 @@ pub fn bench_template() -> String {
         )
 }
 
+/// The template `leash bench --template bench-jwt` declares: the bench
+/// template with its one JWT grant only (issue 10's BeginTask target).
+pub fn bench_jwt_template() -> String {
+    let bench = bench_template().replace("name: bench", "name: bench-jwt");
+    match bench.split_once("  - name: db\n") {
+        Some((head, _)) => head.to_owned(),
+        None => bench,
+    }
+}
+
 fn write(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<(), DevError> {
     let path = dir.join(name);
     let err = |source| DevError::Write {
@@ -300,6 +310,12 @@ pub fn prepare(args: &DevArgs) -> Result<Config, DevError> {
         &dir.join("templates"),
         "bench.yaml",
         &bench_template().replace("{td}", td),
+        false,
+    )?;
+    write(
+        &dir.join("templates"),
+        "bench-jwt.yaml",
+        &bench_jwt_template().replace("{td}", td),
         false,
     )?;
     write(

@@ -230,6 +230,9 @@ pub enum CommandError {
     /// The broker refused.
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
+    /// `leash bench` could not set up a measurement or write its report.
+    #[error("bench: {0}")]
+    Bench(String),
 }
 
 /// Runs a task command and returns the JSON to print.

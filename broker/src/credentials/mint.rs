@@ -231,7 +231,11 @@ mod tests {
         assert_eq!(header["alg"], jwk["alg"]);
         assert_eq!(header["kid"], jwk["kid"]);
         assert_eq!(header["typ"], "at+jwt");
-        let b64 = |k: &str| URL_SAFE_NO_PAD.decode(jwk[k].as_str().expect(k)).expect("b64");
+        let b64 = |k: &str| {
+            URL_SAFE_NO_PAD
+                .decode(jwk[k].as_str().expect(k))
+                .expect("b64")
+        };
         let (alg, public): (&'static dyn ring::signature::VerificationAlgorithm, Vec<u8>) =
             match jwk["kty"].as_str() {
                 Some("OKP") => (&ED25519, b64("x")),
