@@ -182,3 +182,95 @@ async fn an_open_connection_stops_working_when_its_trust_anchor_is_removed() {
     assert!(back.is_some(), "the restored anchor was never used again");
     broker.stop().await;
 }
+
+/// A channel over one TLS connection made with `tls`, and how that connection's
+/// handshake went (full or resumed).
+async fn channel_noting_handshake(
+    broker: &TestBroker,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> (tonic::transport::Channel, rustls::HandshakeKind) {
+    let kind = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = kind.clone();
+    let addr = broker.agent_addr;
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (connector, seen) = (connector.clone(), seen.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                *seen.lock().unwrap() = tls.get_ref().1.handshake_kind();
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .unwrap();
+    let kind = kind.lock().unwrap().expect("handshake done");
+    (channel, kind)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_is_judged_on_the_current_bundle_like_a_full_one() {
+    let broker = TestBroker::start(BrokerOptions::memory()).await;
+    let files = broker.pki.svid("agent/resumes");
+    let tls = client_tls_config(&broker.pki.bundle(), &files.cert, &files.key).unwrap();
+
+    let (first, kind) = channel_noting_handshake(&broker, tls.clone()).await;
+    assert_eq!(kind, rustls::HandshakeKind::Full);
+    let mut agent = pb::broker_client::BrokerClient::new(first);
+    agent.begin_task(review_request()).await.unwrap();
+    drop(agent);
+
+    // A new connection per task resumes the session (no second verification of
+    // the chain at the handshake) and is served as the same identity.
+    let (second, kind) = channel_noting_handshake(&broker, tls.clone()).await;
+    assert_eq!(
+        kind,
+        rustls::HandshakeKind::Resumed,
+        "no resumption offered"
+    );
+    let mut agent = pb::broker_client::BrokerClient::new(second);
+    let task = agent
+        .begin_task(review_request())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut verifier = broker.verifier("resource/api").await;
+    let looked = verifier
+        .introspect(pb::IntrospectRequest {
+            token: task.credentials[0].value.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(looked.active, "{looked:?}");
+    drop(agent);
+
+    // The agent's trust anchor leaves the bundle. A resumed session skips the
+    // handshake's verifier, but its first call is judged on the bundle of now.
+    let next_ca = DevCa::generate("acme.test", Duration::from_secs(3600)).unwrap();
+    std::fs::write(broker.pki.bundle(), next_ca.cert_pem()).unwrap();
+    let refused = eventually(Duration::from_secs(10), || {
+        let (broker, tls) = (&broker, tls.clone());
+        async move {
+            let (channel, kind) = channel_noting_handshake(broker, tls).await;
+            let mut agent = pb::broker_client::BrokerClient::new(channel);
+            match agent.begin_task(review_request()).await {
+                Err(e) => {
+                    assert_eq!(kind, rustls::HandshakeKind::Resumed);
+                    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+                    assert!(e.message().contains("trust anchor"), "unclear: {e:?}");
+                    true
+                }
+                Ok(_) => false,
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "a resumed session outlived its trust anchor"
+    );
+    broker.stop().await;
+}

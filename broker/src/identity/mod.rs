@@ -58,7 +58,8 @@ pub use serving::ServingCert;
 pub use spiffe_id::{SpiffeId, validate_trust_domain};
 pub use svid::{chain_valid_until, identity_of_leaf, verify_svid};
 pub use tls::{
-    SvidClientVerifier, client_tls_config, server_tls_config, server_tls_config_without_client_auth,
+    RESUMABLE_SESSIONS, SvidClientVerifier, client_tls_config, server_tls_config,
+    server_tls_config_without_client_auth,
 };
 
 /// Named caps on untrusted input sizes; exceeding one is

@@ -163,7 +163,8 @@ fn certificate_error(err: &IdentityError) -> CertificateError {
 /// Guarantees: TLS 1.3 and 1.2 only, ring provider; a client certificate is required
 /// and verified by [`SvidClientVerifier`] on the current bundles of `bundles`; the
 /// server certificate comes from `cert` at each handshake (so reloads apply); ALPN
-/// offers only `h2`, as gRPC requires.
+/// offers only `h2`, as gRPC requires; sessions resume (see [`RESUMABLE_SESSIONS`]),
+/// which is safe only because every call re-checks the chain it carries.
 ///
 /// # Errors
 ///
@@ -186,17 +187,14 @@ pub fn server_tls_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    // No session resumption: a resumed session would carry the client identity
-    // of an earlier handshake without running the SVID verifier again (against
-    // possibly reloaded bundles, or after the SVID expired).
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
+    enable_resumption(&mut config);
     Ok(Arc::new(config))
 }
 
 /// The server configuration of the JWT-SVID listener: the broker's certificate,
 /// no client certificate requested (callers authenticate per request with a
-/// bearer JWT-SVID), TLS 1.3/1.2 with ring, ALPN `h2`, no session resumption.
+/// bearer JWT-SVID), TLS 1.3/1.2 with ring, ALPN `h2`, session resumption as on the
+/// agent listener.
 ///
 /// # Errors
 /// [`IdentityError::Tls`] if rustls refuses the configuration.
@@ -209,9 +207,28 @@ pub fn server_tls_config_without_client_auth(
         .with_no_client_auth()
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
+    enable_resumption(&mut config);
     Ok(Arc::new(config))
+}
+
+/// Sessions the broker remembers for resumption (about 1 KiB each, in memory).
+pub const RESUMABLE_SESSIONS: usize = 4096;
+
+/// Stateful TLS session resumption: TLS 1.3 hands the client one ticket that
+/// is only a key into this process's bounded in-memory cache (no ticket
+/// encryption key exists to leak or rotate; sessions do not survive a
+/// restart), TLS 1.2 uses session ids into the same cache. rustls resumes
+/// TLS 1.3 with a fresh ECDHE exchange (psk_dhe_ke), so forward secrecy holds.
+///
+/// A resumed handshake does not run the client verifier again, but it carries
+/// the client chain of the original handshake, and the agent listener judges
+/// that chain at every call against the trust bundles and the clock of that
+/// moment ([`PeerConnection`](crate::api::PeerConnection)): an SVID that
+/// expired, or whose anchor a reload removed, is refused on its first call
+/// whether its connection was fully negotiated or resumed.
+fn enable_resumption(config: &mut rustls::ServerConfig) {
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(RESUMABLE_SESSIONS);
+    config.send_tls13_tickets = 1;
 }
 
 /// A client configuration that presents an SVID and checks the broker's certificate.

@@ -274,3 +274,87 @@ async fn a_client_without_a_certificate_is_refused() {
     assert!(server_view.is_err());
     assert!(!client_ok);
 }
+
+/// Two connections of one client configuration to one server configuration:
+/// the server's view of each (how it was negotiated, whose chain it carries).
+async fn two_connections(
+    server_config: Arc<rustls::ServerConfig>,
+    client_config: Arc<rustls::ClientConfig>,
+) -> Vec<(rustls::HandshakeKind, Identity)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = TlsAcceptor::from(Arc::clone(&server_config))
+                .accept(tcp)
+                .await
+                .unwrap();
+            let (_, conn) = tls.get_ref();
+            let kind = conn.handshake_kind().unwrap();
+            let identity = identity_of_leaf(&conn.peer_certificates().unwrap()[0]).unwrap();
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await.unwrap();
+            tls.write_all(b"pong").await.unwrap();
+            tls.shutdown().await.ok();
+            seen.push((kind, identity));
+        }
+        seen
+    });
+    for _ in 0..2 {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = TlsConnector::from(Arc::clone(&client_config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        tls.write_all(b"ping").await.unwrap();
+        // Reading the reply also takes in the TLS 1.3 session ticket.
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+    }
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_resumed_session_carries_the_client_chain_of_its_first_handshake() {
+    let f = fixture();
+    let id = SpiffeId::parse("spiffe://a.test/agent/resumes").unwrap();
+    let svid = f.dev.issue_svid(&id, HOUR).unwrap();
+    let (cert, key) = write_pair(&f.dir, "resumes", &svid.cert_pem, &svid.key_pem);
+    let client = client_tls_config(&f.bundle, &cert, &key).unwrap();
+    let seen = two_connections(f.server_config.clone(), client).await;
+    assert_eq!(seen[0].0, rustls::HandshakeKind::Full);
+    assert_eq!(
+        seen[1].0,
+        rustls::HandshakeKind::Resumed,
+        "the second connection was not resumed"
+    );
+    // The chain (and so the identity the per-call check judges) is the same.
+    assert_eq!(seen[0].1.spiffe_id, id);
+    assert_eq!(seen[1].1.spiffe_id, id);
+
+    // TLS 1.2 resumes by session id, with the same chain.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(f.dev.cert_pem().as_bytes()).unwrap())
+        .unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(svid.cert_pem.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(svid.key_pem.as_bytes()).unwrap();
+    let mut tls12 = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    tls12.alpn_protocols = vec![b"h2".to_vec()];
+    let seen = two_connections(f.server_config.clone(), Arc::new(tls12)).await;
+    assert_eq!(seen[1].0, rustls::HandshakeKind::Resumed);
+    assert_eq!(seen[1].1.spiffe_id, id);
+}
