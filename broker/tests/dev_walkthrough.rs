@@ -680,3 +680,86 @@ fn dev_walkthrough_delegates_approves_and_kills() {
     ]));
     assert_eq!(after["state"], "LEASE_STATE_ACTIVE");
 }
+
+#[test]
+fn bench_runs_every_mode_with_its_ceilings_and_writes_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let (dev, port) = start_dev(&dir);
+    let report = tmp.path().join("bench.json");
+    let pid = dev.0.id().to_string();
+    let out = leash(
+        &[
+            "bench",
+            "--mode",
+            "begin,cycle,introspect,verify,connect",
+            "--concurrency",
+            "1,2",
+            "--duration",
+            "300ms",
+            "--ceilings",
+            "--template",
+            "bench-jwt",
+            "--broker-pid",
+            &pid,
+            "--json",
+            report.to_str().unwrap(),
+        ],
+        &dir,
+        port,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    let named = |prefix: &str| {
+        rows.iter()
+            .filter(|r| r["name"].as_str().unwrap().starts_with(prefix))
+            .collect::<Vec<_>>()
+    };
+    for figure in [
+        "echo: grpc.health.v1.Health/Check",
+        "BeginTask (begin)",
+        "BeginTask (cycle)",
+        "RenewLease (cycle)",
+        "CompleteTask (cycle)",
+        "Introspect",
+        "SDK offline verify",
+        "ring Ed25519 verify",
+        "ring Ed25519 sign",
+        "raw rustls mTLS handshake",
+        "derived BeginTask ceiling",
+    ] {
+        let found = named(figure);
+        assert!(!found.is_empty(), "no {figure:?} row in\n{text}");
+        for row in found {
+            assert!(row["rate"].as_f64().unwrap() > 0.0, "{row}");
+            assert!(
+                row["errors"].as_object().unwrap().is_empty(),
+                "calls failed: {row}"
+            );
+            // Every figure printed is in the table too.
+            assert!(text.contains(row["name"].as_str().unwrap()), "{text}");
+        }
+    }
+    // BeginTask is compared with the derived ceiling and with the same run's
+    // echo; the figures carry the broker's CPU time per call.
+    for (figure, ceiling) in [
+        ("BeginTask (begin)", "derived BeginTask ceiling"),
+        ("BeginTask (begin, vs echo)", "echo"),
+        ("CompleteTask (cycle)", "echo"),
+        ("Introspect (JWT)", "echo"),
+    ] {
+        for row in named(figure) {
+            assert_eq!(row["ceiling"][0], ceiling, "{row}");
+            assert!(row["ratio"].as_f64().unwrap() > 0.0, "{row}");
+            assert!(row["broker_cpu_us"].as_f64().unwrap() > 0.0, "{row}");
+        }
+    }
+    drop(dev);
+}

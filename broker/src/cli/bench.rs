@@ -500,9 +500,10 @@ pub async fn measure(args: BenchArgs) -> Result<Report, CommandError> {
                                         ceilings.derived_begin,
                                         Some(0.5),
                                     );
+                                    row.name = "BeginTask (begin)".into();
                                     let mut vs_echo = row.clone();
                                     vs_echo.against("echo", e, Some(0.2));
-                                    vs_echo.name = "BeginTask (vs echo)".into();
+                                    vs_echo.name = "BeginTask (begin, vs echo)".into();
                                     if c == 64 {
                                         vs_echo.note = format!(
                                             "target ≥ 15000/s and p99 ≤ 5 ms at c=64: {}",

@@ -103,15 +103,24 @@ pub(super) async fn measure(
     let echo_top = echo.get(&top).copied().unwrap_or(0.0);
     #[expect(clippy::cast_precision_loss, reason = "core count")]
     let cores = report.cores as f64;
-    let derived_begin = if echo_top > 0.0 && sign_rate > 0.0 && script > 0.0 {
-        1.0 / (1.0 / echo_top + 1.0 / (sign_rate * cores) + 1.0 / script)
+    // Per call, the echo's cost, one signature spread over the cores, and one
+    // store script (left out, and said so, without a Redis to measure).
+    let script_cost = if script > 0.0 { 1.0 / script } else { 0.0 };
+    let derived_begin = if echo_top > 0.0 && sign_rate > 0.0 {
+        1.0 / (1.0 / echo_top + 1.0 / (sign_rate * cores) + script_cost)
     } else {
         0.0
     };
     let mut row = Row::new("derived BeginTask ceiling", top, derived_begin);
-    row.note = format!(
-        "1/(1/echo {echo_top:.0} + 1/(sign {sign_rate:.0} x {cores} cores) + 1/script {script:.0})"
-    );
+    row.note = if script > 0.0 {
+        format!(
+            "1/(1/echo {echo_top:.0} + 1/(sign {sign_rate:.0} x {cores} cores) + 1/script {script:.0})"
+        )
+    } else {
+        format!(
+            "1/(1/echo {echo_top:.0} + 1/(sign {sign_rate:.0} x {cores} cores)); no store script term (no --redis-url)"
+        )
+    };
     report.rows.push(row);
     Ceilings {
         derived_begin,
