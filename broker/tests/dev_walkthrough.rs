@@ -759,6 +759,9 @@ fn bench_runs_every_mode_with_its_ceilings_and_writes_json() {
             assert_eq!(row["ceiling"][0], ceiling, "{row}");
             assert!(row["ratio"].as_f64().unwrap() > 0.0, "{row}");
             assert!(row["broker_cpu_us"].as_f64().unwrap() > 0.0, "{row}");
+            // The broker's resident set after warm-up and at the end (MiB).
+            let rss = row["broker_rss_mib"].as_array().unwrap();
+            assert!(rss.iter().all(|m| m.as_f64().unwrap() > 1.0), "{row}");
         }
     }
     drop(dev);

@@ -149,6 +149,9 @@ pub struct Row {
     pub target: Option<f64>,
     /// rate/ceiling ≥ target (and the latency target where there is one).
     pub met: Option<bool>,
+    /// The broker's resident set (VmRSS, MiB) once the run had warmed up (at
+    /// a tenth of its duration) and at its end, with `--broker-pid`.
+    pub broker_rss_mib: Option<(f64, f64)>,
     /// A remark (the ceiling formula, resumption, memory breakdown).
     pub note: String,
 }
@@ -170,6 +173,7 @@ impl Row {
             ratio: None,
             target: None,
             met: None,
+            broker_rss_mib: None,
             note: String::new(),
         }
     }
@@ -266,6 +270,10 @@ impl Stop {
         }
     }
 
+    fn running(&self) -> bool {
+        Instant::now() < self.end
+    }
+
     fn go(&self) -> bool {
         Instant::now() < self.end
             && self
@@ -291,6 +299,36 @@ impl Cpu {
         let utime: u64 = f.get(11)?.parse().ok()?;
         let stime: u64 = f.get(12)?.parse().ok()?;
         Some((utime + stime) * 10_000)
+    }
+
+    /// The process's resident set in KiB (VmRSS); `None` if it cannot be read.
+    fn rss_kib(self) -> Option<u64> {
+        let pid = self.0?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Samples the resident set once a second while `stop` runs; answers it
+    /// at a tenth of the run (after warm-up) and at the end, in MiB.
+    async fn rss_over(self, stop: Stop, duration: Duration) -> Option<(f64, f64)> {
+        self.0?;
+        let start = Instant::now();
+        let mut warm = None;
+        let mut last = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        while stop.running() {
+            tick.tick().await;
+            let rss = self.rss_kib();
+            if warm.is_none() && start.elapsed() >= duration / 10 {
+                warm = rss;
+            }
+            last = rss.or(last);
+        }
+        last = self.rss_kib().or(last);
+        #[expect(clippy::cast_precision_loss, reason = "MiB for display")]
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        Some((mib(warm.or(last)?), mib(last?)))
     }
 }
 
@@ -404,10 +442,16 @@ impl Ctx {
         F: Future<Output = Samples> + Send + 'static,
     {
         let stop = Stop::new(self.args.duration, self.args.max_tasks);
+        let rss = tokio::spawn(self.cpu.rss_over(stop.clone(), self.args.duration));
         let (c0, r0) = (self.cpu.now_us(), self.redis_cpu_us().await);
         let (samples, elapsed) = drive(concurrency, &stop, worker).await;
         let (c1, r1) = (self.cpu.now_us(), self.redis_cpu_us().await);
-        rows_of(samples, elapsed, concurrency, (c0, c1), (r0, r1))
+        let rss = rss.await.ok().flatten();
+        let mut rows = rows_of(samples, elapsed, concurrency, (c0, c1), (r0, r1));
+        for row in &mut rows {
+            row.broker_rss_mib = rss;
+        }
+        rows
     }
 }
 
@@ -717,6 +761,14 @@ pub fn render(report: &Report) -> String {
         };
         let errors: u64 = r.errors.values().sum();
         let mut note = r.note.clone();
+        if report.duration_s >= 60.0
+            && let Some((warm, end)) = r.broker_rss_mib
+        {
+            note = format!(
+                "broker RSS {warm:.1} -> {end:.1} MiB ({:+.1}%) {note}",
+                (end - warm) / warm.max(f64::MIN_POSITIVE) * 100.0
+            );
+        }
         if errors > 0 {
             note = format!("{errors} errors {:?} {note}", r.errors);
         }
