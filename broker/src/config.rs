@@ -590,15 +590,82 @@ pub enum StoreKind {
     Memory,
 }
 
+/// Which Redis deployment (`[store] topology`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisTopology {
+    /// One node at `store.url` (the default).
+    #[default]
+    Standalone,
+    /// A master managed by Redis Sentinel (`[store.sentinel]`).
+    Sentinel,
+    /// A Redis Cluster (`[store.cluster]`).
+    Cluster,
+}
+
+/// `[store.sentinel]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelSection {
+    /// The name the Sentinels monitor the master under.
+    #[serde(default)]
+    pub master: String,
+    /// The Sentinels, as `host:port`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// ACL user on the Sentinels.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A file holding the Sentinels' password (its first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// TLS to the Sentinels (the CA is `store.ca_file`, else the system roots).
+    #[serde(default)]
+    pub tls: bool,
+}
+
+/// `[store.cluster]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Seed nodes, as `host:port` (the rest are discovered).
+    #[serde(default)]
+    pub nodes: Vec<String>,
+}
+
 /// `[store]`.
 #[derive(Clone, Deserialize)]
 pub struct Store {
     /// `redis` or `memory`.
     #[serde(default)]
     pub kind: StoreKind,
-    /// Redis URL (`redis://` or `rediss://`); may carry a password, never logged.
+    /// `standalone` (default), `sentinel` or `cluster`.
+    #[serde(default)]
+    pub topology: RedisTopology,
+    /// Redis URL (`redis://` or `rediss://`) of a standalone node; may carry a
+    /// password, never logged.
     #[serde(default = "default_redis_url")]
     pub url: String,
+    /// The Sentinels and the master name (`topology = "sentinel"`).
+    #[serde(default)]
+    pub sentinel: SentinelSection,
+    /// The seed nodes (`topology = "cluster"`).
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    /// ACL user on the data nodes (overrides a user in `url`).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A file holding the data nodes' password (its first line; overrides a
+    /// password in `url`). Mount it from a secret; it is never logged.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// TLS to the discovered data nodes (Sentinel masters, Cluster nodes); a
+    /// standalone node says it with `rediss://`.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM CA certificates to trust for TLS to Redis instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Key prefix.
     #[serde(default = "default_prefix")]
     pub prefix: String,
@@ -620,10 +687,127 @@ impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
             .field("kind", &self.kind)
+            .field("topology", &self.topology)
             .field("url", &redact_url(&self.url))
+            .field("sentinel", &self.sentinel)
+            .field("cluster", &self.cluster)
+            .field("username", &self.username)
             .field("prefix", &self.prefix)
             .field("durability", &self.durability)
             .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// What is wrong with the Redis settings of this topology.
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let host_port = |a: &str| {
+            a.rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok())
+        };
+        match self.topology {
+            RedisTopology::Standalone => {
+                if !(self.url.starts_with("redis://") || self.url.starts_with("rediss://")) {
+                    p.push("store.url: must start with redis:// or rediss://".into());
+                }
+            }
+            RedisTopology::Sentinel => {
+                if self.sentinel.master.trim().is_empty() {
+                    p.push(
+                        "store.sentinel.master: the master name the Sentinels monitor is required"
+                            .into(),
+                    );
+                }
+                if self.sentinel.addresses.is_empty() {
+                    p.push(
+                        "store.sentinel.addresses: at least one Sentinel (host:port) is required"
+                            .into(),
+                    );
+                }
+                for a in &self.sentinel.addresses {
+                    if !host_port(a) {
+                        p.push(format!("store.sentinel.addresses: {a:?} is not host:port"));
+                    }
+                }
+            }
+            RedisTopology::Cluster => {
+                if self.cluster.nodes.is_empty() {
+                    p.push(
+                        "store.cluster.nodes: at least one seed node (host:port) is required"
+                            .into(),
+                    );
+                }
+                for a in &self.cluster.nodes {
+                    if !host_port(a) {
+                        p.push(format!("store.cluster.nodes: {a:?} is not host:port"));
+                    }
+                }
+            }
+        }
+        for (field, file) in [
+            ("store.password_file", &self.password_file),
+            ("store.sentinel.password_file", &self.sentinel.password_file),
+            ("store.ca_file", &self.ca_file),
+        ] {
+            if let Some(f) = file
+                && let Err(e) = std::fs::metadata(f)
+            {
+                p.push(format!("{field}: cannot read {}: {e}", f.display()));
+            }
+        }
+        p
+    }
+
+    /// The configured topology.
+    pub fn topology(&self) -> crate::store::Topology {
+        match self.topology {
+            RedisTopology::Standalone => crate::store::Topology::Standalone {
+                url: self.url.clone(),
+            },
+            RedisTopology::Sentinel => crate::store::Topology::Sentinel {
+                master: self.sentinel.master.clone(),
+                sentinels: self.sentinel.addresses.clone(),
+            },
+            RedisTopology::Cluster => crate::store::Topology::Cluster {
+                nodes: self.cluster.nodes.clone(),
+            },
+        }
+    }
+
+    /// How to log in to Redis: the user, the passwords read from their files
+    /// now (first line), TLS and the CA.
+    ///
+    /// # Errors
+    /// A message naming the file that cannot be read.
+    pub fn access(&self) -> Result<crate::store::Access, String> {
+        let secret = |field: &str, f: &Option<PathBuf>| -> Result<Option<String>, String> {
+            match f {
+                None => Ok(None),
+                Some(f) => std::fs::read_to_string(f)
+                    .map(|s| Some(s.lines().next().unwrap_or_default().to_owned()))
+                    .map_err(|e| format!("{field}: cannot read {}: {e}", f.display())),
+            }
+        };
+        let ca_pem = match &self.ca_file {
+            None => None,
+            Some(f) => Some(
+                std::fs::read(f)
+                    .map_err(|e| format!("store.ca_file: cannot read {}: {e}", f.display()))?,
+            ),
+        };
+        Ok(crate::store::Access {
+            username: self.username.clone(),
+            password: secret("store.password_file", &self.password_file)?,
+            tls: self.tls,
+            ca_pem,
+            sentinel_username: self.sentinel.username.clone(),
+            sentinel_password: secret(
+                "store.sentinel.password_file",
+                &self.sentinel.password_file,
+            )?,
+            sentinel_tls: self.sentinel.tls,
+        })
     }
 }
 
@@ -639,7 +823,14 @@ impl Default for Store {
     fn default() -> Self {
         Self {
             kind: StoreKind::default(),
+            topology: RedisTopology::default(),
             url: default_redis_url(),
+            sentinel: SentinelSection::default(),
+            cluster: ClusterSection::default(),
+            username: None,
+            password_file: None,
+            tls: false,
+            ca_file: None,
             prefix: default_prefix(),
             timeout: default_store_timeout(),
             retention: default_retention(),
@@ -1117,10 +1308,8 @@ impl Config {
         if self.listen.agent == self.listen.ops {
             p.push("listen.ops: must differ from listen.agent".into());
         }
-        if self.store.kind == StoreKind::Redis
-            && !(self.store.url.starts_with("redis://") || self.store.url.starts_with("rediss://"))
-        {
-            p.push("store.url: must start with redis:// or rediss://".into());
+        if self.store.kind == StoreKind::Redis {
+            p.extend(self.store.problems());
         }
         if self.store.timeout.is_zero() {
             p.push("store.timeout: must be positive".into());

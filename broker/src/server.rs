@@ -231,8 +231,10 @@ async fn serve_parts(
             run(config, parts, store, clock, agent, ops, shutdown).await
         }
         StoreKind::Redis => {
-            let store = RedisStore::connect(
-                &config.store.url,
+            let access = config.store.access().map_err(|e| setup("store", e))?;
+            let store = RedisStore::open(
+                &config.store.topology(),
+                &access,
                 RedisStoreOptions {
                     prefix: config.store.prefix.clone(),
                     timeout: config.store.timeout,

@@ -351,6 +351,297 @@ impl Drop for RedisServer {
     }
 }
 
+// ---------------------------------------------------------------- redis cluster and sentinel
+
+fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not happen within {within:?}");
+}
+
+/// Runs `redis-cli` with `args` and returns its stdout (panics on failure).
+pub fn redis_cli(args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}. Install it (apt-get install -y redis-tools) or use the README test command"));
+    assert!(
+        out.status.success(),
+        "redis-cli {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A Redis Cluster owned by one test: `masters` masters with `replicas`
+/// replicas each, real `redis-server` processes on free loopback ports,
+/// created with `redis-cli --cluster create` (node timeout 1 s, so a killed
+/// master's replica takes over within a few seconds).
+pub struct RedisCluster {
+    /// Every node, masters first as created (roles change with failovers).
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts and creates the cluster and waits until every slot is served.
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        let n = masters * (1 + replicas);
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-replica-validity-factor",
+                    "0",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let mut args: Vec<&str> = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        let r = replicas.to_string();
+        args.extend(["--cluster-replicas", &r, "--cluster-yes"]);
+        redis_cli(&args);
+        let me = Self { nodes };
+        me.wait_healthy(Duration::from_secs(30));
+        wait_until("every replica in sync", Duration::from_secs(30), || {
+            me.masters().iter().all(|&m| {
+                let port = me.nodes[m].port().to_string();
+                let info = redis_cli(&["-p", &port, "INFO", "replication"]);
+                info.matches("state=online").count() >= replicas
+            })
+        });
+        me
+    }
+
+    /// `host:port` of every node, for `[store.cluster] nodes`.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect()
+    }
+
+    /// Waits until every live node reports `cluster_state:ok`, and every slot is
+    /// served by a reachable master.
+    pub fn wait_healthy(&self, within: Duration) {
+        wait_until("the cluster serving every slot", within, || {
+            let alive: Vec<&RedisServer> =
+                self.nodes.iter().filter(|n| n.pid().is_some()).collect();
+            let ok = alive.iter().all(|n| {
+                let info = redis_cli(&["-p", &n.port().to_string(), "CLUSTER", "INFO"]);
+                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+            });
+            ok && !self.masters().is_empty()
+        });
+    }
+
+    /// Indexes in [`Self::nodes`] of the live masters.
+    pub fn masters(&self) -> Vec<usize> {
+        let Some(seed) = self.nodes.iter().find(|n| n.pid().is_some()) else {
+            return Vec::new();
+        };
+        let text = redis_cli(&["-p", &seed.port().to_string(), "CLUSTER", "NODES"]);
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            let (Some(addr), Some(flags)) = (f.get(1), f.get(2)) else {
+                continue;
+            };
+            if !flags.contains("master") || flags.contains("fail") {
+                continue;
+            }
+            let port = addr.split('@').next().and_then(|a| a.rsplit(':').next());
+            if let Some(i) = self
+                .nodes
+                .iter()
+                .position(|n| Some(n.port().to_string().as_str()) == port && n.pid().is_some())
+            {
+                out.push(i);
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+}
+
+/// A Sentinel-managed Redis owned by one test: a master, `replicas`
+/// replicas and `sentinels` Sentinels (quorum 2, `down-after-milliseconds`
+/// 1000), real processes on free loopback ports. The monitored name is
+/// [`SentinelGroup::NAME`].
+pub struct SentinelGroup {
+    /// The data nodes; index 0 started as the master (roles change with failovers).
+    pub nodes: Vec<RedisServer>,
+    sentinels: Vec<(Child, u16, tempfile::TempDir)>,
+}
+
+impl SentinelGroup {
+    /// The master name the Sentinels monitor.
+    pub const NAME: &'static str = "leash-test";
+
+    /// Starts the group and waits until every Sentinel knows the master and
+    /// every replica, and the replicas are in sync.
+    pub fn start(replicas: usize, sentinels: usize) -> Self {
+        let master = RedisServer::start();
+        let mport = master.port().to_string();
+        let mut nodes = vec![master];
+        for _ in 0..replicas {
+            nodes.push(RedisServer::start_with(&[
+                "--replicaof",
+                "127.0.0.1",
+                &mport,
+            ]));
+        }
+        let mut me = Self {
+            nodes,
+            sentinels: Vec::new(),
+        };
+        for _ in 0..sentinels {
+            me.spawn_sentinel(&mport);
+        }
+        wait_until("the replicas in sync", Duration::from_secs(30), || {
+            let info = redis_cli(&["-p", &mport, "INFO", "replication"]);
+            info.contains(&format!("connected_slaves:{replicas}"))
+                && info.matches("state=online").count() == replicas
+        });
+        let want = format!("num-other-sentinels\n{}", sentinels - 1);
+        let _ = want;
+        wait_until(
+            "every Sentinel seeing the group",
+            Duration::from_secs(30),
+            || {
+                me.sentinels.iter().all(|(_, port, _)| {
+                    let m = redis_cli(&["-p", &port.to_string(), "SENTINEL", "MASTER", Self::NAME]);
+                    let lines: Vec<&str> = m.lines().collect();
+                    let field = |name: &str| {
+                        lines
+                            .iter()
+                            .position(|l| *l == name)
+                            .and_then(|i| lines.get(i + 1))
+                            .map(|v| v.to_string())
+                    };
+                    field("num-slaves").as_deref() == Some(&replicas.to_string())
+                        && field("num-other-sentinels").as_deref()
+                            == Some(&(sentinels - 1).to_string())
+                })
+            },
+        );
+        me
+    }
+
+    fn spawn_sentinel(&mut self, master_port: &str) {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::tempdir().unwrap();
+            let conf = dir.path().join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndaemonize no\nprotected-mode yes\nloglevel warning\ndir {}\n\
+                     sentinel monitor {name} 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds {name} 1000\n\
+                     sentinel failover-timeout {name} 4000\n\
+                     sentinel parallel-syncs {name} 1\n",
+                    dir.path().display(),
+                    name = Self::NAME,
+                ),
+            )
+            .unwrap();
+            let mut child = Command::new(redis_binary())
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut up = false;
+            while Instant::now() < deadline {
+                if redis_command(port, "PING").is_ok_and(|r| r == "+PONG") {
+                    up = true;
+                    break;
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if up {
+                self.sentinels.push((child, port, dir));
+                return;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not start a Sentinel on a free port after 5 tries");
+    }
+
+    /// `host:port` of every Sentinel, for `[store.sentinel] addresses`.
+    pub fn sentinel_addresses(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|(_, p, _)| format!("127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The port the Sentinels name as the master now.
+    pub fn master_port(&self) -> u16 {
+        let (_, port, _) = self
+            .sentinels
+            .iter()
+            .find(|(_, p, _)| redis_command(*p, "PING").is_ok())
+            .unwrap();
+        let out = redis_cli(&[
+            "-p",
+            &port.to_string(),
+            "SENTINEL",
+            "get-master-addr-by-name",
+            Self::NAME,
+        ]);
+        out.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+
+    /// Index in [`Self::nodes`] of the current master.
+    pub fn master(&self) -> usize {
+        let port = self.master_port();
+        self.nodes.iter().position(|n| n.port() == port).unwrap()
+    }
+
+    /// Waits until the Sentinels name a master other than the node at `old`
+    /// and that node reports itself master.
+    pub fn wait_promoted(&self, old: u16, within: Duration) -> u16 {
+        let mut now = old;
+        wait_until("a replica promoted by the Sentinels", within, || {
+            now = self.master_port();
+            now != old
+                && redis_command(now, "ROLE").is_ok()
+                && redis_cli(&["-p", &now.to_string(), "ROLE"]).starts_with("master")
+        });
+        now
+    }
+}
+
+impl Drop for SentinelGroup {
+    fn drop(&mut self) {
+        for (c, _, _) in &mut self.sentinels {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 // ---------------------------------------------------------------- pki
 
 /// A CA for `acme.test` and files for the broker's serving certificate.

@@ -27,7 +27,7 @@ use leash_broker::{
         Bucket, CompleteOutcome, CredentialId, CredentialRecord, DelegateOutcome, EndReason,
         KillSwitch, KillTarget, LeaseStore, MemoryStore, QuotaKind, RedeemOutcome, RedisStore,
         RedisStoreOptions, RenewOutcome, Renewal, SHARDS, StoreError, StoredKind, TaskBinding,
-        TaskId, TaskRecord, TaskState,
+        TaskId, TaskRecord, TaskState, Topology,
     },
 };
 use leash_e2e::{RedisServer, eventually};
@@ -1798,7 +1798,58 @@ macro_rules! store_suite {
                 }
             )*
         }
+
+        /// Every case on one real Redis Cluster (3 masters with a replica
+        /// each), each case under a key prefix of its own, acknowledged by a
+        /// replica (`WAIT` on the node each script ran on).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn every_case_on_a_redis_cluster() {
+            let cluster = tokio::task::spawn_blocking(|| leash_e2e::RedisCluster::start(3, 1))
+                .await
+                .unwrap();
+            let topology = Topology::Cluster { nodes: cluster.seeds() };
+            $(
+                println!("cluster: {}", stringify!($case));
+                $case(&topology_store(&topology, stringify!($case))).await;
+            )*
+        }
+
+        /// Every case on a real Sentinel group (a master, two replicas, three
+        /// Sentinels), the store finding the master through the Sentinels.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn every_case_on_redis_sentinel() {
+            let group = tokio::task::spawn_blocking(|| leash_e2e::SentinelGroup::start(2, 3))
+                .await
+                .unwrap();
+            let topology = Topology::Sentinel {
+                master: leash_e2e::SentinelGroup::NAME.into(),
+                sentinels: group.sentinel_addresses(),
+            };
+            $(
+                println!("sentinel: {}", stringify!($case));
+                $case(&topology_store(&topology, stringify!($case))).await;
+            )*
+        }
     };
+}
+
+/// A store on `topology` under its own `prefix`, each change acknowledged by
+/// one replica.
+fn topology_store(topology: &Topology, prefix: &str) -> RedisStore {
+    RedisStore::open(
+        topology,
+        &leash_broker::store::Access::default(),
+        RedisStoreOptions {
+            prefix: prefix.into(),
+            timeout: Duration::from_secs(2),
+            retention: Duration::from_secs(3_600),
+            durability: leash_broker::store::Durability::Replicas(1),
+            clock: leash_broker::store::StoreClock::Caller,
+            local_clock: std::sync::Arc::new(leash_broker::clock::SystemClock),
+            audit: leash_broker::audit::AuditRetention::default(),
+        },
+    )
+    .unwrap()
 }
 
 store_suite!(

@@ -24,6 +24,8 @@
 //! - Ending a task deletes its credential records at once; the task record alone
 //!   stays readable for the retention period.
 
+mod bells;
+mod link;
 mod memory;
 mod model;
 mod redis;
@@ -32,6 +34,7 @@ use std::{future::Future, time::Duration};
 
 use crate::audit::{AuditCursor, AuditEvent, AuditPage};
 
+pub use link::{Access, Topology};
 pub use memory::MemoryStore;
 pub use memory::quota_keys;
 pub use model::{

@@ -44,7 +44,9 @@ use std::{
     time::Duration,
 };
 
-use redis::{Client, Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
+use redis::Script;
+
+use super::link::{Access, Link, Target, Timeouts, Topology};
 
 use crate::audit::{AuditCursor, AuditEvent, AuditPage, AuditRetention};
 
@@ -177,11 +179,15 @@ impl ServerFacts {
 /// restarting the broker.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Link,
     /// State changes and their WAIT/WAITAOF go on a connection of their own, so
     /// a slow acknowledgement never holds up reads (introspection).
-    writes: ConnectionManager,
-    client: Client,
+    writes: Link,
+    target: Target,
+    /// Redis Cluster: every command stays on one slot (see the module docs).
+    cluster: bool,
+    /// Redis Cluster: one watcher per shard wakes waiting revocation reads.
+    bells: Option<Arc<super::bells::Bells>>,
     timeout: Duration,
     /// A connection of its own for blocking stream reads, which would stall
     /// every other call on the shared multiplexed connection.
@@ -226,6 +232,7 @@ struct Scripts {
     kill: Script,
     audit_append: Script,
     audit_trace: Script,
+    quota: Script,
 }
 
 const PRELUDE: &str = include_str!("lua/prelude.lua");
@@ -281,6 +288,7 @@ impl Scripts {
             kill: audited_script(include_str!("lua/kill.lua")),
             audit_append: audited_script(include_str!("lua/audit_append.lua")),
             audit_trace: Script::new(include_str!("lua/audit_trace.lua")),
+            quota: read_script(include_str!("lua/quota.lua")),
         }
     }
 }
@@ -531,30 +539,66 @@ fn parse_version(info: &str) -> Option<(u32, u32, u32)> {
 }
 
 impl RedisStore {
-    /// Prepares a store for `url` (`redis://` or `rediss://`). Does not connect:
-    /// the first call does, and every call after a failure retries.
+    /// Prepares a store on one Redis node at `url` (`redis://` or
+    /// `rediss://`). Does not connect: the first call does, and every call
+    /// after a failure retries.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] if the URL is malformed.
     pub fn connect(url: &str, options: RedisStoreOptions) -> Result<Self, StoreError> {
-        let client = Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("redis url: {}", e.kind_description())))?;
-        let manager = |response: Duration| {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(options.timeout))
-                .set_response_timeout(Some(response))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(500));
-            ConnectionManager::new_lazy_with_config(client.clone(), config)
+        Self::open(
+            &Topology::Standalone {
+                url: url.to_owned(),
+            },
+            &Access::default(),
+            options,
+        )
+    }
+
+    /// Prepares a store on `topology` (a single node, a Sentinel-managed
+    /// master or a Redis Cluster), logging in with `access`. Does not connect:
+    /// the first call does, and every call after a failure retries.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if an address or URL is malformed.
+    pub fn open(
+        topology: &Topology,
+        access: &Access,
+        options: RedisStoreOptions,
+    ) -> Result<Self, StoreError> {
+        let bad = |e: redis::RedisError| {
+            StoreError::Unavailable(format!(
+                "redis {} address: {}",
+                topology.name(),
+                e.kind_description()
+            ))
+        };
+        let target = Target::open(topology, access, options.timeout).map_err(bad)?;
+        let link = |response: Duration| {
+            target
+                .link(Timeouts {
+                    connect: options.timeout,
+                    response,
+                })
                 .map_err(|e| unavailable(&e))
         };
-        let conn = manager(options.timeout)?;
+        let conn = link(options.timeout)?;
         // A WAIT may use up to half the timeout on top of the script itself.
-        let writes = manager(options.timeout + options.timeout / 2)?;
+        let writes = link(options.timeout + options.timeout / 2)?;
+        let cluster = topology.is_cluster();
+        let bells = cluster.then(|| {
+            Arc::new(super::bells::Bells::new(
+                target.clone(),
+                options.prefix.clone(),
+                options.timeout,
+            ))
+        });
         Ok(Self {
             conn,
             writes,
-            client,
+            target,
+            cluster,
+            bells,
             timeout: options.timeout,
             feed: Arc::new(tokio::sync::Mutex::new(None)),
             prefix: options.prefix,
@@ -637,44 +681,93 @@ impl RedisStore {
                 unavailable(e)
             }
         };
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| refused("INFO server", &e))?;
-        let version = parse_version(&info)
-            .ok_or_else(|| StoreError::Misconfigured("INFO server has no redis_version".into()))?;
-        let get = |name: &'static str| {
+        // Every master is checked (one node, or each master of a cluster);
+        // the facts kept are the weakest found, naming the node.
+        let answers = |cmd: redis::Cmd, what: &'static str| {
             let mut conn = conn.clone();
             async move {
-                let pair: Vec<String> = redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg(name)
-                    .query_async(&mut conn)
+                let all = conn
+                    .on_every_master(cmd)
                     .await
-                    .map_err(|e| refused("CONFIG GET", &e))?;
-                pair.get(1).cloned().ok_or_else(|| {
-                    StoreError::Misconfigured(format!("CONFIG GET {name} answered nothing"))
-                })
+                    .map_err(|e| refused(what, &e))?;
+                all.into_iter()
+                    .map(|(node, v)| match v {
+                        redis::Value::ServerError(e) => Err(StoreError::Misconfigured(format!(
+                            "the broker's Redis user may not run {what} on {node} ({}); Leash needs it to check eviction and persistence settings",
+                            e.details().unwrap_or_default()
+                        ))),
+                        v => Ok((node, v)),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
             }
         };
-        Ok(ServerFacts {
-            version,
-            maxmemory_policy: get("maxmemory-policy").await?,
-            appendonly: get("appendonly").await? == "yes",
-            appendfsync: get("appendfsync").await?,
-        })
+        let mut info = redis::cmd("INFO");
+        info.arg("server");
+        let mut facts: Vec<(String, ServerFacts)> = Vec::new();
+        for (node, v) in answers(info, "INFO server").await? {
+            let text: String = redis::from_redis_value(v).map_err(|_| {
+                StoreError::Misconfigured(format!("INFO server of {node} is not text"))
+            })?;
+            let version = parse_version(&text).ok_or_else(|| {
+                StoreError::Misconfigured(format!("INFO server of {node} has no redis_version"))
+            })?;
+            facts.push((
+                node,
+                ServerFacts {
+                    version,
+                    maxmemory_policy: String::new(),
+                    appendonly: false,
+                    appendfsync: String::new(),
+                },
+            ));
+        }
+        for name in ["maxmemory-policy", "appendonly", "appendfsync"] {
+            let mut get = redis::cmd("CONFIG");
+            get.arg("GET").arg(name);
+            for (node, v) in answers(get, "CONFIG GET").await? {
+                let pair: Vec<String> = redis::from_redis_value(v).unwrap_or_default();
+                let value = pair.get(1).cloned().ok_or_else(|| {
+                    StoreError::Misconfigured(format!(
+                        "CONFIG GET {name} answered nothing on {node}"
+                    ))
+                })?;
+                if let Some((_, f)) = facts.iter_mut().find(|(n, _)| *n == node) {
+                    match name {
+                        "maxmemory-policy" => f.maxmemory_policy = value,
+                        "appendonly" => f.appendonly = value == "yes",
+                        _ => f.appendfsync = value,
+                    }
+                }
+            }
+        }
+        weakest(facts, self.durability)
+    }
+
+    /// `cmd`'s answer from the one node, or from a cluster's first master (in
+    /// address order): what `leash doctor` reports.
+    async fn first_master<T: redis::FromRedisValue>(
+        &self,
+        cmd: redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        let mut conn = self.conn.clone();
+        let mut all = conn.on_every_master(cmd).await?;
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        match all.into_iter().next() {
+            Some((_, redis::Value::ServerError(e))) => Err(e.into()),
+            Some((_, v)) => Ok(redis::from_redis_value(v)?),
+            None => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no master answered",
+            ))),
+        }
     }
 
     /// One `CONFIG GET name`: `Ok(Err(why))` when Redis refuses it (ACL,
     /// renamed command), so the caller can fall back to `INFO`.
     async fn config_value(&self, name: &str) -> Result<Result<String, String>, StoreError> {
-        let mut conn = self.conn.clone();
-        let answer: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg(name)
-            .query_async(&mut conn)
-            .await;
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg(name);
+        let answer: Result<Vec<String>, _> = self.first_master(cmd).await;
         match answer {
             Ok(pair) => Ok(pair
                 .get(1)
@@ -690,9 +783,9 @@ impl RedisStore {
 
     /// One `INFO section`: `Ok(Err(why))` when Redis refuses it.
     async fn info_section(&self, section: &str) -> Result<Result<String, String>, StoreError> {
-        let mut conn = self.conn.clone();
-        let answer: Result<String, _> =
-            redis::cmd("INFO").arg(section).query_async(&mut conn).await;
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg(section);
+        let answer: Result<String, _> = self.first_master(cmd).await;
         match answer {
             Ok(info) => Ok(Ok(info)),
             Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => Ok(Err(format!(
@@ -816,20 +909,64 @@ impl RedisStore {
         ]
     }
 
-    /// The base of the quota keys (see the module docs).
+    /// The base of the quota keys the ending scripts update (see the module
+    /// docs); '' in a cluster, where the quota keys live in slots of their own
+    /// and [`Self::release_quotas`] updates them after the script.
     fn quota_base(&self) -> String {
-        format!("{}:q:", self.prefix)
+        if self.cluster {
+            String::new()
+        } else {
+            format!("{}:q:", self.prefix)
+        }
     }
 
-    /// The kill switches: a hash `"<kind> <value>"` → kill switch JSON, beside
-    /// the task slots like the quota keys (Redis Cluster, issue 11, must move it).
-    fn kill_key(&self) -> String {
-        format!("{}:kill", self.prefix)
+    /// The kill switches `shard`'s scripts read: a hash `"<kind> <value>"` →
+    /// kill switch JSON. On one node every shard shares `P:kill`; in a
+    /// cluster each shard has its own copy in its slot, so the begin and
+    /// delegate scripts stay single-slot.
+    fn kill_key(&self, shard: u8) -> String {
+        if self.cluster {
+            format!("{}:kill", self.tag(shard))
+        } else {
+            format!("{}:kill", self.prefix)
+        }
     }
 
     /// The identity prefixes among the kill switches (a set, for the begin check).
-    fn kill_prefix_key(&self) -> String {
-        format!("{}:killpfx", self.prefix)
+    fn kill_prefix_key(&self, shard: u8) -> String {
+        if self.cluster {
+            format!("{}:killpfx", self.tag(shard))
+        } else {
+            format!("{}:killpfx", self.prefix)
+        }
+    }
+
+    /// The shards whose kill-switch copy a change writes, in order: on one
+    /// node just the one shared copy; in a cluster every shard's, shard 0's
+    /// last, so a switch listed (read from shard 0) is in force everywhere and
+    /// a lift that fails part way leaves the switch listed and still refusing.
+    fn kill_copies(&self) -> Vec<u8> {
+        if self.cluster {
+            (0..SHARDS).rev().collect()
+        } else {
+            vec![0]
+        }
+    }
+
+    /// The audit context of a kill-switch change on `shard`'s copy: only the
+    /// last copy (shard 0) records the event, so the trail tells it once.
+    fn kill_audit_arg(&self, shard: u8) -> String {
+        let arg = self.audit_arg(0, "", "");
+        if shard == 0 {
+            return arg;
+        }
+        match serde_json::from_str::<serde_json::Value>(&arg) {
+            Ok(mut v) => {
+                v["off"] = serde_json::Value::Bool(true);
+                v.to_string()
+            }
+            Err(_) => arg,
+        }
     }
 
     /// The owner, template, class and tenant a kill switch may refuse.
@@ -860,18 +997,78 @@ impl RedisStore {
         format!("{}:revlog", self.tag(shard))
     }
 
-    /// The gap check and the read of every shard's log after `after`, in one
-    /// script (`lua/read_log.lua`).
+    /// The shards that one multi-key step may cover together: all of them on
+    /// one node, one at a time in a cluster (each shard is its own slot).
+    fn shard_groups(&self) -> Vec<Vec<u8>> {
+        if self.cluster {
+            (0..SHARDS).map(|s| vec![s]).collect()
+        } else {
+            vec![(0..SHARDS).collect()]
+        }
+    }
+
+    /// Runs the commands `cmds` gives for each shard, in shard order: one
+    /// pipeline on one node, one pipeline per shard (concurrently) in a cluster.
+    async fn per_shard<T: redis::FromRedisValue>(
+        &self,
+        cmds: impl Fn(u8) -> Vec<redis::Cmd>,
+    ) -> Result<Vec<T>, StoreError> {
+        let runs = self.shard_groups().into_iter().map(|group| {
+            let mut pipe = redis::pipe();
+            for shard in group {
+                for c in cmds(shard) {
+                    pipe.add_command(c);
+                }
+            }
+            let mut conn = self.conn.clone();
+            async move { pipe.query_async::<Vec<T>>(&mut conn).await }
+        });
+        let mut out = Vec::new();
+        for r in futures_util::future::join_all(runs).await {
+            out.extend(r.map_err(|e| unavailable(&e))?);
+        }
+        Ok(out)
+    }
+
+    /// The gap check and the read of every shard's log after `after`
+    /// (`lua/read_log.lua`): one script for all shards on one node, one per
+    /// shard in a cluster. A gap in any shard is a gap.
     async fn read_log(
         &self,
         after: &RevocationCursor,
         limit: usize,
     ) -> Result<RevocationRead, StoreError> {
+        let reads = self
+            .shard_groups()
+            .into_iter()
+            .map(|group| self.read_log_of(after, group, limit));
+        let mut cursor = after.clone();
+        let mut records = Vec::new();
+        for read in futures_util::future::join_all(reads).await {
+            let Some(part) = read? else {
+                return Ok(RevocationRead::Gap);
+            };
+            for r in part {
+                cursor.advance(r.position.0, r.position.1);
+                records.push(r);
+            }
+        }
+        Ok(RevocationRead::Records(records, cursor))
+    }
+
+    /// [`Self::read_log`] of some shards in one script; `None` is a gap.
+    async fn read_log_of(
+        &self,
+        after: &RevocationCursor,
+        shards: Vec<u8>,
+        limit: usize,
+    ) -> Result<Option<Vec<RevocationRecord>>, StoreError> {
         let mut inv = self.scripts.read_log.prepare_invoke();
-        for shard in 0..SHARDS {
+        for &shard in &shards {
             inv.key(self.revlog_key(shard));
         }
-        for id in &after.0 {
+        for &shard in &shards {
+            let id = after.0.get(usize::from(shard)).copied().unwrap_or_default();
             inv.arg(id.to_string());
         }
         inv.arg(limit.max(1));
@@ -886,11 +1083,10 @@ impl RedisStore {
             .and_then(|v| redis::from_redis_value(v).ok())
             .ok_or_else(|| corrupt("revocation read"))?;
         if status == "gap" {
-            return Ok(RevocationRead::Gap);
+            return Ok(None);
         }
-        let mut cursor = after.clone();
         let mut records = Vec::new();
-        for (shard, part) in (0..SHARDS).zip(parts) {
+        for (&shard, part) in shards.iter().zip(parts) {
             let range: redis::streams::StreamRangeReply =
                 redis::from_redis_value(part).map_err(|_| corrupt("revocation entries"))?;
             for entry in range.ids {
@@ -917,10 +1113,259 @@ impl RedisStore {
                     tenant: field("t").unwrap_or_default(),
                     position: (shard, pos),
                 });
-                cursor.advance(shard, pos);
             }
         }
-        Ok(RevocationRead::Records(records, cursor))
+        Ok(Some(records))
+    }
+
+    /// A quota subject's keys in a cluster: the live-task set and the token
+    /// bucket, in a slot of their own (hash tag: prefix, kind and subject), so
+    /// the quotas of different identities and classes spread over the slots.
+    fn cluster_quota_keys(&self, subject: &str) -> (String, String) {
+        let live = format!("{{{}:q:{subject}}}", self.prefix);
+        let rate = format!("{live}:rate");
+        (live, rate)
+    }
+
+    /// Counts `task` against one quota subject (cluster only, `op`
+    /// `reserve`), or undoes that for a begin then refused (`refund`); `Some`
+    /// answers a refusal.
+    async fn quota_step(
+        &self,
+        op: &str,
+        task: &TaskRecord,
+        subject: &str,
+        limit: Option<u64>,
+        bucket: Option<super::Bucket>,
+        kinds: (QuotaKind, QuotaKind),
+    ) -> Result<Option<BeginOutcome>, StoreError> {
+        if limit.is_none() && bucket.is_none() {
+            return Ok(None);
+        }
+        let (live, rate) = self.cluster_quota_keys(subject);
+        let mut inv = self.scripts.quota.prepare_invoke();
+        inv.key(&live)
+            .key(&rate)
+            .arg(self.now_arg(task.created_at_ms))
+            .arg(op)
+            .arg(task.id.as_str())
+            .arg(task.max_deadline_ms.saturating_sub(task.created_at_ms))
+            .arg(limit.map(|v| v.to_string()).unwrap_or_default());
+        match bucket {
+            Some(b) => inv.arg(b.burst).arg(format!("{:.3}", b.refill_ms.max(1.0))),
+            None => inv.arg("").arg(""),
+        };
+        inv.arg(kinds.0.as_str())
+            .arg(kinds.1.as_str())
+            .arg(super::CONCURRENCY_RETRY_MS);
+        let reply: Vec<Option<String>> = self.run_write(&live, &mut inv).await?;
+        let field = |i: usize| reply.get(i).and_then(Option::as_deref);
+        match field(0) {
+            Some("ok") => {
+                if let Some(t) = field(1).and_then(|t| parse_score(t).ok()) {
+                    self.observe(t);
+                }
+                Ok(None)
+            }
+            Some("exhausted") => {
+                if let Some(t) = field(3).and_then(|t| parse_score(t).ok()) {
+                    self.observe(t);
+                }
+                Ok(Some(BeginOutcome::Exhausted {
+                    quota: field(1)
+                        .and_then(QuotaKind::parse)
+                        .ok_or_else(|| corrupt("quota reply"))?,
+                    retry_after_ms: field(2).map_or(Ok(0), parse_score)?,
+                }))
+            }
+            _ => Err(corrupt("quota reply")),
+        }
+    }
+
+    /// Stops counting ended tasks against their owners' and classes' live-task
+    /// quotas (cluster only; on one node the ending scripts do it). A failure
+    /// is logged, not returned: the task has ended, and its entry lapses at
+    /// its max lifetime anyway, so a lost release only denies, never admits.
+    async fn release_quotas(&self, tasks: Vec<&TaskRecord>) {
+        if !self.cluster {
+            return;
+        }
+        for task in tasks {
+            let (id_key, class_key) = super::memory::quota_keys(task);
+            for subject in [id_key, class_key] {
+                let (live, _) = self.cluster_quota_keys(&subject);
+                let mut conn = self.writes.clone();
+                let done: Result<i64, _> = redis::cmd("ZREM")
+                    .arg(&live)
+                    .arg(task.id.as_str())
+                    .query_async(&mut conn)
+                    .await;
+                if let Err(e) = done {
+                    tracing::warn!(task = %task.id, error = %e.kind_description(),
+                        "quota release failed; the entry lapses at the task's max lifetime");
+                }
+            }
+        }
+    }
+
+    /// Begin on a cluster: the quotas first, each in its own slot, then the
+    /// begin script in the task's slot. A refused begin gives back what it
+    /// counted (and the tokens it spent); a begin whose outcome is unknown
+    /// keeps it (it may have begun), and the entry lapses at the task's max
+    /// lifetime.
+    async fn begin_in_cluster(
+        &self,
+        task: &TaskRecord,
+        credentials: &[CredentialRecord],
+        quota: BeginQuota,
+    ) -> Result<BeginOutcome, StoreError> {
+        let limited = quota.identity_max_live.is_some()
+            || quota.class_max_live.is_some()
+            || quota.identity_rate.is_some()
+            || quota.class_rate.is_some();
+        if !limited {
+            return self.begin_script(task, credentials, quota).await;
+        }
+        // A replay is answered whatever the quotas, as on one node.
+        if let Some(stored) = self.task(&task.id).await? {
+            return Ok(BeginOutcome::Existing(Box::new(stored)));
+        }
+        let (id_key, class_key) = super::memory::quota_keys(task);
+        let subjects = [
+            (
+                id_key,
+                quota.identity_max_live,
+                quota.identity_rate,
+                (QuotaKind::IdentityTasks, QuotaKind::IdentityRate),
+            ),
+            (
+                class_key,
+                quota.class_max_live,
+                quota.class_rate,
+                (QuotaKind::ClassTasks, QuotaKind::ClassRate),
+            ),
+        ];
+        let refund = |counted: usize| {
+            let subjects = &subjects;
+            async move {
+                for (subject, limit, bucket, kinds) in subjects.iter().take(counted) {
+                    let undone = self
+                        .quota_step("refund", task, subject, *limit, *bucket, *kinds)
+                        .await;
+                    if let Err(e) = undone {
+                        tracing::warn!(task = %task.id, error = %e,
+                            "quota refund failed; the entry lapses at the task's max lifetime");
+                    }
+                }
+            }
+        };
+        for (i, (subject, limit, bucket, kinds)) in subjects.iter().enumerate() {
+            match self
+                .quota_step("reserve", task, subject, *limit, *bucket, *kinds)
+                .await
+            {
+                Ok(None) => {}
+                Ok(Some(refused)) => {
+                    refund(i).await;
+                    return Ok(refused);
+                }
+                Err(e) => {
+                    refund(i).await;
+                    return Err(e);
+                }
+            }
+        }
+        let outcome = self
+            .begin_script(task, credentials, BeginQuota::default())
+            .await;
+        match &outcome {
+            Ok(BeginOutcome::Created(_) | BeginOutcome::Existing(_)) => {}
+            // Refused, or nothing changed: the task did not begin.
+            Ok(_) | Err(StoreError::Unavailable(_)) => refund(subjects.len()).await,
+            Err(_) => {}
+        }
+        outcome
+    }
+
+    /// The begin script (on one node it also checks and counts the quotas).
+    async fn begin_script(
+        &self,
+        task: &TaskRecord,
+        credentials: &[CredentialRecord],
+        quota: BeginQuota,
+    ) -> Result<BeginOutcome, StoreError> {
+        let keys = self.task_keys(&task.id);
+        let mut inv = self.scripts.begin.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        if self.cluster {
+            // Quotas were counted in their own slots; these keys are never
+            // touched (every limit is ''), only declared in the task's slot.
+            let tag = self.tag(task.id.shard());
+            for part in ["q-id", "q-class", "q-rate-id", "q-rate-class"] {
+                inv.key(format!("{tag}:{part}"));
+            }
+        } else {
+            let base = self.quota_base();
+            let (id_key, class_key) = super::memory::quota_keys(task);
+            inv.key(format!("{base}{id_key}"))
+                .key(format!("{base}{class_key}"))
+                .key(format!("{base}rate:{id_key}"))
+                .key(format!("{base}rate:{class_key}"));
+        }
+        inv.key(self.kill_key(task.id.shard()))
+            .key(self.kill_prefix_key(task.id.shard()));
+        inv.arg(self.now_arg(task.created_at_ms))
+            .arg(self.audit_arg(task.id.shard(), "", ""))
+            .arg(to_json(task)?)
+            .arg(task.lease_deadline_ms.saturating_sub(task.created_at_ms))
+            .arg(task.max_deadline_ms.saturating_sub(task.created_at_ms))
+            .arg(self.retention_ms)
+            .arg(task.id.as_str())
+            .arg(MAX_LIVE_CREDENTIALS_PER_GRANT)
+            .arg(REVOCATION_LOG_MAX);
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+        inv.arg(opt(quota.identity_max_live))
+            .arg(opt(quota.class_max_live));
+        for bucket in [quota.identity_rate, quota.class_rate] {
+            match bucket {
+                Some(b) => inv.arg(b.burst).arg(format!("{:.3}", b.refill_ms.max(1.0))),
+                None => inv.arg("").arg(""),
+            };
+        }
+        inv.arg(
+            task.approval
+                .as_ref()
+                .map(|a| a.validity_ms.to_string())
+                .unwrap_or_default(),
+        );
+        self.kill_args(&mut inv, task);
+        push_credentials(&mut inv, credentials)?;
+        let reply: Vec<Option<String>> = self.run_write(&keys[0], &mut inv).await?;
+        audit_refusal(&reply)?;
+        if let Some(k) = self.killed_reply(&reply)? {
+            return Ok(BeginOutcome::Killed(k));
+        }
+        if reply.first().and_then(Option::as_deref) == Some("exhausted") {
+            let field = |i: usize| reply.get(i).and_then(Option::as_deref);
+            if let Some(t) = field(3).and_then(|t| parse_score(t).ok()) {
+                self.observe(t);
+            }
+            return Ok(BeginOutcome::Exhausted {
+                quota: field(1)
+                    .and_then(QuotaKind::parse)
+                    .ok_or_else(|| corrupt("begin quota reply"))?,
+                retry_after_ms: field(2).map_or(Ok(0), parse_score)?,
+            });
+        }
+        self.decided(&reply);
+        let stored = Box::new(task_from_fields(task_part(&reply)?)?);
+        match reply.first().and_then(Option::as_deref) {
+            Some("created") => Ok(BeginOutcome::Created(stored)),
+            Some("existing") => Ok(BeginOutcome::Existing(stored)),
+            _ => Err(corrupt("begin reply")),
+        }
     }
 
     /// Runs a blocking command on the dedicated feed connection, bounded by
@@ -933,15 +1378,11 @@ impl RedisStore {
         let mut slot = self.feed.lock().await;
         let conn = match slot.take() {
             Some(c) => c,
-            None => {
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(None);
-                self.client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .map_err(|e| unavailable(&e))?
-            }
+            None => self
+                .target
+                .blocking_connection(self.timeout)
+                .await
+                .map_err(|e| unavailable(&e))?,
         };
         let mut conn = conn;
         match tokio::time::timeout(wait + self.timeout, cmd.query_async(&mut conn)).await {
@@ -966,9 +1407,12 @@ impl RedisStore {
     }
 
     /// Runs a state-changing script, then confirms its durability: the reply is
-    /// returned only once the change is as durable as configured.
+    /// returned only once the change is as durable as configured. `slot_key`
+    /// is a key of the script's slot (its shard tag will do): in a cluster the
+    /// confirmation must reach the node the script ran on.
     async fn run_write<T: redis::FromRedisValue>(
         &self,
+        slot_key: &str,
         invocation: &mut redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
         let facts = self.checked().await?;
@@ -977,13 +1421,14 @@ impl RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| write_failed(&e))?;
-        self.confirm(&mut conn, &facts).await?;
+        self.confirm(&mut conn, slot_key, &facts).await?;
         Ok(reply)
     }
 
     async fn confirm(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Link,
+        slot_key: &str,
         facts: &ServerFacts,
     ) -> Result<(), StoreError> {
         let wait_ms = crate::clock::duration_ms(self.timeout / 2).max(1);
@@ -997,11 +1442,10 @@ impl RedisStore {
             Durability::None => Ok(()),
             Durability::Fsync if !facts.has_waitaof() => Ok(()),
             Durability::Fsync => {
-                let acks: Vec<i64> = redis::cmd("WAITAOF")
-                    .arg(1)
-                    .arg(0)
-                    .arg(wait_ms)
-                    .query_async(conn)
+                let mut cmd = redis::cmd("WAITAOF");
+                cmd.arg(1).arg(0).arg(wait_ms);
+                let acks: Vec<i64> = conn
+                    .query_at(slot_key, cmd)
                     .await
                     .map_err(|e| write_failed(&e))?;
                 if acks.first().copied().unwrap_or(0) >= 1 {
@@ -1011,10 +1455,10 @@ impl RedisStore {
                 }
             }
             Durability::Replicas(n) => {
-                let acked: i64 = redis::cmd("WAIT")
-                    .arg(n)
-                    .arg(wait_ms)
-                    .query_async(conn)
+                let mut cmd = redis::cmd("WAIT");
+                cmd.arg(n).arg(wait_ms);
+                let acked: i64 = conn
+                    .query_at(slot_key, cmd)
                     .await
                     .map_err(|e| write_failed(&e))?;
                 if acked >= i64::from(n) {
@@ -1027,6 +1471,33 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// The facts of the master with the most problems for `durability` (the
+/// first one if none has any), so one bad node of a cluster fails the check;
+/// its problems name it.
+fn weakest(
+    facts: Vec<(String, ServerFacts)>,
+    durability: Durability,
+) -> Result<ServerFacts, StoreError> {
+    let several = facts.len() > 1;
+    let mut worst: Option<(usize, String, ServerFacts)> = None;
+    for (node, f) in facts {
+        let n = f.problems(durability).len();
+        if worst.as_ref().is_none_or(|(w, _, _)| n > *w) {
+            worst = Some((n, node, f));
+        }
+    }
+    let (problems, node, f) =
+        worst.ok_or_else(|| StoreError::Unavailable("redis: no master answered".into()))?;
+    if problems > 0 && several {
+        let mut lines = f.problems(durability);
+        for l in &mut lines {
+            *l = format!("{node}: {l}");
+        }
+        return Err(StoreError::Misconfigured(lines.join("; ")));
+    }
+    Ok(f)
 }
 
 /// `s` with the glob characters of a Redis MATCH pattern escaped.
@@ -1099,69 +1570,10 @@ impl LeaseStore for RedisStore {
         credentials: &[CredentialRecord],
         quota: BeginQuota,
     ) -> Result<BeginOutcome, StoreError> {
-        let keys = self.task_keys(&task.id);
-        let mut inv = self.scripts.begin.prepare_invoke();
-        for k in &keys {
-            inv.key(k);
+        if self.cluster {
+            return self.begin_in_cluster(task, credentials, quota).await;
         }
-        let base = self.quota_base();
-        let (id_key, class_key) = super::memory::quota_keys(task);
-        inv.key(format!("{base}{id_key}"))
-            .key(format!("{base}{class_key}"))
-            .key(format!("{base}rate:{id_key}"))
-            .key(format!("{base}rate:{class_key}"))
-            .key(self.kill_key())
-            .key(self.kill_prefix_key());
-        inv.arg(self.now_arg(task.created_at_ms))
-            .arg(self.audit_arg(task.id.shard(), "", ""))
-            .arg(to_json(task)?)
-            .arg(task.lease_deadline_ms.saturating_sub(task.created_at_ms))
-            .arg(task.max_deadline_ms.saturating_sub(task.created_at_ms))
-            .arg(self.retention_ms)
-            .arg(task.id.as_str())
-            .arg(MAX_LIVE_CREDENTIALS_PER_GRANT)
-            .arg(REVOCATION_LOG_MAX);
-        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
-        inv.arg(opt(quota.identity_max_live))
-            .arg(opt(quota.class_max_live));
-        for bucket in [quota.identity_rate, quota.class_rate] {
-            match bucket {
-                Some(b) => inv.arg(b.burst).arg(format!("{:.3}", b.refill_ms.max(1.0))),
-                None => inv.arg("").arg(""),
-            };
-        }
-        inv.arg(
-            task.approval
-                .as_ref()
-                .map(|a| a.validity_ms.to_string())
-                .unwrap_or_default(),
-        );
-        self.kill_args(&mut inv, task);
-        push_credentials(&mut inv, credentials)?;
-        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
-        audit_refusal(&reply)?;
-        if let Some(k) = self.killed_reply(&reply)? {
-            return Ok(BeginOutcome::Killed(k));
-        }
-        if reply.first().and_then(Option::as_deref) == Some("exhausted") {
-            let field = |i: usize| reply.get(i).and_then(Option::as_deref);
-            if let Some(t) = field(3).and_then(|t| parse_score(t).ok()) {
-                self.observe(t);
-            }
-            return Ok(BeginOutcome::Exhausted {
-                quota: field(1)
-                    .and_then(QuotaKind::parse)
-                    .ok_or_else(|| corrupt("begin quota reply"))?,
-                retry_after_ms: field(2).map_or(Ok(0), parse_score)?,
-            });
-        }
-        self.decided(&reply);
-        let stored = Box::new(task_from_fields(task_part(&reply)?)?);
-        match reply.first().and_then(Option::as_deref) {
-            Some("created") => Ok(BeginOutcome::Created(stored)),
-            Some("existing") => Ok(BeginOutcome::Existing(stored)),
-            _ => Err(corrupt("begin reply")),
-        }
+        self.begin_script(task, credentials, quota).await
     }
 
     #[tracing::instrument(skip_all, name = "store.task")]
@@ -1205,7 +1617,7 @@ impl LeaseStore for RedisStore {
             .arg(task_id.as_str())
             .arg(if renewal.redeems_approval { "1" } else { "" });
         push_credentials(&mut inv, renewal.credentials)?;
-        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        let reply: Vec<Option<String>> = self.run_write(&keys[0], &mut inv).await?;
         audit_refusal(&reply)?;
         self.decided(&reply);
         match reply.first().and_then(Option::as_deref) {
@@ -1251,7 +1663,7 @@ impl LeaseStore for RedisStore {
             .arg(self.retention_ms.max(1))
             .arg(self.quota_base())
             .arg(format!("{}:", self.tag(task_id.shard())));
-        let values: Vec<redis::Value> = self.run_write(&mut inv).await?;
+        let values: Vec<redis::Value> = self.run_write(&keys[0], &mut inv).await?;
         let head = strings_of(values.get(..=DECIDED_AT).unwrap_or(&values));
         audit_refusal(&head)?;
         self.decided(&head);
@@ -1271,8 +1683,12 @@ impl LeaseStore for RedisStore {
                 for v in values.iter().skip(DECIDED_AT + 2) {
                     descendants.extend(ended_entry(v)?);
                 }
+                let task = task_from_fields(task_part(&head)?)?;
+                let mut ended = vec![&task];
+                ended.extend(descendants.iter().map(|d| &d.task));
+                self.release_quotas(ended).await;
                 Ok(CompleteOutcome::Ended {
-                    task: task_from_fields(task_part(&head)?)?,
+                    task,
                     revoked: credential_ids(&ids)?,
                     descendants,
                 })
@@ -1330,7 +1746,7 @@ impl LeaseStore for RedisStore {
             .arg(self.retention_ms.max(1))
             .arg(format!("{tag}:"))
             .arg(self.quota_base());
-        let reply: Vec<redis::Value> = self.run_write(&mut inv).await?;
+        let reply: Vec<redis::Value> = self.run_write(&tag, &mut inv).await?;
         let mut out = Reaped {
             more: reply
                 .get(1)
@@ -1346,23 +1762,27 @@ impl LeaseStore for RedisStore {
                 out.skipped.push((String::new(), e.to_string()));
             }
         }
+        self.release_quotas(out.expired.iter().map(|e| &e.task).collect())
+            .await;
         Ok(out)
     }
 
     async fn revocation_cursor(&self) -> Result<RevocationCursor, StoreError> {
-        let mut inv = self.scripts.log_end.prepare_invoke();
-        for shard in 0..SHARDS {
-            inv.key(self.revlog_key(shard));
-        }
-        let reply = self.run(&mut inv).await?;
         let mut cursor = RevocationCursor::default();
-        for shard in 0..SHARDS {
-            let last = reply
-                .get(usize::from(shard))
-                .and_then(Option::as_deref)
-                .and_then(LogId::parse)
-                .ok_or_else(|| corrupt("revocation log id"))?;
-            cursor.advance(shard, last);
+        for group in self.shard_groups() {
+            let mut inv = self.scripts.log_end.prepare_invoke();
+            for &shard in &group {
+                inv.key(self.revlog_key(shard));
+            }
+            let reply = self.run(&mut inv).await?;
+            for (i, &shard) in group.iter().enumerate() {
+                let last = reply
+                    .get(i)
+                    .and_then(Option::as_deref)
+                    .and_then(LogId::parse)
+                    .ok_or_else(|| corrupt("revocation log id"))?;
+                cursor.advance(shard, last);
+            }
         }
         Ok(cursor)
     }
@@ -1421,10 +1841,19 @@ impl LeaseStore for RedisStore {
         wait: Duration,
         limit: usize,
     ) -> Result<RevocationRead, StoreError> {
+        // In a cluster, subscribe to the shards' bells before reading, so an
+        // entry logged after the read wakes the wait below.
+        let mut bell = self.bells.as_ref().map(|b| b.subscribe());
         let read = self.read_log(after, limit).await?;
         let idle = matches!(&read, RevocationRead::Records(records, _) if records.is_empty());
         if !idle || wait.is_zero() {
             return Ok(read);
+        }
+        if let Some(bell) = bell.as_mut() {
+            if tokio::time::timeout(wait, bell.changed()).await.is_err() {
+                return Ok(read);
+            }
+            return self.read_log(after, limit).await;
         }
         // Nothing yet: block until an entry lands after the cursor (or the wait
         // ends), then read again through the script, so that what is returned
@@ -1469,8 +1898,8 @@ impl LeaseStore for RedisStore {
             .key(format!("{tag}:kids:{parent}"))
             .key(format!("{tag}:task:{root}"))
             .key(format!("{tag}:deadlines"))
-            .key(self.kill_key())
-            .key(self.kill_prefix_key());
+            .key(self.kill_key(child.id.shard()))
+            .key(self.kill_prefix_key(child.id.shard()));
         inv.arg(self.now_arg(child.created_at_ms))
             .arg(self.audit_arg(child.id.shard(), "", ""))
             .arg(to_json(child)?)
@@ -1481,7 +1910,7 @@ impl LeaseStore for RedisStore {
             .arg(handle_sha256);
         self.kill_args(&mut inv, child);
         inv.arg(parent.as_str());
-        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        let reply: Vec<Option<String>> = self.run_write(&tag, &mut inv).await?;
         audit_refusal(&reply)?;
         if let Some(k) = self.killed_reply(&reply)? {
             return Ok(DelegateOutcome::Killed(k));
@@ -1532,7 +1961,7 @@ impl LeaseStore for RedisStore {
             .arg(REVOCATION_LOG_MAX)
             .arg(record.id.as_str());
         push_credentials(&mut inv, credentials)?;
-        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        let reply: Vec<Option<String>> = self.run_write(&keys[0], &mut inv).await?;
         audit_refusal(&reply)?;
         match reply.first().and_then(Option::as_deref) {
             Some("missing") => Ok(RedeemOutcome::NotFound),
@@ -1574,7 +2003,7 @@ impl LeaseStore for RedisStore {
             .arg(decision.reason.as_str())
             .arg(decision.validity_ms)
             .arg(task_id.as_str());
-        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        let reply: Vec<Option<String>> = self.run_write(&k_task, &mut inv).await?;
         audit_refusal(&reply)?;
         self.decided(&reply);
         match reply.first().and_then(Option::as_deref) {
@@ -1591,22 +2020,28 @@ impl LeaseStore for RedisStore {
 
     #[tracing::instrument(skip_all, name = "store.set_kill_switch")]
     async fn set_kill_switch(&self, switch: &KillSwitch) -> Result<(), StoreError> {
-        let mut inv = self.scripts.kill.prepare_invoke();
-        inv.key(self.kill_key())
-            .key(self.kill_prefix_key())
-            .arg(self.now_arg(switch.set_at_ms))
-            .arg(self.audit_arg(0, "", ""))
-            .arg("set")
-            .arg(switch.kind.as_str())
-            .arg(switch.value.as_str())
-            .arg(to_json(switch)?)
-            .arg(switch.set_by.as_str())
-            .arg(switch.reason.as_str());
-        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
-        audit_refusal(&reply)?;
+        let json = to_json(switch)?;
+        let mut reply = Vec::new();
+        for shard in self.kill_copies() {
+            let mut inv = self.scripts.kill.prepare_invoke();
+            inv.key(self.kill_key(shard))
+                .key(self.kill_prefix_key(shard))
+                .arg(self.now_arg(switch.set_at_ms))
+                .arg(self.kill_audit_arg(shard))
+                .arg("set")
+                .arg(switch.kind.as_str())
+                .arg(switch.value.as_str())
+                .arg(&json)
+                .arg(switch.set_by.as_str())
+                .arg(switch.reason.as_str());
+            reply = self.run_write(&self.tag(shard), &mut inv).await?;
+            audit_refusal(&reply)?;
+            if reply.first().and_then(Option::as_deref) == Some("full") {
+                return Err(super::kill_switches_full());
+            }
+        }
         match reply.first().and_then(Option::as_deref) {
             Some("set") => Ok(()),
-            Some("full") => Err(super::kill_switches_full()),
             _ => Err(corrupt("kill switch reply")),
         }
     }
@@ -1620,26 +2055,31 @@ impl LeaseStore for RedisStore {
         reason: &str,
         now_ms: u64,
     ) -> Result<bool, StoreError> {
-        let mut inv = self.scripts.kill.prepare_invoke();
-        inv.key(self.kill_key())
-            .key(self.kill_prefix_key())
-            .arg(self.now_arg(now_ms))
-            .arg(self.audit_arg(0, "", ""))
-            .arg("lift")
-            .arg(kind)
-            .arg(value)
-            .arg("")
-            .arg(by)
-            .arg(reason);
-        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
-        audit_refusal(&reply)?;
+        let mut reply: Vec<Option<String>> = Vec::new();
+        for shard in self.kill_copies() {
+            let mut inv = self.scripts.kill.prepare_invoke();
+            inv.key(self.kill_key(shard))
+                .key(self.kill_prefix_key(shard))
+                .arg(self.now_arg(now_ms))
+                .arg(self.kill_audit_arg(shard))
+                .arg("lift")
+                .arg(kind)
+                .arg(value)
+                .arg("")
+                .arg(by)
+                .arg(reason);
+            reply = self.run_write(&self.tag(shard), &mut inv).await?;
+            audit_refusal(&reply)?;
+        }
         Ok(reply.first().and_then(Option::as_deref) == Some("lifted"))
     }
 
     async fn kill_switches(&self) -> Result<Vec<KillSwitch>, StoreError> {
         let mut conn = self.conn.clone();
+        // Shard 0's copy is written last (see `kill_copies`): what it lists
+        // is in force on every shard.
         let all: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(self.kill_key())
+            .arg(self.kill_key(0))
             .query_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -1713,42 +2153,79 @@ impl LeaseStore for RedisStore {
             for id in page {
                 inv.arg(id.as_str());
             }
-            let reply: Vec<redis::Value> = self.run_write(&mut inv).await?;
+            let reply: Vec<redis::Value> = self.run_write(&tag, &mut inv).await?;
             for v in reply.iter().skip(1) {
                 out.extend(ended_entry(v)?);
             }
         }
+        self.release_quotas(out.iter().map(|e| &e.task).collect())
+            .await;
         Ok(out)
     }
 
     async fn list_tasks(&self, token: Option<&str>, count: usize) -> Result<TaskPage, StoreError> {
-        let cursor: u64 = match token {
-            None => 0,
-            Some(t) => t
-                .parse()
-                .map_err(|_| corrupt("page token: not one this broker issued"))?,
+        // The token is the SCAN cursor; in a cluster `<master>:<cursor>`, the
+        // masters in address order (a failover between pages may repeat or
+        // skip tasks of the slots that moved).
+        let foreign = || corrupt("page token: not one this broker issued");
+        let (node, cursor): (usize, u64) = match token {
+            None => (0, 0),
+            Some(t) if self.cluster => {
+                let (n, c) = t.split_once(':').ok_or_else(foreign)?;
+                (
+                    n.parse().map_err(|_| foreign())?,
+                    c.parse().map_err(|_| foreign())?,
+                )
+            }
+            Some(t) => (0, t.parse().map_err(|_| foreign())?),
         };
         let pattern = format!("{{{}:s?}}:task:*", glob_escape(&self.prefix));
         let mut conn = self.conn.clone();
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
+        let masters = if self.cluster {
+            conn.masters().await.map_err(|e| unavailable(&e))?
+        } else {
+            vec![String::new()]
+        };
+        let address = masters.get(node).ok_or_else(foreign)?;
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
             .arg("MATCH")
             .arg(&pattern)
             .arg("COUNT")
-            .arg(count.max(1))
-            .query_async(&mut conn)
+            .arg(count.max(1));
+        let (next, keys): (u64, Vec<String>) = conn
+            .query_node(address, scan)
             .await
             .map_err(|e| unavailable(&e))?;
-        let mut pipe = redis::pipe();
-        for k in &keys {
-            pipe.cmd("HMGET").arg(k).arg(&TASK_FIELDS);
-        }
         let rows: Vec<Vec<Option<String>>> = if keys.is_empty() {
             Vec::new()
+        } else if self.cluster {
+            // Each task is in its own shard's slot: one read per task.
+            let reads = keys.iter().map(|k| {
+                let mut conn = self.conn.clone();
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(k).arg(&TASK_FIELDS);
+                async move { cmd.query_async::<Vec<Option<String>>>(&mut conn).await }
+            });
+            futures_util::future::join_all(reads)
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()
+                .map_err(|e| unavailable(&e))?
         } else {
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.cmd("HMGET").arg(k).arg(&TASK_FIELDS);
+            }
             pipe.query_async(&mut conn)
                 .await
                 .map_err(|e| unavailable(&e))?
+        };
+        let next = match (next, self.cluster) {
+            (0, true) if node + 1 < masters.len() => Some(format!("{}:0", node + 1)),
+            (0, _) => None,
+            (c, true) => Some(format!("{node}:{c}")),
+            (c, false) => Some(c.to_string()),
         };
         let mut tasks = Vec::with_capacity(rows.len());
         for (key, row) in keys.iter().zip(rows) {
@@ -1762,23 +2239,22 @@ impl LeaseStore for RedisStore {
                 }
             }
         }
-        Ok(TaskPage {
-            tasks,
-            next: (next != 0).then(|| next.to_string()),
-        })
+        Ok(TaskPage { tasks, next })
     }
 
     async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
         let task = TaskId::parse(&event.task);
         let shard = task.as_ref().map_or(0, TaskId::shard);
         let mut inv = self.scripts.audit_append.prepare_invoke();
-        inv.arg(self.now_arg(event.at_ms))
+        // Not read by the script: names its slot, so a cluster routes it there.
+        inv.key(format!("{}:deadlines", self.tag(shard)))
+            .arg(self.now_arg(event.at_ms))
             .arg(self.audit_arg(shard, "", ""))
             .arg(task.as_ref().map_or("", TaskId::as_str));
         for (k, v) in event.to_fields() {
             inv.arg(k).arg(v);
         }
-        let reply: Vec<Option<String>> = self.run_write(&mut inv).await?;
+        let reply: Vec<Option<String>> = self.run_write(&self.tag(shard), &mut inv).await?;
         audit_refusal(&reply)
     }
 
@@ -1823,20 +2299,17 @@ impl LeaseStore for RedisStore {
     }
 
     async fn audit_cursor(&self, tenant: &str) -> Result<AuditCursor, StoreError> {
-        let mut pipe = redis::pipe();
-        for shard in 0..SHARDS {
-            pipe.cmd("XREVRANGE")
-                .arg(self.audit_key(shard, tenant))
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1);
-        }
-        let mut conn = self.conn.clone();
-        let lasts: Vec<Vec<StreamEntry>> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let lasts: Vec<Vec<StreamEntry>> = self
+            .per_shard(|shard| {
+                let mut c = redis::cmd("XREVRANGE");
+                c.arg(self.audit_key(shard, tenant))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1);
+                vec![c]
+            })
+            .await?;
         let mut cursor = AuditCursor::default();
         for (slot, last) in cursor.0.iter_mut().zip(lasts) {
             if let Some((id, _)) = last.into_iter().next() {
@@ -1852,24 +2325,21 @@ impl LeaseStore for RedisStore {
         after: &AuditCursor,
         limit: usize,
     ) -> Result<(Vec<AuditEvent>, AuditCursor), StoreError> {
-        let mut pipe = redis::pipe();
-        for shard in 0..SHARDS {
-            let from = after
-                .0
-                .get(usize::from(shard))
-                .map_or("0-0", String::as_str);
-            pipe.cmd("XRANGE")
-                .arg(self.audit_key(shard, tenant))
-                .arg(format!("({from}"))
-                .arg("+")
-                .arg("COUNT")
-                .arg(limit.max(1));
-        }
-        let mut conn = self.conn.clone();
-        let pages: Vec<Vec<StreamEntry>> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let pages: Vec<Vec<StreamEntry>> = self
+            .per_shard(|shard| {
+                let from = after
+                    .0
+                    .get(usize::from(shard))
+                    .map_or("0-0", String::as_str);
+                let mut c = redis::cmd("XRANGE");
+                c.arg(self.audit_key(shard, tenant))
+                    .arg(format!("({from}"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(limit.max(1));
+                vec![c]
+            })
+            .await?;
         let mut cursor = after.clone();
         let mut shards = Vec::new();
         for ((shard, slot), page) in (0..SHARDS).zip(cursor.0.iter_mut()).zip(pages) {
@@ -1884,15 +2354,13 @@ impl LeaseStore for RedisStore {
     }
 
     async fn audit_len(&self, tenant: &str) -> Result<u64, StoreError> {
-        let mut pipe = redis::pipe();
-        for shard in 0..SHARDS {
-            pipe.cmd("XLEN").arg(self.audit_key(shard, tenant));
-        }
-        let mut conn = self.conn.clone();
-        let lens: Vec<u64> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let lens: Vec<u64> = self
+            .per_shard(|shard| {
+                let mut c = redis::cmd("XLEN");
+                c.arg(self.audit_key(shard, tenant));
+                vec![c]
+            })
+            .await?;
         Ok(lens.iter().sum())
     }
 
@@ -1915,20 +2383,16 @@ impl LeaseStore for RedisStore {
 
     async fn live_counts(&self, now_ms: u64) -> Result<LiveCounts, StoreError> {
         let now = self.now_ms(now_ms);
-        let mut pipe = redis::pipe();
-        for shard in 0..SHARDS {
-            let tag = self.tag(shard);
-            pipe.cmd("HGETALL").arg(format!("{tag}:live"));
-            pipe.cmd("ZCOUNT")
-                .arg(format!("{tag}:deadlines"))
-                .arg("-inf")
-                .arg(now);
-        }
-        let mut conn = self.conn.clone();
-        let replies: Vec<redis::Value> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let replies: Vec<redis::Value> = self
+            .per_shard(|shard| {
+                let tag = self.tag(shard);
+                let mut live = redis::cmd("HGETALL");
+                live.arg(format!("{tag}:live"));
+                let mut overdue = redis::cmd("ZCOUNT");
+                overdue.arg(format!("{tag}:deadlines")).arg("-inf").arg(now);
+                vec![live, overdue]
+            })
+            .await?;
         let mut counts = LiveCounts::default();
         for pair in replies.chunks(2) {
             let [fields, overdue] = pair else {

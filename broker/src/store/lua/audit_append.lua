@@ -1,5 +1,6 @@
 -- Appends one event that records no state change of its own (a refusal).
--- KEYS: none; ARGV: now, AUD (taken out by the prelude), index ('' or the
+-- KEYS: any key of the shard's slot (not read: it routes the script in a
+-- cluster); ARGV: now, AUD (taken out by the prelude), index ('' or the
 -- task id to index it under), then the event's field-value pairs.
 local now = clock()
 if AUD.off then return {'recorded', n(now)} end
