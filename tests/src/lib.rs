@@ -278,6 +278,19 @@ impl RedisServer {
         );
     }
 
+    /// Starts the server again on the same port and data with other extra
+    /// arguments (e.g. `["--replicaof", host, port]` for a master that comes
+    /// back after its replica was promoted).
+    pub fn restart_with(&mut self, args: &[&str]) {
+        self.kill();
+        self.args = args.iter().map(|a| (*a).to_owned()).collect();
+        assert!(
+            self.spawn(),
+            "redis-server did not come back on port {}",
+            self.port
+        );
+    }
+
     /// Kills the server, throws its data away and starts it again on the same
     /// port: a Redis that came back (or was failed over to) with less history.
     pub fn restart_empty(&mut self) {
@@ -426,6 +439,11 @@ impl RedisCluster {
         me
     }
 
+    /// The process ids of every node running now.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().filter_map(RedisServer::pid).collect()
+    }
+
     /// `host:port` of every node, for `[store.cluster] nodes`.
     pub fn seeds(&self) -> Vec<String> {
         self.nodes
@@ -446,6 +464,25 @@ impl RedisCluster {
             });
             ok && !self.masters().is_empty()
         });
+    }
+
+    /// Waits until the cluster has failed the master that was at `port` over
+    /// to its replica (the node is flagged `fail`, its slots served again).
+    pub fn wait_failed_over(&self, port: u16, within: Duration) {
+        let needle = format!("127.0.0.1:{port}@");
+        wait_until("the cluster failing the master over", within, || {
+            let Some(seed) = self.nodes.iter().find(|n| n.pid().is_some()) else {
+                return false;
+            };
+            let text = redis_cli(&["-p", &seed.port().to_string(), "CLUSTER", "NODES"]);
+            text.lines().any(|l| {
+                l.contains(&needle)
+                    && l.split(' ')
+                        .nth(2)
+                        .is_some_and(|f| f.split(',').any(|x| x == "fail"))
+            })
+        });
+        self.wait_healthy(within);
     }
 
     /// Indexes in [`Self::nodes`] of the live masters.
@@ -586,6 +623,14 @@ impl SentinelGroup {
             let _ = child.wait();
         }
         panic!("could not start a Sentinel on a free port after 5 tries");
+    }
+
+    /// The process ids of every data node and Sentinel running now (to stop
+    /// all of Redis like a fault).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = self.nodes.iter().filter_map(RedisServer::pid).collect();
+        out.extend(self.sentinels.iter().map(|(c, _, _)| c.id()));
+        out
     }
 
     /// `host:port` of every Sentinel, for `[store.sentinel] addresses`.

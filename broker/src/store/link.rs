@@ -251,6 +251,7 @@ impl Target {
                     generation: AtomicU64::new(0),
                     watching: std::sync::Once::new(),
                     connect,
+                    failed_at: std::sync::Mutex::new(None),
                 })))
             }
             Topology::Cluster { nodes } => {
@@ -387,22 +388,66 @@ pub(super) struct SentinelState {
     generation: AtomicU64,
     watching: std::sync::Once,
     connect: Duration,
+    /// When the last resolution failed.
+    failed_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// After a failed resolution, calls fail at once for this long.
+const RESOLVE_BACKOFF: Duration = Duration::from_millis(250);
 
 impl SentinelState {
     /// The current master's client, asking the Sentinels if there is none.
+    /// Bounded by the connect timeout, waiting included: calls that queue
+    /// behind one resolution never wait for several, and for a short while
+    /// after a failed resolution calls fail at once (UNAVAILABLE) instead of
+    /// each asking the Sentinels again.
     async fn master(self: &Arc<Self>) -> RedisResult<(u64, Client)> {
         self.watch();
         if let Some(c) = self.current.read().ok().and_then(|c| c.clone()) {
             return Ok(c);
         }
+        match tokio::time::timeout(self.connect, self.resolve()).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.failed();
+                Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the Sentinels did not name a master in time",
+                )))
+            }
+        }
+    }
+
+    fn failed(&self) {
+        if let Ok(mut at) = self.failed_at.lock() {
+            *at = Some(std::time::Instant::now());
+        }
+    }
+
+    async fn resolve(self: &Arc<Self>) -> RedisResult<(u64, Client)> {
         let mut sentinel = self.client.lock().await;
         if let Some(c) = self.current.read().ok().and_then(|c| c.clone()) {
             return Ok(c);
         }
-        let client = tokio::time::timeout(self.connect * 2, sentinel.async_get_client())
-            .await
-            .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        let recently_failed = self
+            .failed_at
+            .lock()
+            .ok()
+            .and_then(|at| *at)
+            .is_some_and(|at| at.elapsed() < RESOLVE_BACKOFF);
+        if recently_failed {
+            return Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the Sentinels named no reachable master just now",
+            )));
+        }
+        let client = match sentinel.async_get_client().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.failed();
+                return Err(e);
+            }
+        };
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         tracing::info!(
             master = %self.master,
