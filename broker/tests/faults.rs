@@ -1668,14 +1668,14 @@ async fn run_scenario(title: &str, mut deployment: Deployment, brokers_n: usize,
     let mut watching = Vec::new();
     let mut watcher_of: Vec<(&'static str, Option<usize>)> = Vec::new();
     let mut introspectors = Vec::new();
-    for i in 0..brokers_n {
+    for (i, name) in WATCHING.iter().copied().enumerate().take(brokers_n) {
         watching.push((
-            WATCHING[i],
+            name,
             Verifier::connect(v_chan(i).await, sdk_config())
                 .await
                 .unwrap(),
         ));
-        watcher_of.push((WATCHING[i], Some(i)));
+        watcher_of.push((name, Some(i)));
         introspectors.push(VerifierClient::new(v_chan(i).await));
     }
     let watchers: Watchers = Arc::new(Mutex::new(watching));
