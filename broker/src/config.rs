@@ -1485,6 +1485,43 @@ callers = [
 "#;
 
     #[test]
+    fn redis_topologies_are_checked_and_built() {
+        let d = dir_with_files();
+        let sentinel = format!(
+            "{GOOD}\n[store]\ntopology = \"sentinel\"\ndurability = \"replicas = 1\"\n[store.sentinel]\nmaster = \"leash\"\naddresses = [\"127.0.0.1:26379\", \"[::1]:26380\"]\n"
+        );
+        let c = Config::from_toml(&sentinel, std::iter::empty(), d.path()).expect("config");
+        assert!(matches!(
+            c.store.topology(),
+            crate::store::Topology::Sentinel { master, sentinels } if master == "leash" && sentinels.len() == 2
+        ));
+        let cluster = format!(
+            "{GOOD}\n[store]\ntopology = \"cluster\"\n[store.cluster]\nnodes = [\"10.0.0.1:7000\"]\n"
+        );
+        let c = Config::from_toml(&cluster, std::iter::empty(), d.path()).expect("config");
+        assert!(c.store.topology().is_cluster());
+        // Missing or malformed addresses are named; so is an unreadable password file.
+        let bad = format!(
+            "{GOOD}\n[store]\ntopology = \"sentinel\"\npassword_file = \"/nonexistent/pw\"\n[store.sentinel]\naddresses = [\"nohost\"]\n"
+        );
+        let err = Config::from_toml(&bad, std::iter::empty(), d.path())
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "store.sentinel.master",
+            "store.sentinel.addresses: \"nohost\" is not host:port",
+            "store.password_file",
+        ] {
+            assert!(err.contains(want), "{want} missing from: {err}");
+        }
+        let empty = format!("{GOOD}\n[store]\ntopology = \"cluster\"\n");
+        let err = Config::from_toml(&empty, std::iter::empty(), d.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.cluster.nodes"), "{err}");
+    }
+
+    #[test]
     fn a_good_file_loads_with_defaults() {
         let d = dir_with_files();
         let c = Config::from_toml(GOOD, std::iter::empty(), d.path()).expect("config");
