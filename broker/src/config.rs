@@ -1505,7 +1505,7 @@ callers = [
             "{GOOD}\n[store]\ntopology = \"sentinel\"\npassword_file = \"/nonexistent/pw\"\n[store.sentinel]\naddresses = [\"nohost\"]\n"
         );
         let err = Config::from_toml(&bad, std::iter::empty(), d.path())
-            .unwrap_err()
+            .expect_err("a bad sentinel section")
             .to_string();
         for want in [
             "store.sentinel.master",
@@ -1516,7 +1516,7 @@ callers = [
         }
         let empty = format!("{GOOD}\n[store]\ntopology = \"cluster\"\n");
         let err = Config::from_toml(&empty, std::iter::empty(), d.path())
-            .unwrap_err()
+            .expect_err("a cluster without nodes")
             .to_string();
         assert!(err.contains("store.cluster.nodes"), "{err}");
     }
