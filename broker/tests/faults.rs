@@ -578,12 +578,15 @@ enum FaultKind {
 struct Faults(Vec<Fault>);
 
 impl Faults {
-    /// The windows in which the store could not serve (every broker affected).
+    /// The windows in which the store could not serve (every broker
+    /// affected): from the fault until the agents complete tasks again, since
+    /// the brokers learn of a failover (a Cluster's new slot map, a Sentinel's
+    /// new master) only after the test has seen it.
     fn store_windows(&self) -> Vec<(u64, u64)> {
         self.0
             .iter()
             .filter(|f| f.kind == FaultKind::Store)
-            .map(|f| (f.start, f.end))
+            .map(|f| (f.start, f.recovered.max(f.end)))
             .collect()
     }
 
