@@ -135,12 +135,18 @@ pub(super) enum Target {
     Cluster(ClusterClientPair),
 }
 
-/// The cluster client and the one for blocking reads (no response timeout).
+/// What a cluster client is built from (seed nodes, access, connect timeout):
+/// each link and each shard's bell builds its own.
 #[derive(Clone)]
 pub(super) struct ClusterClientPair {
     nodes: Vec<String>,
     access: Access,
     connect: Duration,
+}
+
+/// A connect or lookup that did not finish within its bound.
+fn timed_out() -> RedisError {
+    RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
 }
 
 fn host_port(address: &str) -> RedisResult<ConnectionAddr> {
@@ -318,7 +324,7 @@ impl Target {
             client.get_multiplexed_async_connection_with_config(&config),
         )
         .await
-        .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+        .map_err(|_| timed_out())?
     }
 
     /// A cluster connection of its own (for one shard's blocking reads).
@@ -331,9 +337,7 @@ impl Target {
                 let client = pair.client(response)?;
                 tokio::time::timeout(pair.connect, client.get_async_connection())
                     .await
-                    .map_err(|_| {
-                        RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-                    })?
+                    .map_err(|_| timed_out())?
             }
             _ => Err(RedisError::from((
                 ::redis::ErrorKind::InvalidClientConfig,
@@ -627,9 +631,7 @@ impl ClusterLink {
             .get_or_try_init(|| async {
                 tokio::time::timeout(self.connect, self.client.get_async_connection())
                     .await
-                    .map_err(|_| {
-                        RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-                    })?
+                    .map_err(|_| timed_out())?
             })
             .await
             .cloned()

@@ -869,6 +869,11 @@ impl RedisStore {
     /// ARGV[2] of every audited script: where its shard's events go, the
     /// caller's trace id, the retention, who asked and a completion's summary.
     fn audit_arg(&self, shard: u8, by: &str, summary: &str) -> String {
+        self.audit_context(shard, by, summary, self.audit.streams)
+    }
+
+    /// [`Self::audit_arg`], recording only if `record` (and the trail is on).
+    fn audit_context(&self, shard: u8, by: &str, summary: &str, record: bool) -> String {
         serde_json::json!({
             "b": format!("{}:", self.tag(shard)),
             "tr": crate::audit::current_trace_id(),
@@ -876,7 +881,7 @@ impl RedisStore {
             "age": self.audit.max_age_ms.max(1),
             "by": by,
             "sum": summary,
-            "off": !self.audit.streams,
+            "off": !(record && self.audit.streams),
         })
         .to_string()
     }
@@ -956,17 +961,7 @@ impl RedisStore {
     /// The audit context of a kill-switch change on `shard`'s copy: only the
     /// last copy (shard 0) records the event, so the trail tells it once.
     fn kill_audit_arg(&self, shard: u8) -> String {
-        let arg = self.audit_arg(0, "", "");
-        if shard == 0 {
-            return arg;
-        }
-        match serde_json::from_str::<serde_json::Value>(&arg) {
-            Ok(mut v) => {
-                v["off"] = serde_json::Value::Bool(true);
-                v.to_string()
-            }
-            Err(_) => arg,
-        }
+        self.audit_context(0, "", "", shard == 0)
     }
 
     /// The owner, template, class and tenant a kill switch may refuse.
