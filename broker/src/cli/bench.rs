@@ -71,13 +71,23 @@ pub struct BenchArgs {
     /// and (with `--redis-url`) the store's real begin script.
     #[arg(long)]
     pub ceilings: bool,
-    /// The broker's process id, to report its CPU time per call (from /proc).
-    #[arg(long)]
-    pub broker_pid: Option<u32>,
+    /// More broker replicas (`https://host:port`, comma-separated) sharing
+    /// one store with `--broker`: the agents are spread over all of them
+    /// evenly (agent `i` talks to broker `i mod n`), `--connections` each.
+    #[arg(long, value_delimiter = ',')]
+    pub replicas: Vec<String>,
+    /// The brokers' process ids (comma-separated), to report their CPU time
+    /// per call, summed (from /proc).
+    #[arg(long, value_delimiter = ',')]
+    pub broker_pid: Vec<u32>,
     /// The broker's Redis: Redis CPU per call, the store-script ceiling and
     /// `--live`. Written under its own key prefix, removed afterwards.
     #[arg(long)]
     pub redis_url: Option<String>,
+    /// Redis servers whose CPU time is summed into the Redis CPU per call
+    /// (comma-separated URLs; every node of a Cluster) [default: --redis-url].
+    #[arg(long, value_delimiter = ',')]
+    pub redis_cpu: Vec<String>,
     /// Begin this many leases with long TTLs through the store's own begin
     /// script and report Redis memory per live lease (needs `--redis-url`).
     #[arg(long)]
@@ -103,8 +113,10 @@ impl BenchArgs {
             template: "bench".into(),
             params: vec![("repo".into(), "acme/widgets".into())],
             ceilings: false,
-            broker_pid: None,
+            replicas: Vec::new(),
+            broker_pid: Vec::new(),
             redis_url: None,
+            redis_cpu: Vec::new(),
             live: None,
             json: None,
             connect,
@@ -137,9 +149,11 @@ pub struct Row {
     pub max_ms: f64,
     /// Failed calls by gRPC code.
     pub errors: BTreeMap<String, u64>,
-    /// Broker CPU time per operation in µs (with `--broker-pid`).
+    /// Broker CPU time per operation in µs (with `--broker-pid`; summed over
+    /// the replicas).
     pub broker_cpu_us: Option<f64>,
-    /// Redis CPU time per operation in µs (with `--redis-url`).
+    /// Redis CPU time per operation in µs (with `--redis-url` or
+    /// `--redis-cpu`; summed over the nodes).
     pub redis_cpu_us: Option<f64>,
     /// The ceiling this figure is compared with, and its rate.
     pub ceiling: Option<(String, f64)>,
@@ -149,8 +163,9 @@ pub struct Row {
     pub target: Option<f64>,
     /// rate/ceiling ≥ target (and the latency target where there is one).
     pub met: Option<bool>,
-    /// The broker's resident set (VmRSS, MiB) once the run had warmed up (at
-    /// a tenth of its duration) and at its end, with `--broker-pid`.
+    /// The brokers' resident set (VmRSS, MiB, summed over the replicas) once
+    /// the run had warmed up (at a tenth of its duration) and at its end, with
+    /// `--broker-pid`.
     pub broker_rss_mib: Option<(f64, f64)>,
     /// A remark (the ceiling formula, resumption, memory breakdown).
     pub note: String,
@@ -196,6 +211,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// The machine: logical cores seen by this process.
     pub cores: usize,
+    /// Broker replicas the load was spread over (`--broker` and `--replicas`).
+    pub brokers: usize,
     /// Seconds per run.
     pub duration_s: f64,
 }
@@ -283,36 +300,50 @@ impl Stop {
     }
 }
 
-/// CPU time of a local process, read from /proc (user + system).
-#[derive(Debug, Clone, Copy)]
-struct Cpu(Option<u32>);
+/// CPU time of local processes (the broker replicas), read from /proc (user +
+/// system), summed.
+#[derive(Debug, Clone)]
+struct Cpu(Arc<[u32]>);
 
 impl Cpu {
-    /// µs of CPU so far; `None` if the process cannot be read. Assumes the
-    /// Linux USER_HZ of 100 ticks per second (x86-64 and arm64 kernels).
-    fn now_us(self) -> Option<u64> {
-        let pid = self.0?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = stat.rsplit_once(')')?.1;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let utime: u64 = f.get(11)?.parse().ok()?;
-        let stime: u64 = f.get(12)?.parse().ok()?;
-        Some((utime + stime) * 10_000)
+    /// µs of CPU so far, summed; `None` without pids or if a process cannot
+    /// be read. Assumes the Linux USER_HZ of 100 ticks per second (x86-64 and
+    /// arm64 kernels).
+    fn now_us(&self) -> Option<u64> {
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0.iter().try_fold(0, |sum, &pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = f.get(11)?.parse().ok()?;
+            let stime: u64 = f.get(12)?.parse().ok()?;
+            Some(sum + (utime + stime) * 10_000)
+        })
     }
 
-    /// The process's resident set in KiB (VmRSS); `None` if it cannot be read.
-    fn rss_kib(self) -> Option<u64> {
-        let pid = self.0?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        line.split_whitespace().nth(1)?.parse().ok()
+    /// The processes' resident set in KiB (VmRSS), summed; `None` without
+    /// pids or if a process cannot be read.
+    fn rss_kib(&self) -> Option<u64> {
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0.iter().try_fold(0, |sum, &pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(sum + kib)
+        })
     }
 
     /// Samples the resident set once a second while `stop` runs; answers it
     /// at a tenth of the run (after warm-up) and at the end, in MiB.
     async fn rss_over(self, stop: Stop, duration: Duration) -> Option<(f64, f64)> {
-        self.0?;
+        if self.0.is_empty() {
+            return None;
+        }
         let start = Instant::now();
         let mut warm = None;
         let mut last = None;
@@ -396,7 +427,30 @@ struct Ctx {
     args: BenchArgs,
     channels: Vec<Channel>,
     cpu: Cpu,
-    redis: Option<redis::Client>,
+    /// The Redis servers whose CPU is counted.
+    redis: Vec<redis::Client>,
+}
+
+/// µs of CPU one Redis server has used so far (`INFO cpu`).
+async fn redis_cpu_us(client: &redis::Client) -> Option<u64> {
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let field = |name: &str| -> Option<f64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let s = field("used_cpu_user")? + field("used_cpu_sys")?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "seconds of CPU, positive"
+    )]
+    Some((s * 1e6) as u64)
 }
 
 impl Ctx {
@@ -404,26 +458,17 @@ impl Ctx {
         self.channels[i % self.channels.len()].clone()
     }
 
+    /// µs of CPU the Redis servers have used so far, summed; `None` without
+    /// servers or if one cannot be asked.
     async fn redis_cpu_us(&self) -> Option<u64> {
-        let client = self.redis.as_ref()?;
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        let info: String = redis::cmd("INFO")
-            .arg("cpu")
-            .query_async(&mut conn)
-            .await
-            .ok()?;
-        let field = |name: &str| -> Option<f64> {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .and_then(|v| v.trim().parse().ok())
-        };
-        let s = field("used_cpu_user")? + field("used_cpu_sys")?;
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "seconds of CPU, positive"
-        )]
-        Some((s * 1e6) as u64)
+        if self.redis.is_empty() {
+            return None;
+        }
+        let mut sum = 0;
+        for client in &self.redis {
+            sum += redis_cpu_us(client).await?;
+        }
+        Some(sum)
     }
 
     fn begin_request(&self, n: u64, i: usize) -> pb::BeginTaskRequest {
@@ -442,7 +487,7 @@ impl Ctx {
         F: Future<Output = Samples> + Send + 'static,
     {
         let stop = Stop::new(self.args.duration, self.args.max_tasks);
-        let rss = tokio::spawn(self.cpu.rss_over(stop.clone(), self.args.duration));
+        let rss = tokio::spawn(self.cpu.clone().rss_over(stop.clone(), self.args.duration));
         let (c0, r0) = (self.cpu.now_us(), self.redis_cpu_us().await);
         let (samples, elapsed) = drive(concurrency, &stop, worker).await;
         let (c1, r1) = (self.cpu.now_us(), self.redis_cpu_us().await);
@@ -477,26 +522,42 @@ pub async fn run(args: BenchArgs) -> Result<String, CommandError> {
 /// As [`run`].
 pub async fn measure(args: BenchArgs) -> Result<Report, CommandError> {
     let max_conc = args.concurrency.iter().copied().max().unwrap_or(1).max(1);
-    let conns = args.connections.clamp(1, max_conc);
-    let mut channels = Vec::with_capacity(conns);
+    let brokers: Vec<String> = std::iter::once(args.connect.broker.clone())
+        .chain(args.replicas.iter().cloned())
+        .collect();
+    let conns = args
+        .connections
+        .clamp(1, max_conc.div_ceil(brokers.len()).max(1));
+    // Interleaved, so that channel i (and agent i) is on broker i mod n.
+    let mut channels = Vec::with_capacity(conns * brokers.len());
     for _ in 0..conns {
-        channels.push(args.connect.connect("agent").await?);
+        for broker in &brokers {
+            let mut connect = args.connect.clone();
+            connect.broker.clone_from(broker);
+            channels.push(connect.connect("agent").await?);
+        }
     }
-    let redis = match &args.redis_url {
-        Some(url) => Some(
-            redis::Client::open(url.as_str())
-                .map_err(|e| CommandError::Bench(format!("--redis-url: {e}")))?,
-        ),
-        None => None,
+    let cpu_urls = if args.redis_cpu.is_empty() {
+        args.redis_url.iter().cloned().collect()
+    } else {
+        args.redis_cpu.clone()
     };
+    let mut redis = Vec::with_capacity(cpu_urls.len());
+    for url in &cpu_urls {
+        redis.push(
+            redis::Client::open(url.as_str())
+                .map_err(|e| CommandError::Bench(format!("Redis {url}: {e}")))?,
+        );
+    }
     let ctx = Ctx {
-        cpu: Cpu(args.broker_pid),
+        cpu: Cpu(args.broker_pid.clone().into()),
         args,
         channels,
         redis,
     };
     let mut report = Report {
         cores: std::thread::available_parallelism().map_or(1, usize::from),
+        brokers: 1 + ctx.args.replicas.len(),
         duration_s: ctx.args.duration.as_secs_f64(),
         ..Default::default()
     };
@@ -729,8 +790,10 @@ mod verify;
 /// The report as a table: figure, its ceiling, the ratio and the target.
 pub fn render(report: &Report) -> String {
     let mut out = format!(
-        "leash bench: {} cores, {:.0} s per run\n{:<40}{:>5}{:>11}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}  {:<28}{:>11}{:>7}{:>8}  {}\n",
+        "leash bench: {} cores, {} broker{}, {:.0} s per run\n{:<40}{:>5}{:>11}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}  {:<28}{:>11}{:>7}{:>8}  {}\n",
         report.cores,
+        report.brokers,
+        if report.brokers == 1 { "" } else { "s" },
         report.duration_s,
         "figure",
         "c",
