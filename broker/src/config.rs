@@ -711,6 +711,12 @@ impl Store {
                 if !(self.url.starts_with("redis://") || self.url.starts_with("rediss://")) {
                     p.push("store.url: must start with redis:// or rediss://".into());
                 }
+                if self.ca_file.is_some() && self.url.starts_with("redis://") {
+                    p.push(
+                        "store.ca_file: applies to TLS only; store.url starts with redis:// (use rediss://)"
+                            .into(),
+                    );
+                }
             }
             RedisTopology::Sentinel => {
                 if self.sentinel.master.trim().is_empty() {
@@ -1519,6 +1525,13 @@ callers = [
             .expect_err("a cluster without nodes")
             .to_string();
         assert!(err.contains("store.cluster.nodes"), "{err}");
+        // A CA without TLS is a mistake, not a silent plain-text connection.
+        let plain =
+            format!("{GOOD}\n[store]\nurl = \"redis://10.0.0.1:6379\"\nca_file = \"bundle.pem\"\n");
+        let err = Config::from_toml(&plain, std::iter::empty(), d.path())
+            .expect_err("a CA for a plain-text URL")
+            .to_string();
+        assert!(err.contains("store.ca_file: applies to TLS only"), "{err}");
     }
 
     #[test]

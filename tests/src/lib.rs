@@ -174,6 +174,72 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// Settings replacing the defaults (AOF with `appendfsync always`).
     args: Vec<String>,
+    /// The TLS port, when started with [`RedisServer::start_tls`].
+    tls_port: Option<u16>,
+}
+
+/// TLS material for test Redis servers: a throwaway CA and a server
+/// certificate for `localhost` and `127.0.0.1` (server and client auth), as
+/// files `redis-server` reads.
+pub struct RedisTls {
+    dir: tempfile::TempDir,
+    /// The CA certificate (PEM): what a client must trust (`[store] ca_file`).
+    pub ca_pem: String,
+}
+
+impl RedisTls {
+    /// Generates the CA and the server certificate.
+    pub fn generate() -> Self {
+        let day = Duration::from_secs(86_400);
+        let ca = DevCa::generate("redis.test", day).unwrap();
+        // serverAuth and clientAuth: a Cluster node presents it on the bus as
+        // a client too (with serverAuth alone the nodes never meet).
+        let id = SpiffeId::parse("spiffe://redis.test/redis").unwrap();
+        let server = ca.issue_serving_svid(&id, day).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), &server.cert_pem).unwrap();
+        std::fs::write(dir.path().join("server-key.pem"), &server.key_pem).unwrap();
+        Self {
+            ca_pem: ca.cert_pem().to_owned(),
+            dir,
+        }
+    }
+
+    /// The CA file.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// `redis-server` arguments serving TLS on `port` (clients are not asked
+    /// for certificates; a Cluster's bus speaks TLS too).
+    fn server_args(&self, port: u16) -> Vec<String> {
+        let f = |n: &str| self.dir.path().join(n).display().to_string();
+        vec![
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            f("server.pem"),
+            "--tls-key-file".into(),
+            f("server-key.pem"),
+            "--tls-ca-cert-file".into(),
+            f("ca.pem"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+    }
+}
+
+/// The ACL rules of the user Leash connects as (`[store] username`) with
+/// `store.prefix` `prefix`, as the README documents them: only the keys under
+/// the prefix and only the commands the store sends (add `+waitaof` on Redis
+/// 7.2 and later, where the store uses it).
+pub fn leash_acl(prefix: &str) -> String {
+    format!(
+        "on resetkeys ~{prefix}* ~{{{prefix}* resetchannels -@all +@read +@write +@scripting \
+         +@connection +info +config|get +time +wait +memory|usage +object|encoding +role \
+         +cluster|slots +cluster|shards +cluster|nodes +cluster|info +readonly"
+    )
 }
 
 fn redis_binary() -> String {
@@ -209,12 +275,74 @@ impl RedisServer {
                 port: free_port(),
                 dir: tempfile::tempdir().unwrap(),
                 args: args.iter().map(|a| (*a).to_owned()).collect(),
+                tls_port: None,
             };
             if me.spawn() {
                 return me;
             }
         }
         panic!("could not start redis-server on a free port after 5 tries");
+    }
+
+    /// Starts a fresh server that also serves TLS with `tls`'s certificate on
+    /// a port of its own ([`Self::tls_url`]); the plain port stays for the
+    /// harness's own checks.
+    pub fn start_tls(tls: &RedisTls, args: &[&str]) -> Self {
+        for _ in 0..5 {
+            let tls_port = free_port();
+            let mut all = tls.server_args(tls_port);
+            all.extend(args.iter().map(|a| (*a).to_owned()));
+            let mut me = Self {
+                child: None,
+                port: free_port(),
+                dir: tempfile::tempdir().unwrap(),
+                args: all,
+                tls_port: Some(tls_port),
+            };
+            if me.spawn() {
+                return me;
+            }
+        }
+        panic!("could not start redis-server with TLS on free ports after 5 tries");
+    }
+
+    /// `rediss://localhost:<tls port>/0`, when started with [`Self::start_tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://localhost:{p}/0"))
+    }
+
+    /// The TLS port, when started with [`Self::start_tls`].
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    /// Creates the ACL `users` (name, password, rules such as [`leash_acl`]),
+    /// has the server replicate from its master as `replicate_as` (user,
+    /// password) when given, then switches the passwordless default user off:
+    /// from here on only authenticated clients get in (the harness's own
+    /// checks too, so call this last).
+    pub fn require_users(
+        &self,
+        users: &[(&str, &str, String)],
+        replicate_as: Option<(&str, &str)>,
+    ) {
+        let port = self.port.to_string();
+        if let Some((user, password)) = replicate_as {
+            for (k, v) in [("masteruser", user), ("masterauth", password)] {
+                let out = redis_cli(&["-p", &port, "CONFIG", "SET", k, v]);
+                assert_eq!(out.trim(), "OK", "CONFIG SET {k}: {out}");
+            }
+        }
+        for (user, password, rules) in users {
+            let mut args = vec!["-p", &port, "ACL", "SETUSER", user, "reset"];
+            let pass = format!(">{password}");
+            args.push(&pass);
+            args.extend(rules.split_whitespace());
+            let out = redis_cli(&args);
+            assert_eq!(out.trim(), "OK", "ACL SETUSER {user}: {out}");
+        }
+        let out = redis_cli(&["-p", &port, "ACL", "SETUSER", "default", "off"]);
+        assert_eq!(out.trim(), "OK", "ACL SETUSER default off: {out}");
     }
 
     fn spawn(&mut self) -> bool {
@@ -403,26 +531,45 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts and creates the cluster and waits until every slot is served.
     pub fn start(masters: usize, replicas: usize) -> Self {
+        Self::start_with(masters, replicas, None)
+    }
+
+    /// [`Self::start`], with every node also serving TLS with `tls`'s
+    /// certificate (`--tls-cluster` and `--tls-replication`: the bus and the
+    /// replication speak TLS, and TLS clients are told the TLS ports), the
+    /// cluster created over TLS.
+    pub fn start_with(masters: usize, replicas: usize, tls: Option<&RedisTls>) -> Self {
         let n = masters * (1 + replicas);
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "1000",
+            "--cluster-replica-validity-factor",
+            "0",
+        ];
         let nodes: Vec<RedisServer> = (0..n)
-            .map(|_| {
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--cluster-replica-validity-factor",
-                    "0",
-                ])
+            .map(|_| match tls {
+                Some(tls) => {
+                    let mut a = args.to_vec();
+                    a.extend(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+                    RedisServer::start_tls(tls, &a)
+                }
+                None => RedisServer::start_with(&args),
             })
             .collect();
         let addrs: Vec<String> = nodes
             .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .map(|n| format!("127.0.0.1:{}", n.tls_port().unwrap_or(n.port())))
             .collect();
-        let mut args: Vec<&str> = vec!["--cluster", "create"];
+        let ca = tls.map(|t| t.ca_file().display().to_string());
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(ca) = &ca {
+            args.extend(["--tls", "--cacert", ca]);
+        }
+        args.extend(["--cluster", "create"]);
         args.extend(addrs.iter().map(String::as_str));
         let r = replicas.to_string();
         args.extend(["--cluster-replicas", &r, "--cluster-yes"]);
@@ -437,6 +584,26 @@ impl RedisCluster {
             })
         });
         me
+    }
+
+    /// `host:port` of every node's TLS port (with [`Self::start_with`] TLS).
+    pub fn tls_seeds(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.tls_port().map(|p| format!("localhost:{p}")))
+            .collect()
+    }
+
+    /// [`RedisServer::require_users`] on every node, each replicating as
+    /// `replicate_as`.
+    pub fn require_users(
+        &self,
+        users: &[(&str, &str, String)],
+        replicate_as: Option<(&str, &str)>,
+    ) {
+        for n in &self.nodes {
+            n.require_users(users, replicate_as);
+        }
     }
 
     /// The process ids of every node running now.
@@ -501,11 +668,10 @@ impl RedisCluster {
                 continue;
             }
             let port = addr.split('@').next().and_then(|a| a.rsplit(':').next());
-            if let Some(i) = self
-                .nodes
-                .iter()
-                .position(|n| Some(n.port().to_string().as_str()) == port && n.pid().is_some())
-            {
+            if let Some(i) = self.nodes.iter().position(|n| {
+                let p = |v: u16| Some(v.to_string()).as_deref() == port;
+                (p(n.port()) || n.tls_port().is_some_and(p)) && n.pid().is_some()
+            }) {
                 out.push(i);
             }
         }
@@ -623,6 +789,28 @@ impl SentinelGroup {
             let _ = child.wait();
         }
         panic!("could not start a Sentinel on a free port after 5 tries");
+    }
+
+    /// Creates the ACL `users` on every data node and switches their default
+    /// user off ([`RedisServer::require_users`]): the replicas replicate as
+    /// `replica`, and the Sentinels monitor as `sentinel` (user, password;
+    /// `SENTINEL SET <name> auth-user`). The Sentinels themselves stay open.
+    pub fn require_users(
+        &self,
+        users: &[(&str, &str, String)],
+        replica: (&str, &str),
+        sentinel: (&str, &str),
+    ) {
+        for (_, port, _) in &self.sentinels {
+            let port = port.to_string();
+            for (k, v) in [("auth-user", sentinel.0), ("auth-pass", sentinel.1)] {
+                let out = redis_cli(&["-p", &port, "SENTINEL", "SET", Self::NAME, k, v]);
+                assert_eq!(out.trim(), "OK", "SENTINEL SET {k}: {out}");
+            }
+        }
+        for n in &self.nodes {
+            n.require_users(users, Some(replica));
+        }
     }
 
     /// The process ids of every data node and Sentinel running now (to stop

@@ -1800,50 +1800,133 @@ macro_rules! store_suite {
         }
 
         /// Every case on one real Redis Cluster (3 masters with a replica
-        /// each), each case under a key prefix of its own, acknowledged by a
-        /// replica (`WAIT` on the node each script ran on).
+        /// each) over TLS (a CA of the test's own; the bus and replication on
+        /// TLS too), the store signed in as an ACL user with only
+        /// [`leash_e2e::leash_acl`] (the default user off), each case under a
+        /// key prefix of its own, acknowledged by a replica (`WAIT` on the node
+        /// each script ran on).
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn every_case_on_a_redis_cluster() {
-            let cluster = tokio::task::spawn_blocking(|| leash_e2e::RedisCluster::start(3, 1))
-                .await
-                .unwrap();
-            let topology = Topology::Cluster { nodes: cluster.seeds() };
+        async fn every_case_on_a_redis_cluster_over_tls_as_an_acl_user() {
+            let tls = leash_e2e::RedisTls::generate();
+            let (cluster, tls) = tokio::task::spawn_blocking(move || {
+                let c = leash_e2e::RedisCluster::start_with(3, 1, Some(&tls));
+                c.require_users(&acl_users(), Some(REPLICA));
+                (c, tls)
+            })
+            .await
+            .unwrap();
+            let topology = Topology::Cluster { nodes: cluster.tls_seeds() };
+            let access = leash_access(Some(&tls));
             $(
                 println!("cluster: {}", stringify!($case));
-                $case(&topology_store(&topology, stringify!($case))).await;
+                $case(&topology_store(&topology, &access, stringify!($case))).await;
             )*
         }
 
         /// Every case on a real Sentinel group (a master, two replicas, three
-        /// Sentinels), the store finding the master through the Sentinels.
+        /// Sentinels), the store finding the master through the Sentinels and
+        /// signing in to it as an ACL user with only [`leash_e2e::leash_acl`]
+        /// (the default user off; the replicas and Sentinels sign in as users
+        /// of their own).
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn every_case_on_redis_sentinel() {
-            let group = tokio::task::spawn_blocking(|| leash_e2e::SentinelGroup::start(2, 3))
-                .await
-                .unwrap();
+        async fn every_case_on_redis_sentinel_as_an_acl_user() {
+            let group = tokio::task::spawn_blocking(|| {
+                let g = leash_e2e::SentinelGroup::start(2, 3);
+                g.require_users(&acl_users(), REPLICA, SENTINEL);
+                g
+            })
+            .await
+            .unwrap();
             let topology = Topology::Sentinel {
                 master: leash_e2e::SentinelGroup::NAME.into(),
                 sentinels: group.sentinel_addresses(),
             };
+            let access = leash_access(None);
             $(
                 println!("sentinel: {}", stringify!($case));
-                $case(&topology_store(&topology, stringify!($case))).await;
+                $case(&topology_store(&topology, &access, stringify!($case))).await;
+            )*
+        }
+
+        /// Every case on one Redis over TLS (`rediss://`, a CA of the test's
+        /// own) as an ACL user with only [`leash_e2e::leash_acl`].
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn every_case_on_redis_over_tls_as_an_acl_user() {
+            let tls = leash_e2e::RedisTls::generate();
+            let server = leash_e2e::RedisServer::start_tls(&tls, &[]);
+            server.require_users(&acl_users(), None);
+            let topology = Topology::Standalone { url: server.tls_url().unwrap() };
+            let access = leash_access(Some(&tls));
+            $(
+                println!("tls: {}", stringify!($case));
+                $case(&topology_store(&topology, &access, stringify!($case))).await;
             )*
         }
     };
 }
 
-/// A store on `topology` under its own `prefix`, each change acknowledged by
-/// one replica.
-fn topology_store(topology: &Topology, prefix: &str) -> RedisStore {
+/// The ACL user the store signs in as (with [`leash_e2e::leash_acl`]).
+const LEASH_USER: (&str, &str) = ("leash", "leash-test-password");
+/// The ACL user replicas replicate as.
+const REPLICA: (&str, &str) = ("replica", "replica-test-password");
+/// The ACL user Sentinels monitor the data nodes as.
+const SENTINEL: (&str, &str) = ("sentinel", "sentinel-test-password");
+
+/// The ACL users of a data node: Leash (the keys of prefixes `case_*`, those
+/// of the cases, and `refused`), replication, Sentinel monitoring (the rules
+/// the Redis documentation gives for each).
+fn acl_users() -> Vec<(&'static str, &'static str, String)> {
+    vec![
+        (
+            LEASH_USER.0,
+            LEASH_USER.1,
+            format!("{} ~refused*", leash_e2e::leash_acl("case_")),
+        ),
+        (
+            REPLICA.0,
+            REPLICA.1,
+            "on resetkeys resetchannels -@all +psync +replconf +ping".into(),
+        ),
+        (
+            SENTINEL.0,
+            SENTINEL.1,
+            "on allchannels -@all +multi +slaveof +ping +exec +subscribe +config|rewrite +role \
+             +publish +info +client|setname +client|kill +script|kill"
+                .into(),
+        ),
+    ]
+}
+
+/// How the store signs in as [`LEASH_USER`], trusting `tls`'s CA.
+fn leash_access(tls: Option<&leash_e2e::RedisTls>) -> leash_broker::store::Access {
+    leash_broker::store::Access {
+        username: Some(LEASH_USER.0.into()),
+        password: Some(LEASH_USER.1.into()),
+        tls: tls.is_some(),
+        ca_pem: tls.map(|t| t.ca_pem.clone().into_bytes()),
+        ..Default::default()
+    }
+}
+
+/// A store on `topology` as `access` under its own `prefix`, each change
+/// acknowledged by one replica (none on a lone server: fsync there).
+fn topology_store(
+    topology: &Topology,
+    access: &leash_broker::store::Access,
+    prefix: &str,
+) -> RedisStore {
+    let durability = match topology {
+        Topology::Standalone { .. } => leash_broker::store::Durability::Fsync,
+        _ => leash_broker::store::Durability::Replicas(1),
+    };
     RedisStore::open(
         topology,
-        &leash_broker::store::Access::default(),
+        access,
         RedisStoreOptions {
             prefix: prefix.into(),
             timeout: Duration::from_secs(2),
             retention: Duration::from_secs(3_600),
-            durability: leash_broker::store::Durability::Replicas(1),
+            durability,
             clock: leash_broker::store::StoreClock::Caller,
             local_clock: std::sync::Arc::new(leash_broker::clock::SystemClock),
             audit: leash_broker::audit::AuditRetention::default(),
@@ -2370,4 +2453,80 @@ async fn redis_unresponsive_fails_within_timeout_and_recovers() {
         "the store did not recover after Redis resumed"
     );
     assert_eq!(stored(&store, &id).await, t);
+}
+
+/// A store that cannot prove itself to Redis gets nowhere and says why
+/// without the password: a wrong password, no user (the default user is off),
+/// a server certificate its CA did not sign, or plain text to the TLS port.
+#[tokio::test]
+async fn a_store_without_its_password_or_ca_is_refused() {
+    let tls = leash_e2e::RedisTls::generate();
+    let server = RedisServer::start_tls(&tls, &[]);
+    server.require_users(&acl_users(), None);
+    let url = server.tls_url().unwrap();
+    let good = leash_access(Some(&tls));
+    let other_ca = leash_e2e::RedisTls::generate();
+    let cases = [
+        (
+            "a wrong password",
+            url.clone(),
+            leash_broker::store::Access {
+                password: Some("not-the-password".into()),
+                ..good.clone()
+            },
+        ),
+        (
+            "no user",
+            url.clone(),
+            leash_broker::store::Access {
+                username: None,
+                password: None,
+                ..good.clone()
+            },
+        ),
+        (
+            "a CA that did not sign the server",
+            url.clone(),
+            leash_access(Some(&other_ca)),
+        ),
+        (
+            "plain text to the TLS port",
+            url.replace("rediss://", "redis://"),
+            leash_broker::store::Access {
+                tls: false,
+                ca_pem: None,
+                ..good.clone()
+            },
+        ),
+    ];
+    for (what, url, access) in cases {
+        let opened = RedisStore::open(
+            &Topology::Standalone { url },
+            &access,
+            RedisStoreOptions {
+                prefix: "refused".into(),
+                timeout: Duration::from_secs(2),
+                retention: Duration::from_secs(3_600),
+                durability: leash_broker::store::Durability::Fsync,
+                clock: leash_broker::store::StoreClock::Caller,
+                local_clock: std::sync::Arc::new(leash_broker::clock::SystemClock),
+                audit: leash_broker::audit::AuditRetention::default(),
+            },
+        );
+        let err = match opened {
+            Ok(store) => store.ping().await.expect_err(what),
+            Err(e) => e,
+        };
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{what}: {err:?}");
+        for secret in [LEASH_USER.1, "not-the-password"] {
+            assert!(
+                !text.contains(secret),
+                "{what}: the error shows a password: {text}"
+            );
+        }
+        println!("{what}: {text}");
+    }
+    let store = topology_store(&Topology::Standalone { url }, &good, "refused");
+    store.ping().await.expect("the right user, password and CA");
 }

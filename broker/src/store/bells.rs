@@ -58,7 +58,7 @@ impl Bells {
 
 /// Blocks on one shard's log and rings at each new entry, while the store lives.
 async fn watch_shard(bells: Weak<Bells>, shard: u8) {
-    let mut last = "$".to_owned();
+    let mut last = String::new();
     let mut conn = None;
     loop {
         let Some(b) = bells.upgrade() else { return };
@@ -67,7 +67,38 @@ async fn watch_shard(bells: Weak<Bells>, shard: u8) {
         drop(b);
         let Some(c) = conn.as_mut() else {
             match target.cluster_connection(None).await {
-                Ok(c) => conn = Some(c),
+                Ok(mut c) => {
+                    // Blocking from the log's last entry now, and ringing once,
+                    // leaves no gap however long the connection took: what was
+                    // logged before this entry the reader's re-read finds, what
+                    // comes after it the XREAD returns ("$" would miss an entry
+                    // logged while the watcher was still connecting).
+                    let tail: Result<Result<redis::streams::StreamRangeReply, _>, _> =
+                        tokio::time::timeout(
+                            timeout,
+                            redis::cmd("XREVRANGE")
+                                .arg(&key)
+                                .arg("+")
+                                .arg("-")
+                                .arg("COUNT")
+                                .arg(1)
+                                .query_async(&mut c),
+                        )
+                        .await;
+                    match tail {
+                        Ok(Ok(r)) => {
+                            last = r.ids.first().map_or_else(|| "0-0".into(), |e| e.id.clone());
+                            conn = Some(c);
+                            let Some(b) = bells.upgrade() else { return };
+                            b.rung.send_modify(|n| *n = n.wrapping_add(1));
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(shard, error = %e, "revocation bell: cannot read the log's tail");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(_) => {}
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(shard, error = %e, "revocation bell: cannot connect");
                     tokio::time::sleep(Duration::from_millis(500)).await;

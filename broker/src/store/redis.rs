@@ -324,8 +324,20 @@ impl KindDescription for redis::RedisError {
     // are enough for a client-facing message, and the detail goes to the log.
     fn kind_description(&self) -> String {
         tracing::debug!(error = %self, "redis call failed");
+        let detail = self.to_string();
         if self.is_timeout() {
             "timed out".to_owned()
+        } else if matches!(self.kind(), redis::ErrorKind::AuthenticationFailed)
+            || self.code() == Some("WRONGPASS")
+        {
+            "authentication failed (check [store] username and password_file)".to_owned()
+        } else if self.code() == Some("NOAUTH") {
+            "the server requires authentication ([store] username and password_file)".to_owned()
+        } else if self.code() == Some("NOPERM") {
+            "NOPERM: the ACL user may not run a command or touch a key the store needs (README, Redis ACL)".to_owned()
+        } else if detail.contains("certificate") || detail.contains("Certificate") {
+            "TLS: the server's certificate is not trusted ([store] ca_file) or does not name it"
+                .to_owned()
         } else if self.is_connection_refusal() || self.is_io_error() || self.is_connection_dropped()
         {
             "connection failed".to_owned()
@@ -1845,10 +1857,22 @@ impl LeaseStore for RedisStore {
             return Ok(read);
         }
         if let Some(bell) = bell.as_mut() {
-            if tokio::time::timeout(wait, bell.changed()).await.is_err() {
-                return Ok(read);
+            // A ring is only a hint (a watcher rings when it connects, and
+            // any shard's entry rings every reader): read again at each one
+            // until something is there or the wait ends.
+            let end = tokio::time::Instant::now() + wait;
+            let mut read = read;
+            loop {
+                match tokio::time::timeout_at(end, bell.changed()).await {
+                    Ok(Ok(())) => {}
+                    Err(_) | Ok(Err(_)) => return Ok(read),
+                }
+                read = self.read_log(after, limit).await?;
+                let idle = matches!(&read, RevocationRead::Records(r, _) if r.is_empty());
+                if !idle || tokio::time::Instant::now() >= end {
+                    return Ok(read);
+                }
             }
-            return self.read_log(after, limit).await;
         }
         // Nothing yet: block until an entry lands after the cursor (or the wait
         // ends), then read again through the script, so that what is returned
