@@ -109,7 +109,20 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let _log_guard = init_tracing(cli.log_format);
     match cli.command {
-        Command::Serve { config } => match Config::load(&config) {
+        Command::Serve {
+            config,
+            check_config,
+        } => match Config::load(&config) {
+            Ok(c) if check_config => match server::check_config(&c).await {
+                Ok(found) => {
+                    print!("{}: ok\n{found}", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("leash: {}: {e}", config.display());
+                    ExitCode::from(EX_USAGE)
+                }
+            },
             Ok(c) => serve(c, None).await,
             Err(e) => {
                 eprintln!("leash: {} has {} problem(s):", config.display(), e.0.len());

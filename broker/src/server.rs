@@ -123,6 +123,36 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
             )
         }
     };
+    let offline = build_offline_parts(config)?;
+    let (templates, policies, minter, jwt_svid, jwt_bundles) = (
+        offline.templates,
+        offline.policies,
+        offline.minter,
+        offline.jwt_svid,
+        offline.jwt_bundles,
+    );
+    Ok(Parts {
+        bundles,
+        cert,
+        templates,
+        policies,
+        minter,
+        workload,
+        jwt_svid,
+        jwt_bundles,
+    })
+}
+
+/// The parts built from files alone (no Workload API, no store).
+struct OfflineParts {
+    templates: Arc<TemplateCatalog>,
+    policies: Option<Arc<PolicyCatalog>>,
+    minter: Minter,
+    jwt_svid: Option<(std::net::SocketAddr, JwtSvidVerifier)>,
+    jwt_bundles: Option<Arc<JwtBundleSource>>,
+}
+
+fn build_offline_parts(config: &Config) -> Result<OfflineParts, ServerError> {
     let templates = Arc::new(
         TemplateCatalog::with_check(
             config.templates.dir.clone(),
@@ -160,16 +190,124 @@ async fn build_parts(config: &Config) -> Result<Parts, ServerError> {
         }
         None => (None, None),
     };
-    Ok(Parts {
-        bundles,
-        cert,
+    Ok(OfflineParts {
         templates,
         policies,
         minter,
-        workload,
         jwt_svid,
         jwt_bundles,
     })
+}
+
+/// What [`check_config`] found: one line per part checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigCheck(pub Vec<String>);
+
+impl std::fmt::Display for ConfigCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for line in &self.0 {
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `leash serve --check-config`: builds everything `serve` builds from files
+/// (the serving certificate, key and trust bundles with `tls.source =
+/// "files"`, the templates checked against the actor classes, the Cedar
+/// policies, the signing keys, the JWT-SVID bundles, the store's password and
+/// CA files and its topology) and reports what it found, without listening,
+/// connecting to the store or to the Workload API.
+///
+/// # Errors
+/// [`ServerError::Setup`] naming the first part that does not load, as `serve`
+/// would at start.
+pub async fn check_config(config: &Config) -> Result<ConfigCheck, ServerError> {
+    let mut out = Vec::new();
+    match config.tls.source {
+        TlsSource::Files => {
+            TrustBundleSource::from_files(&config.tls.bundles)
+                .map_err(|e| setup("tls.bundles", e))?;
+            let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+                return Err(setup("tls", "cert and key are required"));
+            };
+            ServingCert::from_files(cert.clone(), key.clone())
+                .map_err(|e| setup("tls.cert/tls.key", e))?;
+            out.push(format!(
+                "tls: files, certificate and key load, {} trust bundle(s)",
+                config.tls.bundles.len()
+            ));
+        }
+        TlsSource::WorkloadApi => {
+            let endpoint = config.workload_api_endpoint().ok_or_else(|| {
+                setup(
+                    "tls.workload_api_socket",
+                    "no Workload API endpoint configured (or SPIFFE_ENDPOINT_SOCKET)",
+                )
+            })?;
+            out.push(format!(
+                "tls: workload_api at {endpoint} (not contacted by the check)"
+            ));
+        }
+    }
+    let parts = build_offline_parts(config)?;
+    out.push(format!(
+        "templates: {} template(s) in {}",
+        parts.templates.current().len(),
+        config.templates.dir.display()
+    ));
+    if let Some(dir) = &config.policy.dir {
+        out.push(format!(
+            "policy: the Cedar policies in {} compile",
+            dir.display()
+        ));
+    }
+    out.push(format!(
+        "signing: {} key(s) load, issuer {}",
+        config.signing.keys.len(),
+        config.signing.issuer
+    ));
+    if parts.jwt_svid.is_some() {
+        out.push("jwt_svid: bundles load".into());
+    }
+    match config.store.kind {
+        StoreKind::Memory => out.push("store: memory (nothing survives a restart)".into()),
+        StoreKind::Redis => {
+            let access = config.store.access().map_err(|e| setup("store", e))?;
+            let topology = config.store.topology();
+            let shape = match &topology {
+                crate::store::Topology::Standalone { .. } => "standalone".to_owned(),
+                crate::store::Topology::Sentinel { master, sentinels } => {
+                    format!(
+                        "sentinel (master {master}, {} Sentinel(s))",
+                        sentinels.len()
+                    )
+                }
+                crate::store::Topology::Cluster { nodes } => {
+                    format!("cluster ({} seed node(s))", nodes.len())
+                }
+            };
+            RedisStore::open(
+                &topology,
+                &access,
+                RedisStoreOptions {
+                    prefix: config.store.prefix.clone(),
+                    timeout: config.store.timeout,
+                    retention: config.store.retention,
+                    durability: config.durability(),
+                    clock: crate::store::StoreClock::Store,
+                    local_clock: Arc::new(crate::clock::SystemClock),
+                    audit: config.audit.retention(),
+                },
+            )
+            .map_err(|e| setup("store", e))?;
+            out.push(format!(
+                "store: redis {shape}, not contacted by the check; durability {}",
+                config.durability()
+            ));
+        }
+    }
+    Ok(ConfigCheck(out))
 }
 
 /// Builds the broker described by `config` and serves it on `agent` (mTLS) and

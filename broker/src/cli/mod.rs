@@ -55,6 +55,13 @@ pub enum Command {
         /// TOML config file; see examples/leash.toml.
         #[arg(long, short, env = "LEASH_CONFIG")]
         config: PathBuf,
+        /// Check the config and everything it names (certificates, keys,
+        /// bundles, templates against the actor classes, policies, store
+        /// files) as a start would, print what was found and exit: 0 if the
+        /// broker would start, 64 otherwise. Listens on nothing; contacts
+        /// neither Redis nor the Workload API.
+        #[arg(long)]
+        check_config: bool,
     },
     /// Run a complete local broker: throwaway CA, sample SVIDs, sample template, in-memory store.
     Dev(dev::DevArgs),
