@@ -218,6 +218,16 @@ async fn redis_outage_fails_closed_and_recovers_without_restart() {
     // The ops port reports not ready.
     let ready = http_status(broker.ops_addr, "/readyz").await;
     assert_eq!(ready, 503);
+    // And so does its plaintext gRPC health service (the chart's startup probe).
+    // (it follows the store's periodic check).
+    let down = eventually(Duration::from_secs(10), || async {
+        ops_grpc_health(broker.ops_addr).await == ServingStatus::NotServing
+    })
+    .await;
+    assert!(
+        down.is_some(),
+        "the ops port's gRPC health stayed SERVING without Redis"
+    );
     // Let the doomed lease's deadline pass during the outage.
     let wait = ms(doomed.lease_expires_at) + 300 - now_ms();
     if wait > 0 {
@@ -236,6 +246,14 @@ async fn redis_outage_fails_closed_and_recovers_without_restart() {
         "broker did not recover after Redis came back"
     );
     assert_eq!(http_status(broker.ops_addr, "/readyz").await, 200);
+    let serving = eventually(Duration::from_secs(10), || async {
+        ops_grpc_health(broker.ops_addr).await == ServingStatus::Serving
+    })
+    .await;
+    assert!(
+        serving.is_some(),
+        "the ops port's gRPC health did not return to SERVING"
+    );
     // The lease whose deadline passed during the outage is expired by the reaper after it.
     let reaped = eventually(Duration::from_secs(5), || async {
         leash_e2e::logs()
@@ -254,6 +272,26 @@ async fn redis_outage_fails_closed_and_recovers_without_restart() {
 }
 
 /// GET `path` on the ops port; returns the HTTP status code.
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// The Broker service's status from the gRPC health service of the plaintext
+/// ops port (h2c, as the kubelet's gRPC probe asks).
+async fn ops_grpc_health(addr: std::net::SocketAddr) -> ServingStatus {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let r = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "leash.v1.Broker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ServingStatus::try_from(r.status).unwrap()
+}
+
 async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
