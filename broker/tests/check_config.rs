@@ -28,6 +28,14 @@ fn check(dir: &Path, env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     )
 }
 
+/// A broken config: what is broken, the environment that breaks it, and what
+/// the refusal must name.
+type Problem = (
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    &'static str,
+);
+
 #[test]
 fn check_config_accepts_a_good_config_and_names_each_kind_of_problem() {
     let tmp = tempfile::tempdir().unwrap();
@@ -72,7 +80,7 @@ fn check_config_accepts_a_good_config_and_names_each_kind_of_problem() {
         "{stdout}"
     );
 
-    let problems: [(&str, Vec<(&str, &str)>, &str); 4] = [
+    let problems: [Problem; 4] = [
         (
             "an unknown config key",
             vec![("LEASH_STORE__DURABLITY", "none")],
