@@ -199,6 +199,26 @@ fn build_offline_parts(config: &Config) -> Result<OfflineParts, ServerError> {
     })
 }
 
+/// The Redis store `config` describes (its topology, access and options);
+/// connects to nothing yet.
+fn redis_store(config: &Config, clock: Arc<dyn Clock>) -> Result<RedisStore, ServerError> {
+    let access = config.store.access().map_err(|e| setup("store", e))?;
+    RedisStore::open(
+        &config.store.topology(),
+        &access,
+        RedisStoreOptions {
+            prefix: config.store.prefix.clone(),
+            timeout: config.store.timeout,
+            retention: config.store.retention,
+            durability: config.durability(),
+            clock: crate::store::StoreClock::Store,
+            local_clock: clock,
+            audit: config.audit.retention(),
+        },
+    )
+    .map_err(|e| setup("store", e))
+}
+
 /// What [`check_config`] found: one line per part checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigCheck(pub Vec<String>);
@@ -273,7 +293,6 @@ pub async fn check_config(config: &Config) -> Result<ConfigCheck, ServerError> {
     match config.store.kind {
         StoreKind::Memory => out.push("store: memory (nothing survives a restart)".into()),
         StoreKind::Redis => {
-            let access = config.store.access().map_err(|e| setup("store", e))?;
             let topology = config.store.topology();
             let shape = match &topology {
                 crate::store::Topology::Standalone { .. } => "standalone".to_owned(),
@@ -287,20 +306,7 @@ pub async fn check_config(config: &Config) -> Result<ConfigCheck, ServerError> {
                     format!("cluster ({} seed node(s))", nodes.len())
                 }
             };
-            RedisStore::open(
-                &topology,
-                &access,
-                RedisStoreOptions {
-                    prefix: config.store.prefix.clone(),
-                    timeout: config.store.timeout,
-                    retention: config.store.retention,
-                    durability: config.durability(),
-                    clock: crate::store::StoreClock::Store,
-                    local_clock: Arc::new(crate::clock::SystemClock),
-                    audit: config.audit.retention(),
-                },
-            )
-            .map_err(|e| setup("store", e))?;
+            redis_store(config, Arc::new(crate::clock::SystemClock))?;
             out.push(format!(
                 "store: redis {shape}, not contacted by the check; durability {}",
                 config.durability()
@@ -369,21 +375,7 @@ async fn serve_parts(
             run(config, parts, store, clock, agent, ops, shutdown).await
         }
         StoreKind::Redis => {
-            let access = config.store.access().map_err(|e| setup("store", e))?;
-            let store = RedisStore::open(
-                &config.store.topology(),
-                &access,
-                RedisStoreOptions {
-                    prefix: config.store.prefix.clone(),
-                    timeout: config.store.timeout,
-                    retention: config.store.retention,
-                    durability: config.durability(),
-                    clock: crate::store::StoreClock::Store,
-                    local_clock: clock.clone(),
-                    audit: config.audit.retention(),
-                },
-            )
-            .map_err(|e| setup("store.url", e))?;
+            let store = redis_store(&config, clock.clone())?;
             check_redis(&store).await?;
             run(config, parts, Arc::new(store), clock, agent, ops, shutdown).await
         }
