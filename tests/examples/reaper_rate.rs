@@ -11,77 +11,16 @@
 #![allow(clippy::unwrap_used, reason = "a benchmark: a panic is a failed run")]
 
 use std::{
-    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use leash_broker::{
     clock::{Clock, SystemClock},
-    credentials::value_digest,
     lease::{Reaper, ReaperSettings},
-    store::{
-        CredentialId, CredentialRecord, Durability, LeaseStore, RedisStore, RedisStoreOptions,
-        StoreClock, StoredKind, TaskId, TaskRecord, TaskState,
-    },
+    store::{Durability, LeaseStore, RedisStore, RedisStoreOptions, StoreClock},
 };
 use leash_e2e::RedisServer;
-
-fn task(n: u32, now: u64) -> (TaskRecord, Vec<CredentialRecord>) {
-    let mut bytes = [0u8; 16];
-    bytes[..4].copy_from_slice(&n.to_be_bytes());
-    bytes[4] = 0x5a;
-    // Spread over the shards like random ids do.
-    bytes[0] = bytes[3].wrapping_mul(17);
-    let id = TaskId::from_bytes(bytes);
-    let creds = (0..2u8)
-        .map(|g| CredentialRecord {
-            actors: Vec::new(),
-            id: CredentialId::new(&id, [g; 8]),
-            grant: format!("g{g}"),
-            kind: StoredKind::Opaque,
-            audience: "https://api.example".into(),
-            scopes: vec!["read".into()],
-            scope_classes: vec![leash_broker::templates::ScopeClass::Read],
-            value_sha256: value_digest("not-a-secret"),
-            subject: "spiffe://bench.test/agent".into(),
-            issuer: "https://leash.bench".into(),
-            template: "bench".into(),
-            cnf_x5t_s256: None,
-            tenant: String::new(),
-            issued_at_ms: now,
-            expires_at_ms: now + 60_000,
-        })
-        .collect();
-    let t = TaskRecord {
-        id,
-        owner: "spiffe://bench.test/agent".into(),
-        template: "bench".into(),
-        template_version: "1".into(),
-        parameters: BTreeMap::new(),
-        intent: "bench".into(),
-        fingerprint: "f".into(),
-        created_at_ms: now,
-        lease_ttl_ms: 1,
-        // Due 1 ms after the begin.
-        lease_deadline_ms: now + 1,
-        max_deadline_ms: now + 60_000,
-        state: TaskState::Active,
-        ended_at_ms: None,
-        outcome: None,
-        binding: Default::default(),
-        class: String::new(),
-        tenant: String::new(),
-        parent: None,
-        root: None,
-        depth: 0,
-        actors: Vec::new(),
-        delegated: None,
-        approval: None,
-        policies: Vec::new(),
-    };
-    (t, creds)
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -110,7 +49,7 @@ async fn main() {
     for n in 0..leases {
         let store = store.clone();
         pending.push(tokio::spawn(async move {
-            let (t, c) = task(n, now);
+            let (t, c) = leash_e2e::due_lease(n, 0x5a, 2, now, 60_000);
             store.begin(&t, &c).await.unwrap();
         }));
         if pending.len() >= 64 {

@@ -178,6 +178,77 @@ pub struct RedisServer {
     tls_port: Option<u16>,
 }
 
+/// A task whose lease falls due 1 ms after `now`, with `grants` opaque
+/// credentials: the backlog the reaper drains (`tests/backlog.rs`,
+/// `examples/reaper_rate.rs`). `n` and `tag` make its id (spread over the
+/// shards like random ids); it lives at most `max_lifetime_ms`.
+pub fn due_lease(
+    n: u32,
+    tag: u8,
+    grants: u8,
+    now: u64,
+    max_lifetime_ms: u64,
+) -> (
+    leash_broker::store::TaskRecord,
+    Vec<leash_broker::store::CredentialRecord>,
+) {
+    use leash_broker::store::{
+        CredentialId, CredentialRecord, StoredKind, TaskId, TaskRecord, TaskState,
+    };
+    let mut bytes = [0u8; 16];
+    bytes[..4].copy_from_slice(&n.to_be_bytes());
+    bytes[4] = tag;
+    bytes[0] = bytes[3].wrapping_mul(17) ^ bytes[2];
+    let id = TaskId::from_bytes(bytes);
+    let owner = "spiffe://acme.test/agent/backlog";
+    let credentials = (0..grants)
+        .map(|g| CredentialRecord {
+            actors: Vec::new(),
+            id: CredentialId::new(&id, [g; 8]),
+            grant: format!("g{g}"),
+            kind: StoredKind::Opaque,
+            audience: "https://api.example".into(),
+            scopes: vec!["read".into()],
+            scope_classes: vec![leash_broker::templates::ScopeClass::Read],
+            value_sha256: leash_broker::credentials::value_digest("not-a-secret"),
+            subject: owner.into(),
+            issuer: "https://leash.test".into(),
+            template: "review".into(),
+            cnf_x5t_s256: None,
+            tenant: String::new(),
+            issued_at_ms: now,
+            expires_at_ms: now + max_lifetime_ms,
+        })
+        .collect();
+    let task = TaskRecord {
+        id,
+        owner: owner.into(),
+        template: "review".into(),
+        template_version: "1".into(),
+        parameters: std::collections::BTreeMap::new(),
+        intent: "backlog".into(),
+        fingerprint: "f".into(),
+        created_at_ms: now,
+        lease_ttl_ms: 1,
+        lease_deadline_ms: now + 1,
+        max_deadline_ms: now + max_lifetime_ms,
+        state: TaskState::Active,
+        ended_at_ms: None,
+        outcome: None,
+        binding: Default::default(),
+        class: String::new(),
+        tenant: String::new(),
+        parent: None,
+        root: None,
+        depth: 0,
+        actors: Vec::new(),
+        delegated: None,
+        approval: None,
+        policies: Vec::new(),
+    };
+    (task, credentials)
+}
+
 /// TLS material for test Redis servers: a throwaway CA and a server
 /// certificate for `localhost` and `127.0.0.1` (server and client auth), as
 /// files `redis-server` reads.

@@ -7,18 +7,13 @@
 )]
 
 use std::{
-    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use leash_broker::{
     clock::{Clock, SystemClock},
-    credentials::value_digest,
-    store::{
-        CredentialId, CredentialRecord, Durability, LeaseStore, RedisStore, RedisStoreOptions,
-        SHARDS, StoreClock, StoredKind, TaskId, TaskRecord, TaskState,
-    },
+    store::{Durability, LeaseStore, RedisStore, RedisStoreOptions, SHARDS, StoreClock},
 };
 use leash_e2e::{BrokerOptions, RedisServer, TestBroker, TestPki, begin_and_complete_task};
 
@@ -27,60 +22,6 @@ const LEASES: u32 = 100_000;
 /// The bound the drain must meet on a busy 2-core machine in a debug build
 /// (the release reaper expires ~3.4k leases/s with fsync on such a machine).
 const DRAIN_BOUND: Duration = Duration::from_secs(240);
-
-fn due_task(n: u32, now: u64) -> (TaskRecord, Vec<CredentialRecord>) {
-    let mut bytes = [0u8; 16];
-    bytes[..4].copy_from_slice(&n.to_be_bytes());
-    bytes[4] = 0xb1;
-    // Spread over the shards like random ids do.
-    bytes[0] = bytes[3].wrapping_mul(17) ^ bytes[2];
-    let id = TaskId::from_bytes(bytes);
-    let credential = CredentialRecord {
-        actors: Vec::new(),
-        id: CredentialId::new(&id, [7; 8]),
-        grant: "db".into(),
-        kind: StoredKind::Opaque,
-        audience: "https://api.example".into(),
-        scopes: vec!["read".into()],
-        scope_classes: vec![leash_broker::templates::ScopeClass::Read],
-        value_sha256: value_digest("not-a-secret"),
-        subject: "spiffe://acme.test/agent/backlog".into(),
-        issuer: "https://leash.test".into(),
-        template: "review".into(),
-        cnf_x5t_s256: None,
-        tenant: String::new(),
-        issued_at_ms: now,
-        expires_at_ms: now + 600_000,
-    };
-    let t = TaskRecord {
-        id,
-        owner: "spiffe://acme.test/agent/backlog".into(),
-        template: "review".into(),
-        template_version: "1".into(),
-        parameters: BTreeMap::new(),
-        intent: "backlog".into(),
-        fingerprint: "f".into(),
-        created_at_ms: now,
-        lease_ttl_ms: 1,
-        // Due 1 ms after the begin: the whole backlog is due at start.
-        lease_deadline_ms: now + 1,
-        max_deadline_ms: now + 600_000,
-        state: TaskState::Active,
-        ended_at_ms: None,
-        outcome: None,
-        binding: Default::default(),
-        class: String::new(),
-        tenant: String::new(),
-        parent: None,
-        root: None,
-        depth: 0,
-        actors: Vec::new(),
-        delegated: None,
-        approval: None,
-        policies: Vec::new(),
-    };
-    (t, vec![credential])
-}
 
 /// Deadline entries left in every shard (inline commands to the test's Redis).
 fn due_left(redis: &RedisServer) -> u64 {
@@ -117,7 +58,7 @@ async fn a_broker_starting_on_100k_due_leases_drains_them_while_serving() {
     for n in 0..LEASES {
         let store = store.clone();
         pending.spawn(async move {
-            let (t, c) = due_task(n, now);
+            let (t, c) = leash_e2e::due_lease(n, 0xb1, 1, now, 600_000);
             store.begin(&t, &c).await.unwrap();
         });
         if pending.len() >= 128 {
@@ -164,7 +105,7 @@ async fn a_broker_starting_on_100k_due_leases_drains_them_while_serving() {
         "nothing was served while the backlog drained"
     );
     // A lease of the backlog ended as expired.
-    let (sample, _) = due_task(7, now);
+    let (sample, _) = leash_e2e::due_lease(7, 0xb1, 1, now, 600_000);
     let state = redis.command(&format!(
         "HGET {{{PREFIX}:s{:x}}}:task:{} state",
         sample.id.shard(),
