@@ -66,6 +66,9 @@ pub struct Config {
     /// The JWT-SVID listener (off unless this section is present).
     #[serde(default)]
     pub jwt_svid: Option<JwtSvid>,
+    /// The OAuth 2.0 listener (off unless this section is present).
+    #[serde(default)]
+    pub oauth: Option<OAuth>,
     /// Bounds on connections, handshakes, streams and request sizes.
     #[serde(default)]
     pub limits: Limits,
@@ -470,6 +473,56 @@ fn default_jwt_leeway() -> Duration {
 
 fn default_jwt_max_lifetime() -> Duration {
     Duration::from_secs(300)
+}
+
+/// `[oauth]`: the OAuth 2.0 front door (docs/mcp.md) on a listener of its own:
+/// RFC 8414 metadata, the JWK Set, RFC 8693 token exchange, RFC 7662
+/// introspection and RFC 7009 revocation, over TLS with HTTP/1.1 and HTTP/2
+/// (ALPN). Client certificates are requested, not required at the handshake:
+/// the metadata and the JWK Set are public; the token, introspection and
+/// revocation endpoints admit only a caller whose X509-SVID verifies
+/// (`tls_client_auth`, RFC 8705).
+#[derive(Debug, Clone, Deserialize)]
+pub struct OAuth {
+    /// Address of the listener.
+    pub listen: SocketAddr,
+    /// The base URL clients reach the listener at (`https://host[:port]`,
+    /// no query or fragment): every endpoint the metadata names, and the
+    /// ops port's discovery `jwks_uri`, are built from it. Default:
+    /// `signing.issuer`, which RFC 8414 clients expect the listener to be
+    /// reached at.
+    #[serde(default)]
+    pub public_url: Option<String>,
+}
+
+impl OAuth {
+    /// [`OAuth::public_url`] or else `issuer`, without a trailing `/`.
+    pub fn base_url(&self, issuer: &str) -> String {
+        self.public_url
+            .as_deref()
+            .unwrap_or(issuer)
+            .trim_end_matches('/')
+            .to_owned()
+    }
+}
+
+/// Why `url` is not an `https` base URL fit for OAuth metadata (RFC 8414 §2:
+/// `https`, no query, no fragment), if it is not.
+pub fn https_url_problem(url: &str) -> Option<&'static str> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Some("must be an https:// URL (RFC 8414 section 2)");
+    };
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() {
+        return Some("must name a host after https://");
+    }
+    if url.contains('?') || url.contains('#') {
+        return Some("must have no query and no fragment (RFC 8414 section 2)");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) || host.contains('@') {
+        return Some("must be a plain https://host[:port][/path] URL");
+    }
+    None
 }
 
 /// `[listen]`.
@@ -1269,6 +1322,19 @@ impl Config {
             }
             if j.listen == self.listen.agent || j.listen == self.listen.ops {
                 p.push("jwt_svid.listen: must differ from listen.agent and listen.ops".into());
+            }
+        }
+        if let Some(o) = &self.oauth {
+            let (field, url) = match &o.public_url {
+                Some(u) => ("oauth.public_url", u.as_str()),
+                None => ("signing.issuer (the default of oauth.public_url)", self.signing.issuer.as_str()),
+            };
+            if let Some(why) = https_url_problem(url) {
+                p.push(format!("{field}: {why}"));
+            }
+            let taken = [Some(self.listen.agent), Some(self.listen.ops), self.jwt_svid.as_ref().map(|j| j.listen)];
+            if taken.contains(&Some(o.listen)) {
+                p.push("oauth.listen: must differ from listen.agent, listen.ops and jwt_svid.listen".into());
             }
         }
         if !self.templates.dir.is_dir() {

@@ -54,6 +54,10 @@ fn status_of(err: LeaseError) -> Status {
             Status::not_found(err.to_string())
         }
         LeaseError::PermissionDenied(m) => Status::permission_denied(m),
+        LeaseError::Exchange { refusal, message } => match refusal {
+            crate::lease::ExchangeRefusal::InvalidGrant => Status::permission_denied(message),
+            _ => Status::invalid_argument(message),
+        },
         LeaseError::FailedPrecondition(m) => Status::failed_precondition(m),
         LeaseError::Unavailable(m) => {
             tracing::warn!(reason = %m, "store unavailable; request refused");

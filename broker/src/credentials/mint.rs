@@ -48,21 +48,26 @@ pub struct MintRequest<'a> {
 /// `act` is `{"sub": <current actor>, "act": {"sub": <previous actor>, ...}}`
 /// down to the first subagent; otherwise `sub` is the agent and no `act`.
 pub fn delegation_claims<'a>(req: &MintRequest<'a>) -> (&'a str, Option<Value>) {
-    match req.actors.split_last() {
-        Some((root, acting)) if !acting.is_empty() => {
-            let mut act: Option<Value> = None;
-            for actor in acting.iter().rev() {
-                let mut level = Map::new();
-                level.insert("sub".into(), json!(actor));
-                if let Some(inner) = act.take() {
-                    level.insert("act".into(), inner);
-                }
-                act = Some(Value::Object(level));
-            }
-            (root.as_str(), act)
-        }
-        _ => (req.subject, None),
+    match act_claim(req.actors) {
+        Some((root, act)) => (root, Some(act)),
+        None => (req.subject, None),
     }
+}
+
+/// The root of a delegated chain `actors` (current actor first, root owner
+/// last) and its RFC 8693 `act` claim; `None` for a chain of no subagent.
+pub fn act_claim(actors: &[String]) -> Option<(&str, Value)> {
+    let (root, acting) = actors.split_last()?;
+    let mut act: Option<Value> = None;
+    for actor in acting.iter().rev() {
+        let mut level = Map::new();
+        level.insert("sub".into(), json!(actor));
+        if let Some(inner) = act.take() {
+            level.insert("act".into(), inner);
+        }
+        act = Some(Value::Object(level));
+    }
+    act.map(|a| (root.as_str(), a))
 }
 
 /// A minted credential: its value for the agent, and its record for the store.

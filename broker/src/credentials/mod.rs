@@ -17,7 +17,7 @@ pub mod opaque;
 use std::fmt;
 
 pub use keys::{Algorithm, KeySet, SigningKey};
-pub use mint::{MintRequest, Minted, Minter};
+pub use mint::{MintRequest, Minted, Minter, act_claim};
 
 /// Why a credential could not be minted or read.
 #[derive(Debug, thiserror::Error)]

@@ -58,7 +58,7 @@ pub use serving::ServingCert;
 pub use spiffe_id::{SpiffeId, validate_trust_domain};
 pub use svid::{chain_valid_until, identity_of_leaf, verify_svid};
 pub use tls::{
-    RESUMABLE_SESSIONS, SvidClientVerifier, client_tls_config, server_tls_config,
+    RESUMABLE_SESSIONS, SvidClientVerifier, client_tls_config, oauth_tls_config, server_tls_config,
     server_tls_config_without_client_auth,
 };
 

@@ -40,6 +40,10 @@ pub struct SvidClientVerifier {
     bundles: Arc<TrustBundleSource>,
     provider: Arc<CryptoProvider>,
     refusals: crate::audit::Refusals,
+    /// False on the OAuth listener: a client without a certificate may
+    /// connect (for the public metadata); one that presents a certificate
+    /// must present a valid X509-SVID.
+    mandatory: bool,
 }
 
 impl SvidClientVerifier {
@@ -49,13 +53,14 @@ impl SvidClientVerifier {
             bundles,
             provider: ring_provider(),
             refusals: crate::audit::Refusals::default(),
+            mandatory: true,
         }
     }
 }
 
 impl ClientCertVerifier for SvidClientVerifier {
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -180,6 +185,7 @@ pub fn server_tls_config(
         bundles,
         provider: Arc::clone(&provider),
         refusals,
+        mandatory: true,
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -187,6 +193,35 @@ pub fn server_tls_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    enable_resumption(&mut config);
+    Ok(Arc::new(config))
+}
+
+/// The server configuration of the OAuth listener: as [`server_tls_config`],
+/// but a client certificate is requested, not required (a client that
+/// presents one must present a valid X509-SVID, or the handshake fails), and
+/// ALPN offers `h2` and `http/1.1` for off-the-shelf HTTP clients.
+///
+/// # Errors
+/// [`IdentityError::Tls`] as [`server_tls_config`].
+pub fn oauth_tls_config(
+    bundles: Arc<TrustBundleSource>,
+    cert: Arc<ServingCert>,
+    refusals: crate::audit::Refusals,
+) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+    let provider = ring_provider();
+    let verifier = Arc::new(SvidClientVerifier {
+        bundles,
+        provider: Arc::clone(&provider),
+        refusals,
+        mandatory: false,
+    });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| IdentityError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
     enable_resumption(&mut config);
     Ok(Arc::new(config))
 }

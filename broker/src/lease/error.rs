@@ -50,6 +50,14 @@ pub enum LeaseError {
         /// How long until a begin can succeed (a hint for live-task limits).
         retry_after_ms: u64,
     },
+    /// A token exchange (RFC 8693) was refused; `refusal` is its OAuth error code.
+    #[error("{message}")]
+    Exchange {
+        /// The OAuth error code (RFC 6749 section 5.2, RFC 8693 section 2.2.2).
+        refusal: super::ExchangeRefusal,
+        /// What was wrong, safe to show the caller.
+        message: String,
+    },
     /// An internal fault; the detail is logged, not returned.
     #[error("internal error: {0}")]
     Internal(String),

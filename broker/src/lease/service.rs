@@ -650,39 +650,8 @@ impl<S: LeaseStore> LeaseService<S> {
                 "task {task_id} has reached its max lifetime; complete it and begin a new task"
             ))
         })?;
-        let templates = self.templates.current();
-        self.admit_class(&templates, &actor, caller, &task.template, "renew")
-            .map_err(|e| match e {
-                LeaseError::TemplateNotFound(t) => LeaseError::FailedPrecondition(format!(
-                    "template {t:?} no longer accepts this task: it is gone or belongs to another tenant"
-                )),
-                other => other,
-            })?;
-        let principal = self.principal_of(&task, caller)?;
-        if task.parent.is_some() {
-            self.check_may_act(&templates, &task, "renew")?;
-        }
-        let mut decision = policy::decide(
-            &templates,
-            &principal,
-            &task.template,
-            &task.parameters,
-            None,
-            now_ms,
-        )
-        .map_err(|e| match e {
-            policy::PolicyError::NotAllowed { .. } => {
-                self.refusals
-                    .denied(caller.spiffe_id.as_str(), "renew", &e.to_string());
-                LeaseError::PermissionDenied(e.to_string())
-            }
-            other => LeaseError::FailedPrecondition(format!(
-                "template {:?} no longer accepts this task: {}",
-                task.template,
-                LeaseError::from(other)
-            )),
-        })?;
-        let redeems_approval = narrow_grants(&mut decision, &task, now_ms);
+        let (decision, redeems_approval) =
+            self.current_decision(caller, &actor, &task, now_ms, "renew")?;
         // An approval just granted is used at once, whatever the renewal
         // interval: the agent is waiting for it.
         let first_use = task
@@ -738,6 +707,58 @@ impl<S: LeaseStore> LeaseService<S> {
             }
             RenewOutcome::NotFound => Err(LeaseError::TaskNotFound(task_id.to_string())),
         }
+    }
+
+    /// What `caller` may be issued for `task` now: the template as it is now
+    /// decides (a narrowed template narrows, an identity removed from it is
+    /// refused), narrowed to the task's delegation and approval. True with
+    /// gated grants included (see [`narrow_grants`]).
+    ///
+    /// # Errors
+    /// `PermissionDenied`, `FailedPrecondition` (template gone or changed so
+    /// the task's parameters no longer fit), `Internal`.
+    pub(super) fn current_decision(
+        &self,
+        caller: &Identity,
+        actor: &Actor,
+        task: &TaskRecord,
+        now_ms: u64,
+        action: &str,
+    ) -> Result<(Decision, bool), LeaseError> {
+        let templates = self.templates.current();
+        self.admit_class(&templates, actor, caller, &task.template, action)
+            .map_err(|e| match e {
+                LeaseError::TemplateNotFound(t) => LeaseError::FailedPrecondition(format!(
+                    "template {t:?} no longer accepts this task: it is gone or belongs to another tenant"
+                )),
+                other => other,
+            })?;
+        let principal = self.principal_of(task, caller)?;
+        if task.parent.is_some() {
+            self.check_may_act(&templates, task, action)?;
+        }
+        let mut decision = policy::decide(
+            &templates,
+            &principal,
+            &task.template,
+            &task.parameters,
+            None,
+            now_ms,
+        )
+        .map_err(|e| match e {
+            policy::PolicyError::NotAllowed { .. } => {
+                self.refusals
+                    .denied(caller.spiffe_id.as_str(), action, &e.to_string());
+                LeaseError::PermissionDenied(e.to_string())
+            }
+            other => LeaseError::FailedPrecondition(format!(
+                "template {:?} no longer accepts this task: {}",
+                task.template,
+                LeaseError::from(other)
+            )),
+        })?;
+        let redeems_approval = narrow_grants(&mut decision, task, now_ms);
+        Ok((decision, redeems_approval))
     }
 
     /// Completes `caller`'s task; every credential of the task is inactive when
@@ -825,24 +846,8 @@ impl<S: LeaseStore> LeaseService<S> {
             ));
         }
         let now_ms = self.now_ms();
-        let (id, kind, nbf_ms) = if token.starts_with(opaque::PREFIX) {
-            match opaque::credential_id(token) {
-                Some(id) => (id, StoredKind::Opaque, 0),
-                None => return Ok(Introspection::inactive()),
-            }
-        } else {
-            let Ok(claims) = jwt::verify(token, self.minter.keys()) else {
-                return Ok(Introspection::inactive());
-            };
-            let id = claims
-                .get("jti")
-                .and_then(Value::as_str)
-                .and_then(CredentialId::parse);
-            let nbf = claims.get("nbf").and_then(Value::as_u64).unwrap_or(0);
-            match id {
-                Some(id) => (id, StoredKind::Jwt, nbf.saturating_mul(1000)),
-                None => return Ok(Introspection::inactive()),
-            }
+        let Some((id, kind, nbf_ms)) = self.parse_token(token) else {
+            return Ok(Introspection::inactive());
         };
         let Some(view) = self.store.credential(&id.task_id(), &id, now_ms).await? else {
             return Ok(Introspection::inactive());
@@ -888,6 +893,24 @@ impl<S: LeaseStore> LeaseService<S> {
         } else {
             Introspection::inactive()
         })
+    }
+
+    /// The credential id a presented token names, how it is presented, and
+    /// its `nbf` (ms; 0 for opaque tokens): `None` for a token that is
+    /// malformed, or a JWT whose signature no key of this broker verifies.
+    /// Whether the token is the credential's genuine value is the caller's
+    /// check ([`credentials::value_digest`] against the record).
+    pub(super) fn parse_token(&self, token: &str) -> Option<(CredentialId, StoredKind, u64)> {
+        if token.starts_with(opaque::PREFIX) {
+            return opaque::credential_id(token).map(|id| (id, StoredKind::Opaque, 0));
+        }
+        let claims = jwt::verify(token, self.minter.keys()).ok()?;
+        let id = claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .and_then(CredentialId::parse)?;
+        let nbf = claims.get("nbf").and_then(Value::as_u64).unwrap_or(0);
+        Some((id, StoredKind::Jwt, nbf.saturating_mul(1000)))
     }
 
     /// Checks that `caller` may use the Verifier's credential-state calls
