@@ -68,7 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let verifier = Verifier::connect(
         channel,
-        VerifierConfig::new(audience.clone(), "https://leash.dev"),
+        VerifierConfig::new(audience.clone(), "https://localhost:8444"),
     )
     .await?;
     eprintln!("resource server for {audience} on {listen}; requires scope {scope:?}");

@@ -1327,14 +1327,24 @@ impl Config {
         if let Some(o) = &self.oauth {
             let (field, url) = match &o.public_url {
                 Some(u) => ("oauth.public_url", u.as_str()),
-                None => ("signing.issuer (the default of oauth.public_url)", self.signing.issuer.as_str()),
+                None => (
+                    "signing.issuer (the default of oauth.public_url)",
+                    self.signing.issuer.as_str(),
+                ),
             };
             if let Some(why) = https_url_problem(url) {
                 p.push(format!("{field}: {why}"));
             }
-            let taken = [Some(self.listen.agent), Some(self.listen.ops), self.jwt_svid.as_ref().map(|j| j.listen)];
+            let taken = [
+                Some(self.listen.agent),
+                Some(self.listen.ops),
+                self.jwt_svid.as_ref().map(|j| j.listen),
+            ];
             if taken.contains(&Some(o.listen)) {
-                p.push("oauth.listen: must differ from listen.agent, listen.ops and jwt_svid.listen".into());
+                p.push(
+                    "oauth.listen: must differ from listen.agent, listen.ops and jwt_svid.listen"
+                        .into(),
+                );
             }
         }
         if !self.templates.dir.is_dir() {

@@ -290,6 +290,13 @@ pub async fn check_config(config: &Config) -> Result<ConfigCheck, ServerError> {
     if parts.jwt_svid.is_some() {
         out.push("jwt_svid: bundles load".into());
     }
+    if let Some(o) = &config.oauth {
+        out.push(format!(
+            "oauth: listener {} at {}",
+            o.listen,
+            o.base_url(&config.signing.issuer)
+        ));
+    }
     match config.store.kind {
         StoreKind::Memory => out.push("store: memory (nothing survives a restart)".into()),
         StoreKind::Redis => {
@@ -590,6 +597,49 @@ async fn run_metered<S: LeaseStore>(
         tracing::info!(%address, "JWT-SVID listener serving");
     }
 
+    // OAuth port (optional): TLS, client certificates requested but optional
+    // (the metadata and JWK Set are public), HTTP/1.1 and HTTP/2.
+    let oauth_base = config
+        .oauth
+        .as_ref()
+        .map(|o| o.base_url(&config.signing.issuer));
+    if let (Some(oauth), Some(base)) = (&config.oauth, &oauth_base) {
+        let address = oauth.listen;
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|e| setup("oauth.listen", format!("{address}: {e}")))?;
+        let tls = identity::oauth_tls_config(
+            parts.bundles.clone(),
+            parts.cert.clone(),
+            service.refusals().clone(),
+        )
+        .map_err(|e| setup("oauth", e))?;
+        let incoming = incoming::tls_incoming(
+            listener,
+            TlsAcceptor::from(tls),
+            stop_rx.clone(),
+            limits.into(),
+        );
+        let router = Arc::new(crate::api::OAuthApi::new(
+            service.clone(),
+            parts.bundles.clone(),
+            base.clone(),
+        ))
+        .router();
+        let stop = wait_for(stop_rx.clone());
+        tasks.spawn(async move {
+            let r = axum::serve(
+                incoming::TlsListener::new(incoming),
+                router.into_make_service_with_connect_info::<crate::api::PeerConnection>(),
+            )
+            .with_graceful_shutdown(stop)
+            .await
+            .map_err(|e| ServerError::Serve(format!("oauth port: {e}")));
+            ("oauth server", r)
+        });
+        tracing::info!(%address, public_url = %base, "OAuth listener serving");
+    }
+
     // Ops port: plaintext; Kubernetes probes cannot present client certificates.
     let ops_router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -612,7 +662,8 @@ async fn run_metered<S: LeaseStore>(
             Router::new()
                 .route("/.well-known/jwks.json", get(jwks::<S>))
                 .route("/.well-known/openid-configuration", get(discovery::<S>))
-                .with_state(service.clone()),
+                .with_state(service.clone())
+                .layer(axum::Extension(PublicUrl(oauth_base.clone()))),
         )
         .merge(tonic::service::Routes::new(health_service).into_axum_router());
     let stop = wait_for(stop_rx.clone());
@@ -830,10 +881,15 @@ async fn jwks<S: LeaseStore>(
     )
 }
 
+/// `oauth.public_url` (or the issuer), when the OAuth listener is on.
+#[derive(Debug, Clone)]
+struct PublicUrl(Option<String>);
+
 /// An OpenID-style discovery document naming the issuer and the JWK Set, so
 /// libraries that start from discovery find the keys.
 async fn discovery<S: LeaseStore>(
     State(service): State<Arc<LeaseService<S>>>,
+    axum::Extension(PublicUrl(public)): axum::Extension<PublicUrl>,
     headers: axum::http::HeaderMap,
 ) -> axum::Json<serde_json::Value> {
     let host = headers
@@ -856,7 +912,12 @@ async fn discovery<S: LeaseStore>(
         .unwrap_or_default();
     axum::Json(serde_json::json!({
         "issuer": service.minter().issuer(),
-        "jwks_uri": format!("http://{host}/.well-known/jwks.json"),
+        // The configured public URL when there is one (the OAuth listener
+        // serves the same JWK Set); else this port as the request reached it.
+        "jwks_uri": match &public {
+            Some(base) => format!("{base}{}", crate::api::oauth::JWKS_PATH),
+            None => format!("http://{host}/.well-known/jwks.json"),
+        },
         "id_token_signing_alg_values_supported": algs,
         "token_endpoint_auth_methods_supported": ["tls_client_auth"],
         "tls_client_certificate_bound_access_tokens": true,

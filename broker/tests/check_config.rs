@@ -45,6 +45,7 @@ fn check_config_accepts_a_good_config_and_names_each_kind_of_problem() {
         // Ports nobody listens on: the check must not bind them.
         agent_addr: "127.0.0.1:1".parse().unwrap(),
         ops_addr: "127.0.0.1:2".parse().unwrap(),
+        oauth_addr: "127.0.0.1:3".parse().unwrap(),
         redis: None,
         trust_domain: "leash.dev".into(),
         policies: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies")),

@@ -10,6 +10,7 @@ mod admin;
 mod bearer;
 mod broker;
 mod convert;
+pub mod oauth;
 mod peer;
 mod verifier;
 
@@ -21,6 +22,7 @@ use tonic_types::{ErrorDetails, StatusExt as _};
 pub use admin::AdminApi;
 pub use bearer::BearerAuth;
 pub use broker::BrokerApi;
+pub use oauth::OAuthApi;
 pub use peer::{PeerConnection, SvidAuth};
 pub use verifier::VerifierApi;
 

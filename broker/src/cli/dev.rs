@@ -34,6 +34,10 @@ pub struct DevArgs {
     /// Plaintext ops address (health).
     #[arg(long, default_value = "127.0.0.1:8081")]
     pub ops_addr: SocketAddr,
+    /// OAuth 2.0 address (RFC 8414 metadata, token exchange, introspection,
+    /// revocation; docs/mcp.md).
+    #[arg(long, default_value = "127.0.0.1:8444")]
+    pub oauth_addr: SocketAddr,
     /// Use this Redis instead of the in-memory store, e.g. redis://127.0.0.1:6379/0.
     #[arg(long)]
     pub redis: Option<String>,
@@ -175,6 +179,33 @@ grants:
     ttl: 30s
 "#;
 
+/// The MCP example's template (examples/mcp): one JWT for the example tool
+/// server, a read scope and a write scope.
+pub const MCP_TEMPLATE: &str = r#"# The MCP example's template, written by `leash dev` (examples/mcp).
+# Reference: docs/templates.md, docs/mcp.md
+name: mcp-demo
+version: "1"
+owner: platform-team@example.com
+description: List and add items through the example MCP tool server.
+identities:
+  - spiffe://{td}/agent/*
+lease:
+  ttl: 60s
+  max_ttl: 5m
+  max_lifetime: 1h
+grants:
+  - name: tools
+    kind: jwt
+    audience: {mcp_resource}      # the MCP server's resource URL (RFC 8707, RFC 9728)
+    scopes:
+      - { scope: "tools:read", class: read }
+      - { scope: "tools:write", class: write }
+    ttl: 60s
+"#;
+
+/// The resource URL of the MCP example's tool server (examples/mcp).
+pub const MCP_RESOURCE: &str = "https://localhost:9443/mcp";
+
 /// The second sample template: a deploy whose `deploy` grant waits for an
 /// admin's yes (`leash admin approve`), while the read grant is issued at once.
 pub const DEPLOY_TEMPLATE: &str = r#"# A sample gated template written by `leash dev`.
@@ -308,6 +339,14 @@ pub fn prepare(args: &DevArgs) -> Result<Config, DevError> {
     )?;
     write(
         &dir.join("templates"),
+        "mcp-demo.yaml",
+        &MCP_TEMPLATE
+            .replace("{td}", td)
+            .replace("{mcp_resource}", MCP_RESOURCE),
+        false,
+    )?;
+    write(
+        &dir.join("templates"),
         "bench.yaml",
         &bench_template().replace("{td}", td),
         false,
@@ -346,8 +385,17 @@ bundles = {{ "{td}" = "bundle.pem" }}
 dir = "templates"
 {policy}
 [signing]
-issuer = "https://leash.dev"
+# The issuer is the OAuth listener's URL below, as RFC 8414 clients expect.
+issuer = "{oauth_url}"
+
 keys = [{{ kid = "dev-1", alg = "EdDSA", path = "signing-key.pem" }}]
+
+# The OAuth 2.0 front door (docs/mcp.md): metadata at
+# {oauth_url}/.well-known/oauth-authorization-server, token exchange,
+# introspection and revocation with the SVIDs of this directory.
+[oauth]
+listen = "{oauth_addr}"
+public_url = "{oauth_url}"
 
 [store]
 kind = "{kind}"
@@ -361,7 +409,7 @@ durability = "none"
 # Who may introspect and watch revocations, and of which audiences' credentials
 # (the first entry matching the caller decides; ["*"] means every audience).
 callers = [
-  {{ identity = "spiffe://{td}/resource/*", audiences = ["https://api.github.example", "postgres://db.example/app", "https://deploy.example"] }},
+  {{ identity = "spiffe://{td}/resource/*", audiences = ["https://api.github.example", "postgres://db.example/app", "https://deploy.example", "{mcp_resource}"] }},
   # The revocation canary checks its own credential (canary.pem).
   {{ identity = "spiffe://{td}/{canary}", audiences = ["{canary_audience}"] }},
 ]
@@ -419,6 +467,9 @@ identities = ["spiffe://{td}/*"]
 "#,
         canary = CANARY.path,
         canary_audience = CANARY_AUDIENCE,
+        mcp_resource = MCP_RESOURCE,
+        oauth_addr = args.oauth_addr,
+        oauth_url = oauth_url(args),
         agent_addr = args.agent_addr,
         admin = ADMIN.path,
         ops_addr = args.ops_addr,
@@ -436,6 +487,15 @@ identities = ["spiffe://{td}/*"]
     );
     write(dir, "leash.toml", &toml, false)?;
     Ok(Config::from_toml(&toml, std::iter::empty(), dir)?)
+}
+
+/// The base URL of the dev OAuth listener (the dev certificate names localhost).
+fn oauth_url(args: &DevArgs) -> String {
+    if args.oauth_addr.ip().is_loopback() {
+        format!("https://localhost:{}", args.oauth_addr.port())
+    } else {
+        format!("https://{}", args.oauth_addr)
+    }
 }
 
 /// What to print once the dev broker listens; `program` is how the user ran `leash`.
@@ -477,17 +537,23 @@ pub fn next_steps(args: &DevArgs, program: &str) -> String {
          {program} task redeem <child task_id> --cert {dir}/subagent.pem --key {dir}/subagent-key.pem  # LEASH_DELEGATION_HANDLE=<handle>\n  \
          {program} task begin --template demo-deploy --param repo=acme/widgets --intent \"deploy\"  # waits for approval\n  \
          {program} admin approve <task_id> --reason \"...\"\n\n\
+         OAuth 2.0 (token exchange, introspection; docs/mcp.md) and the MCP example (examples/mcp):\n\n  \
+         curl --cacert {dir}/bundle.pem {oauth}/.well-known/oauth-authorization-server\n\n\
          Check the broker (store, clocks, bundles, keys, and a revocation probe as canary.pem):\n\n  \
          {program} doctor\n\n\
          Act as the subagent with --cert {dir}/subagent.pem --key {dir}/subagent-key.pem.\n\
          Press Ctrl-C to stop.\n",
         ops = args.ops_addr,
+        oauth = oauth_url(args),
     )
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{CANARY_AUDIENCE, CANARY_TEMPLATE, DEMO_TEMPLATE, DEPLOY_TEMPLATE, bench_template};
+    use super::{
+        CANARY_AUDIENCE, CANARY_TEMPLATE, DEMO_TEMPLATE, DEPLOY_TEMPLATE, MCP_RESOURCE,
+        MCP_TEMPLATE, bench_template,
+    };
 
     #[test]
     fn the_sample_templates_parse_with_delegation_and_approval() {
@@ -495,10 +561,12 @@ mod tests {
             ("demo", DEMO_TEMPLATE),
             ("demo-deploy", DEPLOY_TEMPLATE),
             ("leash-canary", CANARY_TEMPLATE),
+            ("mcp-demo", MCP_TEMPLATE),
         ] {
             let src = src
                 .replace("{td}", "leash.dev")
-                .replace("{audience}", CANARY_AUDIENCE);
+                .replace("{audience}", CANARY_AUDIENCE)
+                .replace("{mcp_resource}", MCP_RESOURCE);
             let parsed = crate::templates::parse_str(std::path::Path::new(name), &src);
             assert!(parsed.is_ok(), "{name}: {:?}", parsed.err());
         }

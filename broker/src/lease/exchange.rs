@@ -221,8 +221,11 @@ impl<S: LeaseStore> LeaseService<S> {
             .iter()
             .find(|(g, _)| g.audience == req.resource)
         else {
-            let mut audiences: Vec<&str> =
-                decision.grants.iter().map(|(g, _)| g.audience.as_str()).collect();
+            let mut audiences: Vec<&str> = decision
+                .grants
+                .iter()
+                .map(|(g, _)| g.audience.as_str())
+                .collect();
             audiences.dedup();
             return Err(refused(
                 ExchangeRefusal::InvalidTarget,
@@ -422,7 +425,10 @@ mod tests {
             ("", ExchangeRefusal::InvalidRequest),
             ("mcp.example/mcp", ExchangeRefusal::InvalidTarget),
             ("/mcp", ExchangeRefusal::InvalidTarget),
-            ("https://mcp.example/mcp#frag", ExchangeRefusal::InvalidTarget),
+            (
+                "https://mcp.example/mcp#frag",
+                ExchangeRefusal::InvalidTarget,
+            ),
             ("1http://x", ExchangeRefusal::InvalidTarget),
             ("https:", ExchangeRefusal::InvalidTarget),
             ("https://a b", ExchangeRefusal::InvalidTarget),

@@ -269,3 +269,51 @@ pub(crate) fn tls_incoming(
     });
     ReceiverStream::new(rx)
 }
+
+/// The accepted connections of [`tls_incoming`] as an axum listener (for the
+/// OAuth listener's HTTP/1.1 and HTTP/2): each connection's address is its
+/// [`PeerConnection`], which handlers read through `ConnectInfo`.
+pub(crate) struct TlsListener {
+    incoming: ReceiverStream<Result<LimitedTlsStream, io::Error>>,
+}
+
+impl TlsListener {
+    pub(crate) fn new(incoming: ReceiverStream<Result<LimitedTlsStream, io::Error>>) -> Self {
+        Self { incoming }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = LimitedTlsStream;
+    type Addr = PeerConnection;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt as _;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(stream)) => {
+                    let peer = stream.peer.clone();
+                    return (stream, peer);
+                }
+                // Failed handshakes are logged where they fail.
+                Some(Err(_)) => {}
+                // The accept loop stopped (shutdown): the server's graceful
+                // shutdown ends the serve future; no connection comes.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        // A listener has no peer; axum asks only for logging.
+        Ok(PeerConnection::new(Vec::new()))
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for PeerConnection
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
