@@ -8,13 +8,25 @@ JWK Set (GET /.well-known/jwks.json on the ops port): signature, audience,
 issuer and expiry. Prints one JSON object with what happened; never prints a
 credential value. Exits 0 only if every step succeeded.
 
+With --oauth, it also uses the OAuth 2.0 front door with plain `requests`
+over mutual TLS: an RFC 8693 token exchange of its first JWT for the resource
+--exchange-resource (authenticated by its X.509-SVID, RFC 8705), checks the
+issued token with PyJWT (audience, certificate binding), and introspects it
+per RFC 7662 as the resource server --introspect-cert/--introspect-key, before
+and after the completion.
+
 Against `leash dev` (run from the directory holding .leash-dev/):
 
     python examples/python/client.py --template demo --param repo=acme/widgets \
         --intent "review PR 42"
+    python examples/python/client.py --template demo --param repo=acme/widgets \
+        --oauth https://localhost:8444 --exchange-resource https://api.github.example \
+        --introspect-cert .leash-dev/resource.pem --introspect-key .leash-dev/resource-key.pem
 """
 
 import argparse
+import base64
+import hashlib
 import importlib
 import json
 import os
@@ -24,6 +36,9 @@ import time
 
 import grpc
 import jwt
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from grpc_tools import protoc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,6 +93,13 @@ def parse_args():
     p.add_argument("--proto", default=os.path.join(ROOT, "proto"),
                    help="directory holding leash/v1/leash.proto")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    p.add_argument("--oauth", default=None,
+                   help="base URL of the broker's OAuth listener, e.g. https://localhost:8444")
+    p.add_argument("--exchange-resource", default=None,
+                   help="the resource (RFC 8707) to exchange the first JWT for")
+    p.add_argument("--exchange-scope", default=None, help="scopes to ask for (space-separated)")
+    p.add_argument("--introspect-cert", default=None, help="a resource server's SVID (PEM)")
+    p.add_argument("--introspect-key", default=None, help="its key (PEM)")
     return p.parse_args()
 
 
@@ -110,6 +132,67 @@ def verify_jwts(credentials, jwks, issuer, kind_jwt):
             "act": claims.get("act"),
         })
     return checked
+
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
+
+
+def x5t_s256(cert_pem):
+    """RFC 8705 3.1: base64url SHA-256 of the DER certificate, unpadded."""
+    der = x509.load_pem_x509_certificate(cert_pem).public_bytes(Encoding.DER)
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+
+def introspect(args, token):
+    """RFC 7662 as the resource server: form POST, mTLS client authentication."""
+    r = requests.post(f"{args.oauth}/introspect", data={"token": token},
+                      cert=(args.introspect_cert, args.introspect_key), verify=args.ca,
+                      timeout=args.timeout)
+    if r.status_code != 200 or "application/json" not in r.headers.get("Content-Type", ""):
+        raise SystemExit(f"introspection: HTTP {r.status_code}: {r.text}")
+    return r.json()
+
+
+def exchange(args, subject_token, jwks):
+    """RFC 8693 token exchange with plain requests; returns what was checked."""
+    meta = requests.get(f"{args.oauth}/.well-known/oauth-authorization-server",
+                        verify=args.ca, timeout=args.timeout).json()
+    form = {
+        "grant_type": TOKEN_EXCHANGE,
+        "subject_token": subject_token,
+        "subject_token_type": ACCESS_TOKEN,
+        "resource": args.exchange_resource,
+    }
+    if args.exchange_scope:
+        form["scope"] = args.exchange_scope
+    r = requests.post(meta["token_endpoint"], data=form, cert=(args.cert, args.key),
+                      verify=args.ca, timeout=args.timeout)
+    if r.status_code != 200:
+        raise SystemExit(f"token exchange: HTTP {r.status_code}: {r.text}")
+    if r.headers.get("Cache-Control") != "no-store":
+        raise SystemExit("token response without Cache-Control: no-store (RFC 6749 5.1)")
+    answer = r.json()
+    token = answer["access_token"]
+    key = jwks.get_signing_key_from_jwt(token)
+    claims = jwt.decode(token, key, algorithms=["EdDSA", "ES256"],
+                        audience=args.exchange_resource, issuer=meta["issuer"],
+                        options={"require": ["exp", "iat", "sub", "aud", "jti"]})
+    bound = claims.get("cnf", {}).get("x5t#S256") == x5t_s256(read(args.cert))
+    # Without a client certificate the token endpoint refuses (RFC 6749 5.2).
+    anonymous = requests.post(meta["token_endpoint"], data=form, verify=args.ca,
+                              timeout=args.timeout)
+    return token, {
+        "metadata_issuer": meta["issuer"],
+        "token_type": answer["token_type"],
+        "issued_token_type": answer["issued_token_type"],
+        "expires_in": answer["expires_in"],
+        "scope": answer["scope"],
+        "aud": claims["aud"],
+        "task_id": claims["task_id"],
+        "bound_to_my_certificate": bound,
+        "without_certificate": [anonymous.status_code, anonymous.json().get("error")],
+    }
 
 
 def main():
@@ -155,6 +238,13 @@ def main():
             jwts_verified=verify_jwts(begun.credentials, jwks, args.issuer,
                                       pb.CREDENTIAL_KIND_JWT),
         )
+        exchanged = None
+        if args.oauth:
+            first_jwt = next(c.value for c in begun.credentials
+                             if c.kind == pb.CREDENTIAL_KIND_JWT)
+            exchanged, checked = exchange(args, first_jwt, jwks)
+            checked["introspected"] = introspect(args, exchanged)
+            result["exchange"] = checked
         time.sleep(0.2)
         renewed = broker.RenewLease(pb.RenewLeaseRequest(task_id=begun.task_id),
                                     timeout=args.timeout)
@@ -175,6 +265,8 @@ def main():
             state=pb.LeaseState.Name(done.state),
             revoked_credentials=done.revoked_credentials,
         )
+        if exchanged:
+            result["exchange"]["introspected_after_completion"] = introspect(args, exchanged)
     print(json.dumps(result))
 
 

@@ -187,6 +187,71 @@ async fn python_client_with_es256_tokens_in_memory() {
     interop(options, "ES256").await;
 }
 
+/// Issue 13: plain `requests` over mutual TLS exchanges the task's JWT at the
+/// OAuth token endpoint (RFC 8693) for a narrower one and introspects it as
+/// a resource server (RFC 7662); PyJWT checks the issued token's signature,
+/// audience and issuer against the metadata, and its binding to the
+/// client's own certificate; after the completion it is inactive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_requests_exchanges_a_token_over_mtls_and_introspects_it() {
+    let redis = RedisServer::start();
+    let port = leash_e2e::free_port();
+    let mut options = BrokerOptions::redis(&redis);
+    options.extra_toml = format!(
+        "[oauth]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"https://localhost:{port}\"\n"
+    );
+    let broker = TestBroker::start(options).await;
+    let resource = broker.pki.svid("resource/python");
+    let oauth = format!("https://localhost:{port}");
+    let result = run_client_as(
+        &broker,
+        "agent/python",
+        &[
+            "--template",
+            "review",
+            "--param",
+            "repo=acme/widgets",
+            "--oauth",
+            &oauth,
+            "--exchange-resource",
+            "https://api.github.test",
+            "--exchange-scope",
+            "repo:acme/widgets:read",
+            "--introspect-cert",
+            resource.cert.to_str().unwrap(),
+            "--introspect-key",
+            resource.key.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let x = &result["exchange"];
+    assert_eq!(x["metadata_issuer"], "https://leash.acme.test", "{result}");
+    assert_eq!(x["token_type"], "Bearer");
+    assert_eq!(
+        x["issued_token_type"],
+        "urn:ietf:params:oauth:token-type:access_token"
+    );
+    assert_eq!(x["aud"], "https://api.github.test");
+    assert_eq!(x["scope"], "repo:acme/widgets:read");
+    assert_eq!(x["task_id"], result["task_id"]);
+    assert_eq!(x["bound_to_my_certificate"], true);
+    assert_eq!(
+        x["without_certificate"],
+        serde_json::json!([401, "invalid_client"])
+    );
+    let i = &x["introspected"];
+    assert_eq!(i["active"], true, "{result}");
+    assert_eq!(i["aud"], "https://api.github.test");
+    assert_eq!(i["sub"], "spiffe://acme.test/agent/python");
+    assert_eq!(i["task_id"], result["task_id"]);
+    assert!(i["exp"].as_u64().unwrap() > 0);
+    assert_eq!(
+        x["introspected_after_completion"],
+        serde_json::json!({"active": false})
+    );
+}
+
 /// A template whose tasks delegate two levels, to `sub/*` subagents.
 const DELEGATING: &str = r#"
 name: fanout
