@@ -57,10 +57,11 @@ fn check_config_accepts_a_good_config_and_names_each_kind_of_problem() {
     for want in [
         "leash.toml: ok",
         "tls: files, certificate and key load, 1 trust bundle(s)",
-        "templates: 5 template(s)",
+        "templates: 6 template(s)",
         "policy: the Cedar policies in",
         "signing: 1 key(s) load",
         "store: memory",
+        "oauth: listener 127.0.0.1:3 at https://localhost:3",
     ] {
         assert!(stdout.contains(want), "{want:?} missing from:\n{stdout}");
     }
@@ -81,7 +82,17 @@ fn check_config_accepts_a_good_config_and_names_each_kind_of_problem() {
         "{stdout}"
     );
 
-    let problems: [Problem; 4] = [
+    let problems: [Problem; 6] = [
+        (
+            "an OAuth public URL that is not https",
+            vec![("LEASH_OAUTH__PUBLIC_URL", "http://leash.example")],
+            "oauth.public_url: must be an https:// URL",
+        ),
+        (
+            "an OAuth listener on the agent port",
+            vec![("LEASH_OAUTH__LISTEN", "127.0.0.1:1")],
+            "oauth.listen: must differ",
+        ),
         (
             "an unknown config key",
             vec![("LEASH_STORE__DURABLITY", "none")],
