@@ -119,7 +119,7 @@ impl<S: LeaseStore> OAuthApi<S> {
     }
 
     /// The caller of this request, by the connection's X509-SVID now.
-    fn caller(&self, peer: &PeerConnection) -> Result<Identity, Response> {
+    fn caller(&self, peer: &PeerConnection) -> Result<Identity, OAuthError> {
         if !peer.has_certs() {
             return Err(oauth_error(
                 StatusCode::UNAUTHORIZED,
@@ -149,28 +149,46 @@ fn issuer_path(issuer: &str) -> Option<&str> {
     (!path.is_empty()).then_some(path)
 }
 
-/// An RFC 6749 §5.2 error response (never cached).
-fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
-    let mut response = (
+/// An RFC 6749 §5.2 error, answered as JSON (never cached).
+#[derive(Debug)]
+struct OAuthError {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+}
+
+fn oauth_error(status: StatusCode, error: &'static str, description: &str) -> OAuthError {
+    OAuthError {
         status,
-        axum::Json(json!({ "error": error, "error_description": description })),
-    )
-        .into_response();
-    no_store(response.headers_mut());
-    if status == StatusCode::UNAUTHORIZED {
-        // RFC 6749 §5.2 asks for a challenge with a 401; the scheme names how
-        // to authenticate here, which is the TLS client certificate.
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Mutual-TLS realm=\"leash\""),
-        );
+        error,
+        description: description.to_owned(),
     }
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let status = self.status;
+        let mut response = (
+            status,
+            axum::Json(json!({ "error": self.error, "error_description": self.description })),
+        )
+            .into_response();
+        no_store(response.headers_mut());
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6749 §5.2 asks for a challenge with a 401; the scheme names
+            // how to authenticate here, which is the TLS client certificate.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Mutual-TLS realm=\"leash\""),
+            );
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    response
 }
 
 fn no_store(headers: &mut HeaderMap) {
@@ -179,7 +197,7 @@ fn no_store(headers: &mut HeaderMap) {
 }
 
 /// A domain error as an OAuth error response; internal details are logged.
-fn lease_error(err: LeaseError) -> Response {
+fn lease_error(err: LeaseError) -> OAuthError {
     let (status, code) = match &err {
         LeaseError::Exchange { refusal, .. } => (StatusCode::BAD_REQUEST, refusal.as_str()),
         LeaseError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
@@ -223,7 +241,7 @@ fn lease_error(err: LeaseError) -> Response {
 struct Form(Vec<(String, String)>);
 
 impl Form {
-    fn parse(headers: &HeaderMap, body: &Bytes, repeatable: &[&str]) -> Result<Self, Response> {
+    fn parse(headers: &HeaderMap, body: &Bytes, repeatable: &[&str]) -> Result<Self, OAuthError> {
         let form_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -274,7 +292,7 @@ impl Form {
             .collect()
     }
 
-    fn require(&self, name: &str) -> Result<&str, Response> {
+    fn require(&self, name: &str) -> Result<&str, OAuthError> {
         self.get(name).ok_or_else(|| {
             oauth_error(
                 StatusCode::BAD_REQUEST,
@@ -287,7 +305,7 @@ impl Form {
 
 /// `client_id`, when a client sends it (RFC 8705 §2), must be the SPIFFE ID
 /// its certificate proves.
-fn check_client_id(form: &Form, caller: &Identity) -> Result<(), Response> {
+fn check_client_id(form: &Form, caller: &Identity) -> Result<(), OAuthError> {
     match form.get("client_id") {
         Some(id) if id != caller.spiffe_id.as_str() => Err(oauth_error(
             StatusCode::UNAUTHORIZED,
@@ -300,7 +318,7 @@ fn check_client_id(form: &Form, caller: &Identity) -> Result<(), Response> {
 
 /// A client that tries another authentication method is told it is not
 /// supported rather than silently authenticated by its certificate alone.
-fn check_no_other_auth(headers: &HeaderMap, form: &Form) -> Result<(), Response> {
+fn check_no_other_auth(headers: &HeaderMap, form: &Form) -> Result<(), OAuthError> {
     if headers.contains_key(header::AUTHORIZATION)
         || form.get("client_secret").is_some()
         || form.get("client_assertion").is_some()
@@ -341,7 +359,7 @@ fn authenticate<S: LeaseStore>(
     headers: &HeaderMap,
     body: &Bytes,
     repeatable: &[&str],
-) -> Result<(Identity, Form), Response> {
+) -> Result<(Identity, Form), OAuthError> {
     let caller = api.caller(peer)?;
     let form = Form::parse(headers, body, repeatable)?;
     check_no_other_auth(headers, &form)?;
@@ -357,19 +375,20 @@ async fn token<S: LeaseStore>(
 ) -> Response {
     let (caller, form) = match authenticate(&api, &peer, &headers, &body, &["resource"]) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
-    match exchange(&api, &caller, &form).await {
-        Ok(r) | Err(r) => r,
-    }
+    exchange(&api, &caller, &form)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn exchange<S: LeaseStore>(
     api: &OAuthApi<S>,
     caller: &Identity,
     form: &Form,
-) -> Result<Response, Response> {
-    let bad = |code: &str, message: &str| oauth_error(StatusCode::BAD_REQUEST, code, message);
+) -> Result<Response, OAuthError> {
+    let bad =
+        |code: &'static str, message: &str| oauth_error(StatusCode::BAD_REQUEST, code, message);
     match form.require("grant_type")? {
         TOKEN_EXCHANGE => {}
         other => {
@@ -470,20 +489,20 @@ async fn introspect<S: LeaseStore>(
 ) -> Response {
     let (caller, form) = match authenticate(&api, &peer, &headers, &body, &[]) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let token = match form.require("token") {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     // token_type_hint is optional and only a hint (RFC 7662 §2.1): every
     // Leash token is looked up the same way whatever it says.
     let answer = match api.service.introspect(&caller, token).await {
         Ok(a) => a,
         Err(LeaseError::PermissionDenied(m)) => {
-            return oauth_error(StatusCode::FORBIDDEN, "unauthorized_client", &m);
+            return oauth_error(StatusCode::FORBIDDEN, "unauthorized_client", &m).into_response();
         }
-        Err(e) => return lease_error(e),
+        Err(e) => return lease_error(e).into_response(),
     };
     let body = match answer.record.filter(|_| answer.active) {
         None => json!({ "active": false }),
@@ -543,11 +562,11 @@ async fn revoke<S: LeaseStore>(
 ) -> Response {
     let (caller, form) = match authenticate(&api, &peer, &headers, &body, &[]) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let token = match form.require("token") {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     match api.service.revoke_token(&caller, token).await {
         // RFC 7009 §2.2: 200 whether or not the token was valid.
@@ -557,9 +576,9 @@ async fn revoke<S: LeaseStore>(
             response
         }
         Err(LeaseError::PermissionDenied(m)) => {
-            oauth_error(StatusCode::FORBIDDEN, "unauthorized_client", &m)
+            oauth_error(StatusCode::FORBIDDEN, "unauthorized_client", &m).into_response()
         }
-        Err(e) => lease_error(e),
+        Err(e) => lease_error(e).into_response(),
     }
 }
 
