@@ -145,6 +145,26 @@ impl<S: LeaseStore> LeaseService<S> {
         req: ExchangeRequest,
     ) -> Result<Exchanged, LeaseError> {
         let actor = self.actor(caller, "exchange")?;
+        let result = self.exchange_as(caller, &actor, req).await;
+        // Every refusal is in the audit trail, with why.
+        if let Err(LeaseError::Exchange { refusal, message }) = &result {
+            self.refusals.denied_as(
+                caller.spiffe_id.as_str(),
+                &actor.class,
+                &actor.tenant,
+                "exchange",
+                &format!("{}: {message}", refusal.as_str()),
+            );
+        }
+        result
+    }
+
+    async fn exchange_as(
+        &self,
+        caller: &Identity,
+        actor: &crate::policy::Actor,
+        req: ExchangeRequest,
+    ) -> Result<Exchanged, LeaseError> {
         if req.subject_token.is_empty() {
             return Err(refused(
                 ExchangeRefusal::InvalidRequest,
@@ -166,16 +186,7 @@ impl<S: LeaseStore> LeaseService<S> {
                 format!("at most {MAX_SCOPES} scopes per exchange"),
             ));
         }
-        let deny = |reason: String| {
-            self.refusals.denied_as(
-                caller.spiffe_id.as_str(),
-                &actor.class,
-                &actor.tenant,
-                "exchange",
-                &reason,
-            );
-            refused(ExchangeRefusal::InvalidGrant, reason)
-        };
+        let deny = |reason: String| refused(ExchangeRefusal::InvalidGrant, reason);
         let not_active = "subject_token is not an active Leash credential";
         let Some((id, kind, nbf_ms)) = self.parse_token(&req.subject_token) else {
             return Err(deny(not_active.into()));
@@ -215,7 +226,7 @@ impl<S: LeaseStore> LeaseService<S> {
         }
         self.check_binding(&task, caller, "exchange")
             .map_err(|e| refused(ExchangeRefusal::InvalidGrant, e.to_string()))?;
-        let (decision, _) = self.current_decision(caller, &actor, &task, now_ms, "exchange")?;
+        let (decision, _) = self.current_decision(caller, actor, &task, now_ms, "exchange")?;
         let Some((grant, scopes)) = decision
             .grants
             .iter()
