@@ -100,6 +100,16 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # MCP
+//!
+//! With feature `mcp`, [`mcp`] makes an MCP server (on rmcp) an OAuth
+//! protected resource accepting Leash credentials (`mcp::LeashAuthLayer`,
+//! RFC 9728 metadata, `WWW-Authenticate` challenges, per-tool scopes), and
+//! gives agents rmcp's streamable HTTP transport over mutual TLS presenting
+//! the task's current credential (`mcp::task_transport`). Tokens are bound to
+//! the agent's certificate, so MCP servers run over TLS (`mcp::serve_tls`).
+//! See `examples/mcp`.
+//!
 //! # Layout
 //!
 //! - [`Client`] / [`ClientBuilder`]: the mTLS connection, timeouts and retries.
@@ -167,3 +177,6 @@ pub use trace::{TRACEPARENT_ENV, TRACEPARENT_HEADER, TraceParent};
 pub use leash_proto as proto;
 
 pub mod verifier;
+
+#[cfg(feature = "mcp")]
+pub mod mcp;

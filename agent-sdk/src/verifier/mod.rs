@@ -171,6 +171,69 @@ pub struct Claims {
     pub raw: Map<String, Value>,
 }
 
+impl Claims {
+    /// The task the credential belongs to (`task_id`).
+    pub fn task_id(&self) -> &str {
+        &self.task_id
+    }
+
+    /// The granted scopes (`scope`, split on spaces).
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+
+    /// Whether `scope` is granted.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+
+    /// The class the template gave each scope (`scope_classes`: scope →
+    /// `read`, `write` or `destructive`), in claim order; empty when the
+    /// token carries none. Entries whose class is not a string are skipped.
+    pub fn scope_classes(&self) -> Vec<(&str, &str)> {
+        self.raw
+            .get("scope_classes")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(scope, class)| Some((scope.as_str(), class.as_str()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The class of one granted scope, if the token names one.
+    pub fn scope_class(&self, scope: &str) -> Option<&str> {
+        self.raw
+            .get("scope_classes")
+            .and_then(|m| m.get(scope))
+            .and_then(Value::as_str)
+    }
+
+    /// The RFC 8693 delegation chain (`act`), outermost first: the current
+    /// actor, then the one that delegated to it, and so on; empty for a task
+    /// begun directly, whose agent is [`subject`](Self::subject). For a
+    /// delegated task the subject is the root task's owner.
+    pub fn actors(&self) -> Vec<&str> {
+        let mut actors = Vec::new();
+        let mut level = self.raw.get("act");
+        // Bounded by the token size (MAX_TOKEN_LEN); the claim is signed.
+        while let Some(act) = level {
+            match act.get("sub").and_then(Value::as_str) {
+                Some(sub) => actors.push(sub),
+                None => break,
+            }
+            level = act.get("act");
+        }
+        actors
+    }
+
+    /// The credential's expiry ([`expires_at`](Self::expires_at) as a time).
+    pub fn expiry(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.expires_at)
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
