@@ -50,6 +50,7 @@ fn start_dev(dir: &Path, extra: &[&str]) -> (Dev, u16) {
             .arg(dir)
             .args(["--agent-addr", &format!("127.0.0.1:{agent}")])
             .args(["--ops-addr", &format!("127.0.0.1:{ops}")])
+            .args(["--oauth-addr", &format!("127.0.0.1:{}", free_port())])
             .args(extra)
             .env("LEASH_LOG", "info")
             .stdout(Stdio::null())
