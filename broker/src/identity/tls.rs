@@ -180,21 +180,7 @@ pub fn server_tls_config(
     cert: Arc<ServingCert>,
     refusals: crate::audit::Refusals,
 ) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
-    let provider = ring_provider();
-    let verifier = Arc::new(SvidClientVerifier {
-        bundles,
-        provider: Arc::clone(&provider),
-        refusals,
-        mandatory: true,
-    });
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| IdentityError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(cert);
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    enable_resumption(&mut config);
-    Ok(Arc::new(config))
+    svid_server_config(bundles, cert, refusals, true, &[ALPN_H2])
 }
 
 /// The server configuration of the OAuth listener: as [`server_tls_config`],
@@ -209,19 +195,31 @@ pub fn oauth_tls_config(
     cert: Arc<ServingCert>,
     refusals: crate::audit::Refusals,
 ) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+    svid_server_config(bundles, cert, refusals, false, &[ALPN_H2, b"http/1.1"])
+}
+
+/// A server configuration verifying client X509-SVIDs with
+/// [`SvidClientVerifier`] (`mandatory`: whether one is required), offering `alpn`.
+fn svid_server_config(
+    bundles: Arc<TrustBundleSource>,
+    cert: Arc<ServingCert>,
+    refusals: crate::audit::Refusals,
+    mandatory: bool,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
     let provider = ring_provider();
     let verifier = Arc::new(SvidClientVerifier {
         bundles,
         provider: Arc::clone(&provider),
         refusals,
-        mandatory: false,
+        mandatory,
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| IdentityError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
-    config.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     enable_resumption(&mut config);
     Ok(Arc::new(config))
 }
