@@ -367,6 +367,18 @@ fn authenticate<S: LeaseStore>(
     Ok((caller, form))
 }
 
+/// The caller and the `token` parameter of introspection and revocation.
+fn authenticated_token<S: LeaseStore>(
+    api: &OAuthApi<S>,
+    peer: &PeerConnection,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Identity, String), OAuthError> {
+    let (caller, form) = authenticate(api, peer, headers, body, &[])?;
+    let token = form.require("token")?.to_owned();
+    Ok((caller, token))
+}
+
 async fn token<S: LeaseStore>(
     State(api): State<Arc<OAuthApi<S>>>,
     ConnectInfo(peer): ConnectInfo<PeerConnection>,
@@ -487,14 +499,11 @@ async fn introspect<S: LeaseStore>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (caller, form) = match authenticate(&api, &peer, &headers, &body, &[]) {
+    let (caller, token) = match authenticated_token(&api, &peer, &headers, &body) {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
-    let token = match form.require("token") {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+    let token = token.as_str();
     // token_type_hint is optional and only a hint (RFC 7662 §2.1): every
     // Leash token is looked up the same way whatever it says.
     let answer = match api.service.introspect(&caller, token).await {
@@ -560,14 +569,11 @@ async fn revoke<S: LeaseStore>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (caller, form) = match authenticate(&api, &peer, &headers, &body, &[]) {
+    let (caller, token) = match authenticated_token(&api, &peer, &headers, &body) {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
-    let token = match form.require("token") {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+    let token = token.as_str();
     match api.service.revoke_token(&caller, token).await {
         // RFC 7009 §2.2: 200 whether or not the token was valid.
         Ok(_) => {
